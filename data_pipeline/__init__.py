@@ -1,0 +1,1 @@
+"""Bytes to packed samples: shards, decoding, tokenization, packing."""

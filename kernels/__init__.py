@@ -1,0 +1,1 @@
+"""Attention kernels: torch references here, Triton implementations beside them."""

@@ -1,0 +1,145 @@
+"""Checkpoints: one pickle-free file set per rank, published atomically.
+
+Layout: <run_dir>/checkpoints/step_00000010/{rank_00000.npz, rank_00000.json, ..., meta.json}.
+Each rank writes its own model shards, optimizer state and RNG as raw arrays (`np.savez`, read back with
+`allow_pickle=False`) plus a JSON of plain values (step, data-loader state, run id). Ranks write into
+`step_N.partial`; after a barrier rank 0 writes meta.json and renames the folder, so a folder without the
+`.partial` suffix is always complete and a crash mid-save never becomes "latest". Resume requires the same
+parallel layout; meta.json records it and a mismatch is refused with both layouts named.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+_STEP_DIR = re.compile(r"^step_(\d{8})$")
+
+
+def _to_numpy(t: torch.Tensor) -> np.ndarray:
+    t = t.detach().cpu().contiguous()
+    if t.dtype == torch.bfloat16:
+        return t.view(torch.int16).numpy()
+    return t.numpy()
+
+
+def _from_numpy(a: np.ndarray, like: torch.Tensor) -> torch.Tensor:
+    t = torch.from_numpy(np.array(a))
+    if like.dtype == torch.bfloat16:
+        t = t.view(torch.bfloat16)
+    return t.to(like.device)
+
+
+def optimizer_tensors(optimizer) -> dict[str, torch.Tensor]:
+    """Every tensor the update depends on: main params and Adam moments of each inner optimizer."""
+    out = {}
+    inners = getattr(optimizer, "chained_optimizers", [optimizer])
+    for k, wrapper in enumerate(inners):
+        inner = wrapper.optimizer
+        for g, group in enumerate(inner.param_groups):
+            for i, param in enumerate(group["params"]):
+                key = f"optim.{k}.{g}.{i}"
+                out[f"{key}.param"] = param.data
+                for name, value in inner.state.get(param, {}).items():
+                    out[f"{key}.{name}"] = value if torch.is_tensor(value) else torch.tensor(value)
+    return out
+
+
+def _load_optimizer(optimizer, arrays) -> None:
+    inners = getattr(optimizer, "chained_optimizers", [optimizer])
+    for k, wrapper in enumerate(inners):
+        inner = wrapper.optimizer
+        for g, group in enumerate(inner.param_groups):
+            for i, param in enumerate(group["params"]):
+                key = f"optim.{k}.{g}.{i}"
+                param.data.copy_(_from_numpy(arrays[f"{key}.param"], param.data))
+                state = {}
+                for name in ("step", "exp_avg", "exp_avg_sq"):
+                    if f"{key}.{name}" in arrays:
+                        like = param.data if name != "step" else torch.zeros((), dtype=torch.float32)
+                        state[name] = _from_numpy(arrays[f"{key}.{name}"], like)
+                if state:
+                    inner.state[param] = state
+
+
+def _model_tensors(parts) -> dict[str, torch.Tensor]:
+    out = {}
+    for part_name, module in (("lm", parts.lm), ("vision", parts.vision)):
+        if module is not None:
+            for name, value in module.state_dict().items():
+                if torch.is_tensor(value):
+                    out[f"model.{part_name}.{name}"] = value
+    return out
+
+
+def _rng_tensors() -> dict[str, torch.Tensor]:
+    rng = {"rng.cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["rng.cuda"] = torch.cuda.get_rng_state()
+    return rng
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return None
+    done = [p for p in root.iterdir() if _STEP_DIR.match(p.name) and (p / "meta.json").is_file()]
+    return max(done, key=lambda p: int(_STEP_DIR.match(p.name).group(1)), default=None)
+
+
+def save(run_dir: Path, step: int, parts, optimizer, extra: dict, layout: dict, keep_last: int) -> Path:
+    rank = dist.get_rank()
+    root = Path(run_dir) / "checkpoints"
+    final = root / f"step_{step:08d}"
+    partial = root / f"step_{step:08d}.partial"
+    if rank == 0:
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+    dist.barrier()
+    arrays = {k: _to_numpy(v) for k, v in {**_model_tensors(parts), **optimizer_tensors(optimizer),
+                                           **_rng_tensors()}.items()}
+    with open(partial / f"rank_{rank:05d}.npz", "wb") as f:
+        np.savez(f, **arrays)
+        f.flush()
+        os.fsync(f.fileno())
+    (partial / f"rank_{rank:05d}.json").write_text(json.dumps({"step": step, **extra}))
+    dist.barrier()
+    if rank == 0:
+        (partial / "meta.json").write_text(json.dumps({"step": step, "world_size": dist.get_world_size(),
+                                                       "layout": layout}))
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(partial, final)
+        _prune(root, keep_last)
+    dist.barrier()
+    return final
+
+
+def _prune(root: Path, keep_last: int) -> None:
+    done = sorted((p for p in root.iterdir() if _STEP_DIR.match(p.name)), key=lambda p: p.name)
+    for old in done[:-keep_last] if keep_last > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def load(path: Path, parts, optimizer, layout: dict) -> dict:
+    """Restore this rank's state in place; return its JSON extras (step, data state, ...)."""
+    meta = json.loads((path / "meta.json").read_text())
+    if meta["layout"] != layout:
+        raise RuntimeError(f"checkpoint {path} was written with layout {meta['layout']} but this run uses "
+                           f"{layout}; resume with the same layout (use checkpoint.init_from for weights only)")
+    rank = dist.get_rank()
+    with np.load(path / f"rank_{rank:05d}.npz", allow_pickle=False) as arrays:
+        for key, tensor in _model_tensors(parts).items():
+            tensor.data.copy_(_from_numpy(arrays[key], tensor))
+        if optimizer is not None:
+            _load_optimizer(optimizer, arrays)
+        torch.set_rng_state(torch.from_numpy(np.array(arrays["rng.cpu"])))
+        if torch.cuda.is_available() and "rng.cuda" in arrays.files:
+            torch.cuda.set_rng_state(torch.from_numpy(np.array(arrays["rng.cuda"])))
+    return json.loads((path / f"rank_{rank:05d}.json").read_text())

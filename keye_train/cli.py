@@ -1,0 +1,77 @@
+"""`keye-train [plan] [hydra overrides...]`: validate, then train (spawning ranks when asked) or plan."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from omegaconf import OmegaConf
+
+
+def _die(message: str) -> None:
+    print(f"keye-train: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def _spawn(nproc: int, argv: list[str]) -> int:
+    import subprocess
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "-m", "keye_train.cli", *argv]
+    return subprocess.call(cmd)
+
+
+def _single_process_env() -> None:
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("LOCAL_RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    if "MASTER_PORT" not in os.environ:
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = argv.pop(0) if argv and argv[0] in ("train", "plan") else "train"
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from keye_train.configure import load_config
+    from parallel.layout import LayoutError, check_batch, check_layout
+
+    try:
+        cfg = load_config(argv)
+        world = int(os.environ.get("WORLD_SIZE", cfg.parallel.nproc))
+        sizes = check_layout(cfg.parallel, cfg.model.lm, cfg.model.vit, world)
+        check_batch(cfg.train, sizes)
+    except (HydraException, OmegaConfBaseException, LayoutError, ValueError) as err:
+        _die(str(err))
+    if command == "plan":
+        from keye_train.plan import print_plan
+
+        print_plan(cfg, sizes)
+        return 0
+    if "RANK" not in os.environ and cfg.parallel.nproc > 1:
+        return _spawn(cfg.parallel.nproc, argv)
+    _single_process_env()
+    from keye_train.trainer import Trainer
+
+    trainer = Trainer(cfg)
+    if trainer.is_metrics_owner():
+        print(OmegaConf.to_yaml(OmegaConf.structured(cfg)), flush=True)
+    history = trainer.fit()
+    if trainer.is_metrics_owner() and history:
+        print(f"done: step {trainer.step}, loss {history[0]['loss']:.4f} -> {history[-1]['loss']:.4f}, "
+              f"checkpoints in {trainer.run_dir / 'checkpoints'}", flush=True)
+    from parallel.layout import destroy_process_groups
+
+    destroy_process_groups()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

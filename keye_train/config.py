@@ -1,0 +1,177 @@
+"""Typed configuration: structured dataclasses that Hydra composes and checks.
+
+Model presets (`tiny`, `keye_vl2_30b_a3b`) are Python factories registered in Hydra's ConfigStore;
+recipes in `recipes/` are YAML overrides on top of them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+
+@dataclass
+class ViTConfig:
+    num_layers: int = 27
+    hidden_size: int = 1152
+    num_heads: int = 16
+    ffn_hidden_size: int = 4304
+    patch_size: int = 14
+    pos_grid: int = 27  # learned position table is pos_grid x pos_grid, interpolated per image
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-6
+
+
+@dataclass
+class ProjectorConfig:
+    merge: int = 2  # merge x merge patches -> one LM token
+    norm_eps: float = 1e-5
+
+
+@dataclass
+class LMConfig:
+    num_layers: int = 48
+    hidden_size: int = 2048
+    num_heads: int = 32
+    num_kv_heads: int = 4
+    head_dim: int = 128
+    num_experts: int = 128
+    moe_topk: int = 8
+    moe_ffn_hidden_size: int = 768
+    moe_aux_loss_coeff: float = 1e-3
+    vocab_size: int = 151936
+    max_position_embeddings: int = 262144
+    rope_theta: float = 1e7  # Qwen3-30B-A3B-Thinking-2507; Keye's own value is not published
+    mrope_section: List[int] = field(default_factory=lambda: [16, 24, 24])
+    norm_eps: float = 1e-6
+
+
+@dataclass
+class TokenIds:
+    pad: int = 151643
+    im_start: int = 151644
+    im_end: int = 151645
+    vision_start: int = 151652
+    vision_end: int = 151653
+    image_pad: int = 151655
+    video_pad: int = 151656
+    frame: int = 151669  # keye-train's <|frame|> id when the tokenizer has none
+    dot: int = 13  # '.' in the Qwen byte-level vocab
+    digit_zero: int = 15  # '0'..'9' are 15..24
+
+    def number_ids(self, text: str) -> list[int]:
+        """Token ids of a timestamp such as '12.5' (one token per character)."""
+        return [self.dot if ch == "." else self.digit_zero + int(ch) for ch in text]
+
+
+@dataclass
+class ModelConfig:
+    name: str = "keye_vl2_30b_a3b"
+    vit: ViTConfig = field(default_factory=ViTConfig)
+    projector: ProjectorConfig = field(default_factory=ProjectorConfig)
+    lm: LMConfig = field(default_factory=LMConfig)
+    tokens: TokenIds = field(default_factory=TokenIds)
+    init_std: float = 0.02
+
+
+@dataclass
+class ParallelConfig:
+    tp: int = 1
+    pp: int = 1
+    ep: int = 1
+    etp: int = 1  # expert tensor parallel; 1 keeps experts whole
+    sequence_parallel: Optional[bool] = None  # None: on whenever tp > 1 (MoE with TP needs it)
+    distributed_optimizer: bool = True
+    nproc: int = 1  # processes started by `keye-train` itself when not under torchrun
+    backend: str = "auto"  # auto: nccl with CUDA, gloo on CPU
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-4
+    min_lr: float = 3e-5
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    clip_grad: float = 1.0
+    warmup_steps: int = 10
+    decay_style: str = "cosine"  # cosine | linear | constant
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 100
+    global_batch: int = 8  # packed sequences per optimizer step, across DP ranks
+    seq_length: int = 512
+    seed: int = 1234
+    dtype: str = "auto"  # auto: bf16 on GPU, fp32 on CPU
+
+
+@dataclass
+class StageConfig:
+    name: str = "pretrain"
+    trainable: List[str] = field(default_factory=lambda: ["vit", "projector", "lm"])
+
+
+@dataclass
+class DataConfig:
+    source: str = "synthetic"
+    video_frames: int = 2
+
+
+@dataclass
+class CheckpointConfig:
+    interval: int = 50  # steps; the last step is always saved
+    keep_last: int = 2
+    resume: bool = True  # continue from the latest complete checkpoint in run_dir
+    init_from: Optional[str] = None  # weights-only start from another checkpoint
+
+
+@dataclass
+class LoggingConfig:
+    wandb_mode: str = "offline"  # offline | online | disabled
+    wandb_project: str = "keye-train"
+    log_interval: int = 1
+    progress_bar: bool = True
+
+
+@dataclass
+class KeyeTrainConfig:
+    run_dir: str = "runs/default"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    stage: StageConfig = field(default_factory=StageConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+def keye_vl2_30b_a3b() -> ModelConfig:
+    return ModelConfig(name="keye_vl2_30b_a3b")
+
+
+def tiny() -> ModelConfig:
+    """Same topology and code paths as the full model, scaled for CPU tests (model.md section 11)."""
+    return ModelConfig(
+        name="tiny",
+        vit=ViTConfig(num_layers=2, hidden_size=64, num_heads=4, ffn_hidden_size=128, pos_grid=4),
+        lm=LMConfig(
+            num_layers=4,
+            hidden_size=128,
+            num_heads=4,
+            num_kv_heads=2,
+            head_dim=32,
+            num_experts=8,
+            moe_topk=2,
+            moe_ffn_hidden_size=64,
+            rope_theta=1e6,
+            mrope_section=[4, 6, 6],
+            max_position_embeddings=32768,
+        ),
+    )
+
+
+MODEL_PRESETS = {"tiny": tiny, "keye_vl2_30b_a3b": keye_vl2_30b_a3b}

@@ -1,0 +1,31 @@
+"""Compose a typed KeyeTrainConfig from the recipes tree plus command-line overrides."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from hydra import compose, initialize_config_dir
+from hydra.core.config_store import ConfigStore
+from omegaconf import OmegaConf
+
+from keye_train.config import MODEL_PRESETS, KeyeTrainConfig
+
+RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
+
+
+def _register() -> None:
+    store = ConfigStore.instance()
+    store.store(name="keye_train_schema", node=KeyeTrainConfig)
+    for name, factory in MODEL_PRESETS.items():
+        store.store(group="model", name=name, node=factory())
+
+
+def load_config(overrides: list[str]) -> KeyeTrainConfig:
+    """Unknown keys and wrong types fail here, before any rank starts, with the key in the message."""
+    if not RECIPES_DIR.is_dir():
+        raise FileNotFoundError(f"recipes folder not found at {RECIPES_DIR}; install keye-train from its repository "
+                                "with `pip install -e .`")
+    _register()
+    with initialize_config_dir(config_dir=str(RECIPES_DIR), version_base=None):
+        cfg = compose(config_name="config", overrides=list(overrides))
+    return OmegaConf.to_object(cfg)

@@ -1,0 +1,82 @@
+"""Metrics: MoE balance tracking on every rank, reduced to the one rank that logs (W&B, console, JSONL)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from megatron.core.transformer.moe import moe_utils
+from megatron.core.transformer.moe.router import TopKRouter
+
+
+class MoEBalanceTracker:
+    """Counts tokens routed to each expert in every layer through forward hooks on the routers."""
+
+    def __init__(self, lm: torch.nn.Module, num_layers: int, num_experts: int):
+        self.counts = torch.zeros(num_layers, num_experts, dtype=torch.float64)
+        for module in lm.modules():
+            if isinstance(module, TopKRouter):
+                module.register_forward_hook(self._hook(module.layer_number - 1))
+
+    def _hook(self, layer: int):
+        def record(_module, _inputs, outputs):
+            routing_map = outputs[1]
+            self.counts[layer] += routing_map.detach().sum(0).to("cpu", torch.float64)
+        return record
+
+    def collect(self, num_microbatches: int, device) -> dict[str, float]:
+        """Collective over all ranks. Returns aux loss and load-imbalance metrics, then resets."""
+        counts = self.counts.to(device)
+        dist.all_reduce(counts)
+        self.counts.zero_()
+        per_layer = counts.max(dim=1).values / counts.mean(dim=1).clamp_min(1e-9)
+        moe_utils.reduce_aux_losses_tracker_across_ranks()
+        tracker = moe_utils.get_moe_layer_wise_logging_tracker()
+        metrics = {"moe/max_over_mean_load": float(per_layer.mean()),
+                   "moe/worst_layer_max_over_mean_load": float(per_layer.max())}
+        if "load_balancing_loss" in tracker:
+            values = tracker["load_balancing_loss"]["values"] / num_microbatches
+            metrics["moe/aux_loss"] = float(values.mean())
+        moe_utils.clear_aux_losses_tracker()
+        return metrics
+
+
+class MetricsLogger:
+    """Console progress bar + JSONL + W&B (offline by default). Only instantiate on the metrics-owning rank."""
+
+    def __init__(self, run_dir: Path, logging_cfg, config_dict: dict, total_steps: int, start_step: int,
+                 run_id: str):
+        self.path = run_dir / "metrics.jsonl"
+        self.wandb = None
+        if logging_cfg.wandb_mode != "disabled":
+            import wandb
+
+            os.environ.setdefault("WANDB_SILENT", "true")
+            self.wandb = wandb.init(project=logging_cfg.wandb_project, dir=str(run_dir), mode=logging_cfg.wandb_mode,
+                                    id=run_id, resume="allow", config=config_dict, name=run_dir.name)
+        self.bar = None
+        if logging_cfg.progress_bar:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total_steps, initial=start_step, desc="train", dynamic_ncols=True)
+
+    def log(self, step: int, metrics: dict) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps({"step": step, **metrics}) + "\n")
+        if self.wandb is not None:
+            self.wandb.log(metrics, step=step)
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}",
+                                 gnorm=f"{metrics['grad_norm']:.3f}", refresh=False)
+        else:
+            print(f"step {step} " + " ".join(f"{k}={v:.4g}" for k, v in metrics.items()), flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.wandb is not None:
+            self.wandb.finish()

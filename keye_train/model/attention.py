@@ -1,0 +1,45 @@
+"""The core-attention slot of every transformer layer (LM and ViT).
+
+Megatron builds it from the layer spec; the DSA work plugs its sparse attention in here. Packed sequences
+arrive as sbhd with batch 1 and `PackedSeqParams(qkv_format="sbhd", cu_seqlens_q=...)`, so megatron
+applies our M-RoPE positions unchanged and only this module reads the document boundaries.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.module import MegatronModule
+
+from kernels.dense_attention import dense_varlen_attention
+
+
+class VarlenCoreAttention(MegatronModule):
+    def __init__(
+        self,
+        config,
+        layer_number: int,
+        attn_mask_type: AttnMaskType,
+        attention_type: str = "self",
+        cp_comm_type=None,
+        softmax_scale: float | None = None,
+        pg_collection=None,
+    ):
+        super().__init__(config=config)
+        self.causal = attn_mask_type == AttnMaskType.causal
+        self.scale = softmax_scale or 1.0 / math.sqrt(config.kv_channels)
+
+    def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
+                packed_seq_params=None):
+        seq, batch, heads, dim = query.shape
+        if packed_seq_params is not None:
+            if batch != 1:
+                raise ValueError(f"packed sequences need micro-batch size 1, got {batch}")
+            cu = packed_seq_params.cu_seqlens_q
+        else:  # one document per batch row
+            cu = torch.arange(0, (batch + 1) * seq, seq, dtype=torch.int32)
+        q, k, v = (x.transpose(0, 1).reshape(batch * seq, x.shape[2], dim) for x in (query, key, value))
+        out = dense_varlen_attention(q, k, v, cu, causal=self.causal, scale=self.scale)
+        return out.view(batch, seq, heads * dim).transpose(0, 1).contiguous()

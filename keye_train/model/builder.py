@@ -1,0 +1,52 @@
+"""Build this rank's model parts (LM pipeline chunk and, where placed, the vision tower) and initialise them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from megatron.core import parallel_state
+
+from keye_train.config import ModelConfig, ParallelConfig
+from keye_train.model import init as model_init
+from keye_train.model.lm import build_lm, lm_transformer_config
+from keye_train.model.sharding import canonical_shards
+from keye_train.model.vision import VisionTower, vit_transformer_config
+from parallel import placement
+
+
+@dataclass
+class ModelParts:
+    lm: torch.nn.Module
+    vision: Optional[torch.nn.Module]  # None on ranks that do not host the vision tower
+
+    def modules(self) -> list[torch.nn.Module]:
+        return [m for m in (self.lm, self.vision) if m is not None]
+
+
+def build_model(model: ModelConfig, par: ParallelConfig, dtype: torch.dtype, on_gpu: bool) -> ModelParts:
+    lm_config = lm_transformer_config(model.lm, par, dtype, on_gpu)
+    lm = build_lm(model.lm, lm_config,
+                  pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=True),
+                  post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=True))
+    vision = None
+    vision_groups = placement.vision_process_groups()  # collective: every rank joins
+    if placement.hosts_vision():
+        vision = VisionTower(model, vit_transformer_config(model.vit, dtype), vision_groups)
+    if on_gpu:
+        lm.cuda()
+        if vision is not None:
+            vision.cuda()
+    return ModelParts(lm, vision)
+
+
+def parameter_shards(parts: ModelParts):
+    yield from canonical_shards(parts.lm, "lm.", parallel_state.get_tensor_model_parallel_group(),
+                                parallel_state.get_expert_tensor_parallel_group(), gated_mlp=True)
+    if parts.vision is not None:
+        yield from canonical_shards(parts.vision, "vision.", None)
+
+
+def initialize_weights(parts: ModelParts, model: ModelConfig, seed: int) -> None:
+    model_init.initialize(parameter_shards(parts), seed, model.init_std, model.lm.num_layers)

@@ -1,0 +1,56 @@
+"""Megatron layer specs for the LM and the ViT, built from megatron-core modules plus our attention slot."""
+
+from __future__ import annotations
+
+from megatron.core.models.backends import LocalSpecProvider
+from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec_for_backend
+from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.identity_op import IdentityOp
+from megatron.core.transformer.mlp import MLP, MLPSubmodules
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
+from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
+
+from keye_train.model.attention import VarlenCoreAttention
+from keye_train.model.norms import LayerNorm, RMSNorm
+
+
+def _layer(norm, attn_mask_type: AttnMaskType, qk_norm, mlp) -> ModuleSpec:
+    return ModuleSpec(
+        module=TransformerLayer,
+        submodules=TransformerLayerSubmodules(
+            input_layernorm=norm,
+            self_attention=ModuleSpec(
+                module=SelfAttention,
+                params={"attn_mask_type": attn_mask_type},
+                submodules=SelfAttentionSubmodules(
+                    linear_qkv=ColumnParallelLinear,
+                    core_attention=VarlenCoreAttention,
+                    linear_proj=RowParallelLinear,
+                    q_layernorm=qk_norm,
+                    k_layernorm=qk_norm,
+                ),
+            ),
+            self_attn_bda=get_bias_dropout_add,
+            pre_mlp_layernorm=norm,
+            mlp=mlp,
+            mlp_bda=get_bias_dropout_add,
+        ),
+    )
+
+
+def lm_layer_spec(num_experts: int) -> ModuleSpec:
+    """Qwen3-MoE decoder layer: RMSNorm, causal GQA with per-head QK RMSNorm, routed SwiGLU experts."""
+    moe = get_moe_module_spec_for_backend(
+        backend=LocalSpecProvider(), num_experts=num_experts, moe_grouped_gemm=False
+    )
+    return _layer(RMSNorm, AttnMaskType.causal, RMSNorm, moe)
+
+
+def vit_layer_spec() -> ModuleSpec:
+    """SigLIP encoder layer: pre-LN with biases, bidirectional attention, tanh-GELU MLP."""
+    mlp = ModuleSpec(module=MLP, submodules=MLPSubmodules(linear_fc1=ColumnParallelLinear,
+                                                          linear_fc2=RowParallelLinear))
+    return _layer(LayerNorm, AttnMaskType.no_mask, IdentityOp, mlp)

@@ -1,0 +1,83 @@
+"""Freezing, the megatron DDP + (distributed) optimizer wrapping, and the LR schedule."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+from keye_train.config import OptimConfig
+from keye_train.model.builder import ModelParts
+
+TRAINABLE_PARTS = ("vit", "projector", "lm")
+
+
+def apply_freezing(parts: ModelParts, trainable) -> None:
+    unknown = set(trainable) - set(TRAINABLE_PARTS)
+    if unknown:
+        raise ValueError(f"stage.trainable has unknown parts {sorted(unknown)}; choose from {TRAINABLE_PARTS}")
+    groups = {"lm": [parts.lm]}
+    if parts.vision is not None:
+        groups["vit"] = [parts.vision.encoder]
+        groups["projector"] = [parts.vision.projector]
+    for name, modules in groups.items():
+        for module in modules:
+            module.requires_grad_(name in trainable)
+
+
+def _has_trainable(module: torch.nn.Module) -> bool:
+    return any(p.requires_grad for p in module.parameters())
+
+
+def wrap_ddp(module: torch.nn.Module, distributed_optimizer: bool):
+    """megatron DDP around a module with trainable parameters; frozen modules stay unwrapped."""
+    if not _has_trainable(module):
+        return module
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True,
+        overlap_grad_reduce=False,
+        use_distributed_optimizer=distributed_optimizer,
+        check_for_nan_in_grad=False,
+    )
+    return DistributedDataParallel(config=module.config, ddp_config=ddp_config, module=module)
+
+
+def build_optimizer(ddp_chunks, optim: OptimConfig, dtype: torch.dtype, distributed_optimizer: bool):
+    config = OptimizerConfig(
+        optimizer="adam",
+        lr=optim.lr,
+        min_lr=optim.min_lr,
+        weight_decay=optim.weight_decay,
+        adam_beta1=optim.beta1,
+        adam_beta2=optim.beta2,
+        adam_eps=optim.eps,
+        clip_grad=optim.clip_grad,
+        bf16=dtype == torch.bfloat16,
+        params_dtype=dtype,
+        use_distributed_optimizer=distributed_optimizer,
+    )
+    return get_megatron_optimizer(config, ddp_chunks)
+
+
+def lr_at(step: int, optim: OptimConfig, total_steps: int) -> float:
+    """Linear warm-up to optim.lr, then decay to optim.min_lr by the last step."""
+    if optim.warmup_steps > 0 and step < optim.warmup_steps:
+        return optim.lr * (step + 1) / optim.warmup_steps
+    if optim.decay_style == "constant":
+        return optim.lr
+    span = max(1, total_steps - optim.warmup_steps)
+    progress = min(1.0, (step - optim.warmup_steps) / span)
+    if optim.decay_style == "linear":
+        factor = 1.0 - progress
+    elif optim.decay_style == "cosine":
+        factor = 0.5 * (1.0 + math.cos(math.pi * progress))
+    else:
+        raise ValueError(f"optim.decay_style={optim.decay_style!r}; choose cosine, linear or constant")
+    return optim.min_lr + (optim.lr - optim.min_lr) * factor
+
+
+def set_lr(optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr

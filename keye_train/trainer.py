@@ -1,0 +1,139 @@
+"""The training loop shared by every stage."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+import uuid
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.distributed import DistributedDataParallel
+
+from keye_train import checkpoint
+from keye_train.config import KeyeTrainConfig
+from keye_train.metrics import MetricsLogger, MoEBalanceTracker
+from keye_train.model.builder import build_model, initialize_weights
+from keye_train.optim import apply_freezing, build_optimizer, lr_at, set_lr, wrap_ddp
+from keye_train.synthetic import SyntheticDataConfig, SyntheticPackSource
+from keye_train.train_step import optimizer_step, reduce_lm_loss, run_microbatches
+from parallel import cpu_compat, placement
+from parallel.layout import check_batch, check_layout, init_process_groups
+
+
+def resolve_dtype(name: str, on_gpu: bool) -> torch.dtype:
+    choices = {"auto": torch.bfloat16 if on_gpu else torch.float32, "bf16": torch.bfloat16, "fp32": torch.float32}
+    if name not in choices:
+        raise ValueError(f"train.dtype={name!r}; choose auto, bf16 or fp32")
+    return choices[name]
+
+
+class Trainer:
+    def __init__(self, cfg: KeyeTrainConfig):
+        self.cfg = cfg
+        self.on_gpu = torch.cuda.is_available()
+        if not self.on_gpu:
+            cpu_compat.install()
+        self.device = torch.device("cuda", torch.cuda.current_device()) if self.on_gpu else torch.device("cpu")
+        world = dist.get_world_size() if dist.is_initialized() else int(__import__("os").environ["WORLD_SIZE"])
+        sizes = check_layout(cfg.parallel, cfg.model.lm, cfg.model.vit, world)
+        self.num_microbatches = check_batch(cfg.train, sizes)
+        backend = cfg.parallel.backend if cfg.parallel.backend != "auto" else ("nccl" if self.on_gpu else "gloo")
+        init_process_groups(cfg.parallel, sizes, backend)
+        if self.on_gpu:
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        self.layout = dataclasses.asdict(sizes)
+        torch.manual_seed(cfg.train.seed)
+        self.dtype = resolve_dtype(cfg.train.dtype, self.on_gpu)
+
+        self.parts = build_model(cfg.model, cfg.parallel, self.dtype, self.on_gpu)
+        initialize_weights(self.parts, cfg.model, cfg.train.seed)
+        apply_freezing(self.parts, cfg.stage.trainable)
+        distopt = cfg.parallel.distributed_optimizer
+        self.lm_chunk = wrap_ddp(self.parts.lm, distopt)
+        self.vision_chunk = wrap_ddp(self.parts.vision, distopt) if self.parts.vision is not None else None
+        self.ddp_chunks = [c for c in (self.lm_chunk, self.vision_chunk) if isinstance(c, DistributedDataParallel)]
+        self.optimizer = build_optimizer(self.ddp_chunks, cfg.optim, self.dtype, distopt)
+        self.sequence_parallel = self.parts.lm.config.sequence_parallel
+        self.balance = MoEBalanceTracker(self.parts.lm, cfg.model.lm.num_layers, cfg.model.lm.num_experts)
+
+        data_cfg = SyntheticDataConfig(seq_length=cfg.train.seq_length, video_frames=cfg.data.video_frames,
+                                       patch_size=cfg.model.vit.patch_size)
+        self.data = SyntheticPackSource(data_cfg, cfg.model.tokens, seed=cfg.train.seed,
+                                        dp_rank=parallel_state.get_data_parallel_rank(),
+                                        dp_size=parallel_state.get_data_parallel_world_size())
+        self.run_dir = Path(cfg.run_dir)
+        self.step = 0
+        self.run_id = uuid.uuid4().hex[:12]
+        if cfg.checkpoint.resume:
+            self._resume()
+
+    def _resume(self) -> None:
+        latest = checkpoint.latest_checkpoint(self.run_dir)
+        if latest is None:
+            return
+        extra = checkpoint.load(latest, self.parts, self.optimizer, self.layout)
+        self.step = extra["step"]
+        self.data.load_state_dict(extra["data"])
+        self.run_id = extra["run_id"]
+        if placement.is_metrics_owner():
+            print(f"resumed from {latest} at step {self.step}", flush=True)
+
+    def save(self) -> Path:
+        extra = {"data": self.data.state_dict(), "run_id": self.run_id}
+        return checkpoint.save(self.run_dir, self.step, self.parts, self.optimizer, extra, self.layout,
+                               self.cfg.checkpoint.keep_last)
+
+    def train_step(self) -> dict:
+        """One optimizer step over a global batch; returns the step's metrics (meaningful on the owner rank)."""
+        started = time.perf_counter()
+        microbatches = [next(self.data).to(self.device) for _ in range(self.num_microbatches)]
+        for chunk in self.ddp_chunks:
+            chunk.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        lr = lr_at(self.step, self.cfg.optim, self.cfg.train.steps)
+        set_lr(self.optimizer, lr)
+        ce_sum, n_global = run_microbatches(self.lm_chunk, self.vision_chunk, microbatches, self.cfg.model.tokens,
+                                            self.sequence_parallel, self.device)
+        updated, grad_norm = optimizer_step(self.optimizer, self.ddp_chunks)
+        metrics = {"loss": reduce_lm_loss(ce_sum, n_global, self.device) if self._last_stage() else float("nan"),
+                   "lr": lr, "grad_norm": grad_norm, "update_skipped": float(not updated),
+                   "supervised_tokens": float(n_global)}
+        metrics.update(self.balance.collect(self.num_microbatches, self.device))
+        elapsed = time.perf_counter() - started
+        tokens = self.cfg.train.global_batch * self.cfg.train.seq_length
+        metrics.update({"step_time_s": elapsed, "tokens_per_s": tokens / elapsed,
+                        "tokens_per_s_per_rank": tokens / elapsed / dist.get_world_size()})
+        self.step += 1
+        return metrics
+
+    @staticmethod
+    def is_metrics_owner() -> bool:
+        return placement.is_metrics_owner()
+
+    @staticmethod
+    def _last_stage() -> bool:
+        return parallel_state.is_pipeline_last_stage(ignore_virtual=True)
+
+    def fit(self) -> list[dict]:
+        cfg = self.cfg
+        logger = None
+        if placement.is_metrics_owner():
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            logger = MetricsLogger(self.run_dir, cfg.logging, dataclasses.asdict(cfg), cfg.train.steps, self.step,
+                                   self.run_id)
+        history = []
+        try:
+            while self.step < cfg.train.steps:
+                metrics = self.train_step()
+                history.append(metrics)
+                if logger is not None:
+                    logger.log(self.step, metrics)
+                if self.step % cfg.checkpoint.interval == 0 or self.step == cfg.train.steps:
+                    self.save()
+        finally:
+            if logger is not None:
+                logger.close()
+        return history

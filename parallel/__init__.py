@@ -1,0 +1,1 @@
+"""Ranks, process groups, placement and schedules."""

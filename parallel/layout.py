@@ -1,0 +1,101 @@
+"""Validate a parallel layout before any rank starts, then build megatron's process groups."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+class LayoutError(ValueError):
+    """A parallel layout that cannot work; the message names the config keys involved."""
+
+
+@dataclass(frozen=True)
+class LayoutSizes:
+    world: int
+    tp: int
+    pp: int
+    ep: int
+    etp: int
+    dp: int
+    expert_dp: int
+
+
+def check_layout(par, lm, vit, world_size: int) -> LayoutSizes:
+    """Raise LayoutError naming the offending keys; return the derived sizes."""
+    for key in ("tp", "pp", "ep", "etp"):
+        if getattr(par, key) < 1:
+            raise LayoutError(f"parallel.{key}={getattr(par, key)} must be >= 1")
+    model_parallel = par.tp * par.pp
+    if world_size % model_parallel:
+        raise LayoutError(f"world size {world_size} is not divisible by parallel.tp*parallel.pp = "
+                          f"{par.tp}*{par.pp}; change parallel.nproc/nodes or the layout")
+    expert_grid = par.etp * par.ep * par.pp
+    if world_size % expert_grid:
+        raise LayoutError(f"world size {world_size} is not divisible by parallel.etp*parallel.ep*parallel.pp = "
+                          f"{par.etp}*{par.ep}*{par.pp}")
+    checks = [
+        (lm.num_heads % par.tp, f"model.lm.num_heads={lm.num_heads} is not divisible by parallel.tp={par.tp}"),
+        (lm.num_kv_heads % par.tp,
+         f"model.lm.num_kv_heads={lm.num_kv_heads} is not divisible by parallel.tp={par.tp}"),
+        (lm.num_experts % par.ep,
+         f"model.lm.num_experts={lm.num_experts} is not divisible by parallel.ep={par.ep}"),
+        (lm.moe_ffn_hidden_size % par.etp,
+         f"model.lm.moe_ffn_hidden_size={lm.moe_ffn_hidden_size} is not divisible by parallel.etp={par.etp}"),
+        (lm.num_layers % par.pp, f"model.lm.num_layers={lm.num_layers} is not divisible by parallel.pp={par.pp}"),
+        (lm.vocab_size % par.tp, f"model.lm.vocab_size={lm.vocab_size} is not divisible by parallel.tp={par.tp}"),
+        (vit.hidden_size % vit.num_heads,
+         f"model.vit.hidden_size={vit.hidden_size} is not divisible by model.vit.num_heads={vit.num_heads}"),
+        ((vit.hidden_size // vit.num_heads) % 4,
+         f"model.vit head dim {vit.hidden_size // vit.num_heads} must be divisible by 4 for 2D RoPE"),
+        (sum(lm.mrope_section) * 2 != lm.head_dim,
+         f"model.lm.mrope_section={list(lm.mrope_section)} must sum to head_dim/2 = {lm.head_dim // 2}"),
+    ]
+    for failed, message in checks:
+        if failed:
+            raise LayoutError(message)
+    if par.tp > 1 and par.sequence_parallel is False:
+        raise LayoutError("parallel.sequence_parallel=false with parallel.tp>1: megatron MoE needs sequence "
+                          "parallelism under TP; leave it unset or true")
+    dp = world_size // model_parallel
+    return LayoutSizes(world_size, par.tp, par.pp, par.ep, par.etp, dp, world_size // expert_grid)
+
+
+def check_batch(train, sizes: LayoutSizes) -> int:
+    """Return micro-batches per DP rank per step."""
+    if train.global_batch % sizes.dp:
+        raise LayoutError(f"train.global_batch={train.global_batch} is not divisible by the data-parallel "
+                          f"size {sizes.dp} (world / (tp*pp))")
+    if sizes.tp > 1 and train.seq_length % sizes.tp:
+        raise LayoutError(f"train.seq_length={train.seq_length} is not divisible by parallel.tp={sizes.tp} "
+                          "(sequence parallelism splits the sequence)")
+    return train.global_batch // sizes.dp
+
+
+def init_process_groups(par, sizes: LayoutSizes, backend: str) -> None:
+    """Start torch.distributed (from torchrun's env) and megatron's TP/PP/EP/DP groups."""
+    from megatron.core import parallel_state
+
+    if not dist.is_initialized():
+        dist.init_process_group(backend=backend)
+    if dist.get_world_size() != sizes.world:
+        raise LayoutError(f"launched {dist.get_world_size()} processes but the layout was checked for {sizes.world}")
+    if backend == "nccl":
+        torch.cuda.set_device(int(__import__("os").environ.get("LOCAL_RANK", 0)))
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=par.tp,
+        pipeline_model_parallel_size=par.pp,
+        expert_model_parallel_size=par.ep,
+        expert_tensor_parallel_size=par.etp,
+        create_gloo_process_groups=True,
+    )
+
+
+def destroy_process_groups() -> None:
+    from megatron.core import parallel_state
+
+    parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()
