@@ -79,7 +79,7 @@ class ParallelConfig:
     tp: int = 1
     pp: int = 1
     ep: int = 1
-    etp: int = 1  # expert tensor parallel; 1 keeps experts whole
+    etp: Optional[int] = None  # expert tensor parallel; None: same as tp
     sequence_parallel: Optional[bool] = None  # None: on whenever tp > 1 (MoE with TP needs it)
     distributed_optimizer: bool = True
     nproc: int = 1  # processes started by `keye-train` itself when not under torchrun

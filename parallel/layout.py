@@ -23,27 +23,36 @@ class LayoutSizes:
     expert_dp: int
 
 
+def expert_tp(par) -> int:
+    return par.tp if par.etp is None else par.etp
+
+
 def check_layout(par, lm, vit, world_size: int) -> LayoutSizes:
     """Raise LayoutError naming the offending keys; return the derived sizes."""
-    for key in ("tp", "pp", "ep", "etp"):
+    if par.etp is not None and par.tp > 1 and par.etp != par.tp:
+        raise LayoutError(f"parallel.etp={par.etp} with parallel.tp={par.tp}: expert tensor parallelism "
+                          "different from tp is not verified yet (expert gradients disagree with one rank); "
+                          "leave parallel.etp unset")
+    for key in ("tp", "pp", "ep"):
         if getattr(par, key) < 1:
             raise LayoutError(f"parallel.{key}={getattr(par, key)} must be >= 1")
     model_parallel = par.tp * par.pp
     if world_size % model_parallel:
         raise LayoutError(f"world size {world_size} is not divisible by parallel.tp*parallel.pp = "
                           f"{par.tp}*{par.pp}; change parallel.nproc/nodes or the layout")
-    expert_grid = par.etp * par.ep * par.pp
+    etp = expert_tp(par)
+    expert_grid = etp * par.ep * par.pp
     if world_size % expert_grid:
         raise LayoutError(f"world size {world_size} is not divisible by parallel.etp*parallel.ep*parallel.pp = "
-                          f"{par.etp}*{par.ep}*{par.pp}")
+                          f"{etp}*{par.ep}*{par.pp}")
     checks = [
         (lm.num_heads % par.tp, f"model.lm.num_heads={lm.num_heads} is not divisible by parallel.tp={par.tp}"),
         (lm.num_kv_heads % par.tp,
          f"model.lm.num_kv_heads={lm.num_kv_heads} is not divisible by parallel.tp={par.tp}"),
         (lm.num_experts % par.ep,
          f"model.lm.num_experts={lm.num_experts} is not divisible by parallel.ep={par.ep}"),
-        (lm.moe_ffn_hidden_size % par.etp,
-         f"model.lm.moe_ffn_hidden_size={lm.moe_ffn_hidden_size} is not divisible by parallel.etp={par.etp}"),
+        (lm.moe_ffn_hidden_size % etp,
+         f"model.lm.moe_ffn_hidden_size={lm.moe_ffn_hidden_size} is not divisible by expert TP {etp}"),
         (lm.num_layers % par.pp, f"model.lm.num_layers={lm.num_layers} is not divisible by parallel.pp={par.pp}"),
         (lm.vocab_size % par.tp, f"model.lm.vocab_size={lm.vocab_size} is not divisible by parallel.tp={par.tp}"),
         (vit.hidden_size % vit.num_heads,
@@ -60,7 +69,7 @@ def check_layout(par, lm, vit, world_size: int) -> LayoutSizes:
         raise LayoutError("parallel.sequence_parallel=false with parallel.tp>1: megatron MoE needs sequence "
                           "parallelism under TP; leave it unset or true")
     dp = world_size // model_parallel
-    return LayoutSizes(world_size, par.tp, par.pp, par.ep, par.etp, dp, world_size // expert_grid)
+    return LayoutSizes(world_size, par.tp, par.pp, par.ep, etp, dp, world_size // expert_grid)
 
 
 def check_batch(train, sizes: LayoutSizes) -> int:
@@ -88,7 +97,7 @@ def init_process_groups(par, sizes: LayoutSizes, backend: str) -> None:
         tensor_model_parallel_size=par.tp,
         pipeline_model_parallel_size=par.pp,
         expert_model_parallel_size=par.ep,
-        expert_tensor_parallel_size=par.etp,
+        expert_tensor_parallel_size=expert_tp(par),
         create_gloo_process_groups=True,
     )
 

@@ -11,7 +11,7 @@ from megatron.core import parallel_state
 from keye_train.config import ModelConfig, ParallelConfig
 from keye_train.model import init as model_init
 from keye_train.model.lm import build_lm, lm_transformer_config
-from keye_train.model.sharding import canonical_shards
+from keye_train.model.sharding import canonical_shards, mark_tensor_parallel_attributes
 from keye_train.model.vision import VisionTower, vit_transformer_config
 from parallel import placement
 
@@ -34,6 +34,9 @@ def build_model(model: ModelConfig, par: ParallelConfig, dtype: torch.dtype, on_
     vision_groups = placement.vision_process_groups()  # collective: every rank joins
     if placement.hosts_vision():
         vision = VisionTower(model, vit_transformer_config(model.vit, dtype), vision_groups)
+    for module in (lm, vision):
+        if module is not None:
+            mark_tensor_parallel_attributes(module)
     if on_gpu:
         lm.cuda()
         if vision is not None:

@@ -8,7 +8,9 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer import TransformerConfig
 
 from keye_train.config import LMConfig, ParallelConfig
-from keye_train.model.specs import lm_layer_spec
+from megatron.core import parallel_state
+
+from keye_train.model.specs import lm_block_spec
 
 
 def lm_transformer_config(lm: LMConfig, par: ParallelConfig, dtype: torch.dtype, on_gpu: bool) -> TransformerConfig:
@@ -44,7 +46,7 @@ def lm_transformer_config(lm: LMConfig, par: ParallelConfig, dtype: torch.dtype,
         tensor_model_parallel_size=par.tp,
         pipeline_model_parallel_size=par.pp,
         expert_model_parallel_size=par.ep,
-        expert_tensor_parallel_size=par.etp,
+        expert_tensor_parallel_size=par.tp if par.etp is None else par.etp,
         sequence_parallel=sequence_parallel,
         params_dtype=dtype,
         pipeline_dtype=dtype,
@@ -62,7 +64,8 @@ def lm_transformer_config(lm: LMConfig, par: ParallelConfig, dtype: torch.dtype,
 def build_lm(lm: LMConfig, config: TransformerConfig, pre_process: bool, post_process: bool) -> GPTModel:
     return GPTModel(
         config=config,
-        transformer_layer_spec=lm_layer_spec(lm.num_experts),
+        transformer_layer_spec=lm_block_spec(config, lm.num_experts,
+                                             parallel_state.get_pipeline_model_parallel_rank()),
         vocab_size=lm.vocab_size,
         max_sequence_length=lm.max_position_embeddings,
         pre_process=pre_process,

@@ -12,6 +12,8 @@ from typing import Callable, Iterator
 
 import torch
 import torch.distributed as dist
+from megatron.core.tensor_parallel.layers import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding,
+                                                  set_tensor_model_parallel_attributes)
 from megatron.core.transformer.moe.moe_layer import MoELayer
 from megatron.core.transformer.transformer_layer import TransformerLayer
 
@@ -21,6 +23,22 @@ class ShardInfo:
     name: str  # canonical name
     full_shape: tuple[int, ...]
     cut: Callable[[torch.Tensor], torch.Tensor]  # full tensor -> this rank's shard
+
+
+def mark_tensor_parallel_attributes(module: torch.nn.Module) -> None:
+    """Set the TP attributes megatron sets only when it initialises weights itself (we skip that, see init.py).
+    DDP, the grad norm and `canonical_shards` rely on them."""
+    for sub in module.modules():
+        if isinstance(sub, (VocabParallelEmbedding, ColumnParallelLinear)):
+            targets = [(sub.weight, 0), (getattr(sub, "bias", None), 0)]
+        elif isinstance(sub, RowParallelLinear):
+            targets = [(sub.weight, 1)]
+        else:
+            continue
+        sharded = _group_rank_size(sub.tp_group)[1] > 1  # a size-1 group holds a full replica
+        for param, dim in targets:
+            if isinstance(param, torch.nn.Parameter) and not hasattr(param, "tensor_model_parallel"):
+                set_tensor_model_parallel_attributes(param, is_parallel=sharded, dim=dim, stride=1)
 
 
 def _group_rank_size(group) -> tuple[int, int]:

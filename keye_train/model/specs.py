@@ -10,6 +10,8 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
 from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import (TransformerBlock, TransformerBlockSubmodules,
+                                                         get_num_layers_to_build)
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 
@@ -41,16 +43,24 @@ def _layer(norm, attn_mask_type: AttnMaskType, qk_norm, mlp) -> ModuleSpec:
     )
 
 
-def lm_layer_spec(num_experts: int) -> ModuleSpec:
-    """Qwen3-MoE decoder layer: RMSNorm, causal GQA with per-head QK RMSNorm, routed SwiGLU experts."""
+def _block(layer: ModuleSpec, final_norm, num_layers: int) -> ModuleSpec:
+    return ModuleSpec(module=TransformerBlock,
+                      submodules=TransformerBlockSubmodules(layer_specs=[layer] * num_layers, layer_norm=final_norm))
+
+
+def lm_block_spec(config, num_experts: int, pp_rank: int) -> ModuleSpec:
+    """Qwen3-MoE decoder layers of one pipeline stage: RMSNorm, causal GQA with per-head QK RMSNorm,
+    routed SwiGLU experts; final RMSNorm."""
     moe = get_moe_module_spec_for_backend(
         backend=LocalSpecProvider(), num_experts=num_experts, moe_grouped_gemm=False
     )
-    return _layer(RMSNorm, AttnMaskType.causal, RMSNorm, moe)
+    layer = _layer(RMSNorm, AttnMaskType.causal, RMSNorm, moe)
+    return _block(layer, RMSNorm, get_num_layers_to_build(config, pp_rank=pp_rank))
 
 
-def vit_layer_spec() -> ModuleSpec:
-    """SigLIP encoder layer: pre-LN with biases, bidirectional attention, tanh-GELU MLP."""
+def vit_block_spec(config) -> ModuleSpec:
+    """SigLIP encoder: pre-LN layers with biases, bidirectional attention, tanh-GELU MLP; post-LayerNorm."""
     mlp = ModuleSpec(module=MLP, submodules=MLPSubmodules(linear_fc1=ColumnParallelLinear,
                                                           linear_fc2=RowParallelLinear))
-    return _layer(LayerNorm, AttnMaskType.no_mask, IdentityOp, mlp)
+    layer = _layer(LayerNorm, AttnMaskType.no_mask, IdentityOp, mlp)
+    return _block(layer, LayerNorm, config.num_layers)

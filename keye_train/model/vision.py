@@ -17,7 +17,7 @@ from megatron.core.transformer.transformer_block import TransformerBlock
 from keye_train.batch import VisualInput
 from keye_train.config import ModelConfig, ViTConfig
 from keye_train.model.positions import vit_rope_angles
-from keye_train.model.specs import vit_layer_spec
+from keye_train.model.specs import vit_block_spec
 
 
 def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
@@ -79,7 +79,7 @@ class VisionEncoder(MegatronModule):
         self.pos_table = torch.nn.Parameter(torch.empty(vit.pos_grid ** 2, vit.hidden_size,
                                                         dtype=config.params_dtype))
         self.patch_dim = patch_dim
-        self.blocks = TransformerBlock(config, vit_layer_spec(), post_layer_norm=True,
+        self.blocks = TransformerBlock(config, vit_block_spec(config), post_layer_norm=True,
                                        pg_collection=pg_collection)
 
     def forward(self, visual: VisualInput) -> torch.Tensor:

@@ -1,0 +1,106 @@
+"""One rank of a layout-equivalence run (started by torchrun from test_layouts.py).
+
+Phase A: megatron DDP without the distributed optimizer; records the loss and the gradients of sampled
+parameters. Phase B: a fresh model with the distributed optimizer; records the loss and the sampled weights
+after one optimizer step. The 1-rank run saves full tensors; a parallel run cuts its own shard out of them
+and compares locally, so no gathering is needed.
+"""
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from parallel import cpu_compat
+
+cpu_compat.install()
+
+from megatron.core import parallel_state  # noqa: E402
+
+from keye_train.configure import load_config  # noqa: E402
+from keye_train.model.builder import build_model, initialize_weights, parameter_shards  # noqa: E402
+from keye_train.optim import build_optimizer, wrap_ddp  # noqa: E402
+from keye_train.synthetic import SyntheticDataConfig, SyntheticPackSource  # noqa: E402
+from keye_train.train_step import optimizer_step, reduce_lm_loss, run_microbatches  # noqa: E402
+from parallel.layout import check_batch, check_layout, init_process_groups  # noqa: E402
+
+SAMPLED = ("layers.0.self_attention.linear_qkv.weight", "layers.3.self_attention.linear_proj.weight",
+           "layers.1.self_attention.q_layernorm.weight", "layers.2.mlp.router.weight",
+           "layers.0.mlp.experts.expert_1.linear_fc1.weight", "layers.3.mlp.experts.expert_6.linear_fc2.weight",
+           "layers.2.input_layernorm.weight", "final_layernorm.weight", "output_layer.weight",
+           "embedding.word_embeddings.weight", "vision.encoder.blocks.layers.1.self_attention.linear_qkv.weight",
+           "vision.encoder.pos_table", "vision.projector.linear_2.weight")
+
+
+def sampled(name: str) -> bool:
+    return name.endswith(SAMPLED)
+
+
+def global_batch(cfg, num_packs):
+    source = SyntheticPackSource(SyntheticDataConfig(seq_length=cfg.train.seq_length), cfg.model.tokens,
+                                 seed=cfg.train.seed)
+    return [next(source) for _ in range(num_packs)]
+
+
+def run_phase(cfg, packs, distributed_optimizer: bool):
+    parts = build_model(cfg.model, cfg.parallel, torch.float32, on_gpu=False)
+    initialize_weights(parts, cfg.model, cfg.train.seed)
+    lm = wrap_ddp(parts.lm, distributed_optimizer)
+    vision = wrap_ddp(parts.vision, distributed_optimizer) if parts.vision is not None else None
+    chunks = [c for c in (lm, vision) if c is not None]
+    optimizer = build_optimizer(chunks, cfg.optim, torch.float32, distributed_optimizer)
+    dp, dp_rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
+    per_rank = len(packs) // dp
+    mine = packs[dp_rank * per_rank:(dp_rank + 1) * per_rank]
+    ce_sum, n_global = run_microbatches(lm, vision, mine, cfg.model.tokens, parts.lm.config.sequence_parallel,
+                                        torch.device("cpu"))
+    last = parallel_state.is_pipeline_last_stage(ignore_virtual=True)
+    loss = reduce_lm_loss(ce_sum, n_global, torch.device("cpu")) if last else None
+    return parts, chunks, optimizer, loss
+
+
+def main(out_dir: str, overrides: list[str]):
+    cfg = load_config(overrides)
+    sizes = check_layout(cfg.parallel, cfg.model.lm, cfg.model.vit, int(os.environ["WORLD_SIZE"]))
+    check_batch(cfg.train, sizes)
+    init_process_groups(cfg.parallel, sizes, "gloo")
+    torch.manual_seed(0)
+    packs = global_batch(cfg, cfg.train.global_batch)
+    rank, out = dist.get_rank(), Path(out_dir)
+    reference = out / "reference.npz"
+    is_reference = dist.get_world_size() == 1
+
+    from megatron.core.distributed import finalize_model_grads
+
+    parts, chunks, _, loss_a = run_phase(cfg, packs, distributed_optimizer=False)
+    finalize_model_grads(chunks)
+    grads = {info.name: p.main_grad.detach().clone() for p, info in parameter_shards(parts) if sampled(info.name)}
+    shards = {info.name: info for p, info in parameter_shards(parts) if sampled(info.name)}
+
+    parts, chunks, optimizer, loss_b = run_phase(cfg, packs, distributed_optimizer=True)
+    updated, grad_norm = optimizer_step(optimizer, chunks)
+    weights = {info.name: p.detach().clone() for p, info in parameter_shards(parts) if sampled(info.name)}
+
+    report = {"rank": rank, "loss_a": loss_a, "loss_b": loss_b, "grad_norm": grad_norm, "updated": updated,
+              "grad_rel_err": {}, "weight_rel_err": {}}
+    if is_reference:
+        np.savez(reference, **{f"grad/{k}": v.numpy() for k, v in grads.items()},
+                 **{f"weight/{k}": v.numpy() for k, v in weights.items()})
+    else:
+        with np.load(reference, allow_pickle=False) as ref:
+            for kind, tensors, field in (("grad", grads, "grad_rel_err"), ("weight", weights, "weight_rel_err")):
+                for name, local in tensors.items():
+                    expected = shards[name].cut(torch.from_numpy(ref[f"{kind}/{name}"]))
+                    err = (local - expected).norm() / expected.norm().clamp_min(1e-30)
+                    report[field][name] = float(err)
+    (out / f"report_{dist.get_world_size()}_{rank}.json").write_text(json.dumps(report))
+    parallel_state.destroy_model_parallel()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2:])
