@@ -27,6 +27,8 @@ class SyntheticDataConfig:
     fps: float = 2.0
     text_len_range: tuple = (8, 48)  # inclusive
     vocab_text_max: int = 151000  # text ids are drawn from [0, vocab_text_max)
+    text_words: int = 256  # distinct text tokens in the synthetic language
+    text_jump_prob: float = 0.1  # chance that the next word is random instead of the fixed successor
     mix: dict = field(default_factory=lambda: {"caption": 0.5, "video": 0.3, "text": 0.2})
 
 
@@ -94,9 +96,21 @@ def patchify(image: torch.Tensor, patch_size: int) -> torch.Tensor:
 
 
 def _random_text(gen: torch.Generator, config: SyntheticDataConfig) -> torch.Tensor:
+    """A learnable token stream: a fixed random walk over a small word list, with occasional jumps.
+
+    Real captions are predictable; uniform random ids would make the loss flat at ln(vocab)."""
     low, high = config.text_len_range
     length = int(torch.randint(low, high + 1, (1,), generator=gen))
-    return torch.randint(0, config.vocab_text_max, (length,), generator=gen)
+    words = config.text_words
+    successor = torch.randperm(words, generator=torch.Generator().manual_seed(0))  # same for every sample
+    token_of = (torch.arange(words) * 7919 + 1000) % config.vocab_text_max
+    state = int(torch.randint(0, words, (1,), generator=gen))
+    out = []
+    for _ in range(length):
+        out.append(state)
+        jump = float(torch.rand((), generator=gen)) < config.text_jump_prob
+        state = int(torch.randint(0, words, (1,), generator=gen)) if jump else int(successor[state])
+    return token_of[torch.tensor(out)]
 
 
 def make_sample(config: SyntheticDataConfig, ids: TokenIds, seed: int, index: int,
