@@ -29,10 +29,10 @@ def expert_tp(par) -> int:
 
 def check_layout(par, lm, vit, world_size: int) -> LayoutSizes:
     """Raise LayoutError naming the offending keys; return the derived sizes."""
-    if par.etp is not None and par.tp > 1 and par.etp != par.tp:
-        raise LayoutError(f"parallel.etp={par.etp} with parallel.tp={par.tp}: expert tensor parallelism "
-                          "different from tp is not verified yet (expert gradients disagree with one rank); "
-                          "leave parallel.etp unset")
+    if par.etp is not None and par.etp != par.tp and par.ep == 1:
+        raise LayoutError(f"parallel.etp={par.etp} differs from parallel.tp={par.tp} with parallel.ep=1: megatron "
+                          "then treats experts as dense parameters and never sums their gradients over the "
+                          "TP ranks; use parallel.ep>1 or leave parallel.etp unset")
     for key in ("tp", "pp", "ep"):
         if getattr(par, key) < 1:
             raise LayoutError(f"parallel.{key}={getattr(par, key)} must be >= 1")

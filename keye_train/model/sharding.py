@@ -35,7 +35,9 @@ def mark_tensor_parallel_attributes(module: torch.nn.Module) -> None:
             targets = [(sub.weight, 1)]
         else:
             continue
-        sharded = _group_rank_size(sub.tp_group)[1] > 1  # a size-1 group holds a full replica
+        # A size-1 group holds a full replica (the ViT under LM TP), except for experts, which megatron
+        # always treats as parallel: they are distinct per EP rank and its expert grad norm relies on it.
+        sharded = getattr(sub, "is_expert", False) or _group_rank_size(sub.tp_group)[1] > 1
         for param, dim in targets:
             if isinstance(param, torch.nn.Parameter) and not hasattr(param, "tensor_model_parallel"):
                 set_tensor_model_parallel_attributes(param, is_parallel=sharded, dim=dim, stride=1)

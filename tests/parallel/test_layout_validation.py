@@ -14,7 +14,7 @@ MODEL = tiny()
     (ParallelConfig(tp=3), 3, "parallel.tp"),  # 4 heads not divisible by 3
     (ParallelConfig(ep=3), 3, "parallel.ep"),  # 8 experts not divisible by 3
     (ParallelConfig(pp=3), 3, "parallel.pp"),  # 4 layers not divisible by 3
-    (ParallelConfig(tp=2, etp=1), 2, "parallel.etp"),
+    (ParallelConfig(tp=2, etp=1), 2, "parallel.etp"),  # ETP != TP needs EP > 1
     (ParallelConfig(tp=2, sequence_parallel=False), 2, "parallel.sequence_parallel"),
 ])
 def test_check_layout_names_the_key(par, world, key):

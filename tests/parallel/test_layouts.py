@@ -23,6 +23,7 @@ LAYOUTS = {
     "ep4": (4, ["parallel.ep=4"]),
     "dp2": (2, []),
     "tp2_pp2": (4, ["parallel.tp=2", "parallel.pp=2"]),
+    "tp2_ep2_etp1": (2, ["parallel.tp=2", "parallel.ep=2", "parallel.etp=1"]),
 }
 LOSS_TOL = 2e-6  # relative, fp32
 GRAD_TOL = 1e-4  # relative L2 error of a gradient or updated weight, fp32 with a different reduction order

@@ -1,0 +1,120 @@
+"""Time the tiny model's training step on the CPU (one process, gloo) and record the figures as JSON.
+
+    .venv/bin/python benchmarks/train_step_cpu.py [--steps 5] [--warmup 2] [hydra overrides...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_OUT = REPO / "benchmarks" / "results" / "train_step_cpu.json"
+
+
+def cpu_description() -> dict:
+    model = platform.processor() or "unknown"
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    return {"cpu": model, "cores": os.cpu_count()}
+
+
+def _git(*args: str) -> str:
+    return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
+
+
+def git_state() -> dict:
+    """HEAD and whether the working tree differs from it (then HEAD alone does not identify the code)."""
+    try:
+        return {"commit": _git("rev-parse", "HEAD"), "worktree_dirty": bool(_git("status", "--porcelain"))}
+    except (OSError, subprocess.CalledProcessError):
+        return {"commit": "unknown", "worktree_dirty": None}
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def run(steps: int, warmup: int, overrides: list[str], run_dir: str) -> dict:
+    import torch
+
+    from keye_train.cli import _single_process_env
+    from keye_train.configure import load_config
+    from keye_train.trainer import Trainer
+    from parallel.layout import destroy_process_groups
+
+    cfg = load_config(["parallel.nproc=1", "parallel.ep=1", "logging.wandb_mode=disabled",
+                       "logging.progress_bar=false", "checkpoint.resume=false", f"run_dir={run_dir}",
+                       f"train.steps={warmup + steps}", *overrides])
+    _single_process_env()
+    trainer = Trainer(cfg)
+    try:
+        for _ in range(warmup):
+            trainer.train_step()
+        times, losses = [], []
+        for _ in range(steps):
+            started = time.perf_counter()
+            metrics = trainer.train_step()
+            times.append(time.perf_counter() - started)
+            losses.append(metrics["loss"])
+    finally:
+        destroy_process_groups()
+    tokens = cfg.train.global_batch * cfg.train.seq_length
+    median = statistics.median(times)
+    return {
+        "shapes": {"model": cfg.model.name, "seq_length": cfg.train.seq_length,
+                   "global_batch": cfg.train.global_batch, "tokens_per_step": tokens},
+        "settings": {"warmup_steps": warmup, "timed_steps": steps, "torch_threads": torch.get_num_threads(),
+                     "dtype": str(trainer.dtype), "overrides": overrides},
+        "figures": {"median_step_s": median, "min_step_s": min(times), "max_step_s": max(times),
+                    "step_times_s": times, "tokens_per_s": tokens / median, "peak_rss_mib": peak_rss_mib(),
+                    "last_loss": losses[-1]},
+    }
+
+
+def print_table(result: dict) -> None:
+    shapes, figures = result["shapes"], result["figures"]
+    rows = [
+        ("model", shapes["model"]),
+        ("seq_length x global_batch", f"{shapes['seq_length']} x {shapes['global_batch']}"),
+        ("median step (s)", f"{figures['median_step_s']:.3f}"),
+        ("min / max step (s)", f"{figures['min_step_s']:.3f} / {figures['max_step_s']:.3f}"),
+        ("tokens/s", f"{figures['tokens_per_s']:.0f}"),
+        ("peak RSS (MiB)", f"{figures['peak_rss_mib']:.0f}"),
+    ]
+    for name, value in rows:
+        print(f"{name:<28}{value:>20}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=5, help="timed steps")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument("overrides", nargs="*", help="hydra overrides, e.g. train.seq_length=512")
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory(prefix="keye_bench_") as run_dir:
+        measured = run(args.steps, args.warmup, args.overrides, run_dir)
+    result = {"benchmark": "train_step_cpu", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+              **git_state(), "device": cpu_description(), **measured}
+    print_table(result)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,82 @@
+"""`keye-train plan`: parameter counts match model.md section 10 and a real build; memory shrinks with sharding."""
+
+import subprocess
+import sys
+import time
+
+import torch
+
+from helpers import cli_env
+
+from keye_train.config import ParallelConfig, TrainConfig, keye_vl2_30b_a3b, tiny
+from keye_train.plan import _single_rank_megatron, count_parameters, memory_per_rank
+from parallel.layout import LayoutSizes
+
+# model.md section 10
+FULL_LM = 30_532_122_624
+FULL_VIT = 412_987_248  # without the unused 32768 x 1152 packing table
+FULL_PROJECTOR = 30_686_720
+
+
+def test_full_size_counts_match_model_md():
+    counts = count_parameters(keye_vl2_30b_a3b())
+    assert counts["lm"] == FULL_LM
+    assert counts["vit"] == FULL_VIT
+    assert counts["projector"] == FULL_PROJECTOR
+    assert counts["total"] == FULL_LM + FULL_VIT + FULL_PROJECTOR
+    assert sum(counts["lm_parts"].values()) == FULL_LM
+    assert counts["lm_parts"]["embedding"] == counts["lm_parts"]["output_head"] == 151_936 * 2048
+    assert 3.3e9 < counts["active"] < 3.4e9  # model.md section 2: about 3.3B active per token
+
+
+def test_tiny_meta_counts_equal_a_real_build():
+    from keye_train.model.lm import build_lm, lm_transformer_config
+    from keye_train.model.vision import VisionTower, vit_transformer_config
+    from parallel import placement
+
+    model = tiny()
+    counts = count_parameters(model)
+    with _single_rank_megatron():
+        lm = build_lm(model.lm, lm_transformer_config(model.lm, ParallelConfig(), torch.float32, on_gpu=False),
+                      pre_process=True, post_process=True)
+        vision = VisionTower(model, vit_transformer_config(model.vit, torch.float32), placement.lm_process_groups())
+    assert all(p.device.type == "cpu" for p in lm.parameters())
+    assert counts["lm"] == sum(p.numel() for p in lm.parameters())
+    assert counts["vit"] == sum(p.numel() for p in vision.encoder.parameters())
+    assert counts["projector"] == sum(p.numel() for p in vision.projector.parameters())
+
+
+def _sizes(tp: int, pp: int = 2, ep: int = 8, world: int = 64) -> LayoutSizes:
+    return LayoutSizes(world=world, tp=tp, pp=pp, ep=ep, etp=tp, dp=world // (tp * pp),
+                       expert_dp=world // (tp * ep * pp))
+
+
+def test_tensor_parallelism_shrinks_the_sharded_parts():
+    model, train = keye_vl2_30b_a3b(), TrainConfig(global_batch=64, seq_length=4096)
+    one = memory_per_rank(model, ParallelConfig(tp=1, pp=2, ep=8), train, _sizes(1))
+    two = memory_per_rank(model, ParallelConfig(tp=2, pp=2, ep=8), train, _sizes(2))
+    for stage in ("first_stage", "last_stage"):
+        assert two[stage]["dense_params"] < one[stage]["dense_params"]
+        assert two[stage]["expert_params"] == one[stage]["expert_params"] / 2  # etp follows tp
+        for item in ("params", "grads", "activations"):
+            assert two[stage][item] < one[stage][item]
+
+
+def test_plan_cli_prints_totals_quickly_without_allocating_the_model():
+    args = ["plan", "model=keye_vl2_30b_a3b", "parallel.tp=2", "parallel.pp=4", "parallel.ep=8",
+            "parallel.nproc=64", "train.global_batch=64"]  # the demo recipe's batch of 4 does not split over DP 8
+    script = ("import resource, sys; from keye_train.cli import main; rc = main(sys.argv[1:]); "
+              "print('maxrss_kb', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss); sys.exit(rc)")
+    env = cli_env()
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        env.pop(key, None)
+    started = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-c", script, *args], env=env, capture_output=True, text=True,
+                          timeout=120)
+    elapsed = time.perf_counter() - started
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"{FULL_LM:,}" in proc.stdout and f"{FULL_VIT:,}" in proc.stdout and f"{FULL_PROJECTOR:,}" in proc.stdout
+    assert "first_stage" in proc.stdout and "last_stage" in proc.stdout
+    maxrss_kb = int(proc.stdout.split("maxrss_kb")[-1].split()[0])
+    assert maxrss_kb < 2 * 1024 * 1024, f"peak RSS {maxrss_kb} KB: the model was allocated"
+    assert elapsed < 60
