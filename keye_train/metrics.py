@@ -16,22 +16,26 @@ class MoEBalanceTracker:
     """Counts tokens routed to each expert in every layer through forward hooks on the routers."""
 
     def __init__(self, lm: torch.nn.Module, num_layers: int, num_experts: int):
-        self.counts = torch.zeros(num_layers, num_experts, dtype=torch.float64)
+        self.counts = None
+        self.shape = (num_layers, num_experts)
         for module in lm.modules():
             if isinstance(module, TopKRouter):
                 module.register_forward_hook(self._hook(module.layer_number - 1))
 
     def _hook(self, layer: int):
         def record(_module, _inputs, outputs):
-            routing_map = outputs[1]
-            self.counts[layer] += routing_map.detach().sum(0).to("cpu", torch.float64)
+            routing_map = outputs[1].detach()
+            if self.counts is None:
+                self.counts = torch.zeros(self.shape, dtype=torch.float64, device=routing_map.device)
+            self.counts[layer] += routing_map.sum(0)
         return record
 
     def collect(self, num_microbatches: int, device) -> dict[str, float]:
         """Collective over all ranks. Returns aux loss and load-imbalance metrics, then resets."""
-        counts = self.counts.to(device)
+        counts = self.counts if self.counts is not None else torch.zeros(self.shape, dtype=torch.float64,
+                                                                           device=device)
         dist.all_reduce(counts)
-        self.counts.zero_()
+        self.counts = None
         per_layer = counts.max(dim=1).values / counts.mean(dim=1).clamp_min(1e-9)
         moe_utils.reduce_aux_losses_tracker_across_ranks()
         tracker = moe_utils.get_moe_layer_wise_logging_tracker()

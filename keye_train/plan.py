@@ -62,7 +62,7 @@ def _build_on_meta(model: ModelConfig):
         lm = build_lm(model.lm, lm_transformer_config(model.lm, ParallelConfig(), torch.bfloat16, on_gpu=False),
                       pre_process=True, post_process=True)
         # In a 1-rank world megatron's own groups are the singleton groups the tower expects.
-        vision = VisionTower(model, vit_transformer_config(model.vit, torch.bfloat16), placement.lm_process_groups())
+        vision = VisionTower(model, vit_transformer_config(model.vit, torch.bfloat16, on_gpu=False), placement.lm_process_groups())
     return lm, vision
 
 

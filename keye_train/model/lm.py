@@ -51,7 +51,7 @@ def lm_transformer_config(lm: LMConfig, par: ParallelConfig, dtype: torch.dtype,
         params_dtype=dtype,
         pipeline_dtype=dtype,
         bf16=dtype == torch.bfloat16,
-        use_cpu_initialization=True,
+        use_cpu_initialization=not on_gpu,
         perform_initialization=False,  # weights come from keye_train.model.init (layout-invariant)
         bias_dropout_fusion=False,
         apply_rope_fusion=False,

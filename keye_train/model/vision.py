@@ -24,7 +24,7 @@ def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
     return F.gelu(x, approximate="tanh")
 
 
-def vit_transformer_config(vit: ViTConfig, dtype: torch.dtype) -> TransformerConfig:
+def vit_transformer_config(vit: ViTConfig, dtype: torch.dtype, on_gpu: bool) -> TransformerConfig:
     return TransformerConfig(
         num_layers=vit.num_layers,
         hidden_size=vit.hidden_size,
@@ -41,7 +41,7 @@ def vit_transformer_config(vit: ViTConfig, dtype: torch.dtype) -> TransformerCon
         attention_dropout=0.0,
         params_dtype=dtype,
         bf16=dtype == torch.bfloat16,
-        use_cpu_initialization=True,
+        use_cpu_initialization=not on_gpu,
         perform_initialization=False,
         bias_activation_fusion=False,
         bias_dropout_fusion=False,

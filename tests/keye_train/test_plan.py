@@ -39,7 +39,7 @@ def test_tiny_meta_counts_equal_a_real_build():
     with _single_rank_megatron():
         lm = build_lm(model.lm, lm_transformer_config(model.lm, ParallelConfig(), torch.float32, on_gpu=False),
                       pre_process=True, post_process=True)
-        vision = VisionTower(model, vit_transformer_config(model.vit, torch.float32), placement.lm_process_groups())
+        vision = VisionTower(model, vit_transformer_config(model.vit, torch.float32, on_gpu=False), placement.lm_process_groups())
     assert all(p.device.type == "cpu" for p in lm.parameters())
     assert counts["lm"] == sum(p.numel() for p in lm.parameters())
     assert counts["vit"] == sum(p.numel() for p in vision.encoder.parameters())
