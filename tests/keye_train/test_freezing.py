@@ -1,7 +1,7 @@
 """Stage 0 (projector only): ViT and LM weights never change and get no optimizer state."""
 
 import numpy as np
-from helpers import QUIET, keye_train
+from tests.helpers import QUIET, keye_train
 
 
 def test_stage0_changes_only_the_projector(tmp_path):

@@ -6,7 +6,7 @@ import time
 
 import torch
 
-from helpers import cli_env
+from tests.helpers import cli_env
 
 from keye_train.config import ParallelConfig, TrainConfig, keye_vl2_30b_a3b, tiny
 from keye_train.plan import _single_rank_megatron, count_parameters, memory_per_rank

@@ -6,7 +6,7 @@ import subprocess
 import sys
 import time
 
-from helpers import QUIET, cli_env
+from tests.helpers import QUIET, cli_env
 
 from keye_train import checkpoint
 

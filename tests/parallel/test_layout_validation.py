@@ -1,7 +1,7 @@
 """Invalid layouts fail before any rank starts, and the message names the config key."""
 
 import pytest
-from helpers import QUIET, keye_train
+from tests.helpers import QUIET, keye_train
 
 from keye_train.config import ParallelConfig, TrainConfig, tiny
 from parallel.layout import LayoutError, check_batch, check_layout
