@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -88,11 +89,15 @@ def init_process_groups(par, sizes: LayoutSizes, backend: str) -> None:
     from megatron.core import parallel_state
 
     if not dist.is_initialized():
-        dist.init_process_group(backend=backend)
+        if os.environ.get("WORLD_SIZE", "1") == "1" and "MASTER_PORT" not in os.environ:
+            # One process needs no rendezvous: an in-memory store avoids racing for a free TCP port.
+            dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1)
+        else:
+            dist.init_process_group(backend=backend)
     if dist.get_world_size() != sizes.world:
         raise LayoutError(f"launched {dist.get_world_size()} processes but the layout was checked for {sizes.world}")
     if backend == "nccl":
-        torch.cuda.set_device(int(__import__("os").environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=par.tp,
         pipeline_model_parallel_size=par.pp,
