@@ -27,14 +27,9 @@ def apply_freezing(parts: ModelParts, trainable) -> None:
             module.requires_grad_(name in trainable)
 
 
-def _has_trainable(module: torch.nn.Module) -> bool:
-    return any(p.requires_grad for p in module.parameters())
-
-
 def wrap_ddp(module: torch.nn.Module, distributed_optimizer: bool):
-    """megatron DDP around a module with trainable parameters; frozen modules stay unwrapped."""
-    if not _has_trainable(module):
-        return module
+    """megatron DDP around a module. Frozen modules are wrapped too (with empty grad buffers), so every rank
+    takes part in the optimizer's collectives even when its pipeline stage has nothing to train."""
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
         overlap_grad_reduce=False,

@@ -1,5 +1,7 @@
 """Stage 0 (projector only): ViT and LM weights never change and get no optimizer state."""
 
+import json
+
 import numpy as np
 from tests.helpers import QUIET, keye_train
 
@@ -17,3 +19,24 @@ def test_stage0_changes_only_the_projector(tmp_path):
         assert projector and changed == projector
         optim_numel = sum(a[k].size for k in a.files if k.startswith("optim.") and k.endswith(".param"))
         assert optim_numel == sum(a[k].size for k in projector)
+
+
+def _losses(run_dir) -> list[float]:
+    return [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_stage0_with_a_frozen_pipeline_stage_matches_one_rank(tmp_path):
+    """With PP=2 the last stage has nothing to train; it must still join the optimizer and match one rank."""
+    args = [*QUIET, "train.steps=3", "train.global_batch=2", "train.seq_length=128", "stage.trainable=[projector]",
+            "optim.warmup_steps=0", "optim.lr=1e-2", "checkpoint.interval=3"]
+    one, two = tmp_path / "pp1", tmp_path / "pp2"
+    for run_dir, extra in ((one, ["parallel.nproc=1"]), (two, ["parallel.nproc=2", "parallel.pp=2"])):
+        done = keye_train(*args, *extra, f"run_dir={run_dir}")
+        assert done.returncode == 0, done.stderr[-3000:]
+    expected, got = _losses(one), _losses(two)
+    assert len(expected) == len(got) == 3
+    assert expected[2] != expected[0]  # the projector really trains
+    np.testing.assert_allclose(got, expected, rtol=2e-6)
+    ckpt = two / "checkpoints" / "step_00000003"
+    with np.load(ckpt / "rank_00001.npz") as last_stage:
+        assert not any(k.startswith("optim.") and k.endswith(".param") for k in last_stage.files)
