@@ -7,9 +7,9 @@ a. `torch.cuda.current_device()` returns "cpu", so allocations that use it land 
 b. `torch.cuda.synchronize()` is a no-op.
 c. A TorchFunctionMode rewrites `device="cuda"` in tensor factories and `.to()`, makes `.cuda()` a no-op
    and reports CPU tensors as `torch.cuda.*Tensor` (the optimizer checks that string).
-d. `moe_utils.te_general_gemm` is defined (as None) when Transformer Engine is absent.
 h. megatron's CUDA RNG tracker cannot hold states without CUDA: its `fork()` becomes a plain context
    (CPU RNG is seeded by the trainer; dropout is off in our configs, so no stream is consumed there).
+(d, a missing `te_general_gemm`, also hits GPUs without Transformer Engine: `keye_train/model/lm.py` fixes it.)
 e/f/g are handled by the model code: a project-owned core attention, the allgather dispatcher and an
 SP-safe RMSNorm.
 """
@@ -59,12 +59,8 @@ def install() -> None:
     torch.cuda.synchronize = lambda *a, **k: None
     _CudaToCpuMode().__enter__()  # stays on the mode stack for the life of the process
     from megatron.core.tensor_parallel import random as tp_random
-    from megatron.core.transformer.moe import moe_utils
 
     tp_random.CudaRNGStatesTracker.fork = lambda self, name=None: contextlib.nullcontext()
-
-    if not hasattr(moe_utils, "te_general_gemm"):
-        moe_utils.te_general_gemm = None
     _INSTALLED = True
 
 

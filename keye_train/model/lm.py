@@ -61,7 +61,17 @@ def lm_transformer_config(lm: LMConfig, par: ParallelConfig, dtype: torch.dtype,
     )
 
 
+def _allow_missing_transformer_engine() -> None:
+    """megatron-core 0.16.1's router GEMM reads `moe_utils.te_general_gemm`, which is only bound when
+    Transformer Engine imports; bind it to None so the plain torch GEMM path runs without TE (CPU or GPU)."""
+    from megatron.core.transformer.moe import moe_utils
+
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
+
+
 def build_lm(lm: LMConfig, config: TransformerConfig, pre_process: bool, post_process: bool) -> GPTModel:
+    _allow_missing_transformer_engine()
     return GPTModel(
         config=config,
         transformer_layer_spec=lm_block_spec(config, lm.num_experts,
