@@ -1,8 +1,9 @@
 """Synthetic multimodal pack source: real pixels, real token layouts, exact resume.
 
-Stands in for the data pipeline in the demo and tests. Sample i is a pure function of (seed, i);
-DP rank r reads samples i with i % dp_size == r and packs them greedily into fixed-length
-`PackedBatch`es (whole samples only, the tail is one padding document).
+Stands in for the data pipeline in the demo and tests. Sample i is a pure function of (seed, i), and so is
+pack g: it greedily takes samples g * seq_length, g * seq_length + 1, ... while they fit (whole samples
+only, the first that does not fit is dropped, the tail is one padding document). DP rank r reads packs
+r, r + dp_size, ..., so every global batch holds the same packs whatever the DP size.
 """
 
 from __future__ import annotations
@@ -181,41 +182,38 @@ class SyntheticPackSource:
             raise ValueError("vocab_text_max must stay below the special token ids")
         self.seed, self.dp_rank, self.dp_size = seed, dp_rank, dp_size
         self.spatial_merge = spatial_merge
-        self.next_sample = dp_rank  # global index of the next sample to pack
-        self._cached: SyntheticSample | None = None  # sample next_sample, if already built
+        self.next_pack = dp_rank  # global index of this rank's next pack
 
     def state_dict(self) -> dict:
-        return {"next_sample": self.next_sample, "seed": self.seed,
-                "dp_rank": self.dp_rank, "dp_size": self.dp_size}
+        return {"next_pack": self.next_pack, "seed": self.seed, "dp_rank": self.dp_rank, "dp_size": self.dp_size}
 
     def load_state_dict(self, state: dict) -> None:
         for key in ("seed", "dp_rank", "dp_size"):
             if int(state[key]) != getattr(self, key):
                 raise ValueError(f"resume state has {key}={state[key]}, source has {getattr(self, key)}")
-        self.next_sample = int(state["next_sample"])
-        self._cached = None
+        self.next_pack = int(state["next_pack"])
 
     def __iter__(self) -> "SyntheticPackSource":
         return self
 
-    def _peek(self) -> SyntheticSample:
-        if self._cached is None or self._cached.index != self.next_sample:
-            self._cached = make_sample(self.config, self.ids, self.seed, self.next_sample, self.spatial_merge)
-        return self._cached
-
     def __next__(self) -> PackedBatch:
+        batch = self.pack(self.next_pack)
+        self.next_pack += self.dp_size
+        return batch
+
+    def pack(self, index: int) -> PackedBatch:
+        """Global pack `index`: a pure function of (config, seed, index)."""
         seq_length = self.config.seq_length
         samples: list[SyntheticSample] = []
         used = 0
-        while True:
-            sample = self._peek()
+        for sample_index in range(index * seq_length, (index + 1) * seq_length):  # every sample has >= 1 token
+            sample = make_sample(self.config, self.ids, self.seed, sample_index, self.spatial_merge)
             if sample.length > seq_length:
                 raise ValueError(f"sample {sample.index} has {sample.length} tokens > seq_length {seq_length}")
             if used + sample.length > seq_length:
                 break
             samples.append(sample)
             used += sample.length
-            self.next_sample += self.dp_size
         return self._pack(samples)
 
     def _pack(self, samples: list[SyntheticSample]) -> PackedBatch:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from megatron.core import parallel_state
+from megatron.core import parallel_state, tensor_parallel
 from megatron.core.distributed import DistributedDataParallel
 
 from keye_train import checkpoint
@@ -46,6 +46,8 @@ class Trainer:
             self.device = torch.device("cuda", torch.cuda.current_device())
         self.layout = dataclasses.asdict(sizes)
         torch.manual_seed(cfg.train.seed)
+        if self.on_gpu:  # megatron's model-parallel CUDA RNG streams (TP-aware dropout and init)
+            tensor_parallel.model_parallel_cuda_manual_seed(cfg.train.seed)
         self.dtype = resolve_dtype(cfg.train.dtype, self.on_gpu)
 
         self.parts = build_model(cfg.model, cfg.parallel, self.dtype, self.on_gpu)

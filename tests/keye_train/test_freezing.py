@@ -1,9 +1,7 @@
 """Stage 0 (projector only): ViT and LM weights never change and get no optimizer state."""
 
-import json
-
 import numpy as np
-from tests.helpers import QUIET, keye_train
+from tests.helpers import QUIET, keye_train, logged_losses
 
 
 def test_stage0_changes_only_the_projector(tmp_path):
@@ -21,10 +19,6 @@ def test_stage0_changes_only_the_projector(tmp_path):
         assert optim_numel == sum(a[k].size for k in projector)
 
 
-def _losses(run_dir) -> list[float]:
-    return [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
 def test_stage0_with_a_frozen_pipeline_stage_matches_one_rank(tmp_path):
     """With PP=2 the last stage has nothing to train; it must still join the optimizer and match one rank."""
     args = [*QUIET, "train.steps=3", "train.global_batch=2", "train.seq_length=128", "stage.trainable=[projector]",
@@ -33,7 +27,7 @@ def test_stage0_with_a_frozen_pipeline_stage_matches_one_rank(tmp_path):
     for run_dir, extra in ((one, ["parallel.nproc=1"]), (two, ["parallel.nproc=2", "parallel.pp=2"])):
         done = keye_train(*args, *extra, f"run_dir={run_dir}")
         assert done.returncode == 0, done.stderr[-3000:]
-    expected, got = _losses(one), _losses(two)
+    expected, got = list(logged_losses(one).values()), list(logged_losses(two).values())
     assert len(expected) == len(got) == 3
     assert expected[2] != expected[0]  # the projector really trains
     np.testing.assert_allclose(got, expected, rtol=2e-6)

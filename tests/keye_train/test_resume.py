@@ -1,25 +1,16 @@
 """Resume after a hard kill continues bit-identically, and an unfinished checkpoint is never 'latest'."""
 
-import json
 import signal
 import subprocess
 import sys
 import time
 
-from tests.helpers import QUIET, cli_env
+from tests.helpers import QUIET, cli_env, logged_losses
 
 from keye_train import checkpoint
 
 ARGS = [*QUIET, "parallel.nproc=1", "train.steps=6", "train.global_batch=2", "train.seq_length=128",
         "checkpoint.interval=3", "optim.warmup_steps=2"]
-
-
-def losses(run_dir) -> dict[int, float]:
-    out = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        row = json.loads(line)
-        out[row["step"]] = row["loss"]  # a resumed run re-logs steps after the checkpoint: keep the last
-    return out
 
 
 def start(run_dir) -> subprocess.Popen:
@@ -41,7 +32,7 @@ def test_kill_and_resume_is_bit_identical(tmp_path):
     assert proc.returncode == -signal.SIGKILL
     assert checkpoint.latest_checkpoint(interrupted).name == "step_00000003"
     assert start(interrupted).wait(timeout=600) == 0
-    expected, got = losses(straight), losses(interrupted)
+    expected, got = logged_losses(straight), logged_losses(interrupted)
     assert sorted(expected) == sorted(got) == [1, 2, 3, 4, 5, 6]
     assert got == expected  # exact float equality
 

@@ -99,17 +99,21 @@ def test_same_seed_same_output_and_different_seed_differs():
     assert not torch.equal(a[0].input_ids, c.input_ids)
 
 
-def test_dp_ranks_read_disjoint_strided_samples():
-    per_rank = []
-    for rank in range(3):
-        packs = _packs(SyntheticPackSource(_config(), seed=5, dp_rank=rank, dp_size=3), 3)
-        ids = [i for p in packs for i in p.sample_ids]
-        assert ids == [rank + 3 * k for k in range(len(ids))]
-        per_rank.append(set(ids))
-    assert not (per_rank[0] & per_rank[1] or per_rank[0] & per_rank[2] or per_rank[1] & per_rank[2])
-    # Same sample index gives the same content on any rank layout.
-    single = make_sample(_config(), IDS, 5, 4)
-    assert torch.equal(single.input_ids, make_sample(_config(), IDS, 5, 4).input_ids)
+def test_global_batches_do_not_depend_on_the_dp_size():
+    config, global_batch, steps = _config(), 6, 2
+    single = _packs(SyntheticPackSource(config, seed=5), global_batch * steps)
+    for dp_size in (2, 3):
+        ranks = [_packs(SyntheticPackSource(config, seed=5, dp_rank=r, dp_size=dp_size), global_batch // dp_size * steps)
+                 for r in range(dp_size)]
+        per_rank = global_batch // dp_size
+        for step in range(steps):
+            got = [p for rank in ranks for p in rank[step * per_rank:(step + 1) * per_rank]]
+            expected = single[step * global_batch:(step + 1) * global_batch]
+            key = lambda p: p.sample_ids[0]  # noqa: E731
+            for x, y in zip(sorted(got, key=key), sorted(expected, key=key)):
+                _assert_same(x, y)
+    sample_ids = [i for p in single for i in p.sample_ids]
+    assert len(sample_ids) == len(set(sample_ids))
 
 
 def test_exact_resume():

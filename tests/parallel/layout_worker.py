@@ -40,22 +40,21 @@ def sampled(name: str) -> bool:
     return name.endswith(SAMPLED)
 
 
-def global_batch(cfg, num_packs):
+def rank_batch(cfg):
+    """This DP rank's share of the first global batch, read the way the trainer reads it."""
+    dp, dp_rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
     source = SyntheticPackSource(SyntheticDataConfig(seq_length=cfg.train.seq_length), cfg.model.tokens,
-                                 seed=cfg.train.seed)
-    return [next(source) for _ in range(num_packs)]
+                                 seed=cfg.train.seed, dp_rank=dp_rank, dp_size=dp)
+    return [next(source) for _ in range(cfg.train.global_batch // dp)]
 
 
-def run_phase(cfg, packs, distributed_optimizer: bool):
+def run_phase(cfg, mine, distributed_optimizer: bool):
     parts = build_model(cfg.model, cfg.parallel, torch.float32, on_gpu=False)
     initialize_weights(parts, cfg.model, cfg.train.seed)
     lm = wrap_ddp(parts.lm, distributed_optimizer)
     vision = wrap_ddp(parts.vision, distributed_optimizer) if parts.vision is not None else None
     chunks = [c for c in (lm, vision) if c is not None]
     optimizer = build_optimizer(chunks, cfg.optim, torch.float32, distributed_optimizer)
-    dp, dp_rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
-    per_rank = len(packs) // dp
-    mine = packs[dp_rank * per_rank:(dp_rank + 1) * per_rank]
     ce_sum, n_global = run_microbatches(lm, vision, mine, cfg.model.tokens, parts.lm.config.sequence_parallel,
                                         torch.device("cpu"))
     last = parallel_state.is_pipeline_last_stage(ignore_virtual=True)
@@ -69,19 +68,19 @@ def main(out_dir: str, overrides: list[str]):
     check_batch(cfg.train, sizes)
     init_process_groups(cfg.parallel, sizes, "gloo")
     torch.manual_seed(0)
-    packs = global_batch(cfg, cfg.train.global_batch)
+    mine = rank_batch(cfg)
     rank, out = dist.get_rank(), Path(out_dir)
     reference = out / "reference.npz"
     is_reference = dist.get_world_size() == 1
 
     from megatron.core.distributed import finalize_model_grads
 
-    parts, chunks, _, loss_a = run_phase(cfg, packs, distributed_optimizer=False)
+    parts, chunks, _, loss_a = run_phase(cfg, mine, distributed_optimizer=False)
     finalize_model_grads(chunks)
     grads = {info.name: p.main_grad.detach().clone() for p, info in parameter_shards(parts) if sampled(info.name)}
     shards = {info.name: info for p, info in parameter_shards(parts) if sampled(info.name)}
 
-    parts, chunks, optimizer, loss_b = run_phase(cfg, packs, distributed_optimizer=True)
+    parts, chunks, optimizer, loss_b = run_phase(cfg, mine, distributed_optimizer=True)
     updated, grad_norm = optimizer_step(optimizer, chunks)
     weights = {info.name: p.detach().clone() for p, info in parameter_shards(parts) if sampled(info.name)}
 
