@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+from megatron.core import tensor_parallel
 
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
 
@@ -83,6 +84,8 @@ def _rng_tensors() -> dict[str, torch.Tensor]:
     rng = {"rng.cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng["rng.cuda"] = torch.cuda.get_rng_state()
+        for name, state in tensor_parallel.get_cuda_rng_tracker().get_states().items():
+            rng[f"rng.tracker.{name}"] = state  # megatron's model-parallel streams (dropout, TP-aware init)
     return rng
 
 
@@ -142,4 +145,8 @@ def load(path: Path, parts, optimizer, layout: dict) -> dict:
         torch.set_rng_state(torch.from_numpy(np.array(arrays["rng.cpu"])))
         if torch.cuda.is_available() and "rng.cuda" in arrays.files:
             torch.cuda.set_rng_state(torch.from_numpy(np.array(arrays["rng.cuda"])))
+            prefix = "rng.tracker."
+            tracker = {k[len(prefix):]: torch.from_numpy(np.array(arrays[k])) for k in arrays.files if k.startswith(prefix)}
+            if tracker:
+                tensor_parallel.get_cuda_rng_tracker().set_states(tracker)
     return json.loads((path / f"rank_{rank:05d}.json").read_text())
