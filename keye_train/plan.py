@@ -7,7 +7,6 @@ throw-away 1-rank gloo group. Memory per rank is derived from those counts and t
 from __future__ import annotations
 
 import contextlib
-import socket
 import torch
 
 from keye_train.config import ModelConfig, ParallelConfig, TrainConfig
@@ -25,12 +24,6 @@ OPTIMIZER_BYTES = 12
 # Parameter counts
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextlib.contextmanager
 def _single_rank_megatron():
     """A private 1-rank gloo world with megatron's groups (all of size 1), destroyed on exit."""
@@ -43,7 +36,9 @@ def _single_rank_megatron():
     from parallel import cpu_compat
 
     cpu_compat.install_if_needed()  # megatron asks torch.cuda for a device while building
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+    from parallel.layout import init_single_process
+
+    init_single_process("gloo")
     try:
         parallel_state.initialize_model_parallel()
         yield

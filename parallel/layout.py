@@ -84,14 +84,18 @@ def check_batch(train, sizes: LayoutSizes) -> int:
     return train.global_batch // sizes.dp
 
 
+def init_single_process(backend: str = "gloo") -> None:
+    """A 1-rank world. It needs no rendezvous: an in-memory store never races for (or inherits) a TCP port."""
+    dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1)
+
+
 def init_process_groups(par, sizes: LayoutSizes, backend: str) -> None:
     """Start torch.distributed (from torchrun's env) and megatron's TP/PP/EP/DP groups."""
     from megatron.core import parallel_state
 
     if not dist.is_initialized():
-        if os.environ.get("WORLD_SIZE", "1") == "1" and "MASTER_PORT" not in os.environ:
-            # One process needs no rendezvous: an in-memory store avoids racing for a free TCP port.
-            dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1)
+        if os.environ.get("WORLD_SIZE", "1") == "1":
+            init_single_process(backend)
         else:
             dist.init_process_group(backend=backend)
     if dist.get_world_size() != sizes.world:

@@ -1,8 +1,5 @@
 """ViT attention stays inside each frame; the 2x2 merge follows the documented raster order."""
 
-import os
-import socket
-
 import pytest
 import torch
 import torch.distributed as dist
@@ -18,10 +15,6 @@ def single_rank():
     from parallel.layout import check_layout, destroy_process_groups, init_process_groups
 
     cpu_compat.install_if_needed()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
     model = tiny()
     par = ParallelConfig()
     init_process_groups(par, check_layout(par, model.lm, model.vit, 1), "gloo")
