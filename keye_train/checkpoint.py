@@ -38,36 +38,35 @@ def _from_numpy(a: np.ndarray, like: torch.Tensor) -> torch.Tensor:
     return t.to(like.device)
 
 
-def optimizer_tensors(optimizer) -> dict[str, torch.Tensor]:
-    """Every tensor the update depends on: main params and Adam moments of each inner optimizer."""
-    out = {}
-    inners = getattr(optimizer, "chained_optimizers", [optimizer])
-    for k, wrapper in enumerate(inners):
+def _optimizer_slots(optimizer):
+    """(key, torch optimizer, param) for every parameter of every inner optimizer, in a stable order."""
+    for k, wrapper in enumerate(getattr(optimizer, "chained_optimizers", [optimizer])):
         inner = wrapper.optimizer
         for g, group in enumerate(inner.param_groups):
             for i, param in enumerate(group["params"]):
-                key = f"optim.{k}.{g}.{i}"
-                out[f"{key}.param"] = param.data
-                for name, value in inner.state.get(param, {}).items():
-                    out[f"{key}.{name}"] = value if torch.is_tensor(value) else torch.tensor(value)
+                yield f"optim.{k}.{g}.{i}", inner, param
+
+
+def optimizer_tensors(optimizer) -> dict[str, torch.Tensor]:
+    """Every tensor the update depends on: main params and Adam moments of each inner optimizer."""
+    out = {}
+    for key, inner, param in _optimizer_slots(optimizer):
+        out[f"{key}.param"] = param.data
+        for name, value in inner.state.get(param, {}).items():
+            out[f"{key}.{name}"] = value if torch.is_tensor(value) else torch.tensor(value)
     return out
 
 
 def _load_optimizer(optimizer, arrays) -> None:
-    inners = getattr(optimizer, "chained_optimizers", [optimizer])
-    for k, wrapper in enumerate(inners):
-        inner = wrapper.optimizer
-        for g, group in enumerate(inner.param_groups):
-            for i, param in enumerate(group["params"]):
-                key = f"optim.{k}.{g}.{i}"
-                param.data.copy_(_from_numpy(arrays[f"{key}.param"], param.data))
-                state = {}
-                for name in ("step", "exp_avg", "exp_avg_sq"):
-                    if f"{key}.{name}" in arrays:
-                        like = param.data if name != "step" else torch.zeros((), dtype=torch.float32)
-                        state[name] = _from_numpy(arrays[f"{key}.{name}"], like)
-                if state:
-                    inner.state[param] = state
+    for key, inner, param in _optimizer_slots(optimizer):
+        param.data.copy_(_from_numpy(arrays[f"{key}.param"], param.data))
+        state = {}
+        for name in ("step", "exp_avg", "exp_avg_sq"):
+            if f"{key}.{name}" in arrays:
+                like = param.data if name != "step" else torch.zeros((), dtype=torch.float32)
+                state[name] = _from_numpy(arrays[f"{key}.{name}"], like)
+        if state:
+            inner.state[param] = state
 
 
 def _model_tensors(parts) -> dict[str, torch.Tensor]:
