@@ -1,0 +1,142 @@
+"""Video decoding with PyAV: seek to the frames a plan needs, keep each frame's true source timestamp.
+
+Frames are chosen by time, not index, so variable-frame-rate files stay correct: for every target time the
+decoded frame whose presentation time is nearest is kept (a frame is used at most once). Long gaps between
+targets are crossed by seeking to the preceding keyframe instead of decoding everything. Display rotation
+(e.g. phone video) is applied, so frames come out as they are shown.
+"""
+
+from __future__ import annotations
+
+import heapq
+import io
+from dataclasses import dataclass
+
+import av
+import numpy as np
+import torch
+
+from data_pipeline.sizing import FramePlan, RejectedMedia, VideoBudget, plan_video
+
+SEEK_GAP_S = 2.0  # seek instead of decoding forward when the next target is this far ahead
+REORDER_WINDOW = 16  # some files (e.g. MPEG-4 Part 2 in AVI) emit frames out of presentation order
+
+
+@dataclass(frozen=True)
+class VideoInfo:
+    duration_s: float
+    fps: float
+    height: int  # as displayed (rotation applied)
+    width: int
+
+
+@dataclass
+class DecodedVideo:
+    frames: torch.Tensor  # [F, 3, H, W] uint8, displayed orientation, not yet resized
+    timestamps: list  # true presentation time of each frame, seconds
+    info: VideoInfo
+
+
+def _open(source) -> av.container.InputContainer:
+    try:
+        return av.open(io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else str(source))
+    except (av.FFmpegError, OSError, ValueError) as exc:
+        raise RejectedMedia("corrupt_video", str(exc)) from exc
+
+
+def _rotated(array: np.ndarray, rotation: int) -> np.ndarray:
+    """Turn an HxWx3 frame by its display rotation (degrees counter-clockwise, as FFmpeg reports it)."""
+    turns = (int(rotation) // 90) % 4
+    return np.ascontiguousarray(np.rot90(array, k=turns)) if turns else array
+
+
+def _probe(container) -> tuple[av.video.stream.VideoStream, VideoInfo]:
+    if not container.streams.video:
+        raise RejectedMedia("no_video_stream", "the file has no video stream")
+    stream = container.streams.video[0]
+    fps = float(stream.average_rate or stream.guessed_rate or 0)
+    if stream.duration is not None and stream.time_base is not None:
+        duration = float(stream.duration * stream.time_base)
+    elif container.duration is not None:
+        duration = container.duration / av.time_base
+    else:
+        duration = 0.0
+    if duration <= 0 or fps <= 0:
+        raise RejectedMedia("empty_video", f"duration {duration}s, fps {fps}")
+    height, width = stream.codec_context.height, stream.codec_context.width
+    return stream, VideoInfo(duration_s=duration, fps=fps, height=height, width=width)
+
+
+def _in_time_order(frames, window: int = REORDER_WINDOW):
+    """Re-sort a decoded frame stream by presentation time within a bounded window."""
+    heap, seq = [], 0
+    for frame in frames:
+        if frame.time is None:
+            continue
+        heapq.heappush(heap, (frame.time, seq, frame))
+        seq += 1
+        if len(heap) > window:
+            yield heapq.heappop(heap)[2]
+    while heap:
+        yield heapq.heappop(heap)[2]
+
+
+def decode_frames(container, stream, times) -> tuple[list, list]:
+    """Decode the frames nearest to each target time (sorted); returns (arrays, true times)."""
+    picked, picked_times = [], []
+    targets = sorted(times)
+    k, previous, needs_seek, seeked_for = 0, None, True, -1
+    while k < len(targets):
+        if needs_seek:
+            container.seek(int(targets[k] / stream.time_base), stream=stream, backward=True, any_frame=False)
+            previous, needs_seek, seeked_for = None, False, k
+        advanced = False
+        for frame in _in_time_order(container.decode(stream)):
+            advanced = True
+            while k < len(targets) and frame.time >= targets[k]:
+                # the target lies between `previous` and this frame: keep the closer one
+                best = frame
+                if previous is not None and targets[k] - previous.time < frame.time - targets[k]:
+                    best = previous
+                if not picked_times or best.time > picked_times[-1]:
+                    picked.append(_rotated(best.to_ndarray(format="rgb24"), getattr(best, "rotation", 0)))
+                    picked_times.append(best.time)
+                k += 1
+            previous = frame
+            if k < len(targets) and k != seeked_for and targets[k] - frame.time > SEEK_GAP_S:
+                needs_seek = True
+                break
+        else:  # end of stream: the remaining targets map to the last frame, if not already used
+            if previous is not None and k < len(targets) and (not picked_times or previous.time > picked_times[-1]):
+                picked.append(_rotated(previous.to_ndarray(format="rgb24"), getattr(previous, "rotation", 0)))
+                picked_times.append(previous.time)
+            break
+        if not advanced:
+            break
+    return picked, picked_times
+
+
+def decode_video(source, budget: VideoBudget, videos_in_sample: int = 1) -> tuple[DecodedVideo, FramePlan]:
+    """Plan and decode one video (path or bytes). Raises RejectedMedia with a counted reason."""
+    container = _open(source)
+    try:
+        stream, info = _probe(container)
+        stream.thread_type = "AUTO"
+        try:
+            first = next(container.decode(stream))
+        except (StopIteration, av.FFmpegError) as exc:
+            raise RejectedMedia("corrupt_video", f"no decodable frame: {exc}") from exc
+        rotation = getattr(first, "rotation", 0) or 0
+        if (int(rotation) // 90) % 2:
+            info = VideoInfo(info.duration_s, info.fps, height=info.width, width=info.height)
+        plan = plan_video(info.duration_s, info.fps, info.height, info.width, budget, videos_in_sample)
+        try:
+            arrays, times = decode_frames(container, stream, plan.times)
+        except av.FFmpegError as exc:
+            raise RejectedMedia("corrupt_video", str(exc)) from exc
+    finally:
+        container.close()
+    if len(arrays) < min(2, len(plan.times)):
+        raise RejectedMedia("corrupt_video", f"decoded {len(arrays)} of {len(plan.times)} planned frames")
+    frames = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+    return DecodedVideo(frames=frames, timestamps=times, info=info), plan
