@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from data_pipeline.pixels import patchify
 from keye_train.config import TokenIds
 from keye_train.batch import PackedBatch, VisualInput
 from keye_train.model.positions import mrope_position_ids
@@ -86,14 +87,6 @@ class _Scene:
         disk = torch.sigmoid((self.disk_radius - dist) / 0.02)
         image = base * (1 - disk) + self.disk_color[:, None, None] * disk
         return image.clamp(0, 1).to(torch.float32)
-
-
-def patchify(image: torch.Tensor, patch_size: int) -> torch.Tensor:
-    """[3, H, W] -> [(H/p)*(W/p), 3*p*p], raster order, channel-major (c, y, x) per patch."""
-    channels, height, width = image.shape
-    rows, cols = height // patch_size, width // patch_size
-    grid = image.reshape(channels, rows, patch_size, cols, patch_size)
-    return grid.permute(1, 3, 0, 2, 4).reshape(rows * cols, channels * patch_size * patch_size)
 
 
 def _random_text(gen: torch.Generator, config: SyntheticDataConfig) -> torch.Tensor:
