@@ -90,9 +90,7 @@ def decode_frames(container, stream, times) -> tuple[list, list]:
         if needs_seek:
             container.seek(int(targets[k] / stream.time_base), stream=stream, backward=True, any_frame=False)
             previous, needs_seek, seeked_for = None, False, k
-        advanced = False
         for frame in _in_time_order(container.decode(stream)):
-            advanced = True
             while k < len(targets) and frame.time >= targets[k]:
                 # the target lies between `previous` and this frame: keep the closer one
                 best = frame
@@ -110,8 +108,6 @@ def decode_frames(container, stream, times) -> tuple[list, list]:
             if previous is not None and k < len(targets) and (not picked_times or previous.time > picked_times[-1]):
                 picked.append(_rotated(previous.to_ndarray(format="rgb24"), getattr(previous, "rotation", 0)))
                 picked_times.append(previous.time)
-            break
-        if not advanced:
             break
     return picked, picked_times
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 import uuid
 from pathlib import Path
@@ -37,7 +38,7 @@ class Trainer:
         if not self.on_gpu:
             cpu_compat.install()
         self.device = torch.device("cuda", torch.cuda.current_device()) if self.on_gpu else torch.device("cpu")
-        world = dist.get_world_size() if dist.is_initialized() else int(__import__("os").environ["WORLD_SIZE"])
+        world = dist.get_world_size() if dist.is_initialized() else int(os.environ["WORLD_SIZE"])
         sizes = check_layout(cfg.parallel, cfg.model.lm, cfg.model.vit, world)
         self.num_microbatches = check_batch(cfg.train, sizes)
         backend = cfg.parallel.backend if cfg.parallel.backend != "auto" else ("nccl" if self.on_gpu else "gloo")
