@@ -112,8 +112,8 @@ def decode_frames(container, stream, times) -> tuple[list, list]:
     return picked, picked_times
 
 
-def decode_video(source, budget: VideoBudget, videos_in_sample: int = 1) -> tuple[DecodedVideo, FramePlan]:
-    """Plan and decode one video (path or bytes). Raises RejectedMedia with a counted reason."""
+def _open_displayed(source):
+    """(container, stream, info) with rotation applied to info; the first frame is decoded to read rotation."""
     container = _open(source)
     try:
         stream, info = _probe(container)
@@ -125,6 +125,23 @@ def decode_video(source, budget: VideoBudget, videos_in_sample: int = 1) -> tupl
         rotation = getattr(first, "rotation", 0) or 0
         if (int(rotation) // 90) % 2:
             info = VideoInfo(info.duration_s, info.fps, height=info.width, width=info.height)
+    except BaseException:
+        container.close()
+        raise
+    return container, stream, info
+
+
+def probe_video(source) -> VideoInfo:
+    """Duration, frame rate and displayed size; what `plan_video` needs, without decoding the frames."""
+    container, _, info = _open_displayed(source)
+    container.close()
+    return info
+
+
+def decode_video(source, budget: VideoBudget, videos_in_sample: int = 1) -> tuple[DecodedVideo, FramePlan]:
+    """Plan and decode one video (path or bytes). Raises RejectedMedia with a counted reason."""
+    container, stream, info = _open_displayed(source)
+    try:
         plan = plan_video(info.duration_s, info.fps, info.height, info.width, budget, videos_in_sample)
         try:
             arrays, times = decode_frames(container, stream, plan.times)
@@ -136,3 +153,18 @@ def decode_video(source, budget: VideoBudget, videos_in_sample: int = 1) -> tupl
         raise RejectedMedia("corrupt_video", f"decoded {len(arrays)} of {len(plan.times)} planned frames")
     frames = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
     return DecodedVideo(frames=frames, timestamps=times, info=info), plan
+
+
+def decode_image(source) -> torch.Tensor:
+    """uint8 [3, H, W] of an image file (path or bytes); RejectedMedia('unreadable_image') otherwise."""
+    try:
+        with av.open(io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else str(source)) as container:
+            if not container.streams.video:
+                raise RejectedMedia("unreadable_image", "no picture stream")
+            frame = next(container.decode(video=0))
+            array = frame.to_ndarray(format="rgb24")
+    except (av.FFmpegError, OSError, ValueError, StopIteration) as exc:
+        raise RejectedMedia("unreadable_image", str(exc) or type(exc).__name__) from exc
+    if array.shape[0] == 0 or array.shape[1] == 0:
+        raise RejectedMedia("unreadable_image", "empty picture")
+    return torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1).contiguous()

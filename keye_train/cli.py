@@ -43,6 +43,13 @@ def main(argv: list[str] | None = None) -> int:
         check_batch(cfg.train, sizes)
     except (HydraException, OmegaConfBaseException, LayoutError, ValueError) as err:
         _die(str(err))
+    if command == "train":
+        from data_pipeline.loader import check_data_config
+
+        try:
+            check_data_config(cfg.data)
+        except ValueError as err:
+            _die(str(err))
     if command == "plan":
         from keye_train.plan import print_plan
 

@@ -48,6 +48,8 @@ class LMConfig:
 
 @dataclass
 class TokenIds:
+    """Special token ids (Qwen3-VL's by default). A run takes them from `data.tokenizer`."""
+
     pad: int = 151643
     im_start: int = 151644
     im_end: int = 151645
@@ -55,13 +57,7 @@ class TokenIds:
     vision_end: int = 151653
     image_pad: int = 151655
     video_pad: int = 151656
-    frame: int = 151669  # keye-train's <|frame|> id when the tokenizer has none
-    dot: int = 13  # '.' in the Qwen byte-level vocab
-    digit_zero: int = 15  # '0'..'9' are 15..24
-
-    def number_ids(self, text: str) -> list[int]:
-        """Token ids of a timestamp such as '12.5' (one token per character)."""
-        return [self.dot if ch == "." else self.digit_zero + int(ch) for ch in text]
+    frame: int = 151669  # added after </think> when the tokenizer has no <|frame|>
 
 
 @dataclass
@@ -116,8 +112,25 @@ class StageConfig:
 
 @dataclass
 class DataConfig:
-    source: str = "synthetic"
-    video_frames: int = 2
+    """Shards, tokenizer, the stage's media budget, packing and decode workers (see data_pipeline/)."""
+
+    shards: str = "runs/demo/data/shards"  # a directory built by `keye-data build` / `keye-data demo`
+    tokenizer: str = "runs/demo/data/tokenizer.json"  # the HF tokenizer.json the shards were indexed with
+    workers: int = 0  # decode processes per rank; 0 decodes inline (no per-sample timeout)
+    prefetch_steps: int = 2
+    decode_timeout_s: float = 120.0
+    image_min_tokens: int = 4
+    image_max_tokens: int = 20480
+    video_fps: float = 2.0
+    video_max_frames: int = 2880
+    frame_min_tokens: int = 64
+    frame_max_tokens: int = 256
+    video_total_tokens: int = 24576  # Stage 1: 24K, Stage 2: 64K, Stage 3: 180K (184320)
+    adaptive_video_budget: bool = True
+    open_packs: int = 16
+    long_sample_tokens: int = 0  # > 0: long and short packs alternate in long_short_ratio
+    long_short_ratio: List[int] = field(default_factory=lambda: [1, 1])
+    patch_cost: float = 1.0  # a ViT patch's compute relative to an LM token, for DP balancing
 
 
 @dataclass

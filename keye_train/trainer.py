@@ -18,7 +18,7 @@ from keye_train.config import KeyeTrainConfig
 from keye_train.metrics import MetricsLogger, MoEBalanceTracker
 from keye_train.model.builder import build_model, initialize_weights
 from keye_train.optim import apply_freezing, build_optimizer, lr_at, set_lr, wrap_ddp
-from keye_train.synthetic import SyntheticDataConfig, SyntheticPackSource
+from data_pipeline.loader import ShardLoader
 from keye_train.train_step import optimizer_step, reduce_lm_loss, run_microbatches
 from parallel import cpu_compat, placement
 from parallel.layout import check_batch, check_layout, init_process_groups
@@ -29,6 +29,32 @@ def resolve_dtype(name: str, on_gpu: bool) -> torch.dtype:
     if name not in choices:
         raise ValueError(f"train.dtype={name!r}; choose auto, bf16 or fp32")
     return choices[name]
+
+
+def tokenizer_token_ids(cfg: KeyeTrainConfig):
+    from data_pipeline.tokenizer import KeyeTokenizer
+
+    tokenizer = KeyeTokenizer(cfg.data.tokenizer)
+    if tokenizer.vocab_size > cfg.model.lm.vocab_size:
+        raise ValueError(f"data.tokenizer has {tokenizer.vocab_size} tokens > model.lm.vocab_size {cfg.model.lm.vocab_size}")
+    return tokenizer.ids
+
+
+def data_metrics(loader: ShardLoader) -> dict:
+    """Data counters summed over DP ranks (rejects by reason, samples, packing efficiency) plus the plan's."""
+    counters = [None] * parallel_state.get_data_parallel_world_size()
+    dist.all_gather_object(counters, loader.counters(), group=parallel_state.get_data_parallel_group())
+    total: dict = {}
+    for rank_counters in counters:
+        for key, value in rank_counters.items():
+            if key.startswith("plan/") or key == "epoch":  # the plan is global: the same on every rank
+                total[key] = value
+            else:
+                total[key] = total.get(key, 0) + value
+    capacity = total.pop("pack_capacity", 0)
+    out = {f"data/{key}": float(value) for key, value in total.items() if key != "pack_tokens"}
+    out["data/packing_efficiency"] = total.get("pack_tokens", 0) / capacity if capacity else float("nan")
+    return out
 
 
 class Trainer:
@@ -51,6 +77,7 @@ class Trainer:
             tensor_parallel.model_parallel_cuda_manual_seed(cfg.train.seed)
         self.dtype = resolve_dtype(cfg.train.dtype, self.on_gpu)
 
+        cfg.model.tokens = tokenizer_token_ids(cfg)  # the data's special ids drive the visual-token scatter
         self.parts = build_model(cfg.model, cfg.parallel, self.dtype, self.on_gpu)
         initialize_weights(self.parts, cfg.model, cfg.train.seed)
         apply_freezing(self.parts, cfg.stage.trainable)
@@ -62,11 +89,10 @@ class Trainer:
         self.sequence_parallel = self.parts.lm.config.sequence_parallel
         self.balance = MoEBalanceTracker(self.parts.lm, cfg.model.lm.num_layers, cfg.model.lm.num_experts)
 
-        data_cfg = SyntheticDataConfig(seq_length=cfg.train.seq_length, video_frames=cfg.data.video_frames,
-                                       patch_size=cfg.model.vit.patch_size)
-        self.data = SyntheticPackSource(data_cfg, cfg.model.tokens, seed=cfg.train.seed,
-                                        dp_rank=parallel_state.get_data_parallel_rank(),
-                                        dp_size=parallel_state.get_data_parallel_world_size())
+        dp_rank = parallel_state.get_data_parallel_rank()
+        self.data = ShardLoader(cfg.data, cfg.train.seq_length, cfg.train.global_batch, cfg.train.seed, dp_rank,
+                                parallel_state.get_data_parallel_world_size(),
+                                log=lambda line: print(f"[rank {dist.get_rank()}] {line}", flush=True))
         self.run_dir = Path(cfg.run_dir)
         self.step = 0
         self.run_id = uuid.uuid4().hex[:12]
@@ -92,7 +118,7 @@ class Trainer:
     def train_step(self) -> dict:
         """One optimizer step over a global batch; returns the step's metrics (meaningful on the owner rank)."""
         started = time.perf_counter()
-        microbatches = [next(self.data).to(self.device) for _ in range(self.num_microbatches)]
+        microbatches = [batch.to(self.device) for batch in self.data.next_step()]
         for chunk in self.ddp_chunks:
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
@@ -105,6 +131,8 @@ class Trainer:
                    "lr": lr, "grad_norm": grad_norm, "update_skipped": float(not updated),
                    "supervised_tokens": float(n_global)}
         metrics.update(self.balance.collect(self.num_microbatches, self.device))
+        if self.step % self.cfg.logging.log_interval == 0:
+            metrics.update(data_metrics(self.data))
         elapsed = time.perf_counter() - started
         tokens = self.cfg.train.global_batch * self.cfg.train.seq_length
         metrics.update({"step_time_s": elapsed, "tokens_per_s": tokens / elapsed,
@@ -137,6 +165,7 @@ class Trainer:
                 if self.step % cfg.checkpoint.interval == 0 or self.step == cfg.train.steps:
                     self.save()
         finally:
+            self.data.close()
             if logger is not None:
                 logger.close()
         return history

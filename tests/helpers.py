@@ -1,10 +1,41 @@
 """Shared helpers for tests that run the real CLI in a subprocess."""
 
+import hashlib
 import os
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
-QUIET = ["~recipe", "model=tiny", "logging.wandb_mode=disabled", "logging.progress_bar=false"]
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared" / "testdata"
+needs_shared_reason = "real test media live in ../shared/testdata, which a fresh clone does not have"
+
+
+def _data_version() -> str:
+    sources = sorted((REPO / "data_pipeline").glob("*.py"))
+    return hashlib.sha256(b"".join(p.read_bytes() for p in sources)).hexdigest()[:12]
+
+
+# The generated corpus (keye-data demo, 140 samples) in a temp dir keyed by the data_pipeline sources.
+TEST_DATA = Path(tempfile.gettempdir()) / f"keye-test-data-{_data_version()}"
+DATA = [f"data.shards={TEST_DATA / 'shards'}", f"data.tokenizer={TEST_DATA / 'tokenizer.json'}",
+        "data.image_max_tokens=16", "data.video_fps=1.0", "data.frame_min_tokens=4", "data.frame_max_tokens=8",
+        "data.video_total_tokens=64"]
+QUIET = ["~recipe", "model=tiny", "logging.wandb_mode=disabled", "logging.progress_bar=false", *DATA]
+
+
+def ensure_test_data() -> Path:
+    if not (TEST_DATA / "shards" / "index.json").is_file():
+        from data_pipeline.demo import make_demo
+
+        partial = Path(tempfile.mkdtemp(prefix="keye-test-data-"))
+        make_demo(partial, samples=140, seed=0, samples_per_shard=20, log=lambda _: None)
+        try:
+            partial.rename(TEST_DATA)
+        except OSError:  # built meanwhile by another session
+            pass
+    return TEST_DATA
 
 
 def cli_env() -> dict:

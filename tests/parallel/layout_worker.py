@@ -24,7 +24,7 @@ from megatron.core import parallel_state  # noqa: E402
 from keye_train.configure import load_config  # noqa: E402
 from keye_train.model.builder import build_model, initialize_weights, parameter_shards  # noqa: E402
 from keye_train.optim import build_optimizer, wrap_ddp  # noqa: E402
-from keye_train.synthetic import SyntheticDataConfig, SyntheticPackSource  # noqa: E402
+from data_pipeline.loader import ShardLoader  # noqa: E402
 from keye_train.train_step import optimizer_step, reduce_lm_loss, run_microbatches  # noqa: E402
 from parallel.layout import check_batch, check_layout, init_process_groups  # noqa: E402
 
@@ -43,9 +43,11 @@ def sampled(name: str) -> bool:
 def rank_batch(cfg):
     """This DP rank's share of the first global batch, read the way the trainer reads it."""
     dp, dp_rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
-    source = SyntheticPackSource(SyntheticDataConfig(seq_length=cfg.train.seq_length), cfg.model.tokens,
-                                 seed=cfg.train.seed, dp_rank=dp_rank, dp_size=dp)
-    return [next(source) for _ in range(cfg.train.global_batch // dp)]
+    loader = ShardLoader(cfg.data, cfg.train.seq_length, cfg.train.global_batch, cfg.train.seed, dp_rank, dp)
+    cfg.model.tokens = loader.tokenizer.ids
+    batches = loader.next_step()
+    loader.close()
+    return batches
 
 
 def run_phase(cfg, mine, distributed_optimizer: bool):

@@ -1,7 +1,7 @@
 """TP / PP / EP / DP layouts compute what one rank computes: losses, gradients and one optimizer step.
 
 Each layout runs on gloo under torchrun with the tiny model, identical layout-invariant initial weights and
-the same global batch of synthetic packs.
+the same global batch of packs from the generated test shards (dealt to DP ranks by the planner).
 """
 
 import json
@@ -13,8 +13,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.helpers import DATA
+
 WORKER = Path(__file__).with_name("layout_worker.py")
-BASE = ["~recipe", "model=tiny", "train.seq_length=128", "train.global_batch=4", "train.seed=7", "optim.lr=1e-3",
+BASE = ["~recipe", "model=tiny", *DATA, "train.seq_length=128", "train.global_batch=4", "train.seed=7", "optim.lr=1e-3",
         "optim.clip_grad=1.0"]
 LAYOUTS = {
     "tp2": (2, ["parallel.tp=2"]),

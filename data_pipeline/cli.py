@@ -1,0 +1,61 @@
+"""`keye-data build | index | demo`: make shards that `keye-train` reads."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="keye-data", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    build = sub.add_parser("build", help="JSONL manifest + media files -> tar shards with an index")
+    build.add_argument("--manifest", required=True)
+    build.add_argument("--media-root", required=True, help="media paths in the manifest are relative to this")
+    build.add_argument("--out", required=True, help="an empty or new directory")
+    build.add_argument("--tokenizer", required=True, help="HF tokenizer.json (token counts go into the index)")
+    build.add_argument("--samples-per-shard", type=int, default=1000)
+    build.add_argument("--max-shard-mb", type=int, default=1024)
+
+    index = sub.add_parser("index", help="index tar shards made elsewhere (webdataset layout)")
+    index.add_argument("shards")
+    index.add_argument("--tokenizer", required=True)
+
+    demo = sub.add_parser("demo", help="generate the demo corpus and its shards")
+    demo.add_argument("--out", default="runs/demo/data")
+    demo.add_argument("--samples", type=int, default=240)
+    demo.add_argument("--real-videos", default=None, help="a directory of real videos to add as QA samples")
+    demo.add_argument("--seed", type=int, default=0)
+
+    args = parser.parse_args(argv)
+    from data_pipeline.tokenizer import KeyeTokenizer
+
+    try:
+        if args.command == "build":
+            from data_pipeline.build import build_shards
+
+            build_shards(args.manifest, args.media_root, args.out, KeyeTokenizer(args.tokenizer),
+                         args.samples_per_shard, args.max_shard_mb << 20)
+        elif args.command == "index":
+            from data_pipeline.shards import index_shards
+
+            report = index_shards(args.shards, KeyeTokenizer(args.tokenizer))
+            print("keye-data: " + str(report.as_dict()))
+        else:
+            from pathlib import Path
+
+            from data_pipeline.demo import make_demo
+
+            if (Path(args.out) / "shards" / "index.json").exists():
+                print(f"keye-data demo: {args.out} already built; delete it to rebuild")
+                return 0
+            make_demo(args.out, args.samples, args.seed, args.real_videos)
+    except (FileNotFoundError, FileExistsError, ValueError) as err:
+        print(f"keye-data: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,230 @@
+"""The global pack plan: which samples go into which pack, and which DP rank trains each pack.
+
+Every rank runs the same planner over the shard indexes (no media is read), so all ranks agree without
+talking, each sample of an epoch lands in exactly one pack, and each pack on exactly one rank. Sample lengths
+are exact post-expansion token counts: text from the index, media from probed metadata under the stage
+budget.
+
+- Order: each epoch shuffles the shards and the samples inside each shard with (seed, epoch).
+- Packing: best-fit over a window of `open_packs` open packs; when the window is full the fullest pack
+  closes. With `long_sample_tokens > 0`, packs holding a long sample and packs of short samples are two
+  classes emitted in `long_short_ratio` (Stage 3: 1:1).
+- Balance: a step's `global_batch` packs are dealt to DP ranks by longest-processing-time on the estimated
+  compute of a pack (tokens + ViT patches), `global_batch / dp` packs per rank.
+
+The state is small (cursor, open packs as sample references) and JSON-safe; the loader re-reads those
+samples after a resume.
+"""
+
+from __future__ import annotations
+
+import copy
+import random
+from collections import Counter
+from dataclasses import dataclass, field
+from functools import lru_cache
+
+from data_pipeline.encode import MediaBudget, media_tokens
+from data_pipeline.schema import SPLITTABLE_KINDS
+from data_pipeline.shards import ShardSet
+from data_pipeline.tokenizer import KeyeTokenizer
+
+
+@dataclass
+class PackingConfig:
+    seq_length: int
+    open_packs: int = 16
+    long_sample_tokens: int = 0  # 0: one class of packs
+    long_short_ratio: tuple = (1, 1)
+    max_pending_packs: int = 64  # a class that waits longer than this lets the other one go first
+    patch_cost: float = 1.0  # compute of one ViT patch relative to one LM token, for DP balancing
+
+
+@dataclass
+class PlannedSample:
+    """A reference to (a part of) one shard sample with its planned size."""
+
+    epoch: int
+    shard: int
+    sample: int
+    part: int  # -1: the whole sample; k >= 0: the k-th seq_length slice of a long text
+    tokens: int
+    patches: int
+
+    def as_list(self) -> list:
+        return [self.epoch, self.shard, self.sample, self.part, self.tokens, self.patches]
+
+
+@dataclass
+class PlannedPack:
+    samples: list = field(default_factory=list)
+    tokens: int = 0
+    patches: int = 0
+
+    def add(self, sample: PlannedSample) -> None:
+        self.samples.append(sample)
+        self.tokens += sample.tokens
+        self.patches += sample.patches
+
+    def cost(self, patch_cost: float) -> float:
+        return self.tokens + patch_cost * self.patches
+
+    def as_list(self) -> list:
+        return [s.as_list() for s in self.samples]
+
+    @classmethod
+    def from_list(cls, items: list) -> "PlannedPack":
+        pack = cls()
+        for item in items:
+            pack.add(PlannedSample(*item))
+        return pack
+
+
+@lru_cache(maxsize=16)
+def _permutation(n: int, *seed_parts: int) -> list[int]:
+    order = list(range(n))
+    random.Random("/".join(str(p) for p in seed_parts)).shuffle(order)
+    return order
+
+
+class _BestFit:
+    def __init__(self, capacity: int, window: int):
+        self.capacity, self.window = capacity, window
+        self.open: list[PlannedPack] = []
+        self.closed: list[PlannedPack] = []
+
+    def add(self, sample: PlannedSample) -> None:
+        fits = [p for p in self.open if p.tokens + sample.tokens <= self.capacity]
+        if fits:
+            target = min(fits, key=lambda p: self.capacity - p.tokens)  # first of equals: deterministic
+        else:
+            target = PlannedPack()
+            self.open.append(target)
+        target.add(sample)
+        if target.tokens == self.capacity:
+            self._close(target)
+        elif len(self.open) > self.window:
+            self._close(max(self.open, key=lambda p: p.tokens))
+
+    def _close(self, pack: PlannedPack) -> None:
+        self.open.remove(pack)
+        self.closed.append(pack)
+
+
+class PackPlanner:
+    def __init__(self, shards: ShardSet, tokenizer: KeyeTokenizer, budget: MediaBudget, config: PackingConfig,
+                 seed: int):
+        self.shards, self.tokenizer, self.budget, self.config, self.seed = shards, tokenizer, budget, config, seed
+        classes = 2 if config.long_sample_tokens > 0 else 1
+        self.packers = [_BestFit(config.seq_length, config.open_packs) for _ in range(classes)]
+        self.epoch, self.shard_pos, self.sample_pos = 0, 0, 0
+        self.pattern_pos = 0
+        self.counters: Counter = Counter()
+        self._pending: list[PlannedSample] = []  # parts of a split sample not yet packed
+
+    # ---- the sample stream ------------------------------------------------------------------------------
+
+    def _next_sample(self) -> list[PlannedSample]:
+        """The next shard sample (as one or more parts), advancing the cursor; [] if it was skipped."""
+        epoch = self.epoch
+        shard = _permutation(len(self.shards.shards), self.seed, epoch)[self.shard_pos]
+        sample = _permutation(self.shards.sizes[shard], self.seed, epoch, shard)[self.sample_pos]
+        self.sample_pos += 1
+        if self.sample_pos == self.shards.sizes[shard]:
+            self.shard_pos, self.sample_pos = self.shard_pos + 1, 0
+            if self.shard_pos == len(self.shards.shards):
+                self.epoch, self.shard_pos = self.epoch + 1, 0
+        return self._plan_sample(epoch, shard, sample, self.shards.entry(shard, sample))
+
+    def _plan_sample(self, epoch: int, shard: int, sample: int, entry: dict) -> list[PlannedSample]:
+        tokens, patches = entry["text_tokens"], 0
+        videos = sum(m["type"] == "video" for m in entry["media"].values())
+        for meta in entry["media"].values():
+            try:
+                t, p = media_tokens(meta, self.budget, self.tokenizer, videos)
+            except ValueError:  # RejectedMedia under this stage's budget (e.g. aspect ratio)
+                self.counters["rejected_by_budget"] += 1
+                return []
+            tokens, patches = tokens + t, patches + p
+        limit = self.config.seq_length
+        if tokens <= limit:
+            return [PlannedSample(epoch, shard, sample, -1, tokens, patches)]
+        if entry["kind"] not in SPLITTABLE_KINDS:
+            self.counters["too_long"] += 1
+            return []
+        self.counters["split_samples"] += 1
+        parts = -(-tokens // limit)
+        return [PlannedSample(epoch, shard, sample, k, min(limit, tokens - k * limit), 0) for k in range(parts)]
+
+    # ---- packs --------------------------------------------------------------------------------------------
+
+    def _class_of(self, sample: PlannedSample) -> int:
+        return int(len(self.packers) == 2 and sample.tokens >= self.config.long_sample_tokens)
+
+    def _wanted_class(self) -> int:
+        if len(self.packers) == 1:
+            return 0
+        long_n, short_n = self.config.long_short_ratio
+        return 1 if self.pattern_pos % (long_n + short_n) < long_n else 0
+
+    def next_pack(self) -> PlannedPack:
+        want = self._wanted_class()
+        for _ in range(1_000_000):
+            if self.packers[want].closed:
+                break
+            other = self.packers[1 - want] if len(self.packers) == 2 else None
+            if other is not None and len(other.closed) > self.config.max_pending_packs:
+                self.counters["ratio_relaxed"] += 1
+                want = 1 - want
+                break
+            if not self._pending:
+                self._pending = self._next_sample()
+            if self._pending:
+                sample = self._pending.pop(0)
+                self.packers[self._class_of(sample)].add(sample)
+        else:
+            raise RuntimeError("the planner found no packable sample in a million tries; is every sample too long?")
+        self.pattern_pos += 1
+        return self.packers[want].closed.pop(0)
+
+    def next_step(self, global_batch: int, dp_size: int) -> list[list[PlannedPack]]:
+        """The step's packs, dealt to DP ranks: result[r] is rank r's list of global_batch / dp_size packs."""
+        packs = [self.next_pack() for _ in range(global_batch)]
+        return deal(packs, dp_size, self.config.patch_cost)
+
+    # ---- state --------------------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        return copy.deepcopy({
+            "seed": self.seed, "epoch": self.epoch, "shard_pos": self.shard_pos, "sample_pos": self.sample_pos,
+            "pattern_pos": self.pattern_pos, "counters": dict(self.counters),
+            "pending": [s.as_list() for s in self._pending],
+            "packers": [{"open": [p.as_list() for p in b.open], "closed": [p.as_list() for p in b.closed]}
+                        for b in self.packers],
+        })
+
+    def load_state_dict(self, state: dict) -> None:
+        if int(state["seed"]) != self.seed or len(state["packers"]) != len(self.packers):
+            raise ValueError("data state was saved with another seed or packing rule")
+        self.epoch, self.shard_pos, self.sample_pos = state["epoch"], state["shard_pos"], state["sample_pos"]
+        self.pattern_pos = state["pattern_pos"]
+        self.counters = Counter(state["counters"])
+        self._pending = [PlannedSample(*s) for s in state["pending"]]
+        for packer, saved in zip(self.packers, state["packers"]):
+            packer.open = [PlannedPack.from_list(p) for p in saved["open"]]
+            packer.closed = [PlannedPack.from_list(p) for p in saved["closed"]]
+
+
+def deal(packs: list[PlannedPack], dp_size: int, patch_cost: float = 1.0) -> list[list[PlannedPack]]:
+    """Longest-processing-time assignment with equal pack counts per rank; ties go to the lower rank."""
+    if len(packs) % dp_size:
+        raise ValueError(f"{len(packs)} packs do not split over {dp_size} DP ranks")
+    per_rank = len(packs) // dp_size
+    order = sorted(range(len(packs)), key=lambda i: (-packs[i].cost(patch_cost), i))
+    load = [0.0] * dp_size
+    assigned: list[list[int]] = [[] for _ in range(dp_size)]
+    for i in order:
+        rank = min((r for r in range(dp_size) if len(assigned[r]) < per_rank), key=lambda r: (load[r], r))
+        assigned[rank].append(i)
+        load[rank] += packs[i].cost(patch_cost)
+    return [[packs[i] for i in sorted(idx)] for idx in assigned]

@@ -1,0 +1,156 @@
+"""Sample decoding in worker processes: bounded, ordered, and with a per-sample timeout.
+
+Jobs go round-robin to workers, each with its own queues, so results come back in submission order. When a
+sample is not back in time (a pathological file) or its worker dies, that worker is killed and restarted, the
+sample is counted as `decode_timeout` / `decode_crash`, and the worker's other jobs are resubmitted. With
+`workers=0` samples are decoded inline (no timeout).
+"""
+
+from __future__ import annotations
+
+import queue
+import time
+from collections import deque
+from dataclasses import dataclass
+
+import torch.multiprocessing as mp
+
+from data_pipeline.encode import EncodedSample, MediaBudget, encode_sample, split_part
+from data_pipeline.planner import PlannedSample
+from data_pipeline.schema import BadRecord
+from data_pipeline.shards import ShardSet, UnsafeMember
+from data_pipeline.sizing import RejectedMedia
+from data_pipeline.tokenizer import KeyeTokenizer
+
+POLL_S = 0.2
+
+
+@dataclass
+class Rejected:
+    reason: str
+    detail: str
+
+
+def sample_id(record_id: str, planned: PlannedSample) -> str:
+    part = f"#{planned.part}" if planned.part >= 0 else ""
+    return f"{record_id}{part}@{planned.epoch}"
+
+
+class SampleDecoder:
+    """Reads one planned sample from its shard and encodes it (used inline and inside workers)."""
+
+    def __init__(self, shard_root: str, tokenizer_path: str, budget: MediaBudget, seq_length: int):
+        self.shards = ShardSet(shard_root)
+        self.tokenizer = KeyeTokenizer(tokenizer_path)
+        self.budget, self.seq_length = budget, seq_length
+
+    def __call__(self, planned: PlannedSample) -> EncodedSample | Rejected:
+        try:
+            record, media = self.shards.read(planned.shard, planned.sample)
+            sample = encode_sample(sample_id(record["id"], planned), record, media, self.tokenizer, self.budget)
+            if planned.part >= 0:
+                sample = split_part(sample, planned.part, self.seq_length)
+                sample.key = sample_id(record["id"], planned)
+            return sample
+        except (BadRecord, RejectedMedia, UnsafeMember) as exc:
+            return Rejected(exc.reason, str(exc))
+        except Exception as exc:  # a decoder bug on one odd file must not end a run; it is counted and logged
+            return Rejected("decode_error", f"{type(exc).__name__}: {exc}")
+
+
+def _worker_main(args: tuple, jobs: mp.Queue, results: mp.Queue) -> None:
+    import torch
+
+    torch.set_num_threads(1)
+    decode = SampleDecoder(*args)
+    while True:
+        job = jobs.get()
+        if job is None:
+            return
+        job_id, planned = job
+        results.put((job_id, decode(PlannedSample(*planned))))
+
+
+class _Worker:
+    def __init__(self, ctx, args):
+        self.jobs, self.results = ctx.Queue(), ctx.Queue()
+        self.process = ctx.Process(target=_worker_main, args=(args, self.jobs, self.results), daemon=True)
+        self.process.start()
+        self.pending: deque = deque()  # (job_id, planned) in submission order
+
+    def stop(self, kill: bool = False) -> None:
+        if kill:
+            self.process.kill()
+        else:
+            self.jobs.put(None)
+        self.process.join(timeout=10)
+        if self.process.is_alive():
+            self.process.kill()
+            self.process.join()
+
+
+class DecodePool:
+    def __init__(self, shard_root: str, tokenizer_path: str, budget: MediaBudget, seq_length: int,
+                 workers: int = 0, timeout_s: float = 120.0):
+        self.args = (str(shard_root), str(tokenizer_path), budget, seq_length)
+        self.timeout_s = timeout_s
+        self.next_id = 0
+        self.restarts = 0
+        if workers == 0:
+            self.inline = SampleDecoder(*self.args)
+            self.inline_jobs: dict[int, PlannedSample] = {}
+            self.workers = []
+        else:
+            self.inline = None
+            self.ctx = mp.get_context("spawn")
+            self.workers = [_Worker(self.ctx, self.args) for _ in range(workers)]
+
+    def submit(self, planned: PlannedSample) -> int:
+        job_id = self.next_id
+        self.next_id += 1
+        if self.inline is not None:
+            self.inline_jobs[job_id] = planned
+        else:
+            worker = self.workers[job_id % len(self.workers)]
+            worker.pending.append((job_id, planned))
+            worker.jobs.put((job_id, planned.as_list()))
+        return job_id
+
+    def result(self, job_id: int) -> EncodedSample | Rejected:
+        if self.inline is not None:
+            return self.inline(self.inline_jobs.pop(job_id))
+        slot = job_id % len(self.workers)
+        worker = self.workers[slot]
+        if not worker.pending or worker.pending[0][0] != job_id:
+            raise RuntimeError(f"results are taken in submission order; job {job_id} is not next")
+        deadline = time.monotonic() + self.timeout_s
+        while True:
+            try:
+                got_id, result = worker.results.get(timeout=POLL_S)
+            except queue.Empty:
+                if not worker.process.is_alive():
+                    return self._replace(slot, "decode_crash", f"worker exited with {worker.process.exitcode}")
+                if time.monotonic() > deadline:
+                    return self._replace(slot, "decode_timeout", f"no result within {self.timeout_s:.0f} s")
+                continue
+            if got_id != job_id:
+                raise RuntimeError(f"worker returned job {got_id}, expected {job_id}")
+            worker.pending.popleft()
+            return result
+
+    def _replace(self, slot: int, reason: str, detail: str) -> Rejected:
+        old = self.workers[slot]
+        old.stop(kill=True)
+        _, planned = old.pending.popleft()
+        fresh = _Worker(self.ctx, self.args)
+        for job_id, later in old.pending:
+            fresh.pending.append((job_id, later))
+            fresh.jobs.put((job_id, later.as_list()))
+        self.workers[slot] = fresh
+        self.restarts += 1
+        return Rejected(reason, f"{detail} (shard {planned.shard}, sample {planned.sample})")
+
+    def close(self) -> None:
+        for worker in self.workers:
+            worker.stop()
+        self.workers = []
