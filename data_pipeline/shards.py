@@ -176,21 +176,36 @@ def _write_json(path: Path, value) -> None:
 
 
 def iter_tar_samples(fileobj, stop_after_key: str | None = None):
-    """Yield (key, {suffix: bytes}, first member offset) from the current position, grouped by key.
+    """Yield (key, {suffix: bytes} or an UnsafeMember, first member offset) from the current position.
 
-    Raises UnsafeMember on a bad member (the caller counts it and moves on to the next shard)."""
+    A sample with a pickle-like member comes back as its UnsafeMember (its bytes are never read). A member
+    that is a path, link or device raises UnsafeMember after the samples before it: the rest of the tar is
+    not trusted."""
     tar = tarfile.open(fileobj=fileobj, mode="r:")
     key, members, offset = None, {}, None
     for member in tar:
-        _check_member(member)
-        member_key, suffix = split_member_name(member.name)
+        try:
+            _check_member(member)
+            member_key, suffix = split_member_name(member.name)
+            refused = None
+        except UnsafeMember as exc:
+            if exc.reason != "pickle_member":
+                if key is not None:
+                    yield key, members, offset
+                raise
+            member_key, suffix, refused = member.name.partition(".")[0], None, exc
         if member_key != key:
             if key is not None:
                 yield key, members, offset
                 if key == stop_after_key:
                     return
             key, members, offset = member_key, {}, member.offset
-        members[suffix] = tar.extractfile(member).read()
+        if isinstance(members, UnsafeMember):
+            continue
+        if refused is not None:
+            members = refused
+        else:
+            members[suffix] = tar.extractfile(member).read()
     if key is not None:
         yield key, members, offset
 
@@ -236,6 +251,8 @@ class ShardSet:
                 if key != entry["key"]:
                     raise BadRecord("index_mismatch", f"{self.shards[shard]} at {entry['offset']}: key {key}, "
                                     f"index says {entry['key']}")
+                if isinstance(members, UnsafeMember):
+                    raise members
                 if "json" not in members:
                     raise BadRecord("missing_field", f"sample {key} has no .json record")
                 record = parse_record(members.pop("json"))
@@ -254,11 +271,13 @@ def index_shards(root: str | Path, tokenizer: KeyeTokenizer) -> BuildReport:
             try:
                 for key, members, offset in iter_tar_samples(f):
                     try:
+                        if isinstance(members, UnsafeMember):
+                            raise members
                         if "json" not in members:
                             raise BadRecord("missing_field", f"sample {key} has no .json record")
                         record = parse_record(members.pop("json"))
                         entry = describe(key, record, members, tokenizer)
-                    except (BadRecord, RejectedMedia) as exc:
+                    except (BadRecord, RejectedMedia, UnsafeMember) as exc:
                         report.rejects[exc.reason] += 1
                         continue
                     entry["offset"] = offset

@@ -58,11 +58,11 @@ class SampleDecoder:
             return Rejected("decode_error", f"{type(exc).__name__}: {exc}")
 
 
-def _worker_main(args: tuple, jobs: mp.Queue, results: mp.Queue) -> None:
+def _worker_main(factory, args: tuple, jobs: mp.Queue, results: mp.Queue) -> None:
     import torch
 
     torch.set_num_threads(1)
-    decode = SampleDecoder(*args)
+    decode = factory(*args)
     while True:
         job = jobs.get()
         if job is None:
@@ -72,9 +72,9 @@ def _worker_main(args: tuple, jobs: mp.Queue, results: mp.Queue) -> None:
 
 
 class _Worker:
-    def __init__(self, ctx, args):
+    def __init__(self, ctx, factory, args):
         self.jobs, self.results = ctx.Queue(), ctx.Queue()
-        self.process = ctx.Process(target=_worker_main, args=(args, self.jobs, self.results), daemon=True)
+        self.process = ctx.Process(target=_worker_main, args=(factory, args, self.jobs, self.results), daemon=True)
         self.process.start()
         self.pending: deque = deque()  # (job_id, planned) in submission order
 
@@ -91,19 +91,21 @@ class _Worker:
 
 class DecodePool:
     def __init__(self, shard_root: str, tokenizer_path: str, budget: MediaBudget, seq_length: int,
-                 workers: int = 0, timeout_s: float = 120.0):
+                 workers: int = 0, timeout_s: float = 120.0, decoder_factory=SampleDecoder):
+        """decoder_factory(*args) builds the per-process decoder (a module-level callable, for spawn)."""
         self.args = (str(shard_root), str(tokenizer_path), budget, seq_length)
+        self.factory = decoder_factory
         self.timeout_s = timeout_s
         self.next_id = 0
         self.restarts = 0
         if workers == 0:
-            self.inline = SampleDecoder(*self.args)
+            self.inline = decoder_factory(*self.args)
             self.inline_jobs: dict[int, PlannedSample] = {}
             self.workers = []
         else:
             self.inline = None
             self.ctx = mp.get_context("spawn")
-            self.workers = [_Worker(self.ctx, self.args) for _ in range(workers)]
+            self.workers = [_Worker(self.ctx, self.factory, self.args) for _ in range(workers)]
 
     def submit(self, planned: PlannedSample) -> int:
         job_id = self.next_id
@@ -142,7 +144,7 @@ class DecodePool:
         old = self.workers[slot]
         old.stop(kill=True)
         _, planned = old.pending.popleft()
-        fresh = _Worker(self.ctx, self.args)
+        fresh = _Worker(self.ctx, self.factory, self.args)
         for job_id, later in old.pending:
             fresh.pending.append((job_id, later))
             fresh.jobs.put((job_id, later.as_list()))
