@@ -7,8 +7,8 @@ budget.
 
 - Order: each epoch shuffles the shards and the samples inside each shard with (seed, epoch).
 - Packing: best-fit over a window of `open_packs` open packs; when the window is full the fullest pack
-  closes. With `long_sample_tokens > 0`, packs holding a long sample and packs of short samples are two
-  classes emitted in `long_short_ratio` (Stage 3: 1:1).
+  closes. With `long_sample_tokens > 0`, samples are admitted so that long and short samples contribute
+  tokens in `long_short_ratio` (Stage 3: 1:1); samples of the class that is ahead wait in a bounded queue.
 - Balance: a step's `global_batch` packs are dealt to DP ranks by longest-processing-time on the estimated
   compute of a pack (tokens + ViT patches), `global_batch / dp` packs per rank.
 
@@ -36,7 +36,7 @@ class PackingConfig:
     open_packs: int = 16
     long_sample_tokens: int = 0  # 0: one class of packs
     long_short_ratio: tuple = (1, 1)
-    max_pending_packs: int = 64  # a class that waits longer than this lets the other one go first
+    max_waiting: int = 4096  # samples queued for the class that is ahead; beyond it the ratio is relaxed
     patch_cost: float = 1.0  # compute of one ViT patch relative to one LM token, for DP balancing
 
 
@@ -115,12 +115,11 @@ class PackPlanner:
     def __init__(self, shards: ShardSet, tokenizer: KeyeTokenizer, budget: MediaBudget, config: PackingConfig,
                  seed: int):
         self.shards, self.tokenizer, self.budget, self.config, self.seed = shards, tokenizer, budget, config, seed
-        classes = 2 if config.long_sample_tokens > 0 else 1
-        self.packers = [_BestFit(config.seq_length, config.open_packs) for _ in range(classes)]
+        self.packer = _BestFit(config.seq_length, config.open_packs)
         self.epoch, self.shard_pos, self.sample_pos = 0, 0, 0
-        self.pattern_pos = 0
         self.counters: Counter = Counter()
-        self._pending: list[PlannedSample] = []  # parts of a split sample not yet packed
+        self.waiting: list[list[PlannedSample]] = [[], []]  # short, long samples read but not yet packed
+        self.admitted_tokens = [0, 0]  # short, long
 
     # ---- the sample stream ------------------------------------------------------------------------------
 
@@ -159,33 +158,36 @@ class PackPlanner:
     # ---- packs --------------------------------------------------------------------------------------------
 
     def _class_of(self, sample: PlannedSample) -> int:
-        return int(len(self.packers) == 2 and sample.tokens >= self.config.long_sample_tokens)
+        return int(0 < self.config.long_sample_tokens <= sample.tokens)
 
     def _wanted_class(self) -> int:
-        if len(self.packers) == 1:
+        if self.config.long_sample_tokens <= 0:
             return 0
-        long_n, short_n = self.config.long_short_ratio
-        return 1 if self.pattern_pos % (long_n + short_n) < long_n else 0
+        short_w, long_w = self.config.long_short_ratio[1], self.config.long_short_ratio[0]
+        return int(self.admitted_tokens[1] * short_w <= self.admitted_tokens[0] * long_w)
 
-    def next_pack(self) -> PlannedPack:
+    def _admit_one(self) -> None:
+        """Move one sample into the packer, from the class that is behind its token share."""
         want = self._wanted_class()
         for _ in range(1_000_000):
-            if self.packers[want].closed:
+            if self.waiting[want]:
                 break
-            other = self.packers[1 - want] if len(self.packers) == 2 else None
-            if other is not None and len(other.closed) > self.config.max_pending_packs:
+            if len(self.waiting[1 - want]) > self.config.max_waiting:
                 self.counters["ratio_relaxed"] += 1
                 want = 1 - want
                 break
-            if not self._pending:
-                self._pending = self._next_sample()
-            if self._pending:
-                sample = self._pending.pop(0)
-                self.packers[self._class_of(sample)].add(sample)
+            for sample in self._next_sample():
+                self.waiting[self._class_of(sample)].append(sample)
         else:
             raise RuntimeError("the planner found no packable sample in a million tries; is every sample too long?")
-        self.pattern_pos += 1
-        return self.packers[want].closed.pop(0)
+        sample = self.waiting[want].pop(0)
+        self.admitted_tokens[want] += sample.tokens
+        self.packer.add(sample)
+
+    def next_pack(self) -> PlannedPack:
+        while not self.packer.closed:
+            self._admit_one()
+        return self.packer.closed.pop(0)
 
     def next_step(self, global_batch: int, dp_size: int) -> list[list[PlannedPack]]:
         """The step's packs, dealt to DP ranks: result[r] is rank r's list of global_batch / dp_size packs."""
@@ -197,22 +199,20 @@ class PackPlanner:
     def state_dict(self) -> dict:
         return copy.deepcopy({
             "seed": self.seed, "epoch": self.epoch, "shard_pos": self.shard_pos, "sample_pos": self.sample_pos,
-            "pattern_pos": self.pattern_pos, "counters": dict(self.counters),
-            "pending": [s.as_list() for s in self._pending],
-            "packers": [{"open": [p.as_list() for p in b.open], "closed": [p.as_list() for p in b.closed]}
-                        for b in self.packers],
+            "counters": dict(self.counters), "admitted_tokens": self.admitted_tokens,
+            "waiting": [[s.as_list() for s in queue] for queue in self.waiting],
+            "open": [p.as_list() for p in self.packer.open], "closed": [p.as_list() for p in self.packer.closed],
         })
 
     def load_state_dict(self, state: dict) -> None:
-        if int(state["seed"]) != self.seed or len(state["packers"]) != len(self.packers):
-            raise ValueError("data state was saved with another seed or packing rule")
+        if int(state["seed"]) != self.seed:
+            raise ValueError(f"data state was saved with seed {state['seed']}, this run has {self.seed}")
         self.epoch, self.shard_pos, self.sample_pos = state["epoch"], state["shard_pos"], state["sample_pos"]
-        self.pattern_pos = state["pattern_pos"]
         self.counters = Counter(state["counters"])
-        self._pending = [PlannedSample(*s) for s in state["pending"]]
-        for packer, saved in zip(self.packers, state["packers"]):
-            packer.open = [PlannedPack.from_list(p) for p in saved["open"]]
-            packer.closed = [PlannedPack.from_list(p) for p in saved["closed"]]
+        self.admitted_tokens = list(state["admitted_tokens"])
+        self.waiting = [[PlannedSample(*s) for s in queue] for queue in state["waiting"]]
+        self.packer.open = [PlannedPack.from_list(p) for p in state["open"]]
+        self.packer.closed = [PlannedPack.from_list(p) for p in state["closed"]]
 
 
 def deal(packs: list[PlannedPack], dp_size: int, patch_cost: float = 1.0) -> list[list[PlannedPack]]:

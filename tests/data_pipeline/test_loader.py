@@ -1,0 +1,134 @@
+"""The loader resumes exactly, splits work across DP ranks, survives slow, crashing and corrupt samples."""
+
+import json
+import os
+import shutil
+import time
+
+import pytest
+import torch
+
+from data_pipeline.loader import ShardLoader
+from data_pipeline.planner import PlannedSample
+from data_pipeline.shards import ShardSet
+from data_pipeline.workers import DecodePool, Rejected, SampleDecoder
+from keye_train.config import DataConfig
+from tests.helpers import TEST_DATA
+
+
+def data_config(**overrides) -> DataConfig:
+    base = dict(shards=str(TEST_DATA / "shards"), tokenizer=str(TEST_DATA / "tokenizer.json"), image_max_tokens=16,
+                video_fps=1.0, frame_min_tokens=4, frame_max_tokens=8, video_total_tokens=64, open_packs=4)
+    return DataConfig(**(base | overrides))
+
+
+def run(loader, steps):
+    out = []
+    for _ in range(steps):
+        out.append([(b.sample_ids, b.input_ids.clone()) for b in loader.next_step()])
+    return out
+
+
+def _ids(steps):
+    return [[ids for ids, _ in step] for step in steps]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_interrupted_and_resumed_stream_equals_the_uninterrupted_one(workers):
+    make = lambda: ShardLoader(data_config(workers=workers), 128, 4, seed=3, dp_rank=1, dp_size=2, log=lambda _: None)
+    reference = make()
+    expected = run(reference, 9)
+    reference.close()
+
+    first = make()
+    head = run(first, 4)
+    state = json.loads(json.dumps(first.state_dict()))  # what the checkpoint stores
+    first.close()
+    resumed = make()
+    resumed.load_state_dict(state)
+    tail = run(resumed, 5)
+    resumed.close()
+    assert _ids(head + tail) == _ids(expected)
+    for got, want in zip(head + tail, expected):
+        assert all(torch.equal(a, b) for (_, a), (_, b) in zip(got, want))
+
+
+def test_dp_ranks_read_disjoint_samples_and_together_the_global_batch():
+    steps = 12
+    single = ShardLoader(data_config(), 128, 4, seed=4, log=lambda _: None)
+    ranks = [ShardLoader(data_config(), 128, 4, seed=4, dp_rank=r, dp_size=2, log=lambda _: None) for r in (0, 1)]
+    for _ in range(steps):
+        whole = sorted(tuple(b.sample_ids) for b in single.next_step())
+        parts = [[tuple(b.sample_ids) for b in loader.next_step()] for loader in ranks]
+        assert sorted(parts[0] + parts[1]) == whole
+        assert not set(sum(parts[0], ())) & set(sum(parts[1], ()))
+    # every sample of epoch 0 came once (samples split into parts count once per part)
+    seen = []
+    loader = ShardLoader(data_config(), 128, 2, seed=4, log=lambda _: None)
+    while loader.consumed_planner_state()["epoch"] < 2:
+        seen += [sid for b in loader.next_step() for sid in b.sample_ids]
+    epoch0 = [sid for sid in seen if sid.endswith("@0")]
+    assert len(epoch0) == len(set(epoch0))
+    whole_ids = {sid.split("#")[0].rsplit("@", 1)[0] for sid in epoch0}
+    assert len(whole_ids) == sum(ShardSet(TEST_DATA / "shards").sizes) - loader.counters().get("plan/too_long", 0)
+
+
+class SlowOrCrashingDecoder(SampleDecoder):
+    """Decodes normally, except sample 3 of shard 0 hangs and sample 5 kills its worker."""
+
+    def __call__(self, planned):
+        if (planned.shard, planned.sample) == (0, 3):
+            time.sleep(60)
+        if (planned.shard, planned.sample) == (0, 5):
+            os._exit(3)
+        return super().__call__(planned)
+
+
+def test_a_hanging_or_crashing_sample_is_counted_and_the_rest_continue():
+    cfg = data_config()
+    from data_pipeline.loader import media_budget
+
+    pool = DecodePool(cfg.shards, cfg.tokenizer, media_budget(cfg), 128, workers=2, timeout_s=3,
+                      decoder_factory=SlowOrCrashingDecoder)
+    try:
+        jobs = [pool.submit(PlannedSample(0, 0, k, -1, 0, 0)) for k in range(8)]
+        started = time.monotonic()
+        results = [pool.result(j) for j in jobs]
+        elapsed = time.monotonic() - started
+    finally:
+        pool.close()
+    reasons = {k: r.reason for k, r in enumerate(results) if isinstance(r, Rejected)}
+    assert reasons == {3: "decode_timeout", 5: "decode_crash"}
+    assert pool.restarts == 2 and elapsed < 30
+    ordered = [r.key for r in results if not isinstance(r, Rejected)]
+    shards = ShardSet(cfg.shards)
+    assert ordered == [f"{shards.read(0, k)[0]['id']}@0" for k in (0, 1, 2, 4, 6, 7)]
+
+
+def test_corrupt_media_at_read_time_is_skipped_counted_and_logged(tmp_path):
+    root = tmp_path / "shards"
+    shutil.copytree(TEST_DATA / "shards", root)
+    shards = ShardSet(root)
+    victims = []
+    for shard in range(len(shards.shards)):
+        for k, entry in enumerate(shards.entries(shard)):
+            if any(m["type"] == "video" for m in entry["media"].values()):
+                victims.append((shard, k))
+    tar = root / shards.shards[0]
+    data = bytearray(tar.read_bytes())
+    corrupted = 0
+    for shard, k in victims:
+        if shard == 0:  # overwrite the start of the video member with noise, same size
+            _, media = shards.read(0, k)
+            blob = next(iter(media.values()))
+            at = data.find(blob)
+            data[at:at + len(blob)] = os.urandom(len(blob))
+            corrupted += 1
+    tar.write_bytes(bytes(data))
+    lines = []
+    loader = ShardLoader(data_config(shards=str(root)), 128, 2, seed=0, log=lines.append)
+    while loader.consumed_planner_state()["epoch"] < 1:
+        loader.next_step()
+    counters = loader.counters()
+    assert corrupted >= 1 and counters["rejected/corrupt_video"] == corrupted
+    assert sum(1 for line in lines if "corrupt_video" in line) == corrupted

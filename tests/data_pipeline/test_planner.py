@@ -1,0 +1,138 @@
+"""The global pack plan: exact fit, every sample once per epoch, 97% packing at 32K, long:short, DP balance."""
+
+import json
+import random
+
+import pytest
+
+from data_pipeline.encode import MediaBudget
+from data_pipeline.planner import PackingConfig, PackPlanner, PlannedPack, PlannedSample, deal
+from data_pipeline.shards import FORMAT, ShardSet
+from data_pipeline.sizing import VideoBudget
+from tests.helpers import TEST_DATA
+
+
+class DigitTokenizer:
+    """Enough of KeyeTokenizer for planning: timestamps are <|frame|> + one token per character."""
+
+    def timestamp_ids(self, seconds):
+        return (0,) * (1 + len(f"{seconds:.1f}"))
+
+
+def write_index(root, entries_per_shard):
+    root.mkdir(parents=True, exist_ok=True)
+    shards = []
+    for n, entries in enumerate(entries_per_shard):
+        name = f"shard-{n:06d}.tar"
+        (root / f"shard-{n:06d}.idx.json").write_text(json.dumps({"shard": name, "samples": entries}))
+        shards.append({"name": name, "samples": len(entries), "bytes": 0})
+    (root / "index.json").write_text(json.dumps({"format": FORMAT, "tokenizer": "t", "shards": shards}))
+    return ShardSet(root)
+
+
+def realistic_mix(count, seed):
+    """Image captions, videos from 5 s to 10 min, and text of log-normal length up to 30K tokens."""
+    rng = random.Random(seed)
+    entries = []
+    for i in range(count):
+        kind = rng.choices(["caption", "video", "text"], [0.4, 0.3, 0.3])[0]
+        entry = {"key": f"{i:09d}", "id": str(i), "offset": 0, "media": {}}
+        if kind == "caption":
+            entry.update(kind="caption", text_tokens=rng.randint(10, 120))
+            entry["media"]["p.jpg"] = {"type": "image", "height": rng.randint(200, 1600), "width": rng.randint(200, 1600)}
+        elif kind == "video":
+            entry.update(kind="chat", text_tokens=rng.randint(30, 400))
+            entry["media"]["v.mp4"] = {"type": "video", "duration": min(600.0, rng.lognormvariate(3.5, 1.0) + 5),
+                                       "fps": 30.0, "height": 720, "width": 1280}
+        else:
+            entry.update(kind="text", text_tokens=min(30000, int(rng.lognormvariate(6.5, 1.2)) + 20))
+        entries.append(entry)
+    return entries
+
+
+STAGE1 = MediaBudget(video=VideoBudget(video_total_tokens=24576))
+
+
+def _planner(shards, seq_length, **packing):
+    return PackPlanner(shards, DigitTokenizer(), STAGE1, PackingConfig(seq_length=seq_length, **packing), seed=5)
+
+
+def test_packs_fit_and_every_sample_of_an_epoch_is_planned_once(tmp_path):
+    entries = realistic_mix(600, 1)
+    shards = write_index(tmp_path, [entries[i:i + 50] for i in range(0, 600, 50)])
+    planner = _planner(shards, 32768)
+    seen = []
+    while planner.epoch < 3:
+        pack = planner.next_pack()
+        assert 0 < pack.tokens <= 32768
+        seen.extend((s.epoch, s.shard, s.sample, s.part) for s in pack.samples)
+    assert len(seen) == len(set(seen))
+    epoch0 = {(shard, sample) for e, shard, sample, _ in seen if e == 0}
+    assert len(epoch0) == 600 - planner.counters["too_long"]
+
+
+def test_packing_efficiency_at_32k_on_a_realistic_mix(tmp_path):
+    shards = write_index(tmp_path, [realistic_mix(3000, 2)])
+    planner = _planner(shards, 32768)
+    packs = [planner.next_pack() for _ in range(200)]
+    efficiency = sum(p.tokens for p in packs) / (200 * 32768)
+    assert efficiency >= 0.97, efficiency
+
+
+def test_long_and_short_tokens_are_one_to_one(tmp_path):
+    rng = random.Random(3)
+    entries = [{"key": f"{i:09d}", "id": str(i), "offset": 0, "media": {}, "kind": "text",
+                "text_tokens": rng.randint(9000, 30000) if rng.random() < 0.2 else rng.randint(50, 3000)}
+               for i in range(3000)]
+    planner = _planner(write_index(tmp_path, [entries]), 32768, long_sample_tokens=8192, long_short_ratio=(1, 1))
+    long_tokens = short_tokens = 0
+    for _ in range(100):
+        for s in planner.next_pack().samples:
+            if s.tokens >= 8192:
+                long_tokens += s.tokens
+            else:
+                short_tokens += s.tokens
+    assert 0.95 < long_tokens / short_tokens < 1.05, (long_tokens, short_tokens)
+    assert planner.counters["ratio_relaxed"] == 0
+
+
+def test_the_ratio_is_relaxed_and_counted_when_long_samples_run_out(tmp_path):
+    shards = write_index(tmp_path, [realistic_mix(3000, 3)])  # about 1% of samples reach 8K tokens
+    planner = _planner(shards, 32768, long_sample_tokens=8192, max_waiting=200)
+    for _ in range(60):
+        planner.next_pack()
+    assert planner.counters["ratio_relaxed"] > 0 and len(planner.waiting[0]) <= 201
+
+
+def test_dealing_balances_compute_with_equal_pack_counts():
+    rng = random.Random(0)
+    packs = []
+    for _ in range(32):
+        pack = PlannedPack()
+        pack.add(PlannedSample(0, 0, 0, -1, rng.randint(1000, 32768), rng.randint(0, 40000)))
+        packs.append(pack)
+    ranks = deal(packs, 4)
+    assert [len(r) for r in ranks] == [8] * 4
+    assert sorted(id(p) for r in ranks for p in r) == sorted(id(p) for p in packs)
+    loads = [sum(p.cost(1.0) for p in r) for r in ranks]
+    naive = [sum(p.cost(1.0) for p in packs[r::4]) for r in range(4)]
+    assert max(loads) - min(loads) <= max(p.cost(1.0) for p in packs)
+    assert max(loads) - min(loads) < max(naive) - min(naive)
+
+
+def test_state_round_trip_continues_the_same_plan():
+    shards = ShardSet(TEST_DATA / "shards")
+    tokenizer_stub = DigitTokenizer()
+    budget = MediaBudget(video=VideoBudget(fps=1.0, frame_min_tokens=4, frame_max_tokens=8, video_total_tokens=64))
+    make = lambda: PackPlanner(shards, tokenizer_stub, budget, PackingConfig(seq_length=128, open_packs=4), seed=9)
+    first = make()
+    for _ in range(7):
+        first.next_step(4, 2)
+    state = json.loads(json.dumps(first.state_dict()))
+    second = make()
+    second.load_state_dict(state)
+    for _ in range(10):
+        a, b = first.next_step(4, 2), second.next_step(4, 2)
+        assert [[p.as_list() for p in r] for r in a] == [[p.as_list() for p in r] for r in b]
+    with pytest.raises(ValueError, match="seed"):
+        PackPlanner(shards, tokenizer_stub, budget, PackingConfig(seq_length=128), seed=1).load_state_dict(state)
