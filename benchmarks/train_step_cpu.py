@@ -9,42 +9,18 @@ import argparse
 import datetime
 import json
 import os
-import platform
-import resource
 import statistics
-import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from benchmarks.common import cpu_description, git_state, peak_rss_mib  # noqa: E402
+
 DEFAULT_OUT = REPO / "benchmarks" / "results" / "train_step_cpu.json"
-
-
-def cpu_description() -> dict:
-    model = platform.processor() or "unknown"
-    with open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    return {"cpu": model, "cores": os.cpu_count()}
-
-
-def _git(*args: str) -> str:
-    return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
-
-
-def git_state() -> dict:
-    """HEAD and whether the working tree differs from it (then HEAD alone does not identify the code)."""
-    try:
-        return {"commit": _git("rev-parse", "HEAD"), "worktree_dirty": bool(_git("status", "--porcelain"))}
-    except (OSError, subprocess.CalledProcessError):
-        return {"commit": "unknown", "worktree_dirty": None}
-
-
-def peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
 def run(steps: int, warmup: int, overrides: list[str], run_dir: str) -> dict:
@@ -53,10 +29,14 @@ def run(steps: int, warmup: int, overrides: list[str], run_dir: str) -> dict:
     from keye_train.cli import _single_process_env
     from keye_train.configure import load_config
     from keye_train.trainer import Trainer
+    from data_pipeline.demo import make_demo
     from parallel.layout import destroy_process_groups
 
+    data = Path(run_dir) / "data"  # the demo corpus, built fresh (a few seconds)
+    make_demo(data, log=lambda _: None)
     cfg = load_config(["parallel.nproc=1", "parallel.ep=1", "logging.wandb_mode=disabled",
                        "logging.progress_bar=false", "checkpoint.resume=false", f"run_dir={run_dir}",
+                       f"data.shards={data / 'shards'}", f"data.tokenizer={data / 'tokenizer.json'}", "data.workers=0",
                        f"train.steps={warmup + steps}", *overrides])
     _single_process_env()
     trainer = Trainer(cfg)
