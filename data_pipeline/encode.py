@@ -103,13 +103,13 @@ def encode_sample(key: str, record: dict, media: dict[str, bytes], tokenizer: Ke
         else:
             data = _media_bytes(media, seg)
             if seg.kind == "image":
-                pixels = decode_image(data)
-                height, width = budget.image.resize(pixels.shape[1], pixels.shape[2])
+                pixels = decode_image(data, budget.image.resize)
+                height, width = pixels.shape[1], pixels.shape[2]
                 frame_patches, frame_grids = to_patches(pixels[None], height, width)
                 add([ids.vision_start] + [ids.image_pad] * (height // FACTOR) * (width // FACTOR) + [ids.vision_end],
                     False)
             else:
-                video, plan = decode_video(data, budget.video, num_videos)
+                video, plan = decode_video(data, budget.video, num_videos, resize=True)
                 frame_patches, frame_grids = to_patches(video.frames, plan.height, plan.width)
                 add([ids.vision_start], False)
                 for t in video.timestamps:

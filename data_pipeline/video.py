@@ -44,9 +44,15 @@ def _open(source) -> av.container.InputContainer:
         raise RejectedMedia("corrupt_video", str(exc)) from exc
 
 
-def _rotated(array: np.ndarray, rotation: int) -> np.ndarray:
-    """Turn an HxWx3 frame by its display rotation (degrees counter-clockwise, as FFmpeg reports it)."""
-    turns = (int(rotation) // 90) % 4
+def _rgb(frame, size: tuple | None = None) -> np.ndarray:
+    """HxWx3 uint8 as displayed: FFmpeg's bicubic scaling to `size` (displayed H, W) when given, then the
+    display rotation (degrees counter-clockwise, as FFmpeg reports it)."""
+    turns = (int(getattr(frame, "rotation", 0) or 0) // 90) % 4
+    if size is None:
+        array = frame.to_ndarray(format="rgb24")
+    else:
+        height, width = size if turns % 2 == 0 else size[::-1]
+        array = frame.to_ndarray(format="rgb24", width=width, height=height, interpolation="BICUBIC")
     return np.ascontiguousarray(np.rot90(array, k=turns)) if turns else array
 
 
@@ -81,8 +87,10 @@ def _in_time_order(frames, window: int = REORDER_WINDOW):
         yield heapq.heappop(heap)[2]
 
 
-def decode_frames(container, stream, times) -> tuple[list, list]:
-    """Decode the frames nearest to each target time (sorted); returns (arrays, true times)."""
+def decode_frames(container, stream, times, size: tuple | None = None) -> tuple[list, list]:
+    """Decode the frames nearest to each target time (sorted); returns (arrays, true times).
+
+    size: displayed (H, W) to scale each kept frame to while converting it (None: native size)."""
     picked, picked_times = [], []
     targets = sorted(times)
     k, previous, needs_seek, seeked_for = 0, None, True, -1
@@ -97,7 +105,7 @@ def decode_frames(container, stream, times) -> tuple[list, list]:
                 if previous is not None and targets[k] - previous.time < frame.time - targets[k]:
                     best = previous
                 if not picked_times or best.time > picked_times[-1]:
-                    picked.append(_rotated(best.to_ndarray(format="rgb24"), getattr(best, "rotation", 0)))
+                    picked.append(_rgb(best, size))
                     picked_times.append(best.time)
                 k += 1
             previous = frame
@@ -106,7 +114,7 @@ def decode_frames(container, stream, times) -> tuple[list, list]:
                 break
         else:  # end of stream: the remaining targets map to the last frame, if not already used
             if previous is not None and k < len(targets) and (not picked_times or previous.time > picked_times[-1]):
-                picked.append(_rotated(previous.to_ndarray(format="rgb24"), getattr(previous, "rotation", 0)))
+                picked.append(_rgb(previous, size))
                 picked_times.append(previous.time)
             break
     return picked, picked_times
@@ -138,13 +146,16 @@ def probe_video(source) -> VideoInfo:
     return info
 
 
-def decode_video(source, budget: VideoBudget, videos_in_sample: int = 1) -> tuple[DecodedVideo, FramePlan]:
-    """Plan and decode one video (path or bytes). Raises RejectedMedia with a counted reason."""
+def decode_video(source, budget: VideoBudget, videos_in_sample: int = 1,
+                 resize: bool = False) -> tuple[DecodedVideo, FramePlan]:
+    """Plan and decode one video (path or bytes); with `resize` the frames come at the plan's size.
+
+    Raises RejectedMedia with a counted reason."""
     container, stream, info = _open_displayed(source)
     try:
         plan = plan_video(info.duration_s, info.fps, info.height, info.width, budget, videos_in_sample)
         try:
-            arrays, times = decode_frames(container, stream, plan.times)
+            arrays, times = decode_frames(container, stream, plan.times, (plan.height, plan.width) if resize else None)
         except av.FFmpegError as exc:
             raise RejectedMedia("corrupt_video", str(exc)) from exc
     finally:
@@ -155,16 +166,21 @@ def decode_video(source, budget: VideoBudget, videos_in_sample: int = 1) -> tupl
     return DecodedVideo(frames=frames, timestamps=times, info=info), plan
 
 
-def decode_image(source) -> torch.Tensor:
-    """uint8 [3, H, W] of an image file (path or bytes); RejectedMedia('unreadable_image') otherwise."""
+def decode_image(source, target_size=None) -> torch.Tensor:
+    """uint8 [3, H, W] of an image file (path or bytes); RejectedMedia('unreadable_image') otherwise.
+
+    target_size: optional (height, width) -> (H, W); the picture is scaled to it (bicubic) while converted."""
     try:
         with av.open(io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else str(source)) as container:
             if not container.streams.video:
                 raise RejectedMedia("unreadable_image", "no picture stream")
             frame = next(container.decode(video=0))
-            array = frame.to_ndarray(format="rgb24")
+            if frame.width == 0 or frame.height == 0:
+                raise RejectedMedia("unreadable_image", "empty picture")
+            size = None if target_size is None else target_size(frame.height, frame.width)
+            array = _rgb(frame, size)
+    except RejectedMedia:
+        raise
     except (av.FFmpegError, OSError, ValueError, StopIteration) as exc:
         raise RejectedMedia("unreadable_image", str(exc) or type(exc).__name__) from exc
-    if array.shape[0] == 0 or array.shape[1] == 0:
-        raise RejectedMedia("unreadable_image", "empty picture")
     return torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1).contiguous()
