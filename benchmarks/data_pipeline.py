@@ -124,7 +124,7 @@ def generated_videos(out: Path, count: int = 6) -> list[Path]:
 
 def packing_efficiency(seq_lengths=(8192, 32768, 65536, 262144), samples: int = 20000) -> dict:
     from data_pipeline.planner import PackingConfig, PackPlanner
-    from tests.data_pipeline.test_planner import DigitTokenizer, realistic_mix, write_index
+    from tests.data_pipeline.mixes import DigitTokenizer, realistic_mix, write_index
 
     out = {}
     with tempfile.TemporaryDirectory() as tmp:
