@@ -39,8 +39,11 @@ class ShardLoader:
         budget = media_budget(data)
         packing = PackingConfig(seq_length=seq_length, open_packs=data.open_packs,
                                 long_sample_tokens=data.long_sample_tokens,
-                                long_short_ratio=tuple(data.long_short_ratio), patch_cost=data.patch_cost)
-        self.planner = PackPlanner(self.shards, self.tokenizer, budget, packing, seed)
+                                long_short_ratio=tuple(data.long_short_ratio), patch_cost=data.patch_cost,
+                                max_pack_age=data.max_pack_age)
+        # every rank plans the same packs; one of them reports the planner's skips
+        self.planner = PackPlanner(self.shards, self.tokenizer, budget, packing, seed,
+                                   log=log if dp_rank == 0 else (lambda line: None))
         self.pool = DecodePool(data.shards, data.tokenizer, budget, seq_length, data.workers, data.decode_timeout_s)
         self.seq_length, self.global_batch = seq_length, global_batch
         self.dp_rank, self.dp_size = dp_rank, dp_size
@@ -62,16 +65,18 @@ class ShardLoader:
     def next_step(self) -> list[PackedBatch]:
         self._plan_ahead()
         _, packs, jobs = self.ahead.popleft()
-        batches = [self._assemble([self.pool.result(j) for j in pack_jobs]) for pack_jobs in jobs]
+        batches = [self._assemble(pack.samples, [self.pool.result(j) for j in pack_jobs])
+                   for pack, pack_jobs in zip(packs, jobs)]
         self._plan_ahead()  # the next steps decode while this one trains
         return batches
 
-    def _assemble(self, results: list) -> PackedBatch:
+    def _assemble(self, planned: list, results: list) -> PackedBatch:
         samples: list[EncodedSample] = []
         used = 0
-        for result in results:
+        for ref, result in zip(planned, results):
+            where = f"[shard {self.shards.shards[ref.shard]}, sample {ref.sample}, epoch {ref.epoch}]"
             if isinstance(result, Rejected):
-                self._reject(result.reason, result.detail)
+                self._reject(result.reason, f"{result.detail} {where}")
                 continue
             if used + result.length > self.seq_length:  # a true timestamp with one digit more than planned
                 self._reject("length_mismatch", f"{result.key} has {result.length} tokens, the pack is full")
@@ -142,7 +147,7 @@ def check_data_config(data) -> None:
     for key in ("workers",):
         if getattr(data, key) < 0:
             raise ValueError(f"data.{key} must be >= 0")
-    for key in ("prefetch_steps", "open_packs", "image_min_tokens", "video_max_frames", "video_total_tokens"):
+    for key in ("prefetch_steps", "open_packs", "max_pack_age", "image_min_tokens", "video_max_frames", "video_total_tokens"):
         if getattr(data, key) < 1:
             raise ValueError(f"data.{key} must be >= 1")
     if data.decode_timeout_s <= 0:

@@ -27,6 +27,7 @@ from functools import lru_cache
 from data_pipeline.encode import MediaBudget, media_tokens
 from data_pipeline.schema import SPLITTABLE_KINDS
 from data_pipeline.shards import ShardSet
+from data_pipeline.sizing import RejectedMedia
 from data_pipeline.tokenizer import KeyeTokenizer
 
 
@@ -37,6 +38,7 @@ class PackingConfig:
     long_sample_tokens: int = 0  # 0: one class of packs
     long_short_ratio: tuple = (1, 1)
     max_waiting: int = 4096  # samples queued for the class that is ahead; beyond it the ratio is relaxed
+    max_pack_age: int = 1024  # an open pack closes after this many later admissions (bounds a sample's delay)
     patch_cost: float = 1.0  # compute of one ViT patch relative to one LM token, for DP balancing
 
 
@@ -88,34 +90,51 @@ def _permutation(n: int, *seed_parts: int) -> list[int]:
 
 
 class _BestFit:
-    def __init__(self, capacity: int, window: int):
-        self.capacity, self.window = capacity, window
+    def __init__(self, capacity: int, window: int, max_age: int):
+        self.capacity, self.window, self.max_age = capacity, window, max_age
         self.open: list[PlannedPack] = []
+        self.opened_at: list[int] = []  # admission count when each open pack was started
         self.closed: list[PlannedPack] = []
+        self.admitted = 0
 
     def add(self, sample: PlannedSample) -> None:
-        fits = [p for p in self.open if p.tokens + sample.tokens <= self.capacity]
+        fits = [k for k, p in enumerate(self.open) if p.tokens + sample.tokens <= self.capacity]
         if fits:
-            target = min(fits, key=lambda p: self.capacity - p.tokens)  # first of equals: deterministic
+            k = min(fits, key=lambda i: self.capacity - self.open[i].tokens)  # first of equals: deterministic
         else:
-            target = PlannedPack()
-            self.open.append(target)
-        target.add(sample)
-        if target.tokens == self.capacity:
-            self._close(target)
+            self.open.append(PlannedPack())
+            self.opened_at.append(self.admitted)
+            k = len(self.open) - 1
+        self.admitted += 1
+        self.open[k].add(sample)
+        if self.open[k].tokens == self.capacity:
+            self._close(k)
         elif len(self.open) > self.window:
-            self._close(max(self.open, key=lambda p: p.tokens))
+            self._close(max(range(len(self.open)), key=lambda i: self.open[i].tokens))
+        while self.open and self.admitted - self.opened_at[0] > self.max_age:
+            self._close(0)  # the oldest pack has waited long enough
 
-    def _close(self, pack: PlannedPack) -> None:
-        self.open.remove(pack)
-        self.closed.append(pack)
+    def _close(self, k: int) -> None:
+        self.closed.append(self.open.pop(k))
+        self.opened_at.pop(k)
+
+    def state_dict(self) -> dict:
+        return {"open": [p.as_list() for p in self.open], "opened_at": list(self.opened_at),
+                "closed": [p.as_list() for p in self.closed], "admitted": self.admitted}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.open = [PlannedPack.from_list(p) for p in state["open"]]
+        self.opened_at = list(state["opened_at"])
+        self.closed = [PlannedPack.from_list(p) for p in state["closed"]]
+        self.admitted = int(state["admitted"])
 
 
 class PackPlanner:
     def __init__(self, shards: ShardSet, tokenizer: KeyeTokenizer, budget: MediaBudget, config: PackingConfig,
-                 seed: int):
+                 seed: int, log=lambda line: None):
         self.shards, self.tokenizer, self.budget, self.config, self.seed = shards, tokenizer, budget, config, seed
-        self.packer = _BestFit(config.seq_length, config.open_packs)
+        self.log = log
+        self.packer = _BestFit(config.seq_length, config.open_packs, config.max_pack_age)
         self.epoch, self.shard_pos, self.sample_pos = 0, 0, 0
         self.counters: Counter = Counter()
         self.waiting: list[list[PlannedSample]] = [[], []]  # short, long samples read but not yet packed
@@ -141,19 +160,23 @@ class PackPlanner:
         for meta in entry["media"].values():
             try:
                 t, p = media_tokens(meta, self.budget, self.tokenizer, videos)
-            except ValueError:  # RejectedMedia under this stage's budget (e.g. aspect ratio)
-                self.counters["rejected_by_budget"] += 1
+            except RejectedMedia as exc:  # unusable under this stage's budget
+                self._skip(exc.reason, entry, str(exc))
                 return []
             tokens, patches = tokens + t, patches + p
         limit = self.config.seq_length
         if tokens <= limit:
             return [PlannedSample(epoch, shard, sample, -1, tokens, patches)]
         if entry["kind"] not in SPLITTABLE_KINDS:
-            self.counters["too_long"] += 1
+            self._skip("too_long", entry, f"{tokens} tokens > seq_length {limit} and a {entry['kind']} is not split")
             return []
         self.counters["split_samples"] += 1
         parts = -(-tokens // limit)
         return [PlannedSample(epoch, shard, sample, k, min(limit, tokens - k * limit), 0) for k in range(parts)]
+
+    def _skip(self, reason: str, entry: dict, detail: str) -> None:
+        self.counters[reason] += 1
+        self.log(f"data: skipped sample {entry['id']!r} ({reason}): {detail}")
 
     # ---- packs --------------------------------------------------------------------------------------------
 
@@ -201,7 +224,7 @@ class PackPlanner:
             "seed": self.seed, "epoch": self.epoch, "shard_pos": self.shard_pos, "sample_pos": self.sample_pos,
             "counters": dict(self.counters), "admitted_tokens": self.admitted_tokens,
             "waiting": [[s.as_list() for s in queue] for queue in self.waiting],
-            "open": [p.as_list() for p in self.packer.open], "closed": [p.as_list() for p in self.packer.closed],
+            "packer": self.packer.state_dict(),
         })
 
     def load_state_dict(self, state: dict) -> None:
@@ -211,8 +234,7 @@ class PackPlanner:
         self.counters = Counter(state["counters"])
         self.admitted_tokens = list(state["admitted_tokens"])
         self.waiting = [[PlannedSample(*s) for s in queue] for queue in state["waiting"]]
-        self.packer.open = [PlannedPack.from_list(p) for p in state["open"]]
-        self.packer.closed = [PlannedPack.from_list(p) for p in state["closed"]]
+        self.packer.load_state_dict(state["packer"])
 
 
 def deal(packs: list[PlannedPack], dp_size: int, patch_cost: float = 1.0) -> list[list[PlannedPack]]:

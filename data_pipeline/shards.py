@@ -24,7 +24,7 @@ from pathlib import Path
 
 from data_pipeline.encode import text_token_count
 from data_pipeline.schema import BadRecord, media_names, media_type, parse_record
-from data_pipeline.sizing import RejectedMedia
+from data_pipeline.sizing import MAX_ASPECT_RATIO, RejectedMedia
 from data_pipeline.tokenizer import KeyeTokenizer
 from data_pipeline.video import decode_image, probe_video
 
@@ -71,9 +71,14 @@ def index_name(shard: str) -> str:
 def probe_media(name: str, data: bytes) -> dict:
     if media_type(name) == "image":
         pixels = decode_image(data)
-        return {"type": "image", "height": int(pixels.shape[1]), "width": int(pixels.shape[2])}
-    info = probe_video(data)
-    return {"type": "video", "duration": info.duration_s, "fps": info.fps, "height": info.height, "width": info.width}
+        meta = {"type": "image", "height": int(pixels.shape[1]), "width": int(pixels.shape[2])}
+    else:
+        info = probe_video(data)
+        meta = {"type": "video", "duration": info.duration_s, "fps": info.fps, "height": info.height,
+                "width": info.width}
+    if max(meta["height"], meta["width"]) > MAX_ASPECT_RATIO * min(meta["height"], meta["width"]):
+        raise RejectedMedia("aspect_ratio", f"{name}: {meta['height']}x{meta['width']} exceeds {MAX_ASPECT_RATIO}:1")
+    return meta
 
 
 def describe(key: str, record: dict, media: dict[str, bytes], tokenizer: KeyeTokenizer) -> dict:

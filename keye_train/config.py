@@ -128,6 +128,7 @@ class DataConfig:
     video_total_tokens: int = 24576  # Stage 1: 24K, Stage 2: 64K, Stage 3: 180K (184320)
     adaptive_video_budget: bool = True
     open_packs: int = 16
+    max_pack_age: int = 1024  # samples admitted after a pack opened before it is closed anyway
     long_sample_tokens: int = 0  # > 0: long and short packs alternate in long_short_ratio
     long_short_ratio: List[int] = field(default_factory=lambda: [1, 1])
     patch_cost: float = 1.0  # a ViT patch's compute relative to an LM token, for DP balancing

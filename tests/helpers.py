@@ -1,6 +1,7 @@
 """Shared helpers for tests that run the real CLI in a subprocess."""
 
 import hashlib
+import random
 import os
 import subprocess
 import sys
@@ -56,3 +57,36 @@ def logged_losses(run_dir) -> dict[int, float]:
         row = json.loads(line)
         out[row["step"]] = row["loss"]
     return out
+
+
+def corrupt_copy(source: Path, target: Path, per_shard: int = 3) -> dict:
+    """Copy a shard directory and damage, in place and at the same size, up to `per_shard` videos and as many
+    other records in every shard (noise over the video bytes, a 0xff byte inside the JSON). Returns the counts."""
+    import json
+    import shutil
+
+    from data_pipeline.shards import ShardSet
+
+    shutil.copytree(source, target)
+    shards = ShardSet(target)
+    damaged = {"corrupt_video": 0, "non_utf8": 0}
+    for number, name in enumerate(shards.shards):
+        data = bytearray((target / name).read_bytes())
+        entries = shards.entries(number)
+        videos = [k for k, e in enumerate(entries) if any(m["type"] == "video" for m in e["media"].values())]
+        videos = videos[:per_shard]
+        records = [k for k in range(len(entries)) if k not in videos][:per_shard]
+        for k in videos:
+            _, media = shards.read(number, k)
+            blob = next(iter(media.values()))
+            at = data.find(blob)
+            data[at:at + len(blob)] = random.Random(number * 1000 + k).randbytes(len(blob))
+            damaged["corrupt_video"] += 1
+        for k in records:
+            record, _ = shards.read(number, k)
+            raw = json.dumps(record, ensure_ascii=False).encode()
+            at = data.find(raw)
+            data[at + raw.index(b'"id"') + 1] = 0xFF  # the key's first letter becomes an invalid UTF-8 byte
+            damaged["non_utf8"] += 1
+        (target / name).write_bytes(bytes(data))
+    return damaged

@@ -2,7 +2,6 @@
 
 import json
 import os
-import shutil
 import time
 
 import pytest
@@ -13,7 +12,7 @@ from data_pipeline.planner import PlannedSample
 from data_pipeline.shards import ShardSet
 from data_pipeline.workers import DecodePool, Rejected, SampleDecoder
 from keye_train.config import DataConfig
-from tests.helpers import TEST_DATA
+from tests.helpers import TEST_DATA, corrupt_copy
 
 
 def data_config(**overrides) -> DataConfig:
@@ -105,30 +104,19 @@ def test_a_hanging_or_crashing_sample_is_counted_and_the_rest_continue():
     assert ordered == [f"{shards.read(0, k)[0]['id']}@0" for k in (0, 1, 2, 4, 6, 7)]
 
 
-def test_corrupt_media_at_read_time_is_skipped_counted_and_logged(tmp_path):
-    root = tmp_path / "shards"
-    shutil.copytree(TEST_DATA / "shards", root)
-    shards = ShardSet(root)
-    victims = []
-    for shard in range(len(shards.shards)):
-        for k, entry in enumerate(shards.entries(shard)):
-            if any(m["type"] == "video" for m in entry["media"].values()):
-                victims.append((shard, k))
-    tar = root / shards.shards[0]
-    data = bytearray(tar.read_bytes())
-    corrupted = 0
-    for shard, k in victims:
-        if shard == 0:  # overwrite the start of the video member with noise, same size
-            _, media = shards.read(0, k)
-            blob = next(iter(media.values()))
-            at = data.find(blob)
-            data[at:at + len(blob)] = os.urandom(len(blob))
-            corrupted += 1
-    tar.write_bytes(bytes(data))
+def test_damaged_samples_at_read_time_are_skipped_counted_and_logged_once_per_epoch(tmp_path):
+    damaged = corrupt_copy(TEST_DATA / "shards", tmp_path / "shards")
     lines = []
-    loader = ShardLoader(data_config(shards=str(root)), 128, 2, seed=0, log=lines.append)
-    while loader.consumed_planner_state()["epoch"] < 1:
+    cfg = data_config(shards=str(tmp_path / "shards"), max_pack_age=16)
+    loader = ShardLoader(cfg, 128, 2, seed=0, log=lines.append)
+    def epoch0_pending():
+        planner = loader.planner
+        packs = planner.packer.open + planner.packer.closed + [p for _, mine, _ in loader.ahead for p in mine]
+        queued = [s for queue in planner.waiting for s in queue] + [s for p in packs for s in p.samples]
+        return any(s.epoch == 0 for s in queued)
+
+    while loader.planner.epoch < 1 or epoch0_pending():  # max_pack_age bounds how long this takes
         loader.next_step()
-    counters = loader.counters()
-    assert corrupted >= 1 and counters["rejected/corrupt_video"] == corrupted
-    assert sum(1 for line in lines if "corrupt_video" in line) == corrupted
+    for reason, count in damaged.items():
+        assert count >= 7 and sum(f"({reason})" in line and "epoch 0]" in line for line in lines) == count
+    assert loader.counters()["rejected/corrupt_video"] >= damaged["corrupt_video"]

@@ -23,11 +23,12 @@ def _planner(shards, seq_length, **packing):
 def test_packs_fit_and_every_sample_of_an_epoch_is_planned_once(tmp_path):
     entries = realistic_mix(600, 1)
     shards = write_index(tmp_path, [entries[i:i + 50] for i in range(0, 600, 50)])
-    planner = _planner(shards, 32768)
+    planner = _planner(shards, 32768, max_pack_age=64)
     seen = []
     while planner.epoch < 3:
         pack = planner.next_pack()
         assert 0 < pack.tokens <= 32768
+        assert all(planner.packer.admitted - t <= 64 for t in planner.packer.opened_at)  # bounded delay
         seen.extend((s.epoch, s.shard, s.sample, s.part) for s in pack.samples)
     assert len(seen) == len(set(seen))
     epoch0 = {(shard, sample) for e, shard, sample, _ in seen if e == 0}

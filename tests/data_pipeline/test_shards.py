@@ -45,6 +45,7 @@ def media(tmp_path_factory):
     (root / "garbage.mp4").write_bytes(bytes(random.Random(1).randrange(256) for _ in range(5000)))
     (root / "empty.mp4").write_bytes(b"")
     _audio_only(root / "tone.mp4")
+    write_image(root / "sliver.png", np.full((2, 420, 3), 128, dtype=np.uint8))  # 1:210
     (root / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 100)
     return root
 
@@ -67,6 +68,7 @@ def test_build_counts_every_reject_and_indexes_the_rest(tmp_path, media, tokeniz
              json.dumps(_video("zero-length", "empty.mp4")).encode(),
              json.dumps(_video("audio-only", "tone.mp4")).encode(),
              json.dumps(_caption("bad-image", "broken.png")).encode(),
+             json.dumps(_caption("sliver", "sliver.png")).encode(),
              json.dumps(_caption("no-file", "missing.png")).encode(),
              json.dumps(_caption("escape", "../../etc/hosts")).encode(),
              json.dumps({"id": "no-text", "kind": "caption", "image": "p.png", "media": {"p.png": "good.png"}}).encode(),
@@ -77,7 +79,7 @@ def test_build_counts_every_reject_and_indexes_the_rest(tmp_path, media, tokeniz
     report = build_shards(manifest, media, tmp_path / "shards", tokenizer, samples_per_shard=2, log=lambda _: None)
     assert report.samples == 3 and report.shards == 2
     assert report.rejects == {"corrupt_video": report.rejects["corrupt_video"], "no_video_stream": 1,
-                              "unreadable_image": 1, "missing_media": 1, "unsafe_path": 1, "missing_field": 1,
+                              "unreadable_image": 1, "aspect_ratio": 1, "missing_media": 1, "unsafe_path": 1, "missing_field": 1,
                               "non_utf8": 1, "bad_json": 1}
     assert report.rejects["corrupt_video"] == 3  # truncated, garbage and zero-length bytes
     index = json.loads((tmp_path / "shards" / "index.json").read_text())
