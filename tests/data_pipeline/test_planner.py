@@ -100,3 +100,18 @@ def test_state_round_trip_continues_the_same_plan():
         assert [[p.as_list() for p in r] for r in a] == [[p.as_list() for p in r] for r in b]
     with pytest.raises(ValueError, match="seed"):
         PackPlanner(shards, tokenizer_stub, budget, PackingConfig(seq_length=128), seed=1).load_state_dict(state)
+
+
+def test_over_long_samples_are_split_when_text_and_skipped_otherwise(tmp_path):
+    entries = [{"key": "0", "id": "long-text", "offset": 0, "media": {}, "kind": "text", "text_tokens": 250},
+               {"key": "1", "id": "long-chat", "offset": 0, "media": {}, "kind": "chat", "text_tokens": 101},
+               {"key": "2", "id": "short", "offset": 0, "media": {}, "kind": "chat", "text_tokens": 30}]
+    lines = []
+    planner = PackPlanner(write_index(tmp_path, [entries]), DigitTokenizer(), STAGE1,
+                          PackingConfig(seq_length=100, open_packs=1), seed=0, log=lines.append)
+    parts = []
+    while planner.epoch < 3:  # epoch-0 packs are all closed long before
+        parts += [(s.sample, s.part, s.tokens) for s in planner.next_pack().samples if s.epoch == 0]
+    assert sorted(parts) == [(0, 0, 100), (0, 1, 100), (0, 2, 50), (2, -1, 30)]
+    assert planner.counters["too_long"] == 3 and planner.counters["split_samples"] == 3  # once per epoch read
+    assert lines == 3 * ["data: skipped sample 'long-chat' (too_long): 101 tokens > seq_length 100 and a chat is not split"]
