@@ -69,15 +69,24 @@ def vm_hwm_mib(pid: int) -> float:
 
 
 def measure_full(shard_root: Path, tokenizer: Path, samples: int, repeat: int, workers: int) -> dict:
+    from data_pipeline.encode import media_tokens
     from data_pipeline.planner import PlannedSample
+    from data_pipeline.shards import ShardSet
+    from data_pipeline.tokenizer import KeyeTokenizer
     from data_pipeline.workers import DecodePool, Rejected
 
+    shards, tok = ShardSet(shard_root), KeyeTokenizer(tokenizer)
+    planned = []  # as the planner plans them: with their token and patch counts, which balance the workers
+    for k in range(samples):
+        entry = shards.entry(0, k)
+        cost = [media_tokens(meta, STAGE1, tok, 1) for meta in entry["media"].values()]
+        planned.append(PlannedSample(0, 0, k, -1, entry["text_tokens"] + sum(t for t, _ in cost), sum(p for _, p in cost)))
     pool = DecodePool(shard_root, tokenizer, STAGE1, 1 << 20, workers=workers, timeout_s=600)
     try:
         for k in range(workers):  # warm-up: start-up and imports are not timed
-            pool.result(pool.submit(PlannedSample(0, 0, k % samples, -1, 0, 0)))
+            pool.result(pool.submit(planned[k % samples]))
         started = time.perf_counter()
-        jobs = [pool.submit(PlannedSample(0, 0, k % samples, -1, 0, 0)) for k in range(samples * repeat)]
+        jobs = [pool.submit(planned[k % samples]) for k in range(samples * repeat)]
         frames = 0
         for job in jobs:
             result = pool.result(job)

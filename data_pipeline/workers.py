@@ -1,7 +1,8 @@
 """Sample decoding in worker processes: bounded, ordered, and with a per-sample timeout.
 
-Jobs go round-robin to workers, each with its own queues, so results come back in submission order. When a
-sample is not back in time (a pathological file) or its worker dies, that worker is killed and restarted, the
+Each job goes to the worker with the least planned work queued (tokens + visual patches, the planner's cost
+estimate), so a long video does not hold up short samples behind it; results are still taken in submission
+order. Each worker has its own queues, so the jobs a worker holds are known. When a sample is not back in time (a pathological file) or its worker dies, that worker is killed and restarted, the
 sample is counted as `decode_timeout` / `decode_crash`, and the worker's other jobs are resubmitted. With
 `workers=0` samples are decoded inline (no timeout).
 """
@@ -58,6 +59,11 @@ class SampleDecoder:
             return Rejected("decode_error", f"{type(exc).__name__}: {exc}")
 
 
+def planned_cost(planned: PlannedSample) -> int:
+    """Decode work estimate: visual patches dominate, tokens cover text-only samples."""
+    return 1 + planned.tokens + planned.patches
+
+
 def _worker_main(factory, args: tuple, jobs: mp.Queue, results: mp.Queue) -> None:
     import torch
 
@@ -77,6 +83,7 @@ class _Worker:
         self.process = ctx.Process(target=_worker_main, args=(factory, args, self.jobs, self.results), daemon=True)
         self.process.start()
         self.pending: deque = deque()  # (job_id, planned) in submission order
+        self.queued_cost = 0  # the planned cost of `pending`
 
     def stop(self, kill: bool = False) -> None:
         if kill:
@@ -98,6 +105,7 @@ class DecodePool:
         self.timeout_s = timeout_s
         self.next_id = 0
         self.restarts = 0
+        self.slot_of: dict[int, int] = {}
         if workers == 0:
             self.inline = decoder_factory(*self.args)
             self.inline_jobs: dict[int, PlannedSample] = {}
@@ -113,15 +121,18 @@ class DecodePool:
         if self.inline is not None:
             self.inline_jobs[job_id] = planned
         else:
-            worker = self.workers[job_id % len(self.workers)]
+            slot = min(range(len(self.workers)), key=lambda k: (self.workers[k].queued_cost, k))
+            worker = self.workers[slot]
+            self.slot_of[job_id] = slot
             worker.pending.append((job_id, planned))
+            worker.queued_cost += planned_cost(planned)
             worker.jobs.put((job_id, planned.as_list()))
         return job_id
 
     def result(self, job_id: int) -> EncodedSample | Rejected:
         if self.inline is not None:
             return self.inline(self.inline_jobs.pop(job_id))
-        slot = job_id % len(self.workers)
+        slot = self.slot_of[job_id]
         worker = self.workers[slot]
         if not worker.pending or worker.pending[0][0] != job_id:
             raise RuntimeError(f"results are taken in submission order; job {job_id} is not next")
@@ -137,20 +148,28 @@ class DecodePool:
                 continue
             if got_id != job_id:
                 raise RuntimeError(f"worker returned job {got_id}, expected {job_id}")
-            worker.pending.popleft()
+            self._done(slot)
             return result
 
     def _replace(self, slot: int, reason: str, detail: str) -> Rejected:
         old = self.workers[slot]
         old.stop(kill=True)
-        _, planned = old.pending.popleft()
+        planned = self._done(slot)
         fresh = _Worker(self.ctx, self.factory, self.args)
         for job_id, later in old.pending:
             fresh.pending.append((job_id, later))
             fresh.jobs.put((job_id, later.as_list()))
+        fresh.queued_cost = old.queued_cost
         self.workers[slot] = fresh
         self.restarts += 1
         return Rejected(reason, f"{detail} (shard {planned.shard}, sample {planned.sample})")
+
+    def _done(self, slot: int) -> PlannedSample:
+        worker = self.workers[slot]
+        job_id, planned = worker.pending.popleft()
+        del self.slot_of[job_id]
+        worker.queued_cost -= planned_cost(planned)
+        return planned
 
     def close(self) -> None:
         for worker in self.workers:

@@ -120,3 +120,20 @@ def test_damaged_samples_at_read_time_are_skipped_counted_and_logged_once_per_ep
     for reason, count in damaged.items():
         assert count >= 7 and sum(f"({reason})" in line and "epoch 0]" in line for line in lines) == count
     assert loader.counters()["rejected/corrupt_video"] >= damaged["corrupt_video"]
+
+
+def test_jobs_go_to_the_worker_with_the_least_planned_work():
+    cfg = data_config()
+    from data_pipeline.loader import media_budget
+
+    pool = DecodePool(cfg.shards, cfg.tokenizer, media_budget(cfg), 128, workers=2)
+    try:
+        costs = [(1000, 4000), (10, 0), (10, 0), (10, 0), (3000, 0), (3000, 0), (10, 0)]
+        jobs = [pool.submit(PlannedSample(0, 0, k, -1, tokens, patches)) for k, (tokens, patches) in enumerate(costs)]
+        assert [pool.slot_of[j] for j in jobs] == [0, 1, 1, 1, 1, 1, 0]  # queued: 5001 vs 33, 3034, 6035
+        results = [pool.result(j) for j in jobs]  # still in submission order
+    finally:
+        pool.close()
+    shards = ShardSet(cfg.shards)
+    assert [r.key for r in results] == [f"{shards.read(0, k)[0]['id']}@0" for k in range(7)]
+    assert pool.slot_of == {}
