@@ -33,6 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
+    from keye_train.config import check_model_config
     from keye_train.configure import load_config
     from parallel.layout import LayoutError, check_batch, check_layout
 
@@ -41,6 +42,7 @@ def main(argv: list[str] | None = None) -> int:
         world = int(os.environ.get("WORLD_SIZE", cfg.parallel.nproc))
         sizes = check_layout(cfg.parallel, cfg.model.lm, cfg.model.vit, world)
         check_batch(cfg.train, sizes)
+        check_model_config(cfg.model)
     except (HydraException, OmegaConfBaseException, LayoutError, ValueError) as err:
         _die(str(err))
     if command == "train":

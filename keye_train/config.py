@@ -29,6 +29,27 @@ class ProjectorConfig:
 
 
 @dataclass
+class DSAConfig:
+    """DeepSeek Sparse Attention on the LM's GQA layers (kernels/dsa.py, dsa.md).
+
+    mode: dense (plain attention, no indexer), warmup (dense attention; the indexer learns the head-summed dense
+    distribution by KL) or sparse (every KV group attends to the indexer's shared top-k set; KL on that set)."""
+
+    mode: str = "dense"
+    index_heads: int = 16  # H_I; 16 x 64 matches the released checkpoint's parameter count (model.md §10)
+    index_head_dim: int = 64  # D_I; M-RoPE sections are the LM's scaled by D_I / head_dim
+    topk: int = 2048
+    loss_coeff: float = 1.0  # lambda on the mean per-token indexer KL of each layer (the paper does not give it)
+    backend: str = "auto"  # auto | torch | triton
+    memory_budget_mb: int = 256  # working set of one chunk of query rows in the torch reference
+    metric_rows: int = 16  # query rows per layer and micro-batch sampled for recall / overlap (0: off)
+    verify_tp_topk: bool = False  # all-gather a checksum of the selection across TP ranks and fail on mismatch
+
+
+DSA_MODES = ("dense", "warmup", "sparse")
+
+
+@dataclass
 class LMConfig:
     num_layers: int = 48
     hidden_size: int = 2048
@@ -44,6 +65,7 @@ class LMConfig:
     rope_theta: float = 1e7  # Qwen3-30B-A3B-Thinking-2507; Keye's own value is not published
     mrope_section: List[int] = field(default_factory=lambda: [16, 24, 24])
     norm_eps: float = 1e-6
+    dsa: DSAConfig = field(default_factory=DSAConfig)
 
 
 @dataclass
@@ -184,8 +206,35 @@ def tiny() -> ModelConfig:
             rope_theta=1e6,
             mrope_section=[4, 6, 6],
             max_position_embeddings=32768,
+            dsa=DSAConfig(index_heads=4, index_head_dim=16, topk=32),
         ),
     )
+
+
+def indexer_mrope_section(lm: LMConfig) -> list[int]:
+    """The LM's M-RoPE sections scaled to the indexer head (full D_I rotated): [16, 24, 24] -> [8, 12, 12]."""
+    dsa = lm.dsa
+    scaled = [s * dsa.index_head_dim / lm.head_dim for s in lm.mrope_section]
+    if any(v != int(v) for v in scaled) or sum(scaled) * 2 != dsa.index_head_dim:
+        raise ValueError(f"model.lm.dsa.index_head_dim={dsa.index_head_dim}: the M-RoPE sections "
+                         f"{list(lm.mrope_section)} do not scale to it evenly (head_dim {lm.head_dim})")
+    return [int(v) for v in scaled]
+
+
+def check_model_config(model: ModelConfig) -> None:
+    """Reject a bad model config before any rank starts, naming the key."""
+    dsa = model.lm.dsa
+    if dsa.mode not in DSA_MODES:
+        raise ValueError(f"model.lm.dsa.mode={dsa.mode!r}: choose one of {', '.join(DSA_MODES)}")
+    for key in ("index_heads", "index_head_dim", "topk", "memory_budget_mb"):
+        if getattr(dsa, key) < 1:
+            raise ValueError(f"model.lm.dsa.{key}={getattr(dsa, key)} must be >= 1")
+    if dsa.backend not in ("auto", "torch", "triton"):
+        raise ValueError(f"model.lm.dsa.backend={dsa.backend!r}: choose auto, torch or triton")
+    if dsa.loss_coeff < 0 or dsa.metric_rows < 0:
+        raise ValueError("model.lm.dsa.loss_coeff and model.lm.dsa.metric_rows must be >= 0")
+    if dsa.mode != "dense":
+        indexer_mrope_section(model.lm)
 
 
 MODEL_PRESETS = {"tiny": tiny, "keye_vl2_30b_a3b": keye_vl2_30b_a3b}

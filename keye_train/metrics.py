@@ -12,6 +12,28 @@ from megatron.core.transformer.moe import moe_utils
 from megatron.core.transformer.moe.router import TopKRouter
 
 
+def dsa_metrics(lm: torch.nn.Module, device) -> dict[str, float]:
+    """Collective over all ranks: the indexer KL (mean per layer and micro-batch) and the sampled selection
+    metrics, from the DSA layers of every pipeline stage (TP rank 0 only: the other TP ranks hold copies)."""
+    from megatron.core import parallel_state
+
+    from keye_train.model.dsa import dsa_core_attentions
+
+    names = ("kl", "recall", "overlap", "union16")
+    sums = torch.zeros(2 * len(names), dtype=torch.float64, device=device)
+    attentions = dsa_core_attentions(lm)
+    for attention in attentions:
+        if parallel_state.get_tensor_model_parallel_rank() == 0:
+            for stats in attention.stats:
+                for k, name in enumerate(names):
+                    if name in stats and stats[name] == stats[name]:
+                        sums[2 * k] += stats[name]
+                        sums[2 * k + 1] += 1
+        attention.stats.clear()
+    dist.all_reduce(sums)
+    return {f"dsa/{name}": float(sums[2 * k] / sums[2 * k + 1]) for k, name in enumerate(names) if sums[2 * k + 1] > 0}
+
+
 class MoEBalanceTracker:
     """Counts tokens routed to each expert in every layer through forward hooks on the routers."""
 

@@ -10,11 +10,13 @@ from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
 from keye_train.config import OptimConfig
 from keye_train.model.builder import ModelParts
+from keye_train.model.dsa import dsa_core_attentions
 
-TRAINABLE_PARTS = ("vit", "projector", "lm")
+TRAINABLE_PARTS = ("vit", "projector", "lm", "indexer")
 
 
 def apply_freezing(parts: ModelParts, trainable) -> None:
+    """`lm` is the whole LM including its DSA indexers; `indexer` alone is the DSA warm-up's choice."""
     unknown = set(trainable) - set(TRAINABLE_PARTS)
     if unknown:
         raise ValueError(f"stage.trainable has unknown parts {sorted(unknown)}; choose from {TRAINABLE_PARTS}")
@@ -25,6 +27,8 @@ def apply_freezing(parts: ModelParts, trainable) -> None:
     for name, modules in groups.items():
         for module in modules:
             module.requires_grad_(name in trainable)
+    for attention in dsa_core_attentions(parts.lm):
+        attention.indexer.requires_grad_("lm" in trainable or "indexer" in trainable)
 
 
 def wrap_ddp(module: torch.nn.Module, distributed_optimizer: bool):

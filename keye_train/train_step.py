@@ -1,7 +1,9 @@
 """One optimizer step: micro-batches through megatron's schedule, gradient sync, clipping and update.
 
 Loss = (sum of next-token cross-entropy over supervised tokens of the whole global batch) / (their count)
-     + MoE aux loss (mean over micro-batches and DP ranks).
+     + MoE aux loss (mean over micro-batches and DP ranks)
+     + DSA: lambda * sum over layers of the mean per-token indexer KL (mean over micro-batches and DP ranks),
+       which reaches only the indexers (keye_train.model.dsa).
 megatron divides each micro-batch loss by the micro-batch count and DDP averages over DP, so each
 micro-batch's summed CE is multiplied by (micro-batches * DP size / global supervised tokens).
 """
@@ -14,19 +16,19 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.distributed import finalize_model_grads
-from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.utils import unwrap_model
 
 from keye_train.batch import PackedBatch
+from keye_train.model.dsa import KeyePackedSeqParams, set_indexer_loss_scale
 from keye_train.model.keye_vl import embed_inputs
 
 
-def packed_params(batch: PackedBatch) -> PackedSeqParams:
+def packed_params(batch: PackedBatch) -> KeyePackedSeqParams:
     cu = batch.cu_seqlens
     longest = int((cu[1:] - cu[:-1]).max())
-    return PackedSeqParams(qkv_format="sbhd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
-                           max_seqlen_q=longest, max_seqlen_kv=longest)
+    return KeyePackedSeqParams(qkv_format="sbhd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=longest,
+                               max_seqlen_kv=longest, position_ids=batch.position_ids.view(3, -1))
 
 
 def next_token_loss(loss_mask: torch.Tensor, scale: float, per_token_loss: torch.Tensor):
@@ -44,6 +46,7 @@ def run_microbatches(lm_chunk, vision, microbatches, tokens, sequence_parallel: 
                      forward_only: bool = False) -> tuple[float, int]:
     """Forward (and backward) all micro-batches; return (summed CE on this DP rank's last stage, global tokens)."""
     n_global = global_supervised_tokens(microbatches, device)
+    set_indexer_loss_scale(unwrap_model(lm_chunk), 1.0 / len(microbatches))  # like the schedule's MoE aux scale
     scale = len(microbatches) * parallel_state.get_data_parallel_world_size() / max(n_global, 1)
 
     def forward_step(data_iterator, model):

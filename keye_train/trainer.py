@@ -15,7 +15,8 @@ from megatron.core.distributed import DistributedDataParallel
 
 from keye_train import checkpoint
 from keye_train.config import KeyeTrainConfig
-from keye_train.metrics import MetricsLogger, MoEBalanceTracker
+from keye_train.config import check_model_config
+from keye_train.metrics import MetricsLogger, MoEBalanceTracker, dsa_metrics
 from keye_train.model.builder import build_model, initialize_weights
 from keye_train.optim import apply_freezing, build_optimizer, lr_at, set_lr, wrap_ddp
 from data_pipeline.loader import ShardLoader
@@ -66,6 +67,7 @@ class Trainer:
         self.device = torch.device("cuda", torch.cuda.current_device()) if self.on_gpu else torch.device("cpu")
         world = dist.get_world_size() if dist.is_initialized() else int(os.environ["WORLD_SIZE"])
         sizes = check_layout(cfg.parallel, cfg.model.lm, cfg.model.vit, world)
+        check_model_config(cfg.model)
         self.num_microbatches = check_batch(cfg.train, sizes)
         backend = cfg.parallel.backend if cfg.parallel.backend != "auto" else ("nccl" if self.on_gpu else "gloo")
         init_process_groups(cfg.parallel, sizes, backend)
@@ -131,6 +133,8 @@ class Trainer:
                    "lr": lr, "grad_norm": grad_norm, "update_skipped": float(not updated),
                    "supervised_tokens": float(n_global)}
         metrics.update(self.balance.collect(self.num_microbatches, self.device))
+        if self.cfg.model.lm.dsa.mode != "dense":
+            metrics.update(dsa_metrics(self.parts.lm, self.device))
         if self.step % self.cfg.logging.log_interval == 0:
             metrics.update(data_metrics(self.data))
         elapsed = time.perf_counter() - started

@@ -74,8 +74,7 @@ def build_lm(lm: LMConfig, config: TransformerConfig, pre_process: bool, post_pr
     _allow_missing_transformer_engine()
     return GPTModel(
         config=config,
-        transformer_layer_spec=lm_block_spec(config, lm.num_experts,
-                                             parallel_state.get_pipeline_model_parallel_rank()),
+        transformer_layer_spec=lm_block_spec(config, lm, parallel_state.get_pipeline_model_parallel_rank()),
         vocab_size=lm.vocab_size,
         max_sequence_length=lm.max_position_embeddings,
         pre_process=pre_process,

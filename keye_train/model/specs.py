@@ -15,21 +15,24 @@ from megatron.core.transformer.transformer_block import (TransformerBlock, Trans
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 
+from keye_train.config import LMConfig
 from keye_train.model.attention import VarlenCoreAttention
+from keye_train.model.dsa import DSACoreAttention, DSASelfAttention
 from keye_train.model.norms import LayerNorm, RMSNorm
 
 
-def _layer(norm, attn_mask_type: AttnMaskType, qk_norm, mlp) -> ModuleSpec:
+def _layer(norm, attn_mask_type: AttnMaskType, qk_norm, mlp, attention=SelfAttention,
+           core_attention=VarlenCoreAttention) -> ModuleSpec:
     return ModuleSpec(
         module=TransformerLayer,
         submodules=TransformerLayerSubmodules(
             input_layernorm=norm,
             self_attention=ModuleSpec(
-                module=SelfAttention,
+                module=attention,
                 params={"attn_mask_type": attn_mask_type},
                 submodules=SelfAttentionSubmodules(
                     linear_qkv=ColumnParallelLinear,
-                    core_attention=VarlenCoreAttention,
+                    core_attention=core_attention,
                     linear_proj=RowParallelLinear,
                     q_layernorm=qk_norm,
                     k_layernorm=qk_norm,
@@ -48,13 +51,17 @@ def _block(layer: ModuleSpec, final_norm, num_layers: int) -> ModuleSpec:
                       submodules=TransformerBlockSubmodules(layer_specs=[layer] * num_layers, layer_norm=final_norm))
 
 
-def lm_block_spec(config, num_experts: int, pp_rank: int) -> ModuleSpec:
-    """Qwen3-MoE decoder layers of one pipeline stage: RMSNorm, causal GQA with per-head QK RMSNorm,
-    routed SwiGLU experts; final RMSNorm."""
+def lm_block_spec(config, lm: LMConfig, pp_rank: int) -> ModuleSpec:
+    """Qwen3-MoE decoder layers of one pipeline stage: RMSNorm, causal GQA with per-head QK RMSNorm (with a
+    lightning indexer unless DSA is off), routed SwiGLU experts; final RMSNorm."""
     moe = get_moe_module_spec_for_backend(
-        backend=LocalSpecProvider(), num_experts=num_experts, moe_grouped_gemm=False
+        backend=LocalSpecProvider(), num_experts=lm.num_experts, moe_grouped_gemm=False
     )
-    layer = _layer(RMSNorm, AttnMaskType.causal, RMSNorm, moe)
+    if lm.dsa.mode == "dense":
+        layer = _layer(RMSNorm, AttnMaskType.causal, RMSNorm, moe)
+    else:
+        layer = _layer(RMSNorm, AttnMaskType.causal, RMSNorm, moe, attention=DSASelfAttention,
+                       core_attention=ModuleSpec(module=DSACoreAttention, params={"lm": lm}))
     return _block(layer, RMSNorm, get_num_layers_to_build(config, pp_rank=pp_rank))
 
 
