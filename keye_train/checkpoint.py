@@ -129,6 +129,32 @@ def _prune(root: Path, keep_last: int) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def load_weights(source: str, parts, layout: dict) -> list[str]:
+    """Weights-only start (a new stage) from a checkpoint directory or a run directory's latest checkpoint.
+
+    Parameters the source lacks are allowed only for DSA indexers (a dense stage before the DSA warm-up); they
+    keep their fresh initialisation. Returns the names of the parameters that were not loaded."""
+    path = Path(source)
+    if not (path / "meta.json").is_file():
+        path = latest_checkpoint(path)
+        if path is None:
+            raise FileNotFoundError(f"checkpoint.init_from={source}: no complete checkpoint there")
+    meta = json.loads((path / "meta.json").read_text())
+    if meta["layout"] != layout:
+        raise RuntimeError(f"checkpoint.init_from={source} was written with layout {meta['layout']}; this run uses "
+                           f"{layout}; weights-only starts need the same layout")
+    fresh = []
+    with np.load(path / f"rank_{dist.get_rank():05d}.npz", allow_pickle=False) as arrays:
+        for key, tensor in _model_tensors(parts).items():
+            if key in arrays.files:
+                tensor.data.copy_(_from_numpy(arrays[key], tensor))
+            elif ".indexer." in key:
+                fresh.append(key)
+            else:
+                raise KeyError(f"checkpoint.init_from={source} has no tensor {key}")
+    return fresh
+
+
 def load(path: Path, parts, optimizer, layout: dict) -> dict:
     """Restore this rank's state in place; return its JSON extras (step, data state, ...)."""
     meta = json.loads((path / "meta.json").read_text())

@@ -100,6 +100,12 @@ class Trainer:
         self.run_id = uuid.uuid4().hex[:12]
         if cfg.checkpoint.resume:
             self._resume()
+        if self.step == 0 and cfg.checkpoint.init_from:
+            fresh = checkpoint.load_weights(cfg.checkpoint.init_from, self.parts, self.layout)
+            self.optimizer.reload_model_params()  # mixed precision keeps fp32 main copies of the weights
+            if placement.is_metrics_owner():
+                print(f"initialised from {cfg.checkpoint.init_from}"
+                      + (f"; {len(fresh)} indexer tensors start fresh" if fresh else ""), flush=True)
 
     def _resume(self) -> None:
         latest = checkpoint.latest_checkpoint(self.run_dir)
