@@ -12,7 +12,7 @@ import torch
 from keye_train.config import ModelConfig, ParallelConfig, TrainConfig
 
 GIB = 1024 ** 3
-LM_PARTS = ("embedding", "attention", "router", "experts", "norms", "output_head")
+LM_PARTS = ("embedding", "attention", "indexer", "router", "experts", "norms", "output_head")
 
 # Bytes per parameter element (bf16 weights on GPU, fp32 main grads, Adam: fp32 master + 2 fp32 moments).
 PARAM_BYTES = 2
@@ -67,6 +67,8 @@ def lm_part_of(name: str) -> str:
         return "embedding"
     if name.startswith("output_layer."):
         return "output_head"
+    if ".indexer." in name:
+        return "indexer"
     if "layernorm" in name:
         return "norms"
     if ".mlp.router." in name:
@@ -124,14 +126,14 @@ def count_parameters(model: ModelConfig) -> dict:
 def _stage_param_elements(model: ModelConfig, counts: dict, sizes, first: bool, last: bool) -> tuple[float, float]:
     """(dense elements, expert elements) held by one rank of a pipeline stage.
 
-    TP splits attention, embedding and output head; norms and the router are replicated; experts are split
+    TP splits attention, embedding and output head; norms, the router and DSA indexers are replicated; experts are split
     over EP x expert-TP; layers are split evenly over PP; the vision tower (ViT + projector) is replicated on
     every rank of the first stage.
     """
     lm = counts["lm_parts"]
     layers = model.lm.num_layers
     final_norm = model.lm.hidden_size
-    per_layer_dense = (lm["attention"] / sizes.tp + lm["router"] + (lm["norms"] - final_norm)) / layers
+    per_layer_dense = (lm["attention"] / sizes.tp + lm["indexer"] + lm["router"] + (lm["norms"] - final_norm)) / layers
     per_layer_experts = lm["experts"] / (sizes.ep * sizes.etp) / layers
     stage_layers = layers // sizes.pp
     dense = per_layer_dense * stage_layers

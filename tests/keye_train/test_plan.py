@@ -29,6 +29,14 @@ def test_full_size_counts_match_model_md():
     assert 3.3e9 < counts["active"] < 3.4e9  # model.md section 2: about 3.3B active per token
 
 
+def test_the_dsa_indexers_reproduce_the_released_checkpoint_total():
+    model = keye_vl2_30b_a3b()
+    model.lm.dsa.mode = "sparse"  # default 16 x 64 indexers
+    counts = count_parameters(model)
+    assert counts["lm_parts"]["indexer"] == 48 * 2_261_184
+    assert counts["total"] + 37_748_736 == 31_122_082_160  # plus the unused ViT packing table (model.md §10)
+
+
 def test_tiny_meta_counts_equal_a_real_build():
     from keye_train.model.lm import build_lm, lm_transformer_config
     from keye_train.model.vision import VisionTower, vit_transformer_config
