@@ -30,6 +30,12 @@ def row_chunks(cu_seqlens: torch.Tensor, bytes_per_row_key: int, budget_bytes: i
             row += rows
 
 
+def causal_mask(doc_start: int, row_start: int, row_end: int, device) -> torch.Tensor:
+    """[rows, row_end - doc_start] bool: key s is visible to query row r (same document, s <= r)."""
+    return (torch.arange(doc_start, row_end, device=device)[None, :]
+            <= torch.arange(row_start, row_end, device=device)[:, None])
+
+
 def causal_span_indices(doc_start: int, row_start: int, row_end: int, device) -> torch.Tensor:
     """[rows, row_end - doc_start] key positions of the causal in-document set of each row, -1 beyond it."""
     keys = torch.arange(doc_start, row_end, device=device)
@@ -41,12 +47,16 @@ def causal_span_indices(doc_start: int, row_start: int, row_end: int, device) ->
 
 
 def indexer_logits(index_q: torch.Tensor, index_w: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-    """I[r, s] = sum_j w[r, j] * ReLU(q[r, j] . k[s]) * D_I^-1/2.
+    """I[r, s] = sum_j w[r, j] * ReLU(q[r, j] . k[s]) * D_I^-1/2, one head at a time (no [R, H_I, S] tensor).
 
     index_q [R, H_I, D_I], index_w [R, H_I], keys [S, D_I] (shared) or [R, S, D_I] (per row) -> [R, S]."""
     scale = index_q.shape[-1] ** -0.5
-    z = torch.einsum("rjd,sd->rjs" if keys.dim() == 2 else "rjd,rsd->rjs", index_q, keys)
-    return torch.einsum("rj,rjs->rs", index_w, torch.relu(z)) * scale
+    logits = None
+    for j in range(index_q.shape[1]):
+        z = index_q[:, j] @ keys.T if keys.dim() == 2 else torch.einsum("rd,rsd->rs", index_q[:, j], keys)
+        term = torch.relu_(z).mul_(index_w[:, j, None])
+        logits = term if logits is None else logits.add_(term)
+    return logits.mul_(scale)
 
 
 def select_topk(scores: torch.Tensor, valid: torch.Tensor, topk: int) -> torch.Tensor:
@@ -60,7 +70,7 @@ def select_topk(scores: torch.Tensor, valid: torch.Tensor, topk: int) -> torch.T
     above = (masked > kth) & valid
     at = (masked == kth) & valid
     room = topk - above.sum(1, keepdim=True)
-    chosen = above | (at & (torch.cumsum(at.int(), dim=1) <= room))
+    chosen = above | (at & (torch.cumsum(at, dim=1, dtype=torch.int32) <= room))
     few = valid.sum(1, keepdim=True) <= topk
     return torch.where(few, valid, chosen)
 
@@ -68,7 +78,7 @@ def select_topk(scores: torch.Tensor, valid: torch.Tensor, topk: int) -> torch.T
 def _positions_of(selected: torch.Tensor, first_key: int, topk: int) -> torch.Tensor:
     """Ascending key positions of the selected columns, [R, topk] int32, padded with -1."""
     span = selected.shape[1]
-    cols = torch.arange(span, device=selected.device).expand_as(selected)
+    cols = torch.arange(span, device=selected.device, dtype=torch.int32).expand_as(selected)
     sentinel = torch.full_like(cols, span)
     ordered = torch.sort(torch.where(selected, cols, sentinel), dim=1).values[:, :topk]
     out = torch.where(ordered < span, ordered + first_key, torch.full_like(ordered, -1)).to(torch.int32)
@@ -84,12 +94,12 @@ def indexer_topk(index_q, index_w, index_k, cu_seqlens, topk: int, budget_bytes:
     dtype = _compute_dtype(index_q)
     q, w, k = index_q.to(dtype), index_w.to(dtype), index_k.to(dtype)
     out = torch.full((total, topk), -1, dtype=torch.int32, device=index_q.device)
-    per_key = (3 + index_q.shape[1]) * 8  # logits, mask, sort keys and one head's ReLU term
+    per_key = 40  # fp32 logits, one head's term and the masked copy, int32 ranks and sort keys, sort indices
     for doc_start, r0, r1 in row_chunks(cu_seqlens, per_key, budget_bytes):
+        valid = causal_mask(doc_start, r0, r1, q.device)
         if r1 - doc_start <= topk:  # every visible key is taken: no scores needed
-            out[r0:r1] = _positions_of(causal_span_indices(doc_start, r0, r1, q.device) >= 0, doc_start, topk)
+            out[r0:r1] = _positions_of(valid, doc_start, topk)
             continue
-        valid = causal_span_indices(doc_start, r0, r1, q.device) >= 0
         scores = indexer_logits(q[r0:r1], w[r0:r1], k[doc_start:r1])
         out[r0:r1] = _positions_of(select_topk(scores, valid, topk), doc_start, topk)
     return out

@@ -19,7 +19,7 @@ from megatron.core.transformer.attention import SelfAttention
 
 from kernels import dsa as dsa_ops
 from kernels.dense_attention import dense_varlen_attention
-from kernels.dsa_reference import attention_target, indexer_logits, select_topk
+from kernels.dsa_reference import attention_target, causal_mask, indexer_logits, select_topk
 from keye_train.config import DSAConfig, LMConfig, indexer_mrope_section
 from keye_train.model.attention import VarlenCoreAttention
 
@@ -175,7 +175,7 @@ def selection_metrics(index_q, index_w, index_k, attn_q, attn_k, cu_seqlens, sca
     recall, overlap, union = [], [], []
     for r in picks:
         r1 = min(end, r + 16)
-        valid = torch.arange(start, r1, device=index_q.device)[None, :] <= torch.arange(r, r1, device=index_q.device)[:, None]
+        valid = causal_mask(start, r, r1, index_q.device)
         chosen = select_topk(indexer_logits(index_q[r:r1], index_w[r:r1], index_k[start:r1]), valid, topk)
         target = attention_target(attn_q, attn_k, start, r, r + 1, None, scale, tp_group)
         recall.append(float((target[0] * chosen[0, :target.shape[1]].to(target.dtype)).sum()))
