@@ -114,6 +114,9 @@ def init_process_groups(par, sizes: LayoutSizes, backend: str) -> None:
 def destroy_process_groups() -> None:
     from megatron.core import parallel_state
 
+    from parallel import placement
+
+    placement.forget_groups()
     parallel_state.destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()

@@ -19,6 +19,12 @@ def _singleton_group():
     return _SINGLETON
 
 
+def forget_groups() -> None:
+    """Drop cached groups when the process groups are destroyed (a later world must build its own)."""
+    global _SINGLETON
+    _SINGLETON = None
+
+
 def lm_process_groups() -> ProcessGroupCollection:
     return ProcessGroupCollection.use_mpu_process_groups()
 
