@@ -1,6 +1,6 @@
 """DeepSeek Sparse Attention on GQA: the functional API the model calls, one implementation per backend.
 
-Backends: "torch" (kernels.dsa_reference, exact and chunked, any device) and "triton" (kernels/triton, GPU;
+Backends: "torch" (kernels.dsa_reference, exact and chunked, any device) and "triton" (kernels/triton_dsa, GPU;
 registered by the kernels issue). `backend="auto"` takes triton on CUDA tensors when it is registered.
 
 Packed-sequence convention (T tokens, N documents):
@@ -23,7 +23,17 @@ from kernels import dsa_reference
 BACKENDS: dict[str, object] = {"torch": dsa_reference}
 
 
+def _register_triton() -> None:
+    try:
+        from kernels import triton_dsa as triton_backend
+    except ImportError:  # no triton on this machine: the torch reference serves every call
+        return
+    BACKENDS["triton"] = triton_backend
+
+
 def _backend(name: str, tensor):
+    if "triton" not in BACKENDS and name in ("auto", "triton"):
+        _register_triton()
     if name == "auto":
         name = "triton" if tensor.is_cuda and "triton" in BACKENDS else "torch"
     if name not in BACKENDS:

@@ -1,0 +1,160 @@
+"""DSA on one GPU at the full-size shapes: correctness of the Triton kernels against the torch reference, then
+time and memory of DSA against dense attention (cuDNN and flash SDPA backends), fwd + bwd.
+
+    python3 benchmarks/dsa_h200.py [--lengths 32768 65536 131072] [--check-length 16384]
+
+Shapes: one document of L tokens, 32 q heads / 4 KV heads, head dim 128, k = 2048, indexer 16 x 64, bf16.
+DSA time = indexer scores + top-k + sparse attention forward + backward + the sparse-stage indexer KL (forward
+and backward). Each row names which backend ran each part. Rows go to benchmarks/results/dsa_h200.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from benchmarks.common import git_state  # noqa: E402
+from kernels import dsa  # noqa: E402
+
+HQ, HKV, D, K, HI, DI = 32, 4, 128, 2048, 16, 64
+BUDGET = 4 << 30
+
+
+def inputs(length: int, seed: int):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g, device="cuda", dtype=torch.bfloat16)
+    return (rnd(length, HQ, D), rnd(length, HKV, D), rnd(length, HKV, D),
+            rnd(length, HI, DI).float(), rnd(length, HI).float(), rnd(length, DI).float())
+
+
+def rel(got: torch.Tensor, ref: torch.Tensor) -> float:
+    if got.isnan().any():
+        return float("nan")
+    return float((got.float() - ref.float()).norm() / ref.float().norm())
+
+
+def check(length: int) -> dict:
+    q, k, v, iq, iw, ik = inputs(length, seed=1)
+    cu = torch.tensor([0, length], dtype=torch.int32, device="cuda")
+    indices = dsa.indexer_topk(iq, iw, ik, cu, K, backend="torch", budget_bytes=BUDGET)
+    scale = D ** -0.5
+    out = {}
+    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    ref_leaves = [x.float().requires_grad_() for x in (q, k, v)]
+    for name, xs, backend in (("triton", leaves, "triton"), ("reference", ref_leaves, "torch")):
+        o, lse = dsa.sparse_gqa_attention(*xs, indices, scale, backend=backend, budget_bytes=BUDGET)
+        up = torch.randn(o.shape, generator=torch.Generator(device="cuda").manual_seed(2), device="cuda")
+        grads = torch.autograd.grad((o.float() * up).sum(), xs)
+        out[name] = (o, lse, *grads)
+    names = ("out", "lse", "dq", "dk", "dv")
+    return {f"rel_err_{n}": rel(a, b) for n, a, b in zip(names, out["triton"], out["reference"])}
+
+
+def timed(fn) -> float:
+    import triton.testing
+
+    return float(triton.testing.do_bench(fn, warmup=50, rep=300, return_mode="median"))
+
+
+def peak_gib(fn) -> float:
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**30
+
+
+def dense_step(q, k, v, backend):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    kind = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION}[backend]
+    qd = q.transpose(0, 1)[None].requires_grad_()
+    kd = k.repeat_interleave(HQ // HKV, 1).transpose(0, 1)[None].requires_grad_()
+    vd = v.repeat_interleave(HQ // HKV, 1).transpose(0, 1)[None].requires_grad_()
+
+    def step():
+        with sdpa_kernel(kind):
+            o = F.scaled_dot_product_attention(qd, kd, vd, is_causal=True)
+        o.backward(torch.ones_like(o))
+    return step
+
+
+def dsa_step(q, k, v, iq, iw, ik, cu, parts: dict):
+    qs, ks, vs = (x.clone().requires_grad_() for x in (q, k, v))
+    iqs, iws, iks = (x.clone().requires_grad_() for x in (iq, iw, ik))
+
+    def step():
+        indices = dsa.indexer_topk(iqs.detach(), iws.detach(), iks.detach(), cu, K, backend=parts["topk"],
+                                   budget_bytes=BUDGET)
+        o, _ = dsa.sparse_gqa_attention(qs, ks, vs, indices, D ** -0.5, backend=parts["attention"],
+                                        budget_bytes=BUDGET)
+        kl = dsa.indexer_kl_loss(iqs, iws, iks, qs.detach(), ks.detach(), cu, D ** -0.5, indices=indices,
+                                 backend=parts["kl"], budget_bytes=BUDGET)
+        (o.float().sum() + kl).backward()
+    return step
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--lengths", type=int, nargs="+", default=[32768, 65536, 131072])
+    parser.add_argument("--check-length", type=int, default=16384)
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "dsa_h200.json")
+    args = parser.parse_args()
+    device = torch.cuda.get_device_name()
+    stamp = {**git_state(), "device": device, "date": datetime.datetime.now(datetime.timezone.utc).isoformat()}
+    parts = {"topk": "torch", "attention": "triton", "kl": "torch"}
+    checks = {"L": args.check_length, **check(args.check_length)}
+    print("check (bf16 triton vs fp32 reference):", {k: f"{v:.2e}" if isinstance(v, float) else v
+                                                     for k, v in checks.items()})
+    rows = []
+    for length in args.lengths:
+        q, k, v, iq, iw, ik = inputs(length, seed=length)
+        cu = torch.tensor([0, length], dtype=torch.int32, device="cuda")
+        row = {"L": length, "k": K, "q_heads": HQ, "kv_heads": HKV, "head_dim": D, "indexer_heads": HI,
+               "indexer_dim": DI, "dense_backend": "cudnn", "backends": parts, **stamp}
+        for backend in ("cudnn", "flash"):
+            step = dense_step(q, k, v, backend)
+            row[f"dense_{backend}_fwd_bwd_ms"] = timed(step)
+            row[f"dense_{backend}_peak_gib"] = peak_gib(step)
+        row["dense_fwd_bwd_ms"] = row["dense_cudnn_fwd_bwd_ms"]
+        step = dsa_step(q, k, v, iq, iw, ik, cu, parts)
+        row["dsa_fwd_bwd_ms"] = timed(step)
+        row["dsa_peak_gib"] = peak_gib(step)
+        row["speedup"] = row["dense_cudnn_fwd_bwd_ms"] / row["dsa_fwd_bwd_ms"]
+        row["speedup_vs_flash"] = row["dense_flash_fwd_bwd_ms"] / row["dsa_fwd_bwd_ms"]
+        indices = dsa.indexer_topk(iq, iw, ik, cu, K, backend="torch", budget_bytes=BUDGET)
+        row["indexer_topk_ms"] = timed(lambda: dsa.indexer_topk(iq, iw, ik, cu, K, backend=parts["topk"],
+                                                                budget_bytes=BUDGET))
+        logits = torch.randn(4096, length, device="cuda")
+        row["torch_topk_ms_per_4096_rows"] = timed(lambda: torch.topk(logits, K, dim=1))
+        row["torch_topk_ms"] = row["torch_topk_ms_per_4096_rows"] * length / 4096
+        fwd_ms = timed(lambda: dsa.sparse_gqa_attention(q, k, v, indices, D ** -0.5, backend="triton"))
+        row["sparse_fwd_ms"] = fwd_ms
+        useful = 4 * length * K * HQ * D  # causal rows before k select fewer: an upper bound on the useful work
+        row["sparse_fwd_tflops_useful"] = useful / fwd_ms / 1e9
+        rows.append(row)
+        print(f"L={length:>6}  dense cudnn {row['dense_cudnn_fwd_bwd_ms']:8.1f} ms  flash "
+              f"{row['dense_flash_fwd_bwd_ms']:8.1f} ms  DSA {row['dsa_fwd_bwd_ms']:8.1f} ms  "
+              f"speedup {row['speedup']:.2f}x  sparse fwd {fwd_ms:6.1f} ms ({row['sparse_fwd_tflops_useful']:.0f} TF/s)"
+              f"  indexer+topk {row['indexer_topk_ms']:.1f} ms  peak dense/DSA {row['dense_cudnn_peak_gib']:.1f}/"
+              f"{row['dsa_peak_gib']:.1f} GiB", flush=True)
+        del q, k, v, iq, iw, ik, indices, logits
+        torch.cuda.empty_cache()
+        args.out.parent.mkdir(parents=True, exist_ok=True)  # after every row: a timeout keeps what was measured
+        args.out.write_text(json.dumps({"checks": checks, "rows": rows}, indent=2) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

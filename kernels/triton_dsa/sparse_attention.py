@@ -1,0 +1,178 @@
+"""Triton sparse GQA attention over shared top-k sets, forward and backward, with query-block union tiling.
+
+One program handles BQ consecutive queries x the G query heads of one KV group: a [BQ * G, D] tile of queries
+against chunks of the block's key union (kernels/triton_dsa/union.py), with each row masked to its own query's set.
+Online softmax in base 2; the LSE is returned in natural log like the torch reference.
+
+Backward: dq stays in registers (one program owns its rows); dk and dv are scattered with fp32 atomics into
+[T, Hkv, D] buffers, so their summation order, and the last bits of dk/dv, vary between runs (each key gets one
+atomic add per query block that selected it; fp32 accumulation keeps the run-to-run spread near 1e-7 relative
+before the cast to the input dtype). dq, out and lse are deterministic.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.triton_dsa.union import block_union
+
+LOG2E = 1.0 / math.log(2.0)
+
+
+@triton.jit
+def _tile_scores(q, key, u_ok, bits, K, h, sk_t, sk_h, rows, row_ok, scale_log2,
+                 G: tl.constexpr, D: tl.constexpr):
+    """Gathered K rows of a union chunk and the masked base-2 scores of the tile: ([BU, D], [M, BU], mask)."""
+    d = tl.arange(0, D)
+    kt = tl.load(K + key[:, None].to(tl.int64) * sk_t + h * sk_h + d[None, :], mask=u_ok[:, None], other=0.0)
+    s = tl.dot(q, tl.trans(kt)) * scale_log2
+    member = (((bits[None, :] >> (rows // G)[:, None]) & 1) != 0) & u_ok[None, :] & row_ok[:, None]
+    return kt, s, member
+
+
+@triton.jit
+def _sparse_fwd(Q, K, V, OUT, LSE, UKEYS, UBITS, UOFF, T, scale_log2,
+                sq_t, sq_h, sk_t, sk_h, so_t, so_h,
+                G: tl.constexpr, BQ: tl.constexpr, D: tl.constexpr, BU: tl.constexpr):
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    M: tl.constexpr = BQ * G
+    rows = tl.arange(0, M)
+    query = b * BQ + rows // G
+    head = h * G + rows % G
+    row_ok = query < T
+    d = tl.arange(0, D)
+    q = tl.load(Q + query[:, None].to(tl.int64) * sq_t + head[:, None] * sq_h + d[None, :], mask=row_ok[:, None],
+                other=0.0)
+    u_start = tl.load(UOFF + b)
+    u_end = tl.load(UOFF + b + 1)
+    m_i = tl.full([M], float("-inf"), tl.float32)
+    l_i = tl.zeros([M], tl.float32)
+    acc = tl.zeros([M, D], tl.float32)
+    u0 = u_start
+    while u0 < u_end:  # a runtime-bounded walk over this block's union
+        u = u0 + tl.arange(0, BU)
+        u0 += BU
+        u_ok = u < u_end
+        key = tl.load(UKEYS + u, mask=u_ok, other=0)
+        bits = tl.load(UBITS + u, mask=u_ok, other=0)
+        kt, s, member = _tile_scores(q, key, u_ok, bits, K, h, sk_t, sk_h, rows, row_ok, scale_log2, G, D)
+        s = tl.where(member, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        vt = tl.load(V + key[:, None].to(tl.int64) * sk_t + h * sk_h + d[None, :], mask=u_ok[:, None], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt)
+        m_i = m_new
+    has = l_i > 0
+    out = acc / tl.where(has, l_i, 1.0)[:, None]
+    lse = tl.where(has, (m_i + tl.log2(tl.where(has, l_i, 1.0))) / 1.4426950408889634, float("-inf"))
+    tl.store(OUT + query[:, None].to(tl.int64) * so_t + head[:, None] * so_h + d[None, :],
+             out.to(OUT.dtype.element_ty), mask=row_ok[:, None])
+    heads = G * tl.num_programs(1)
+    tl.store(LSE + query.to(tl.int64) * heads + head, lse, mask=row_ok)
+
+
+@triton.jit
+def _sparse_bwd(Q, K, V, DO, LSE, DELTA, DQ, DK, DV, UKEYS, UBITS, UOFF, T, scale, scale_log2,
+                sq_t, sq_h, sk_t, sk_h, sacc_t, sacc_h,
+                G: tl.constexpr, BQ: tl.constexpr, D: tl.constexpr, BU: tl.constexpr):
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    heads = G * tl.num_programs(1)
+    M: tl.constexpr = BQ * G
+    rows = tl.arange(0, M)
+    query = b * BQ + rows // G
+    head = h * G + rows % G
+    row_ok = query < T
+    d = tl.arange(0, D)
+    row_ptr = query[:, None].to(tl.int64) * sq_t + head[:, None] * sq_h + d[None, :]
+    q = tl.load(Q + row_ptr, mask=row_ok[:, None], other=0.0)
+    do = tl.load(DO + row_ptr, mask=row_ok[:, None], other=0.0)
+    lse2 = tl.load(LSE + query.to(tl.int64) * heads + head, mask=row_ok, other=0.0) * 1.4426950408889634
+    delta = tl.load(DELTA + query.to(tl.int64) * heads + head, mask=row_ok, other=0.0)
+    dq = tl.zeros([M, D], tl.float32)
+    u_start = tl.load(UOFF + b)
+    u_end = tl.load(UOFF + b + 1)
+    u0 = u_start
+    while u0 < u_end:  # a runtime-bounded walk over this block's union
+        u = u0 + tl.arange(0, BU)
+        u0 += BU
+        u_ok = u < u_end
+        key = tl.load(UKEYS + u, mask=u_ok, other=0)
+        bits = tl.load(UBITS + u, mask=u_ok, other=0)
+        kt, s, member = _tile_scores(q, key, u_ok, bits, K, h, sk_t, sk_h, rows, row_ok, scale_log2, G, D)
+        p = tl.where(member, tl.exp2(s - lse2[:, None]), 0.0)
+        vt = tl.load(V + key[:, None].to(tl.int64) * sk_t + h * sk_h + d[None, :], mask=u_ok[:, None], other=0.0)
+        acc_ptr = key[:, None].to(tl.int64) * sacc_t + h * sacc_h + d[None, :]
+        tl.atomic_add(DV + acc_ptr, tl.dot(tl.trans(p).to(do.dtype), do), mask=u_ok[:, None])
+        dp = tl.dot(do, tl.trans(vt))
+        ds = p * (dp - delta[:, None]) * scale
+        dq += tl.dot(ds.to(kt.dtype), kt)
+        tl.atomic_add(DK + acc_ptr, tl.dot(tl.trans(ds).to(q.dtype), q), mask=u_ok[:, None])
+    tl.store(DQ + row_ptr, dq.to(DQ.dtype.element_ty), mask=row_ok[:, None])
+
+
+def _block_queries(groups: int) -> int:
+    """Queries per tile: 128 MMA rows when the group is small enough, at least 16 rows for tl.dot."""
+    return max(-(-16 // groups), min(16, max(1, 128 // groups)))
+
+
+def _check(q, k, v, indices):
+    total, heads, dim = q.shape
+    if k.shape != v.shape or k.shape[0] != total or heads % k.shape[1]:
+        raise ValueError(f"sparse_gqa_attention: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} are "
+                         "not [T, Hq, D], [T, Hkv, D] with Hq % Hkv == 0")
+    if dim & (dim - 1) or dim < 16:
+        raise ValueError(f"sparse_gqa_attention (triton): head dim {dim} must be a power of two >= 16")
+    if indices.dtype != torch.int32 or indices.shape[0] != total:
+        raise ValueError("sparse_gqa_attention: indices must be int32 [T, topk]")
+
+
+class _TritonSparseGQA(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, indices, softmax_scale, block_keys):
+        _check(q, k, v, indices)
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        total, heads, dim = q.shape
+        groups = k.shape[1]
+        per_group = heads // groups
+        bq = _block_queries(per_group)
+        keys, bits, offsets = block_union(indices, bq)
+        out = torch.empty_like(q)
+        lse = torch.empty(total, heads, dtype=torch.float32, device=q.device)
+        grid = (offsets.shape[0] - 1, groups)
+        _sparse_fwd[grid](q, k, v, out, lse, keys, bits, offsets, total, softmax_scale * LOG2E,
+                          q.stride(0), q.stride(1), k.stride(0), k.stride(1), out.stride(0), out.stride(1),
+                          G=per_group, BQ=bq, D=dim, BU=block_keys)
+        ctx.save_for_backward(q, k, v, out, lse, keys, bits, offsets)
+        ctx.scale, ctx.bq, ctx.block_keys = softmax_scale, bq, block_keys
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, grad_out, _grad_lse):
+        q, k, v, out, lse, keys, bits, offsets = ctx.saved_tensors
+        total, heads, dim = q.shape
+        groups = k.shape[1]
+        grad_out = grad_out.contiguous()
+        delta = (grad_out.float() * out.float()).sum(-1)
+        dq = torch.empty_like(q)
+        dk = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
+        dv = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
+        grid = (offsets.shape[0] - 1, groups)
+        _sparse_bwd[grid](q, k, v, grad_out, lse, delta, dq, dk, dv, keys, bits, offsets, total, ctx.scale,
+                          ctx.scale * LOG2E, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
+                          dk.stride(0), dk.stride(1), G=heads // groups, BQ=ctx.bq, D=dim, BU=ctx.block_keys)
+        return dq, dk.to(k.dtype), dv.to(v.dtype), None, None, None
+
+
+def sparse_gqa_attention(q, k, v, indices, softmax_scale: float, block_keys: int = 64, **_reference_options):
+    """Triton twin of `kernels.dsa_reference.sparse_gqa_attention` (same shapes, dtypes and semantics)."""
+    return _TritonSparseGQA.apply(q, k, v, indices, softmax_scale, block_keys)
