@@ -29,8 +29,8 @@ def git_state() -> dict:
     """HEAD and whether the working tree differs from it (then HEAD alone does not identify the code)."""
     try:
         return {"commit": _git("rev-parse", "HEAD"), "worktree_dirty": bool(_git("status", "--porcelain"))}
-    except (OSError, subprocess.CalledProcessError):
-        return {"commit": "unknown", "worktree_dirty": None}
+    except (OSError, subprocess.CalledProcessError):  # a copy without .git (a device machine): the caller may say
+        return {"commit": os.environ.get("KEYE_COMMIT", "unknown"), "worktree_dirty": None}
 
 
 def peak_rss_mib() -> float:
