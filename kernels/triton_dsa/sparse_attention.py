@@ -24,14 +24,19 @@ LOG2E = 1.0 / math.log(2.0)
 
 
 @triton.jit
-def _tile_scores(q, key, u_ok, bits, K, h, sk_t, sk_h, rows, row_ok, scale_log2,
-                 G: tl.constexpr, D: tl.constexpr):
-    """Gathered K rows of a union chunk and the masked base-2 scores of the tile: ([BU, D], [M, BU], mask)."""
+def _union_tile(q, u0, u_end, UKEYS, UBITS, K, h, sk_t, sk_h, rows, row_ok, scale_log2,
+                G: tl.constexpr, D: tl.constexpr, BU: tl.constexpr):
+    """The union chunk at u0: its keys, their validity, the gathered K rows [BU, D], the tile's base-2 scores
+    [M, BU] and each row's membership mask (its own query selected the key)."""
+    u = u0 + tl.arange(0, BU)
+    u_ok = u < u_end
+    key = tl.load(UKEYS + u, mask=u_ok, other=0)
+    bits = tl.load(UBITS + u, mask=u_ok, other=0)
     d = tl.arange(0, D)
     kt = tl.load(K + key[:, None].to(tl.int64) * sk_t + h * sk_h + d[None, :], mask=u_ok[:, None], other=0.0)
     s = tl.dot(q, tl.trans(kt)) * scale_log2
     member = (((bits[None, :] >> (rows // G)[:, None]) & 1) != 0) & u_ok[None, :] & row_ok[:, None]
-    return kt, s, member
+    return key, u_ok, kt, s, member
 
 
 @triton.jit
@@ -55,12 +60,9 @@ def _sparse_fwd(Q, K, V, OUT, LSE, UKEYS, UBITS, UOFF, T, scale_log2,
     acc = tl.zeros([M, D], tl.float32)
     u0 = u_start
     while u0 < u_end:  # a runtime-bounded walk over this block's union
-        u = u0 + tl.arange(0, BU)
+        key, u_ok, kt, s, member = _union_tile(q, u0, u_end, UKEYS, UBITS, K, h, sk_t, sk_h, rows, row_ok,
+                                               scale_log2, G, D, BU)
         u0 += BU
-        u_ok = u < u_end
-        key = tl.load(UKEYS + u, mask=u_ok, other=0)
-        bits = tl.load(UBITS + u, mask=u_ok, other=0)
-        kt, s, member = _tile_scores(q, key, u_ok, bits, K, h, sk_t, sk_h, rows, row_ok, scale_log2, G, D)
         s = tl.where(member, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -102,12 +104,9 @@ def _sparse_bwd(Q, K, V, DO, LSE, DELTA, DQ, DK, DV, UKEYS, UBITS, UOFF, T, scal
     u_end = tl.load(UOFF + b + 1)
     u0 = u_start
     while u0 < u_end:  # a runtime-bounded walk over this block's union
-        u = u0 + tl.arange(0, BU)
+        key, u_ok, kt, s, member = _union_tile(q, u0, u_end, UKEYS, UBITS, K, h, sk_t, sk_h, rows, row_ok,
+                                               scale_log2, G, D, BU)
         u0 += BU
-        u_ok = u < u_end
-        key = tl.load(UKEYS + u, mask=u_ok, other=0)
-        bits = tl.load(UBITS + u, mask=u_ok, other=0)
-        kt, s, member = _tile_scores(q, key, u_ok, bits, K, h, sk_t, sk_h, rows, row_ok, scale_log2, G, D)
         p = tl.where(member, tl.exp2(s - lse2[:, None]), 0.0)
         vt = tl.load(V + key[:, None].to(tl.int64) * sk_t + h * sk_h + d[None, :], mask=u_ok[:, None], other=0.0)
         acc_ptr = key[:, None].to(tl.int64) * sacc_t + h * sacc_h + d[None, :]

@@ -15,19 +15,6 @@ def dsa_model(mode="sparse", **dsa):
     return model
 
 
-@pytest.fixture(scope="module")
-def single_rank():
-    from parallel import cpu_compat
-    from parallel.layout import check_layout, destroy_process_groups, init_process_groups
-
-    cpu_compat.install_if_needed()
-    model = tiny()
-    par = ParallelConfig()
-    init_process_groups(par, check_layout(par, model.lm, model.vit, 1), "gloo")
-    yield
-    destroy_process_groups()
-
-
 def build_lm(model):
     from keye_train.model.builder import build_model, initialize_weights
 

@@ -9,19 +9,6 @@ from keye_train.config import ParallelConfig, tiny
 from keye_train.model.vision import merge_2x2
 
 
-@pytest.fixture(scope="module")
-def single_rank():
-    from parallel import cpu_compat
-    from parallel.layout import check_layout, destroy_process_groups, init_process_groups
-
-    cpu_compat.install_if_needed()
-    model = tiny()
-    par = ParallelConfig()
-    init_process_groups(par, check_layout(par, model.lm, model.vit, 1), "gloo")
-    yield model
-    destroy_process_groups()
-
-
 def build_tower(model):
     from keye_train.model.builder import build_model, initialize_weights
 
