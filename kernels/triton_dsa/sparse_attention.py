@@ -40,19 +40,26 @@ def _union_tile(q, u0, u_end, UKEYS, UBITS, K, h, sk_t, sk_h, rows, row_ok, scal
 
 
 @triton.jit
+def _tile_rows(T, sq_t, sq_h, G: tl.constexpr, BQ: tl.constexpr, D: tl.constexpr):
+    """This program's rows: BQ queries x the G heads of KV group program_id(1); their offsets in a [T, Hq, D]
+    tensor, query index, head index and validity."""
+    rows = tl.arange(0, BQ * G)
+    query = tl.program_id(0) * BQ + rows // G
+    head = tl.program_id(1) * G + rows % G
+    row_ptr = query[:, None].to(tl.int64) * sq_t + head[:, None] * sq_h + tl.arange(0, D)[None, :]
+    return rows, query, head, query < T, row_ptr
+
+
+@triton.jit
 def _sparse_fwd(Q, K, V, OUT, LSE, UKEYS, UBITS, UOFF, T, scale_log2,
-                sq_t, sq_h, sk_t, sk_h, so_t, so_h,
+                sq_t, sq_h, sk_t, sk_h,
                 G: tl.constexpr, BQ: tl.constexpr, D: tl.constexpr, BU: tl.constexpr):
     b = tl.program_id(0)
     h = tl.program_id(1)
     M: tl.constexpr = BQ * G
-    rows = tl.arange(0, M)
-    query = b * BQ + rows // G
-    head = h * G + rows % G
-    row_ok = query < T
+    rows, query, head, row_ok, row_ptr = _tile_rows(T, sq_t, sq_h, G, BQ, D)
     d = tl.arange(0, D)
-    q = tl.load(Q + query[:, None].to(tl.int64) * sq_t + head[:, None] * sq_h + d[None, :], mask=row_ok[:, None],
-                other=0.0)
+    q = tl.load(Q + row_ptr, mask=row_ok[:, None], other=0.0)
     u_start = tl.load(UOFF + b)
     u_end = tl.load(UOFF + b + 1)
     m_i = tl.full([M], float("-inf"), tl.float32)
@@ -75,8 +82,7 @@ def _sparse_fwd(Q, K, V, OUT, LSE, UKEYS, UBITS, UOFF, T, scale_log2,
     has = l_i > 0
     out = acc / tl.where(has, l_i, 1.0)[:, None]
     lse = tl.where(has, (m_i + tl.log2(tl.where(has, l_i, 1.0))) / 1.4426950408889634, float("-inf"))
-    tl.store(OUT + query[:, None].to(tl.int64) * so_t + head[:, None] * so_h + d[None, :],
-             out.to(OUT.dtype.element_ty), mask=row_ok[:, None])
+    tl.store(OUT + row_ptr, out.to(OUT.dtype.element_ty), mask=row_ok[:, None])  # OUT is laid out like Q
     heads = G * tl.num_programs(1)
     tl.store(LSE + query.to(tl.int64) * heads + head, lse, mask=row_ok)
 
@@ -89,12 +95,8 @@ def _sparse_bwd(Q, K, V, DO, LSE, DELTA, DQ, DK, DV, UKEYS, UBITS, UOFF, T, scal
     h = tl.program_id(1)
     heads = G * tl.num_programs(1)
     M: tl.constexpr = BQ * G
-    rows = tl.arange(0, M)
-    query = b * BQ + rows // G
-    head = h * G + rows % G
-    row_ok = query < T
+    rows, query, head, row_ok, row_ptr = _tile_rows(T, sq_t, sq_h, G, BQ, D)
     d = tl.arange(0, D)
-    row_ptr = query[:, None].to(tl.int64) * sq_t + head[:, None] * sq_h + d[None, :]
     q = tl.load(Q + row_ptr, mask=row_ok[:, None], other=0.0)
     do = tl.load(DO + row_ptr, mask=row_ok[:, None], other=0.0)
     lse2 = tl.load(LSE + query.to(tl.int64) * heads + head, mask=row_ok, other=0.0) * 1.4426950408889634
@@ -148,7 +150,7 @@ class _TritonSparseGQA(torch.autograd.Function):
         lse = torch.empty(total, heads, dtype=torch.float32, device=q.device)
         grid = (offsets.shape[0] - 1, groups)
         _sparse_fwd[grid](q, k, v, out, lse, keys, bits, offsets, total, softmax_scale * LOG2E,
-                          q.stride(0), q.stride(1), k.stride(0), k.stride(1), out.stride(0), out.stride(1),
+                          q.stride(0), q.stride(1), k.stride(0), k.stride(1),
                           G=per_group, BQ=bq, D=dim, BU=block_keys)
         ctx.save_for_backward(q, k, v, out, lse, keys, bits, offsets)
         ctx.scale, ctx.bq, ctx.block_keys = softmax_scale, bq, block_keys
