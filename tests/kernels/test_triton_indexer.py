@@ -1,0 +1,58 @@
+"""The Triton indexer scores and exact top-k against the torch reference (TRITON_INTERPRET=1 on CPU)."""
+
+import pytest
+import torch
+
+from kernels import dsa
+from kernels.triton_dsa.indexer import indexer_scores, select_rows
+
+pytest.importorskip("triton")
+
+
+def case(seed, lengths, heads=2, dim=16):
+    g = torch.Generator().manual_seed(seed)
+    total = sum(lengths)
+    cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32)
+    return (torch.randn(total, heads, dim, generator=g), torch.randn(total, heads, generator=g),
+            torch.randn(total, dim, generator=g), cu)
+
+
+@pytest.mark.parametrize("lengths, heads, topk", [
+    ([37, 5, 70], 2, 7),      # ragged, a document shorter than k, k odd
+    ([90], 4, 16),
+    ([3, 40, 25], 2, 33),     # k larger than some documents, not a power of two
+])
+def test_topk_equals_the_reference(lengths, heads, topk):
+    iq, iw, ik, cu = case(len(lengths) + topk, lengths, heads)
+    want = dsa.indexer_topk(iq, iw, ik, cu, topk, backend="torch")
+    for budget in (1 << 30, 2000):  # whole documents, and chunks of a few rows
+        got = dsa.indexer_topk(iq, iw, ik, cu, topk, backend="triton", budget_bytes=budget, select_block=32)
+        assert torch.equal(got, want)
+
+
+def test_scores_equal_the_reference_logits_on_the_causal_part():
+    iq, iw, ik, cu = case(3, [50])
+    from kernels.dsa_reference import causal_mask, indexer_logits
+
+    got = indexer_scores(iq, iw, ik, 0, 10, 50)
+    want = indexer_logits(iq[10:50], iw[10:50], ik[0:50])
+    visible = causal_mask(0, 10, 50, iq.device)
+    torch.testing.assert_close(got[visible], want[visible], rtol=1e-5, atol=1e-6)
+
+
+def test_exact_selection_with_ties_and_low_contrast_rows():
+    g = torch.Generator().manual_seed(4)
+    span, topk = 3000, 100
+    scores = torch.randint(0, 5, (4, span), generator=g).float()  # heavy ties at every threshold
+    scores[1] = 1.0 + torch.arange(span) * 1e-7  # near-equal
+    scores[2, :] = -2.5  # one value everywhere
+    scores[3] = -torch.rand(span, generator=g)  # negative keys
+    out = torch.full((4, topk), -7, dtype=torch.int32)
+    select_rows(scores, out, doc_start=0, r0=0, topk=topk)  # row i is token i: it sees i + 1 columns, too few
+    assert out[0].tolist()[:1] == [0] and (out[0, 1:] == -1).all()
+    out = torch.full((span, topk), -7, dtype=torch.int32)
+    select_rows(scores, out, doc_start=0, r0=span - 4, topk=topk, block=256)  # row i is token span - 4 + i
+    for i in range(4):
+        visible = span - 3 + i
+        order = sorted(range(visible), key=lambda s: (-float(scores[i, s]), s))[:topk]
+        assert out[span - 4 + i].tolist() == sorted(order)
