@@ -52,11 +52,13 @@ def sparse_gqa_attention(q, k, v, indices, softmax_scale: float, backend: str = 
 
 
 def indexer_kl_loss(index_q, index_w, index_k, attn_q, attn_k, cu_seqlens, softmax_scale: float, indices=None,
-                    tp_group=None, backend: str = "auto", **options):
+                    tp_group=None, attn_lse=None, backend: str = "auto", **options):
     """-> scalar: mean over tokens t of KL(p_t || softmax(I_t)).
 
     p_t is the dense attention of (attn_q, attn_k) summed over all heads (all-reduced over `tp_group` when the
     heads are split) and L1-normalised, over every causal in-document key (warm-up, indices=None) or over the
-    selected set only, renormalised there (sparse stage). Gradients flow to index_q, index_w, index_k only."""
+    selected set only, renormalised there (sparse stage). Gradients flow to index_q, index_w, index_k only.
+    attn_lse [T, Hq]: the sparse attention's own LSE (sparse stage), which lets a backend skip recomputing it."""
     return _backend(backend, index_q).indexer_kl_loss(index_q, index_w, index_k, attn_q, attn_k, cu_seqlens,
-                                                      softmax_scale, indices=indices, tp_group=tp_group, **options)
+                                                      softmax_scale, indices=indices, tp_group=tp_group,
+                                                      attn_lse=attn_lse, **options)

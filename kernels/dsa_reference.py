@@ -268,7 +268,8 @@ class _IndexerKL(torch.autograd.Function):
 
 
 def indexer_kl_loss(index_q, index_w, index_k, attn_q, attn_k, cu_seqlens, softmax_scale: float, indices=None,
-                    tp_group=None, budget_bytes: int = DEFAULT_BUDGET_BYTES) -> torch.Tensor:
-    """Mean over query rows of KL(p_t || softmax(I_t)); differentiable in index_q, index_w, index_k only."""
+                    tp_group=None, attn_lse=None, budget_bytes: int = DEFAULT_BUDGET_BYTES) -> torch.Tensor:
+    """Mean over query rows of KL(p_t || softmax(I_t)); differentiable in index_q, index_w, index_k only.
+    attn_lse is not needed here: the softmax over the key set is recomputed exactly, chunk by chunk."""
     return _IndexerKL.apply(index_q, index_w, index_k, attn_q.detach(), attn_k.detach(), cu_seqlens, indices,
                             softmax_scale, tp_group, budget_bytes)

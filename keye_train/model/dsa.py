@@ -112,19 +112,19 @@ class DSACoreAttention(VarlenCoreAttention):
         budget = self.dsa.memory_budget_mb << 20
         opts = {"backend": self.dsa.backend, "budget_bytes": budget}
         tp_group = parallel_state.get_tensor_model_parallel_group()
-        indices = None
+        indices = lse = None
         if self.dsa.mode == "sparse":
             indices = dsa_ops.indexer_topk(index_q.detach(), index_w.detach(), index_k.detach(), cu, self.dsa.topk,
                                            **opts)
             if self.dsa.verify_tp_topk:
                 _check_same_on_tp_ranks(indices, tp_group)
-            out, _ = dsa_ops.sparse_gqa_attention(q, k, v, indices, self.scale, **opts)
+            out, lse = dsa_ops.sparse_gqa_attention(q, k, v, indices, self.scale, **opts)
         else:
             out = dense_varlen_attention(q, k, v, cu, causal=True, scale=self.scale)
         out = out.view(seq, 1, heads * dim)
         if self.training and torch.is_grad_enabled():
             loss = dsa_ops.indexer_kl_loss(index_q, index_w, index_k, q, k, cu, self.scale, indices=indices,
-                                           tp_group=tp_group, **opts)
+                                           tp_group=tp_group, attn_lse=lse, **opts)
             stats = {"kl": float(loss.detach())}
             if self.dsa.metric_rows > 0:
                 stats.update(selection_metrics(index_q.detach(), index_w.detach(), index_k.detach(), q.detach(),

@@ -107,3 +107,16 @@ def test_a_bad_dsa_config_names_its_key(key, value, message):
     with pytest.raises(ValueError, match=message.replace("[", r"\[")):
         check_model_config(model)
     assert DSAConfig().index_heads * DSAConfig().index_head_dim == 1024  # full-size default 16 x 64
+
+
+def test_the_triton_backend_computes_the_same_layer(single_rank):
+    pytest.importorskip("triton")
+    runs = {}
+    for backend in ("torch", "triton"):
+        lm = build_lm(dsa_model("sparse", topk=8, backend=backend))
+        runs[backend] = run_layer(lm)
+    (grads_t, hidden_t, stats_t), (grads_r, hidden_r, stats_r) = runs["triton"], runs["torch"]
+    torch.testing.assert_close(hidden_t, hidden_r, rtol=1e-4, atol=1e-6)
+    for name in grads_r:
+        torch.testing.assert_close(grads_t[name], grads_r[name], rtol=1e-4, atol=1e-6, msg=name)
+    assert stats_t["kl"] == pytest.approx(stats_r["kl"], rel=1e-5)
