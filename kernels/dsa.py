@@ -46,6 +46,16 @@ def indexer_topk(index_q, index_w, index_k, cu_seqlens, topk: int, backend: str 
     return _backend(backend, index_q).indexer_topk(index_q, index_w, index_k, cu_seqlens, topk, **options)
 
 
+def indexer_topk_cached(index_q, index_w, index_k, first_position: int, topk: int, backend: str = "auto",
+                        **options):
+    """Chunked prefill and decode over a cached key history (one sequence): index_q [n, H_I, D_I] and index_w
+    [n, H_I] for positions first_position .. first_position + n - 1, index_k [>= first_position + n, D_I].
+    -> [n, topk] int32, the same rows `indexer_topk` gives those positions. Chunks follow free memory unless
+    `budget_bytes` is given."""
+    return _backend(backend, index_q).indexer_topk_cached(index_q, index_w, index_k, first_position, topk,
+                                                          **options)
+
+
 def sparse_gqa_attention(q, k, v, indices, softmax_scale: float, backend: str = "auto", **options):
     """-> (out [T, Hq, D], lse [T, Hq]); every KV group attends with its own softmax over the shared set."""
     return _backend(backend, q).sparse_gqa_attention(q, k, v, indices, softmax_scale, **options)

@@ -13,6 +13,15 @@ import torch.distributed as dist
 DEFAULT_BUDGET_BYTES = 256 << 20
 
 
+def memory_budget(device) -> int:
+    """Working-set budget of one chunk when none is given: 30% of the free GPU memory (the share KSGL's indexer
+    leaves to its logits), or DEFAULT_BUDGET_BYTES on the CPU."""
+    if torch.device(device).type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return max(DEFAULT_BUDGET_BYTES // 4, int(0.3 * free))
+    return DEFAULT_BUDGET_BYTES
+
+
 def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
@@ -88,20 +97,38 @@ def _positions_of(selected: torch.Tensor, first_key: int, topk: int) -> torch.Te
 
 
 @torch.no_grad()
-def indexer_topk(index_q, index_w, index_k, cu_seqlens, topk: int, budget_bytes: int = DEFAULT_BUDGET_BYTES):
+def indexer_topk(index_q, index_w, index_k, cu_seqlens, topk: int, budget_bytes: int | None = None):
     """Top-k keys of every query under the causal and document masks; [T, topk] int32, ascending, -1 padded."""
     total = index_q.shape[0]
     dtype = _compute_dtype(index_q)
     q, w, k = index_q.to(dtype), index_w.to(dtype), index_k.to(dtype)
     out = torch.full((total, topk), -1, dtype=torch.int32, device=index_q.device)
     per_key = 40  # fp32 logits, one head's term and the masked copy, int32 ranks and sort keys, sort indices
-    for doc_start, r0, r1 in row_chunks(cu_seqlens, per_key, budget_bytes):
+    for doc_start, r0, r1 in row_chunks(cu_seqlens, per_key, budget_bytes or memory_budget(q.device)):
         valid = causal_mask(doc_start, r0, r1, q.device)
         if r1 - doc_start <= topk:  # every visible key is taken: no scores needed
             out[r0:r1] = _positions_of(valid, doc_start, topk)
             continue
         scores = indexer_logits(q[r0:r1], w[r0:r1], k[doc_start:r1])
         out[r0:r1] = _positions_of(select_topk(scores, valid, topk), doc_start, topk)
+    return out
+
+
+@torch.no_grad()
+def indexer_topk_cached(index_q, index_w, index_k, first_position: int, topk: int, budget_bytes: int | None = None):
+    """Chunked prefill / decode: queries at positions first_position .. first_position + n - 1 of one sequence,
+    keys index_k [first_position + n, D_I] from the cache. -> [n, topk] int32, as `indexer_topk` rows."""
+    rows, end = index_q.shape[0], first_position + index_q.shape[0]
+    dtype = _compute_dtype(index_q)
+    q, w, k = index_q.to(dtype), index_w.to(dtype), index_k[:end].to(dtype)
+    out = torch.full((rows, topk), -1, dtype=torch.int32, device=index_q.device)
+    step = max(1, (budget_bytes or memory_budget(index_q.device)) // (40 * end))
+    for r0 in range(first_position, end, step):
+        r1 = min(end, r0 + step)
+        valid = causal_mask(0, r0, r1, q.device)
+        scores = indexer_logits(q[r0 - first_position:r1 - first_position], w[r0 - first_position:r1 - first_position],
+                                k[:r1])
+        out[r0 - first_position:r1 - first_position] = _positions_of(select_topk(scores, valid, topk), 0, topk)
     return out
 
 

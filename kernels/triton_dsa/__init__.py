@@ -3,5 +3,5 @@ TRITON_INTERPRET=1 (how CI checks them). Indexer scores + exact top-k, sparse GQ
 indexer KL are Triton kernels; the dense warm-up KL runs the torch reference."""
 
 from kernels.triton_dsa.indexer_kl import indexer_kl_loss  # noqa: F401
-from kernels.triton_dsa.indexer import indexer_topk  # noqa: F401
+from kernels.triton_dsa.indexer import indexer_topk, indexer_topk_cached  # noqa: F401
 from kernels.triton_dsa.sparse_attention import sparse_gqa_attention  # noqa: F401

@@ -18,13 +18,11 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.dsa_reference import row_chunks
-
-DEFAULT_BUDGET_BYTES = 1 << 30
+from kernels.dsa_reference import memory_budget, row_chunks
 
 
 @triton.jit
-def _indexer_scores(IQ, IW, IK, S, r0, doc_start, rows, span, scale,
+def _indexer_scores(IQ, IW, IK, S, r0, q_row0, doc_start, rows, span, scale,
                     sq_t, sq_h, sw_t, sk_t, ss_r,
                     H: tl.constexpr, DI: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr):
     qb = tl.program_id(0)
@@ -35,7 +33,7 @@ def _indexer_scores(IQ, IW, IK, S, r0, doc_start, rows, span, scale,
         m = tl.arange(0, BQ * H)
         local = qb * BQ + m // H
         row_ok = local < rows
-        token = r0 + local
+        token = r0 - q_row0 + local  # IQ / IW hold the queries from position q_row0 on
         head = m % H
         d = tl.arange(0, DI)
         q = tl.load(IQ + token[:, None].to(tl.int64) * sq_t + head[:, None] * sq_h + d[None, :],
@@ -61,11 +59,11 @@ def _ordered_key(x):
 
 
 @triton.jit
-def _select_topk(S, OUT, r0, doc_start, rows, ss_r, so_t, TOPK, BLOCK: tl.constexpr):
+def _select_topk(S, OUT, r0, q_row0, doc_start, rows, ss_r, so_t, TOPK, BLOCK: tl.constexpr):
     local = tl.program_id(0)
     visible = local + (r0 - doc_start) + 1  # keys doc_start .. r0 + local
     row = S + local.to(tl.int64) * ss_r
-    out = OUT + (r0 + local).to(tl.int64) * so_t
+    out = OUT + (r0 - q_row0 + local).to(tl.int64) * so_t
     threshold = tl.zeros([], tl.uint32)
     take_ties = tl.zeros([], tl.int32) + TOPK
     if visible > TOPK:
@@ -110,9 +108,9 @@ def _select_topk(S, OUT, r0, doc_start, rows, ss_r, so_t, TOPK, BLOCK: tl.conste
         written += BLOCK
 
 
-def indexer_scores(index_q, index_w, index_k, doc_start: int, r0: int, r1: int) -> torch.Tensor:
+def indexer_scores(index_q, index_w, index_k, doc_start: int, r0: int, r1: int, q_row0: int = 0) -> torch.Tensor:
     """[r1 - r0, r1 - doc_start] fp32 scores of query rows r0:r1 against their document's keys (entries in the
-    causal future of a row are unspecified)."""
+    causal future of a row are unspecified); index_q / index_w row i is position q_row0 + i."""
     heads, dim = index_q.shape[1], index_q.shape[2]
     rows, span = r1 - r0, r1 - doc_start
     scores = torch.empty(rows, span, dtype=torch.float32, device=index_q.device)
@@ -120,17 +118,34 @@ def indexer_scores(index_q, index_w, index_k, doc_start: int, r0: int, r1: int) 
     bq = max(bq, -(-16 // heads))
     bk = 64
     grid = (triton.cdiv(rows, bq), triton.cdiv(span, bk))
-    _indexer_scores[grid](index_q, index_w, index_k, scores, r0, doc_start, rows, span, dim ** -0.5,
+    _indexer_scores[grid](index_q, index_w, index_k, scores, r0, q_row0, doc_start, rows, span, dim ** -0.5,
                           index_q.stride(0), index_q.stride(1), index_w.stride(0), index_k.stride(0),
                           scores.stride(0), H=heads, DI=dim, BQ=bq, BK=bk)
     return scores
 
 
 def select_rows(scores: torch.Tensor, out: torch.Tensor, doc_start: int, r0: int, topk: int,
-                block: int = 1024) -> None:
-    """Exact top-k of each row of `scores` (row i sees its first r0 - doc_start + i + 1 columns) into out[r0:]."""
-    _select_topk[(scores.shape[0],)](scores, out, r0, doc_start, scores.shape[0], scores.stride(0), out.stride(0),
-                                     topk, BLOCK=block)
+                block: int = 1024, q_row0: int = 0) -> None:
+    """Exact top-k of each row of `scores` (row i sees its first r0 - doc_start + i + 1 columns) into
+    out[r0 - q_row0:]."""
+    _select_topk[(scores.shape[0],)](scores, out, r0, q_row0, doc_start, scores.shape[0], scores.stride(0),
+                                     out.stride(0), topk, BLOCK=block)
+
+
+def indexer_topk_cached(index_q, index_w, index_k, first_position: int, topk: int, budget_bytes: int | None = None,
+                        select_block: int = 1024):
+    """Chunked prefill / decode: queries at positions first_position .. first_position + n - 1 of one sequence,
+    keys index_k [first_position + n, D_I] from the cache. -> [n, topk] int32, as `indexer_topk` rows."""
+    _check(index_q, index_w, index_k[: index_q.shape[0]], topk)
+    index_q, index_w, index_k = index_q.contiguous(), index_w.contiguous(), index_k.contiguous()
+    rows, end = index_q.shape[0], first_position + index_q.shape[0]
+    out = torch.empty(rows, topk, dtype=torch.int32, device=index_q.device)
+    budget = budget_bytes or memory_budget(index_q.device)
+    for r0 in range(first_position, end, max(1, budget // (4 * end))):
+        r1 = min(end, r0 + max(1, budget // (4 * end)))
+        scores = indexer_scores(index_q, index_w, index_k, 0, r0, r1, q_row0=first_position)
+        select_rows(scores, out, 0, r0, topk, select_block, q_row0=first_position)
+    return out
 
 
 def _check(index_q, index_w, index_k, topk):
@@ -142,14 +157,14 @@ def _check(index_q, index_w, index_k, topk):
         raise ValueError("indexer_topk: index_w must be [T, H_I] and index_k [T, D_I]")
 
 
-def indexer_topk(index_q, index_w, index_k, cu_seqlens, topk: int, budget_bytes: int = DEFAULT_BUDGET_BYTES,
+def indexer_topk(index_q, index_w, index_k, cu_seqlens, topk: int, budget_bytes: int | None = None,
                  select_block: int = 1024):
     """Triton twin of `kernels.dsa_reference.indexer_topk` (same shapes, masks, tie rule and padding);
     select_block is the top-k kernel's tile (elements per step along a row)."""
     _check(index_q, index_w, index_k, topk)
     index_q, index_w, index_k = index_q.contiguous(), index_w.contiguous(), index_k.contiguous()
     out = torch.empty(index_q.shape[0], topk, dtype=torch.int32, device=index_q.device)
-    for doc_start, r0, r1 in row_chunks(cu_seqlens, 4, budget_bytes):
+    for doc_start, r0, r1 in row_chunks(cu_seqlens, 4, budget_bytes or memory_budget(index_q.device)):
         scores = indexer_scores(index_q, index_w, index_k, doc_start, r0, r1)
         select_rows(scores, out, doc_start, r0, topk, select_block)
     return out

@@ -56,3 +56,14 @@ def test_exact_selection_with_ties_and_low_contrast_rows():
         visible = span - 3 + i
         order = sorted(range(visible), key=lambda s: (-float(scores[i, s]), s))[:topk]
         assert out[span - 4 + i].tolist() == sorted(order)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("first, rows", [(57, 1), (30, 13), (0, 64)])  # decode, a prefill chunk, everything
+def test_cached_prefill_and_decode_rows_equal_the_full_selection(backend, first, rows):
+    iq, iw, ik, cu = case(first + rows, [64])
+    whole = dsa.indexer_topk(iq, iw, ik, cu, 9, backend="torch")
+    end = first + rows
+    got = dsa.indexer_topk_cached(iq[first:end], iw[first:end], ik[:end], first, 9, backend=backend,
+                                  budget_bytes=1500)  # a few rows per chunk
+    assert torch.equal(got, whole[first:end])
