@@ -129,10 +129,10 @@ def dsa_step(q, k, v, iq, iw, ik, cu, parts: dict):
     def step():
         indices = dsa.indexer_topk(iqs.detach(), iws.detach(), iks.detach(), cu, K, backend=parts["topk"],
                                    budget_bytes=BUDGET)
-        o, _ = dsa.sparse_gqa_attention(qs, ks, vs, indices, D ** -0.5, backend=parts["attention"],
-                                        budget_bytes=BUDGET)
+        o, lse = dsa.sparse_gqa_attention(qs, ks, vs, indices, D ** -0.5, backend=parts["attention"],
+                                          budget_bytes=BUDGET)
         kl = dsa.indexer_kl_loss(iqs, iws, iks, qs.detach(), ks.detach(), cu, D ** -0.5, indices=indices,
-                                 backend=parts["kl"], budget_bytes=BUDGET)
+                                 attn_lse=lse, backend=parts["kl"], budget_bytes=BUDGET)
         (o.float().sum() + kl).backward()
     return step
 
@@ -165,7 +165,7 @@ def main() -> None:
         row["dsa_peak_gib"] = peak_gib(step)
         row["speedup"] = row["dense_cudnn_fwd_bwd_ms"] / row["dsa_fwd_bwd_ms"]
         row["speedup_vs_flash"] = row["dense_flash_fwd_bwd_ms"] / row["dsa_fwd_bwd_ms"]
-        indices = dsa.indexer_topk(iq, iw, ik, cu, K, backend="torch", budget_bytes=BUDGET)
+        indices = dsa.indexer_topk(iq, iw, ik, cu, K, backend="triton", budget_bytes=BUDGET)
         row["indexer_topk_ms"] = timed(lambda: dsa.indexer_topk(iq, iw, ik, cu, K, backend=parts["topk"],
                                                                 budget_bytes=BUDGET))
         row["torch_topk_ms"] = timed(lambda: torch_scores_topk(iq, iw, ik, cu))  # scores + torch.topk
