@@ -14,11 +14,17 @@ def _die(message: str) -> None:
 
 
 def _spawn(nproc: int, argv: list[str]) -> int:
+    """Start the ranks under torchrun; SIGTERM / SIGUSR1 reach them as SIGTERM through torchrun's agent
+    (which forwards SIGTERM to its workers), so they checkpoint at the next step boundary and stop."""
+    import signal
     import subprocess
 
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            "-m", "keye_train.cli", *argv]
-    return subprocess.call(cmd)
+    child = subprocess.Popen(cmd)
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, lambda *_: child.send_signal(signal.SIGTERM))
+    return child.wait()
 
 
 def _single_process_env() -> None:
@@ -33,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    from keye_train.config import check_model_config
+    from keye_train.config import check_model_config, check_train_config
     from keye_train.configure import load_config
     from parallel.layout import LayoutError, check_batch, check_layout
 
@@ -43,6 +49,7 @@ def main(argv: list[str] | None = None) -> int:
         sizes = check_layout(cfg.parallel, cfg.model.lm, cfg.model.vit, world)
         check_batch(cfg.train, sizes)
         check_model_config(cfg.model)
+        check_train_config(cfg.train)
     except (HydraException, OmegaConfBaseException, LayoutError, ValueError) as err:
         _die(str(err))
     if command == "train":

@@ -124,6 +124,10 @@ class TrainConfig:
     seq_length: int = 512
     seed: int = 1234
     dtype: str = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    nonfinite_policy: str = "skip"  # a NaN/Inf gradient or loss: skip the update (and log it), or abort
+    max_nonfinite_skips: int = 3  # consecutive skipped steps before the run aborts anyway
+    hang_timeout_s: float = 0.0  # > 0: a step slower than this prints every rank's thread stacks
+    inject_nonfinite_at_step: int = -1  # fault drill: poison rank 0's gradients at this step (-1: never)
 
 
 @dataclass
@@ -219,6 +223,13 @@ def indexer_mrope_section(lm: LMConfig) -> list[int]:
         raise ValueError(f"model.lm.dsa.index_head_dim={dsa.index_head_dim}: the M-RoPE sections "
                          f"{list(lm.mrope_section)} do not scale to it evenly (head_dim {lm.head_dim})")
     return [int(v) for v in scaled]
+
+
+def check_train_config(train: TrainConfig) -> None:
+    if train.nonfinite_policy not in ("skip", "abort"):
+        raise ValueError(f"train.nonfinite_policy={train.nonfinite_policy!r}: choose skip or abort")
+    if train.max_nonfinite_skips < 0 or train.hang_timeout_s < 0:
+        raise ValueError("train.max_nonfinite_skips and train.hang_timeout_s must be >= 0")
 
 
 def check_model_config(model: ModelConfig) -> None:

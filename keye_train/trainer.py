@@ -15,7 +15,8 @@ from megatron.core.distributed import DistributedDataParallel
 
 from keye_train import checkpoint
 from keye_train.config import KeyeTrainConfig
-from keye_train.config import check_model_config
+from keye_train.config import check_model_config, check_train_config
+from keye_train.operations import PreemptionWatch, gradients_nonfinite, hang_watchdog, poison_gradients
 from keye_train.metrics import MetricsLogger, MoEBalanceTracker, dsa_metrics
 from keye_train.model.builder import build_model, initialize_weights
 from keye_train.optim import apply_freezing, build_optimizer, lr_at, set_lr, wrap_ddp
@@ -68,6 +69,9 @@ class Trainer:
         world = dist.get_world_size() if dist.is_initialized() else int(os.environ["WORLD_SIZE"])
         sizes = check_layout(cfg.parallel, cfg.model.lm, cfg.model.vit, world)
         check_model_config(cfg.model)
+        check_train_config(cfg.train)
+        self.preemption = PreemptionWatch()
+        self.nonfinite_streak = 0
         self.num_microbatches = check_batch(cfg.train, sizes)
         backend = cfg.parallel.backend if cfg.parallel.backend != "auto" else ("nccl" if self.on_gpu else "gloo")
         init_process_groups(cfg.parallel, sizes, backend)
@@ -134,10 +138,17 @@ class Trainer:
         set_lr(self.optimizer, lr)
         ce_sum, n_global = run_microbatches(self.lm_chunk, self.vision_chunk, microbatches, self.cfg.model.tokens,
                                             self.sequence_parallel, self.device)
-        updated, grad_norm = optimizer_step(self.optimizer, self.ddp_chunks)
+        if self.step == self.cfg.train.inject_nonfinite_at_step and dist.get_rank() == 0:
+            poison_gradients(self.ddp_chunks)
+        if gradients_nonfinite(self.ddp_chunks, ce_sum, self.device):
+            updated, grad_norm = False, float("nan")
+            self._count_nonfinite()
+        else:
+            self.nonfinite_streak = 0
+            updated, grad_norm = optimizer_step(self.optimizer, self.ddp_chunks)
         metrics = {"loss": reduce_lm_loss(ce_sum, n_global, self.device) if self._last_stage() else float("nan"),
                    "lr": lr, "grad_norm": grad_norm, "update_skipped": float(not updated),
-                   "supervised_tokens": float(n_global)}
+                   "nonfinite_skips": float(self.nonfinite_streak), "supervised_tokens": float(n_global)}
         metrics.update(self.balance.collect(self.num_microbatches, self.device))
         if self.cfg.model.lm.dsa.mode != "dense":
             metrics.update(dsa_metrics(self.parts.lm, self.device))
@@ -149,6 +160,18 @@ class Trainer:
                         "tokens_per_s_per_rank": tokens / elapsed / dist.get_world_size()})
         self.step += 1
         return metrics
+
+    def _count_nonfinite(self) -> None:
+        """The update is skipped (the gradients are zeroed at the next step); abort by policy or streak."""
+        self.nonfinite_streak += 1
+        train = self.cfg.train
+        if train.nonfinite_policy == "abort" or self.nonfinite_streak > train.max_nonfinite_skips:
+            raise RuntimeError(f"non-finite gradients or loss at step {self.step + 1} ({self.nonfinite_streak} in a "
+                               f"row, train.nonfinite_policy={train.nonfinite_policy}, train.max_nonfinite_skips="
+                               f"{train.max_nonfinite_skips}); the last good checkpoint is untouched")
+        if placement.is_metrics_owner():
+            print(f"step {self.step + 1}: non-finite gradients or loss, update skipped "
+                  f"({self.nonfinite_streak} in a row)", flush=True)
 
     @staticmethod
     def is_metrics_owner() -> bool:
@@ -168,12 +191,19 @@ class Trainer:
         history = []
         try:
             while self.step < cfg.train.steps:
-                metrics = self.train_step()
+                with hang_watchdog(cfg.train.hang_timeout_s):
+                    metrics = self.train_step()
                 history.append(metrics)
                 if logger is not None:
                     logger.log(self.step, metrics)
-                if self.step % cfg.checkpoint.interval == 0 or self.step == cfg.train.steps:
-                    self.save()
+                preempted = self.preemption.agreed(self.device)
+                if preempted or self.step % cfg.checkpoint.interval == 0 or self.step == cfg.train.steps:
+                    path = self.save()
+                if preempted:
+                    if placement.is_metrics_owner():
+                        print(f"preempted ({self.preemption.signal_name or 'another rank was signalled'}): "
+                              f"checkpoint {path} written at step {self.step}; run again to resume", flush=True)
+                    break
         finally:
             self.data.close()
             if logger is not None:

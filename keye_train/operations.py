@@ -1,0 +1,73 @@
+"""Operations around the step: preemption signals, non-finite gradients, and a hang watchdog.
+
+Every decision that changes control flow is agreed by an all-reduce, so all ranks checkpoint, skip or stop at
+the same step even when only some of them saw the signal or the bad value.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import faulthandler
+import signal
+import sys
+import threading
+
+import torch
+import torch.distributed as dist
+
+PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # preemption; SLURM's --signal before the time limit
+NONFINITE_POLICIES = ("skip", "abort")
+
+
+class PreemptionWatch:
+    """Notes SIGTERM / SIGUSR1; the trainer checkpoints at the next step boundary and exits cleanly."""
+
+    def __init__(self):
+        self.signal_name: str | None = None
+        if threading.current_thread() is threading.main_thread():
+            for sig in PREEMPTION_SIGNALS:
+                signal.signal(sig, self._note)
+
+    def _note(self, signum, _frame) -> None:
+        self.signal_name = signal.Signals(signum).name
+
+    def agreed(self, device) -> bool:
+        """Collective: whether any rank was signalled."""
+        flag = torch.tensor([1.0 if self.signal_name else 0.0], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+def gradients_nonfinite(ddp_chunks, local_loss: float, device) -> bool:
+    """Collective: whether any rank holds a NaN/Inf gradient (or last-stage loss) this step."""
+    bad = not (local_loss == local_loss and abs(local_loss) != float("inf"))
+    for chunk in ddp_chunks:
+        for buffer in chunk.buffers + chunk.expert_parallel_buffers:
+            if buffer.grad_data.numel() and not torch.isfinite(buffer.grad_data).all():
+                bad = True
+    flag = torch.tensor([1.0 if bad else 0.0], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
+
+
+def poison_gradients(ddp_chunks) -> None:
+    """Fault drill: put a NaN into this rank's first non-empty gradient buffer."""
+    for chunk in ddp_chunks:
+        for buffer in chunk.buffers + chunk.expert_parallel_buffers:
+            if buffer.grad_data.numel():
+                buffer.grad_data.view(-1)[0] = float("nan")
+                return
+
+
+@contextlib.contextmanager
+def hang_watchdog(timeout_s: float):
+    """While a step runs: if it takes longer than timeout_s, print every thread's stack to stderr (each rank
+    prints its own, so a stuck collective shows where every rank waits). 0 disables it."""
+    if timeout_s <= 0:
+        yield
+        return
+    faulthandler.dump_traceback_later(timeout_s, repeat=False, file=sys.stderr)
+    try:
+        yield
+    finally:
+        faulthandler.cancel_dump_traceback_later()

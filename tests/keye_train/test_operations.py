@@ -1,0 +1,55 @@
+"""Operations on real runs: preemption by signal, non-finite gradients, the hang watchdog."""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+from tests.helpers import QUIET, cli_env, keye_train
+
+FAST = [*QUIET, "train.global_batch=2", "train.seq_length=128", "optim.warmup_steps=0"]
+
+
+def logged_steps(run_dir) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def test_sigterm_checkpoints_at_the_next_step_and_the_rerun_resumes(tmp_path):
+    args = [*FAST, "parallel.nproc=2", "parallel.ep=2", "checkpoint.interval=1000", f"run_dir={tmp_path}"]
+    run = subprocess.Popen([sys.executable, "-m", "keye_train.cli", *args, "train.steps=500"], env=cli_env(),
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while len(logged_steps(tmp_path)) < 2 and time.monotonic() < deadline and run.poll() is None:
+        time.sleep(0.2)
+    run.send_signal(signal.SIGTERM)  # what a scheduler sends before preempting the job
+    stdout, stderr = run.communicate(timeout=300)
+    assert "preempted" in stdout, stderr[-3000:]
+    last = logged_steps(tmp_path)[-1]["step"]
+    assert (tmp_path / "checkpoints" / f"step_{last:08d}" / "meta.json").is_file()
+    done = keye_train(*args, f"train.steps={last + 2}")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"resumed from {tmp_path / 'checkpoints' / f'step_{last:08d}'}" in done.stdout
+    assert logged_steps(tmp_path)[-1]["step"] == last + 2
+
+
+def test_a_nonfinite_gradient_skips_the_update_or_aborts_by_policy(tmp_path):
+    args = [*FAST, "parallel.nproc=1", "train.steps=3", "train.inject_nonfinite_at_step=1"]
+    done = keye_train(*args, f"run_dir={tmp_path / 'skip'}")
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = logged_steps(tmp_path / "skip")
+    assert [r["update_skipped"] for r in rows] == [0.0, 1.0, 0.0]
+    assert "step 2: non-finite gradients or loss, update skipped" in done.stdout
+    assert all(r["loss"] == r["loss"] for r in rows)  # the poisoned update never reached the weights
+    done = keye_train(*args, "train.nonfinite_policy=abort", f"run_dir={tmp_path / 'abort'}")
+    assert done.returncode != 0
+    assert "non-finite gradients or loss at step 2" in done.stderr
+
+
+def test_a_slow_step_prints_the_stacks_and_bad_policies_are_named(tmp_path):
+    done = keye_train(*FAST, "parallel.nproc=1", "train.steps=1", "train.hang_timeout_s=0.01", f"run_dir={tmp_path}")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "most recent call first" in done.stderr and "train_step" in done.stderr
+    done = keye_train(*FAST, "train.nonfinite_policy=ignore", f"run_dir={tmp_path}")
+    assert done.returncode == 2 and "train.nonfinite_policy='ignore'" in done.stderr
