@@ -53,6 +53,10 @@ def run_microbatches(lm_chunk, vision, microbatches, tokens, sequence_parallel: 
         batch = next(data_iterator)
         lm = unwrap_model(model)
         decoder_input = embed_inputs(lm, vision, batch, tokens, sequence_parallel) if lm.pre_process else None
+        if decoder_input is not None and not decoder_input.requires_grad and not forward_only:
+            # Stage 0 on a text-only pack: nothing upstream trains, but the backward must still run through the
+            # LM, whose TP/EP collectives every rank of the group has to join.
+            decoder_input = decoder_input.detach().requires_grad_()
         output = model(input_ids=batch.input_ids.view(1, -1), position_ids=batch.position_ids.view(3, 1, -1),
                        attention_mask=None, decoder_input=decoder_input, labels=batch.labels.view(1, -1),
                        packed_seq_params=packed_params(batch))

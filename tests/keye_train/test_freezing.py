@@ -34,3 +34,15 @@ def test_stage0_with_a_frozen_pipeline_stage_matches_one_rank(tmp_path):
     ckpt = two / "checkpoints" / "step_00000003"
     with np.load(ckpt / "rank_00001.npz") as last_stage:
         assert not any(k.startswith("optim.") and k.endswith(".param") for k in last_stage.files)
+
+
+def test_stage0_under_expert_parallelism_with_text_only_packs_matches_one_rank(tmp_path):
+    """A DP rank whose pack has no picture has nothing trainable upstream of the LM; its backward must still
+    join the EP collectives of the other rank (it used to leave them waiting: a collective mismatch)."""
+    args = [*QUIET, "train.steps=3", "train.global_batch=4", "train.seq_length=256", "stage.trainable=[projector]",
+            "optim.warmup_steps=0", "optim.lr=1e-2", "checkpoint.interval=3"]
+    one, two = tmp_path / "one", tmp_path / "ep2"
+    for run_dir, extra in ((one, ["parallel.nproc=1"]), (two, ["parallel.nproc=2", "parallel.ep=2"])):
+        done = keye_train(*args, *extra, f"run_dir={run_dir}")
+        assert done.returncode == 0, done.stderr[-3000:]
+    np.testing.assert_allclose(list(logged_losses(two).values()), list(logged_losses(one).values()), rtol=2e-6)
