@@ -14,17 +14,11 @@ def _die(message: str) -> None:
 
 
 def _spawn(nproc: int, argv: list[str]) -> int:
-    """Start the ranks under torchrun; SIGTERM / SIGUSR1 reach them as SIGTERM through torchrun's agent
-    (which forwards SIGTERM to its workers), so they checkpoint at the next step boundary and stop."""
-    import signal
-    import subprocess
+    """Start the ranks under torchrun, forwarding preemption signals (see keye_train.operations)."""
+    from keye_train.operations import run_forwarding_signals
 
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           "-m", "keye_train.cli", *argv]
-    child = subprocess.Popen(cmd)
-    for sig in (signal.SIGTERM, signal.SIGUSR1):
-        signal.signal(sig, lambda *_: child.send_signal(signal.SIGTERM))
-    return child.wait()
+    return run_forwarding_signals([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                   f"--nproc_per_node={nproc}", "-m", "keye_train.cli", *argv])
 
 
 def _single_process_env() -> None:
@@ -35,7 +29,16 @@ def _single_process_env() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    command = argv.pop(0) if argv and argv[0] in ("train", "plan") else "train"
+    command = argv.pop(0) if argv and argv[0] in ("train", "plan", "chain") else "train"
+    if command == "chain":
+        if not argv or "=" in argv[0]:
+            _die("usage: keye-train chain <name or path.yaml> [overrides for every stage...]")
+        from keye_train.chain import run_chain
+
+        try:
+            return run_chain(argv[0], argv[1:])
+        except ValueError as err:
+            _die(str(err))
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 

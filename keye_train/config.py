@@ -172,6 +172,7 @@ class CheckpointConfig:
 class LoggingConfig:
     wandb_mode: str = "offline"  # offline | online | disabled
     wandb_project: str = "keye-train"
+    wandb_group: Optional[str] = None  # W&B run group; a chain sets it to its name, one run per stage
     log_interval: int = 1
     progress_bar: bool = True
 

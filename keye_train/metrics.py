@@ -82,7 +82,8 @@ class MetricsLogger:
 
             os.environ.setdefault("WANDB_SILENT", "true")
             self.wandb = wandb.init(project=logging_cfg.wandb_project, dir=str(run_dir), mode=logging_cfg.wandb_mode,
-                                    id=run_id, resume="allow", config=config_dict, name=run_dir.name)
+                                    id=run_id, resume="allow", config=config_dict, name=run_dir.name,
+                                    group=logging_cfg.wandb_group)
         self.bar = None
         if logging_cfg.progress_bar:
             from tqdm import tqdm

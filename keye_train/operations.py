@@ -59,6 +59,17 @@ def poison_gradients(ddp_chunks) -> None:
                 return
 
 
+def run_forwarding_signals(cmd: list[str]) -> int:
+    """Run a child process tree; SIGTERM / SIGUSR1 sent to us reach it as SIGTERM (torchrun's agent forwards
+    SIGTERM to its workers, which then checkpoint at the next step boundary and stop)."""
+    import subprocess
+
+    child = subprocess.Popen(cmd)
+    for sig in PREEMPTION_SIGNALS:
+        signal.signal(sig, lambda *_: child.send_signal(signal.SIGTERM))
+    return child.wait()
+
+
 @contextlib.contextmanager
 def hang_watchdog(timeout_s: float):
     """While a step runs: if it takes longer than timeout_s, print every thread's stack to stderr (each rank
