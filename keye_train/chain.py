@@ -57,20 +57,13 @@ def stage_arguments(chain: ChainConfig, index: int, extra: list[str]) -> list[st
 
 def check_chain(chain: ChainConfig, extra: list[str]) -> list:
     """Compose and validate every stage; a failure names the stage and the key."""
-    from data_pipeline.loader import check_data_config
-    from keye_train.config import check_model_config, check_train_config
-    from keye_train.configure import load_config
-    from parallel.layout import check_batch, check_layout
+    from keye_train.configure import load_checked_config
 
     configs = []
     for index, stage in enumerate(chain.stages):
         try:
-            cfg = load_config(stage_arguments(chain, index, extra))
-            check_batch(cfg.train, check_layout(cfg.parallel, cfg.model.lm, cfg.model.vit, cfg.parallel.nproc))
-            check_model_config(cfg.model)
-            check_train_config(cfg.train)
-            check_data_config(cfg.data)
-        except Exception as err:  # Hydra, OmegaConf, layout and value errors alike
+            cfg, _ = load_checked_config(stage_arguments(chain, index, extra))
+        except ValueError as err:
             raise ValueError(f"chain stage {stage.name!r} (recipe {stage.recipe}): {err}") from err
         configs.append(cfg)
     return configs

@@ -39,29 +39,13 @@ def main(argv: list[str] | None = None) -> int:
             return run_chain(argv[0], argv[1:])
         except ValueError as err:
             _die(str(err))
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
-
-    from keye_train.config import check_model_config, check_train_config
-    from keye_train.configure import load_config
-    from parallel.layout import LayoutError, check_batch, check_layout
+    from keye_train.configure import load_checked_config
 
     try:
-        cfg = load_config(argv)
-        world = int(os.environ.get("WORLD_SIZE", cfg.parallel.nproc))
-        sizes = check_layout(cfg.parallel, cfg.model.lm, cfg.model.vit, world)
-        check_batch(cfg.train, sizes)
-        check_model_config(cfg.model)
-        check_train_config(cfg.train)
-    except (HydraException, OmegaConfBaseException, LayoutError, ValueError) as err:
+        world = int(os.environ.get("WORLD_SIZE", 0)) or None
+        cfg, sizes = load_checked_config(argv, world, check_data=command == "train")
+    except ValueError as err:
         _die(str(err))
-    if command == "train":
-        from data_pipeline.loader import check_data_config
-
-        try:
-            check_data_config(cfg.data)
-        except ValueError as err:
-            _die(str(err))
     if command == "plan":
         from keye_train.plan import print_plan
 

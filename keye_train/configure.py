@@ -29,3 +29,26 @@ def load_config(overrides: list[str]) -> KeyeTrainConfig:
     with initialize_config_dir(config_dir=str(RECIPES_DIR), version_base=None):
         cfg = compose(config_name="config", overrides=list(overrides))
     return OmegaConf.to_object(cfg)
+
+
+def load_checked_config(overrides: list[str], world: int | None = None, check_data: bool = True):
+    """Compose, then validate layout, batch, model, train (and data) settings; returns (cfg, layout sizes).
+    Every failure is a ValueError naming the key, raised before any rank starts."""
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from data_pipeline.loader import check_data_config
+    from keye_train.config import check_model_config, check_train_config
+    from parallel.layout import check_batch, check_layout
+
+    try:
+        cfg = load_config(overrides)
+        sizes = check_layout(cfg.parallel, cfg.model.lm, cfg.model.vit, cfg.parallel.nproc if world is None else world)
+        check_batch(cfg.train, sizes)
+        check_model_config(cfg.model)
+        check_train_config(cfg.train)
+        if check_data:
+            check_data_config(cfg.data)
+    except (HydraException, OmegaConfBaseException) as err:  # layout and value errors are ValueErrors already
+        raise ValueError(str(err)) from err
+    return cfg, sizes
