@@ -24,7 +24,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.common import cpu_description, git_state, peak_rss_mib  # noqa: E402
+from benchmarks.common import cpu_description, git_state, peak_rss_mib, write_result  # noqa: E402
 from data_pipeline.encode import MediaBudget  # noqa: E402
 from data_pipeline.sizing import VideoBudget  # noqa: E402
 
@@ -196,8 +196,7 @@ def main() -> None:
         print(f"packing at {int(seq):>6}: {p['efficiency']:.4f} non-pad ({p['packs']} packs, "
               f"{p['samples_per_pack']:.1f} samples/pack, {p['skipped_too_long']} too long)")
     print(f"main process peak RSS {result['figures']['main_peak_rss_mib']:.0f} MiB")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    write_result(args.out, result)
     print(f"wrote {args.out}")
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import sys
 from pathlib import Path
 
@@ -22,7 +21,7 @@ import torch.nn.functional as F
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.common import git_state  # noqa: E402
+from benchmarks.common import git_state, write_result  # noqa: E402
 from kernels import dsa  # noqa: E402
 
 HQ, HKV, D, K, HI, DI = 32, 4, 128, 2048, 16, 64
@@ -181,8 +180,7 @@ def main() -> None:
               f"{row['dsa_peak_gib']:.1f} GiB", flush=True)
         del q, k, v, iq, iw, ik, indices
         torch.cuda.empty_cache()
-        args.out.parent.mkdir(parents=True, exist_ok=True)  # after every row: a timeout keeps what was measured
-        args.out.write_text(json.dumps({"checks": checks, "rows": rows}, indent=2) + "\n")
+        write_result(args.out, {"checks": checks, "rows": rows})  # after every row: a timeout keeps what was measured
     print(f"wrote {args.out}")
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import multiprocessing
 import sys
 import time
@@ -20,7 +19,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.common import cpu_description, git_state  # noqa: E402
+from benchmarks.common import cpu_description, git_state, write_result  # noqa: E402
 
 
 def _status_mib(field: str) -> float:
@@ -98,8 +97,7 @@ def main() -> None:
           f"(full L x L fp32 logits: {full_logits_mib:.0f} MiB)")
     for r in rows:
         print(f"{r['function']:24}{r['seconds']:>10.1f}{r['peak_above_inputs_mib']:>10.0f}{r['of_which_outputs_mib']:>13.0f}")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    write_result(args.out, result)
     print(f"wrote {args.out}")
 
 

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
-import os
 import statistics
 import sys
 import tempfile
@@ -18,7 +16,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.common import cpu_description, git_state, peak_rss_mib  # noqa: E402
+from benchmarks.common import cpu_description, git_state, peak_rss_mib, write_result  # noqa: E402
 
 DEFAULT_OUT = REPO / "benchmarks" / "results" / "train_step_cpu.json"
 
@@ -91,8 +89,7 @@ def main() -> None:
     result = {"benchmark": "train_step_cpu", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
               **git_state(), "device": cpu_description(), **measured}
     print_table(result)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    write_result(args.out, result)
     print(f"wrote {args.out}")
 
 

@@ -19,14 +19,20 @@ def test_stage0_changes_only_the_projector(tmp_path):
         assert optim_numel == sum(a[k].size for k in projector)
 
 
-def test_stage0_with_a_frozen_pipeline_stage_matches_one_rank(tmp_path):
-    """With PP=2 the last stage has nothing to train; it must still join the optimizer and match one rank."""
-    args = [*QUIET, "train.steps=3", "train.global_batch=2", "train.seq_length=128", "stage.trainable=[projector]",
-            "optim.warmup_steps=0", "optim.lr=1e-2", "checkpoint.interval=3"]
-    one, two = tmp_path / "pp1", tmp_path / "pp2"
-    for run_dir, extra in ((one, ["parallel.nproc=1"]), (two, ["parallel.nproc=2", "parallel.pp=2"])):
+def run_projector_only(tmp_path, shape: list[str], layout: list[str]):
+    """Three projector-only steps on one rank and on two ranks with `layout`; returns both run dirs."""
+    args = [*QUIET, "train.steps=3", *shape, "stage.trainable=[projector]", "optim.warmup_steps=0", "optim.lr=1e-2",
+            "checkpoint.interval=3"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    for run_dir, extra in ((one, ["parallel.nproc=1"]), (two, ["parallel.nproc=2", *layout])):
         done = keye_train(*args, *extra, f"run_dir={run_dir}")
         assert done.returncode == 0, done.stderr[-3000:]
+    return one, two
+
+
+def test_stage0_with_a_frozen_pipeline_stage_matches_one_rank(tmp_path):
+    """With PP=2 the last stage has nothing to train; it must still join the optimizer and match one rank."""
+    one, two = run_projector_only(tmp_path, ["train.global_batch=2", "train.seq_length=128"], ["parallel.pp=2"])
     expected, got = list(logged_losses(one).values()), list(logged_losses(two).values())
     assert len(expected) == len(got) == 3
     assert expected[2] != expected[0]  # the projector really trains
@@ -39,10 +45,5 @@ def test_stage0_with_a_frozen_pipeline_stage_matches_one_rank(tmp_path):
 def test_stage0_under_expert_parallelism_with_text_only_packs_matches_one_rank(tmp_path):
     """A DP rank whose pack has no picture has nothing trainable upstream of the LM; its backward must still
     join the EP collectives of the other rank (it used to leave them waiting: a collective mismatch)."""
-    args = [*QUIET, "train.steps=3", "train.global_batch=4", "train.seq_length=256", "stage.trainable=[projector]",
-            "optim.warmup_steps=0", "optim.lr=1e-2", "checkpoint.interval=3"]
-    one, two = tmp_path / "one", tmp_path / "ep2"
-    for run_dir, extra in ((one, ["parallel.nproc=1"]), (two, ["parallel.nproc=2", "parallel.ep=2"])):
-        done = keye_train(*args, *extra, f"run_dir={run_dir}")
-        assert done.returncode == 0, done.stderr[-3000:]
+    one, two = run_projector_only(tmp_path, ["train.global_batch=4", "train.seq_length=256"], ["parallel.ep=2"])
     np.testing.assert_allclose(list(logged_losses(two).values()), list(logged_losses(one).values()), rtol=2e-6)
