@@ -70,16 +70,14 @@ def _select_topk(S, OUT, r0, q_row0, doc_start, rows, ss_r, so_t, TOPK, BLOCK: t
         known = tl.zeros([], tl.uint32)  # bits of the threshold fixed so far
         bins = tl.arange(0, 256)
         for p in tl.static_range(4):
-            shift: tl.constexpr = 24 - 8 * p
+            shift = 24 - 8 * p  # p is a compile-time constant, so shift is too
             hist = tl.zeros([256], tl.int32)
-            c0 = 0
-            while c0 < visible:
+            for c0 in range(0, visible, BLOCK):
                 col = c0 + tl.arange(0, BLOCK)
                 ok = col < visible
                 key = _ordered_key(tl.load(row + col, mask=ok, other=0.0))
                 match = ok & ((key & known) == (threshold & known))
                 hist += tl.histogram(((key >> shift) & 255).to(tl.int32), 256, mask=match)
-                c0 += BLOCK
             at_or_above = tl.sum(hist, 0) - tl.cumsum(hist, 0) + hist  # keys whose digit is >= d
             digit = tl.sum((at_or_above >= take_ties).to(tl.int32), 0) - 1  # the digit holding the k-th largest
             take_ties -= tl.sum(tl.where(bins > digit, hist, 0), 0)
@@ -87,8 +85,7 @@ def _select_topk(S, OUT, r0, q_row0, doc_start, rows, ss_r, so_t, TOPK, BLOCK: t
             known = known | (tl.full([], 255, tl.uint32) << shift)
     written = tl.zeros([], tl.int32)
     ties_seen = tl.zeros([], tl.int32)
-    c0 = 0
-    while c0 < visible:
+    for c0 in range(0, visible, BLOCK):
         col = c0 + tl.arange(0, BLOCK)
         ok = col < visible
         key = _ordered_key(tl.load(row + col, mask=ok, other=0.0))
@@ -101,7 +98,6 @@ def _select_topk(S, OUT, r0, q_row0, doc_start, rows, ss_r, so_t, TOPK, BLOCK: t
         slot = written + tl.cumsum(take.to(tl.int32), 0) - 1
         tl.store(out + slot, (doc_start + col).to(tl.int32), mask=take)
         written += tl.sum(take.to(tl.int32), 0)
-        c0 += BLOCK
     while written < TOPK:  # -1 after the last selected key
         pad = written + tl.arange(0, BLOCK)
         tl.store(out + pad, tl.full([BLOCK], -1, tl.int32), mask=pad < TOPK)

@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from kernels import dsa_reference
-from kernels.triton_dsa.sparse_attention import _block_queries, _tile_rows, _union_tile, LOG2E
+from kernels.triton_dsa.sparse_attention import LOG2E, _tile_rows, _union_tile, block_queries_for
 from kernels.triton_dsa.union import block_union
 
 
@@ -35,8 +35,7 @@ def _sparse_target(Q, K, LSE, TARGET, UKEYS, UBITS, UOFF, T, scale_log2, sq_t, s
     filled = tl.zeros([BQ], tl.int32)  # slots already passed in each query's own list
     u_start = tl.load(UOFF + b)
     u_end = tl.load(UOFF + b + 1)
-    u0 = u_start
-    while u0 < u_end:
+    for u0 in range(u_start, u_end, BU):
         key, u_ok, kt, s, member = _union_tile(q, u0, u_end, UKEYS, UBITS, K, h, sk_t, sk_h, rows, row_ok,
                                                scale_log2, G, D, BU)
         p = tl.where(member, tl.exp2(s - lse2[:, None]), 0.0)
@@ -46,7 +45,6 @@ def _sparse_target(Q, K, LSE, TARGET, UKEYS, UBITS, UOFF, T, scale_log2, sq_t, s
         slot = filled[:, None] + tl.cumsum(mine.to(tl.int32), 1) - 1
         tl.atomic_add(TARGET + queries[:, None].to(tl.int64) * st_t + slot, p_sum, mask=mine)
         filled += tl.sum(mine.to(tl.int32), 1)
-        u0 += BU
 
 
 @triton.jit
@@ -61,8 +59,7 @@ def _indexer_kl(IQ, IW, IK, IDX, TARGET, DQ, DW, DK, KL, scale, inv_rows, TOPK,
     w = tl.load(IW + t * sw_t + hr, mask=h_ok, other=0.0)
     m_i = tl.full([], float("-inf"), tl.float32)
     l_i = tl.zeros([], tl.float32)
-    j0 = 0
-    while j0 < TOPK:  # pass 1: log-sum-exp of the indexer logits over the set
+    for j0 in range(0, TOPK, BK):  # pass 1: log-sum-exp of the indexer logits over the set
         j = j0 + tl.arange(0, BK)
         idx = tl.load(IDX + t * si_t + j, mask=j < TOPK, other=-1)
         ok = idx >= 0
@@ -73,13 +70,11 @@ def _indexer_kl(IQ, IW, IK, IDX, TARGET, DQ, DW, DK, KL, scale, inv_rows, TOPK,
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         l_i = l_i * tl.exp(m_i - m_safe) + tl.sum(tl.exp(logits - m_safe), 0)
         m_i = m_new
-        j0 += BK
     lse = m_i + tl.log(l_i)
     kl = tl.zeros([], tl.float32)
     dq = tl.zeros([HP, DI], tl.float32)
     dw = tl.zeros([HP], tl.float32)
-    j0 = 0
-    while j0 < TOPK:  # pass 2: KL, g = softmax(I) - p, and the gradients
+    for j0 in range(0, TOPK, BK):  # pass 2: KL, g = softmax(I) - p, and the gradients
         j = j0 + tl.arange(0, BK)
         idx = tl.load(IDX + t * si_t + j, mask=j < TOPK, other=-1)
         ok = idx >= 0
@@ -94,7 +89,6 @@ def _indexer_kl(IQ, IW, IK, IDX, TARGET, DQ, DW, DK, KL, scale, inv_rows, TOPK,
         dz = tl.where(z > 0, g[None, :] * w[:, None], 0.0) * scale
         dq += tl.dot(dz, ks)
         tl.atomic_add(DK + idx[:, None].to(tl.int64) * sk_t + d[None, :], tl.dot(tl.trans(dz), q), mask=ok[:, None])
-        j0 += BK
     tl.store(DQ + t * sq_t + hr[:, None] * sq_h + d[None, :], dq, mask=h_ok[:, None])
     tl.store(DW + t * sw_t + hr, dw, mask=h_ok)
     tl.store(KL + t, kl)
@@ -104,7 +98,7 @@ def sparse_attention_target(attn_q, attn_k, attn_lse, indices, softmax_scale: fl
     """[T, k] fp32: the head-summed attention probabilities at each selected key, L1-normalised per row."""
     total, heads, dim = attn_q.shape
     groups = attn_k.shape[1]
-    bq = _block_queries(heads // groups)
+    bq = block_queries_for(indices, heads // groups)
     keys, bits, offsets = block_union(indices, bq)
     target = torch.zeros(indices.shape, dtype=torch.float32, device=attn_q.device)
     q, k, lse = attn_q.contiguous(), attn_k.contiguous(), attn_lse.float().contiguous()

@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.triton_dsa.union import block_union
+from kernels.triton_dsa.union import block_union, choose_block
 
 LOG2E = 1.0 / math.log(2.0)
 
@@ -65,11 +65,9 @@ def _sparse_fwd(Q, K, V, OUT, LSE, UKEYS, UBITS, UOFF, T, scale_log2,
     m_i = tl.full([M], float("-inf"), tl.float32)
     l_i = tl.zeros([M], tl.float32)
     acc = tl.zeros([M, D], tl.float32)
-    u0 = u_start
-    while u0 < u_end:  # a runtime-bounded walk over this block's union
+    for u0 in range(u_start, u_end, BU):  # a runtime-bounded walk over this block's union (pipelined)
         key, u_ok, kt, s, member = _union_tile(q, u0, u_end, UKEYS, UBITS, K, h, sk_t, sk_h, rows, row_ok,
                                                scale_log2, G, D, BU)
-        u0 += BU
         s = tl.where(member, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -104,11 +102,9 @@ def _sparse_bwd(Q, K, V, DO, LSE, DELTA, DQ, DK, DV, UKEYS, UBITS, UOFF, T, scal
     dq = tl.zeros([M, D], tl.float32)
     u_start = tl.load(UOFF + b)
     u_end = tl.load(UOFF + b + 1)
-    u0 = u_start
-    while u0 < u_end:  # a runtime-bounded walk over this block's union
+    for u0 in range(u_start, u_end, BU):  # a runtime-bounded walk over this block's union (pipelined)
         key, u_ok, kt, s, member = _union_tile(q, u0, u_end, UKEYS, UBITS, K, h, sk_t, sk_h, rows, row_ok,
                                                scale_log2, G, D, BU)
-        u0 += BU
         p = tl.where(member, tl.exp2(s - lse2[:, None]), 0.0)
         vt = tl.load(V + key[:, None].to(tl.int64) * sk_t + h * sk_h + d[None, :], mask=u_ok[:, None], other=0.0)
         acc_ptr = key[:, None].to(tl.int64) * sacc_t + h * sacc_h + d[None, :]
@@ -125,6 +121,11 @@ def _block_queries(groups: int) -> int:
     return max(-(-16 // groups), min(16, max(1, 128 // groups)))
 
 
+def block_queries_for(indices: torch.Tensor, groups: int) -> int:
+    """The union tile's query count for these sets: 128 rows when neighbours overlap, else 16 (union.py)."""
+    return choose_block(indices, smallest=-(-16 // groups), largest=_block_queries(groups))
+
+
 def _check(q, k, v, indices):
     total, heads, dim = q.shape
     if k.shape != v.shape or k.shape[0] != total or heads % k.shape[1]:
@@ -138,22 +139,22 @@ def _check(q, k, v, indices):
 
 class _TritonSparseGQA(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, indices, softmax_scale, block_keys):
+    def forward(ctx, q, k, v, indices, softmax_scale, block_keys, block_queries, num_warps):
         _check(q, k, v, indices)
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         total, heads, dim = q.shape
         groups = k.shape[1]
         per_group = heads // groups
-        bq = _block_queries(per_group)
+        bq = block_queries or block_queries_for(indices, per_group)
         keys, bits, offsets = block_union(indices, bq)
         out = torch.empty_like(q)
         lse = torch.empty(total, heads, dtype=torch.float32, device=q.device)
         grid = (offsets.shape[0] - 1, groups)
         _sparse_fwd[grid](q, k, v, out, lse, keys, bits, offsets, total, softmax_scale * LOG2E,
                           q.stride(0), q.stride(1), k.stride(0), k.stride(1),
-                          G=per_group, BQ=bq, D=dim, BU=block_keys)
+                          G=per_group, BQ=bq, D=dim, BU=block_keys, num_warps=num_warps[0])
         ctx.save_for_backward(q, k, v, out, lse, keys, bits, offsets)
-        ctx.scale, ctx.bq, ctx.block_keys = softmax_scale, bq, block_keys
+        ctx.scale, ctx.bq, ctx.block_keys, ctx.num_warps = softmax_scale, bq, block_keys, num_warps
         ctx.mark_non_differentiable(lse)
         return out, lse
 
@@ -170,10 +171,14 @@ class _TritonSparseGQA(torch.autograd.Function):
         grid = (offsets.shape[0] - 1, groups)
         _sparse_bwd[grid](q, k, v, grad_out, lse, delta, dq, dk, dv, keys, bits, offsets, total, ctx.scale,
                           ctx.scale * LOG2E, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
-                          dk.stride(0), dk.stride(1), G=heads // groups, BQ=ctx.bq, D=dim, BU=ctx.block_keys)
-        return dq, dk.to(k.dtype), dv.to(v.dtype), None, None, None
+                          dk.stride(0), dk.stride(1), G=heads // groups, BQ=ctx.bq, D=dim, BU=ctx.block_keys,
+                          num_warps=ctx.num_warps[1])
+        return dq, dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None
 
 
-def sparse_gqa_attention(q, k, v, indices, softmax_scale: float, block_keys: int = 64, **_reference_options):
-    """Triton twin of `kernels.dsa_reference.sparse_gqa_attention` (same shapes, dtypes and semantics)."""
-    return _TritonSparseGQA.apply(q, k, v, indices, softmax_scale, block_keys)
+def sparse_gqa_attention(q, k, v, indices, softmax_scale: float, block_keys: int = 64, block_queries: int | None = None,
+                         num_warps: tuple[int, int] = (4, 8), **_reference_options):
+    """Triton twin of `kernels.dsa_reference.sparse_gqa_attention` (same shapes, dtypes and semantics).
+    block_queries: queries per union tile (default: chosen from the sets' overlap, union.choose_block);
+    num_warps: (forward, backward), measured best on the H200 (benchmarks/dsa_parts_h200.py)."""
+    return _TritonSparseGQA.apply(q, k, v, indices, softmax_scale, block_keys, block_queries, num_warps)

@@ -4,11 +4,18 @@ A block of `block` consecutive queries shares one sorted list of the distinct ke
 union U); `bits[u]` says which queries of the block selected key U[u] (bit i for query i of the block). The
 kernels walk U once per block and KV group, gather each key's K/V row once for all the block's queries and
 heads, and mask each row to its own set (dsa.md §4.2).
+
+The block size trades MMA rows against wasted work: a tile computes |U| x block x G scores of which only
+block x k are selected. Neighbouring queries of a trained model share most of their keys (|U| near k, so big
+blocks win); unrelated sets (random inputs) make |U| near block x k (so the smallest block that still fills 16
+MMA rows wins). `choose_block` measures the overlap on a sample of blocks.
 """
 
 from __future__ import annotations
 
 import torch
+
+_SENTINEL = torch.iinfo(torch.int32).max
 
 
 def block_union(indices: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -18,18 +25,35 @@ def block_union(indices: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.
     if not 1 <= block <= 30:
         raise ValueError(f"query block {block} must be in 1..30 (membership is an int32 bit mask)")
     total, k = indices.shape
+    if total * 32 >= _SENTINEL:
+        raise ValueError(f"block_union: {total} tokens do not fit the int32 key x 32 + row code")
     blocks = -(-total // block)
-    device = indices.device
-    rows = torch.arange(total, device=device)
-    valid = indices >= 0
-    block_of = (rows // block)[:, None].expand(total, k)[valid]
-    bit = (1 << (rows % block)).to(torch.int64)[:, None].expand(total, k)[valid]
-    composite = block_of * (total + 1) + indices[valid].long()
-    order = torch.argsort(composite)
-    composite, bit = composite[order], bit[order]
-    unique, inverse = torch.unique_consecutive(composite, return_inverse=True)
-    bits = torch.zeros(unique.shape[0], dtype=torch.int64, device=device).scatter_add_(0, inverse, bit)
-    counts = torch.bincount(unique // (total + 1), minlength=blocks)
-    offsets = torch.zeros(blocks + 1, dtype=torch.int64, device=device)
-    offsets[1:] = torch.cumsum(counts, 0)
-    return (unique % (total + 1)).to(torch.int32), bits.to(torch.int32), offsets.to(torch.int32)
+    padded = torch.full((blocks * block, k), -1, dtype=torch.int32, device=indices.device)
+    padded[:total] = indices
+    row = (torch.arange(blocks * block, device=indices.device, dtype=torch.int32) % block)[:, None]
+    code = torch.where(padded >= 0, padded * 32 + row, _SENTINEL)  # key and query-in-block in one int32
+    code = torch.sort(code.view(blocks, block * k), dim=1).values  # one segmented sort: keys ascending per block
+    valid = code != _SENTINEL
+    key = torch.where(valid, code >> 5, -1)
+    first = valid.clone()
+    first[:, 1:] &= key[:, 1:] != key[:, :-1]
+    segment = torch.cumsum(first.view(-1), 0)[valid.view(-1)] - 1
+    bit = torch.bitwise_left_shift(torch.ones_like(code), code & 31)[valid]
+    bits = torch.zeros(int(first.sum()), dtype=torch.int32, device=indices.device).scatter_add_(0, segment, bit)
+    offsets = torch.zeros(blocks + 1, dtype=torch.int64, device=indices.device)
+    offsets[1:] = torch.cumsum(first.sum(1), 0)
+    return key[first].to(torch.int32), bits, offsets.to(torch.int32)
+
+
+def choose_block(indices: torch.Tensor, smallest: int, largest: int, sample_blocks: int = 256) -> int:
+    """`largest` when neighbouring queries share most keys (mean |U| <= 4 x the mean selected count), else
+    `smallest`; measured on up to `sample_blocks` evenly spaced blocks of `largest` queries."""
+    total = indices.shape[0]
+    if smallest >= largest or total < 2 * largest:
+        return largest
+    starts = torch.linspace(0, total - largest, min(sample_blocks, total // largest), device=indices.device).long()
+    rows = indices[starts[:, None] + torch.arange(largest, device=indices.device)[None, :]]  # [S, block, k]
+    flat = torch.sort(rows.flatten(1), dim=1).values
+    distinct = ((flat[:, 1:] != flat[:, :-1]) & (flat[:, 1:] >= 0)).sum(1) + (flat[:, 0] >= 0).long()
+    selected = (rows >= 0).sum((1, 2)).float() / largest
+    return largest if float(distinct.float().mean()) <= 4 * float(selected.mean()) else smallest
