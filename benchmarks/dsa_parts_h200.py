@@ -42,7 +42,7 @@ def part_rows(length: int, kind: str, indices: torch.Tensor, q, k, v, configs) -
         union_ratio = keys.shape[0] / max(1, int((indices >= 0).sum())) * bq
         union_ms = timed(lambda: block_union(indices, bq))
         for bu, warps in configs:
-            opts = dict(block_keys=bu, block_queries=bq, num_warps=(warps, warps))
+            opts = dict(block_keys=bu, block_queries=bq, num_warps=warps)
             qs, ks, vs = (x.clone().requires_grad_() for x in (q, k, v))
 
             def fwd_bwd():

@@ -126,6 +126,15 @@ def block_queries_for(indices: torch.Tensor, groups: int) -> int:
     return choose_block(indices, smallest=-(-16 // groups), largest=_block_queries(groups))
 
 
+def _launch_options(rows: int, block_keys: int | None, num_warps: int | None) -> tuple[tuple, tuple]:
+    """(keys per chunk, warps) for the forward and the backward; unset ones take the H200 optimum measured in
+    benchmarks/results/dsa_parts_h200.json: 128-row tiles run the backward on 8 warps, 16-row tiles on 4 warps
+    over 32-key chunks."""
+    forward = (block_keys or 64, num_warps or 4)
+    backward = (block_keys or (64 if rows >= 64 else 32), num_warps or (8 if rows >= 64 else 4))
+    return forward, backward
+
+
 def _check(q, k, v, indices):
     total, heads, dim = q.shape
     if k.shape != v.shape or k.shape[0] != total or heads % k.shape[1]:
@@ -147,14 +156,15 @@ class _TritonSparseGQA(torch.autograd.Function):
         per_group = heads // groups
         bq = block_queries or block_queries_for(indices, per_group)
         keys, bits, offsets = block_union(indices, bq)
+        (fwd_keys, fwd_warps), ctx.backward_options = _launch_options(bq * per_group, block_keys, num_warps)
         out = torch.empty_like(q)
         lse = torch.empty(total, heads, dtype=torch.float32, device=q.device)
         grid = (offsets.shape[0] - 1, groups)
         _sparse_fwd[grid](q, k, v, out, lse, keys, bits, offsets, total, softmax_scale * LOG2E,
                           q.stride(0), q.stride(1), k.stride(0), k.stride(1),
-                          G=per_group, BQ=bq, D=dim, BU=block_keys, num_warps=num_warps[0])
+                          G=per_group, BQ=bq, D=dim, BU=fwd_keys, num_warps=fwd_warps)
         ctx.save_for_backward(q, k, v, out, lse, keys, bits, offsets)
-        ctx.scale, ctx.bq, ctx.block_keys, ctx.num_warps = softmax_scale, bq, block_keys, num_warps
+        ctx.scale, ctx.bq = softmax_scale, bq
         ctx.mark_non_differentiable(lse)
         return out, lse
 
@@ -169,16 +179,17 @@ class _TritonSparseGQA(torch.autograd.Function):
         dk = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
         dv = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
         grid = (offsets.shape[0] - 1, groups)
+        bwd_keys, bwd_warps = ctx.backward_options
         _sparse_bwd[grid](q, k, v, grad_out, lse, delta, dq, dk, dv, keys, bits, offsets, total, ctx.scale,
                           ctx.scale * LOG2E, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
-                          dk.stride(0), dk.stride(1), G=heads // groups, BQ=ctx.bq, D=dim, BU=ctx.block_keys,
-                          num_warps=ctx.num_warps[1])
+                          dk.stride(0), dk.stride(1), G=heads // groups, BQ=ctx.bq, D=dim, BU=bwd_keys,
+                          num_warps=bwd_warps)
         return dq, dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None
 
 
-def sparse_gqa_attention(q, k, v, indices, softmax_scale: float, block_keys: int = 64, block_queries: int | None = None,
-                         num_warps: tuple[int, int] = (4, 8), **_reference_options):
+def sparse_gqa_attention(q, k, v, indices, softmax_scale: float, block_keys: int | None = None,
+                         block_queries: int | None = None, num_warps: int | None = None, **_reference_options):
     """Triton twin of `kernels.dsa_reference.sparse_gqa_attention` (same shapes, dtypes and semantics).
-    block_queries: queries per union tile (default: chosen from the sets' overlap, union.choose_block);
-    num_warps: (forward, backward), measured best on the H200 (benchmarks/dsa_parts_h200.py)."""
+    Tile overrides (default: block_queries from the sets' overlap, union.choose_block; the rest from
+    `_launch_options`): block_keys and num_warps apply to forward and backward alike."""
     return _TritonSparseGQA.apply(q, k, v, indices, softmax_scale, block_keys, block_queries, num_warps)
