@@ -1,4 +1,5 @@
-"""`keye-train [plan] [hydra overrides...]`: validate, then train (spawning ranks when asked) or plan."""
+"""`keye-train [train|plan|chain|launch] [hydra overrides...]`: validate, then train (spawning ranks when asked),
+plan, run a stage chain, or launch on torchrun / SLURM (launch/cli.py)."""
 
 from __future__ import annotations
 
@@ -14,11 +15,12 @@ def _die(message: str) -> None:
 
 
 def _spawn(nproc: int, argv: list[str]) -> int:
-    """Start the ranks under torchrun, forwarding preemption signals (see keye_train.operations)."""
+    """Start the ranks under torchrun on this machine, forwarding preemption signals (keye_train.operations)."""
+    from keye_train.config import LaunchConfig
     from keye_train.operations import run_forwarding_signals
+    from launch.torchrun import torchrun_command
 
-    return run_forwarding_signals([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                                   f"--nproc_per_node={nproc}", "-m", "keye_train.cli", *argv])
+    return run_forwarding_signals(torchrun_command(LaunchConfig(gpus_per_node=nproc), argv, rdzv_id="local"))
 
 
 def _single_process_env() -> None:
@@ -29,7 +31,14 @@ def _single_process_env() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    command = argv.pop(0) if argv and argv[0] in ("train", "plan", "chain") else "train"
+    command = argv.pop(0) if argv and argv[0] in ("train", "plan", "chain", "launch") else "train"
+    if command == "launch":
+        from launch.cli import main as launch_main
+
+        try:
+            return launch_main(argv)
+        except ValueError as err:
+            _die(str(err))
     if command == "chain":
         if not argv or "=" in argv[0]:
             _die("usage: keye-train chain <name or path.yaml> [overrides for every stage...]")

@@ -7,7 +7,7 @@ recipes in `recipes/` are YAML overrides on top of them.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 
 @dataclass
@@ -178,6 +178,38 @@ class LoggingConfig:
 
 
 @dataclass
+class SlurmConfig:
+    """sbatch settings (launch/slurm.py). Logs go to <run_dir>/logs unless log_dir is set."""
+
+    partition: Optional[str] = None
+    account: Optional[str] = None
+    qos: Optional[str] = None
+    time: str = "24:00:00"
+    cpus_per_task: int = 32  # per node: one launcher task per node starts its GPUs' ranks
+    mem: Optional[str] = None  # e.g. "0" for all of each node's memory
+    job_name: Optional[str] = None  # default: the run_dir's name
+    log_dir: Optional[str] = None
+    signal_lead_s: int = 300  # SIGUSR1 this long before the time limit: checkpoint, exit, requeue
+    requeue: bool = True
+    setup: List[str] = field(default_factory=list)  # shell lines run first on the batch node (module load, venv)
+    extra_sbatch: List[str] = field(default_factory=list)  # more "#SBATCH ..." options, e.g. "--exclusive"
+
+
+@dataclass
+class LaunchConfig:
+    """Where the ranks run: `keye-train launch torchrun|slurm` (launch/)."""
+
+    nodes: int = 1
+    gpus_per_node: int = 8  # processes per node
+    master_addr: Optional[str] = None  # torchrun multi-node: the rendezvous host (SLURM: the allocation's first node)
+    master_port: int = 29500
+    rdzv_id: Optional[str] = None  # default: the SLURM job id, or the run_dir's name
+    max_restarts: int = 0  # torchrun restarts of a failed node group (each resumes from the last checkpoint)
+    env: Dict[str, str] = field(default_factory=dict)  # exported on every node before the ranks start
+    slurm: SlurmConfig = field(default_factory=SlurmConfig)
+
+
+@dataclass
 class KeyeTrainConfig:
     run_dir: str = "runs/default"
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -188,6 +220,7 @@ class KeyeTrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    launch: LaunchConfig = field(default_factory=LaunchConfig)
 
 
 def keye_vl2_30b_a3b() -> ModelConfig:

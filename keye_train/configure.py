@@ -31,8 +31,9 @@ def load_config(overrides: list[str]) -> KeyeTrainConfig:
     return OmegaConf.to_object(cfg)
 
 
-def load_checked_config(overrides: list[str], world: int | None = None, check_data: bool = True):
+def load_checked_config(overrides: list[str], world: int | str | None = None, check_data: bool = True):
     """Compose, then validate layout, batch, model, train (and data) settings; returns (cfg, layout sizes).
+    world: the rank count (None: parallel.nproc; "launch": launch.nodes x launch.gpus_per_node).
     Every failure is a ValueError naming the key, raised before any rank starts."""
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
@@ -43,6 +44,11 @@ def load_checked_config(overrides: list[str], world: int | None = None, check_da
 
     try:
         cfg = load_config(overrides)
+        if world == "launch":
+            if cfg.launch.nodes < 1 or cfg.launch.gpus_per_node < 1:
+                raise ValueError(f"launch.nodes={cfg.launch.nodes}, launch.gpus_per_node={cfg.launch.gpus_per_node}: "
+                                 "both must be >= 1")
+            world = cfg.launch.nodes * cfg.launch.gpus_per_node
         sizes = check_layout(cfg.parallel, cfg.model.lm, cfg.model.vit, cfg.parallel.nproc if world is None else world)
         check_batch(cfg.train, sizes)
         check_model_config(cfg.model)

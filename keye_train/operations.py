@@ -11,6 +11,7 @@ import faulthandler
 import signal
 import sys
 import threading
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -19,11 +20,17 @@ PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # preemption; SLURM's --s
 NONFINITE_POLICIES = ("skip", "abort")
 
 
-class PreemptionWatch:
-    """Notes SIGTERM / SIGUSR1; the trainer checkpoints at the next step boundary and exits cleanly."""
+PREEMPT_REQUEST = ".preempt_request"  # in run_dir: a SLURM batch script touches it on its pre-timeout signal
 
-    def __init__(self):
+
+class PreemptionWatch:
+    """Notes SIGTERM / SIGUSR1, or a request file appearing; the trainer checkpoints at the next step boundary and
+    exits cleanly. The file lets a batch shell ask for a checkpoint without signalling every rank through srun
+    and torchrun (whose agent gives its workers only a short grace period)."""
+
+    def __init__(self, request_file: Path | None = None):
         self.signal_name: str | None = None
+        self.request_file = request_file
         if threading.current_thread() is threading.main_thread():
             for sig in PREEMPTION_SIGNALS:
                 signal.signal(sig, self._note)
@@ -32,7 +39,9 @@ class PreemptionWatch:
         self.signal_name = signal.Signals(signum).name
 
     def agreed(self, device) -> bool:
-        """Collective: whether any rank was signalled."""
+        """Collective: whether any rank was signalled or saw the request file."""
+        if self.signal_name is None and self.request_file is not None and self.request_file.exists():
+            self.signal_name = f"request file {self.request_file}"
         flag = torch.tensor([1.0 if self.signal_name else 0.0], device=device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())

@@ -16,7 +16,8 @@ from megatron.core.distributed import DistributedDataParallel
 from keye_train import checkpoint
 from keye_train.config import KeyeTrainConfig
 from keye_train.config import check_model_config, check_train_config
-from keye_train.operations import PreemptionWatch, gradients_nonfinite, hang_watchdog, poison_gradients
+from keye_train.operations import (PREEMPT_REQUEST, PreemptionWatch, gradients_nonfinite, hang_watchdog,
+                                   poison_gradients)
 from keye_train.metrics import MetricsLogger, MoEBalanceTracker, dsa_metrics
 from keye_train.model.builder import build_model, initialize_weights
 from keye_train.optim import apply_freezing, build_optimizer, lr_at, set_lr, wrap_ddp
@@ -70,7 +71,7 @@ class Trainer:
         sizes = check_layout(cfg.parallel, cfg.model.lm, cfg.model.vit, world)
         check_model_config(cfg.model)
         check_train_config(cfg.train)
-        self.preemption = PreemptionWatch()
+        self.preemption = PreemptionWatch(Path(cfg.run_dir) / PREEMPT_REQUEST)
         self.nonfinite_streak = 0
         self.num_microbatches = check_batch(cfg.train, sizes)
         backend = cfg.parallel.backend if cfg.parallel.backend != "auto" else ("nccl" if self.on_gpu else "gloo")
