@@ -1,5 +1,5 @@
-"""`keye-train [train|plan|chain|launch] [hydra overrides...]`: validate, then train (spawning ranks when asked),
-plan, run a stage chain, or launch on torchrun / SLURM (launch/cli.py)."""
+"""`keye-train [train|plan|chain|launch|report] [hydra overrides...]`: validate, then train (spawning ranks when
+asked), plan, run a stage chain, launch on torchrun / SLURM (launch/cli.py), or plot a run (report.py)."""
 
 from __future__ import annotations
 
@@ -31,7 +31,18 @@ def _single_process_env() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    command = argv.pop(0) if argv and argv[0] in ("train", "plan", "chain", "launch") else "train"
+    command = argv.pop(0) if argv and argv[0] in ("train", "plan", "chain", "launch", "report") else "train"
+    if command == "report":
+        if len(argv) != 1 or "=" in argv[0]:
+            _die("usage: keye-train report <run_dir or chain run_root>")
+        from keye_train.report import write_report
+
+        try:
+            for path in write_report(argv[0]):
+                print(path)
+        except ValueError as err:
+            _die(str(err))
+        return 0
     if command == "launch":
         from launch.cli import main as launch_main
 
