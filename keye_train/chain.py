@@ -55,14 +55,14 @@ def stage_arguments(chain: ChainConfig, index: int, extra: list[str]) -> list[st
     return args
 
 
-def check_chain(chain: ChainConfig, extra: list[str]) -> list:
+def check_chain(chain: ChainConfig, extra: list[str], check_data: bool = True, world: str | None = None) -> list:
     """Compose and validate every stage; a failure names the stage and the key."""
     from keye_train.configure import load_checked_config
 
     configs = []
     for index, stage in enumerate(chain.stages):
         try:
-            cfg, _ = load_checked_config(stage_arguments(chain, index, extra))
+            cfg, _ = load_checked_config(stage_arguments(chain, index, extra), world, check_data)
         except ValueError as err:
             raise ValueError(f"chain stage {stage.name!r} (recipe {stage.recipe}): {err}") from err
         configs.append(cfg)

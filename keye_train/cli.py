@@ -59,10 +59,23 @@ def main(argv: list[str] | None = None) -> int:
             return run_chain(argv[0], argv[1:])
         except ValueError as err:
             _die(str(err))
+    if command == "plan" and argv[:1] == ["chain"]:
+        if len(argv) < 2 or "=" in argv[1]:
+            _die("usage: keye-train plan chain <name or path.yaml> [overrides for every stage...]")
+        from keye_train.chain import check_chain, load_chain
+        from keye_train.plan import print_chain_budget
+
+        try:
+            chain = load_chain(argv[1])
+            configs = check_chain(chain, argv[2:], check_data=False, world="auto")
+        except ValueError as err:
+            _die(str(err))
+        print_chain_budget([s.name for s in chain.stages], configs)
+        return 0
     from keye_train.configure import load_checked_config
 
     try:
-        world = int(os.environ.get("WORLD_SIZE", 0)) or None
+        world = int(os.environ.get("WORLD_SIZE", 0)) or (None if command == "train" else "auto")
         cfg, sizes = load_checked_config(argv, world, check_data=command == "train")
     except ValueError as err:
         _die(str(err))

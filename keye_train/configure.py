@@ -33,7 +33,8 @@ def load_config(overrides: list[str]) -> KeyeTrainConfig:
 
 def load_checked_config(overrides: list[str], world: int | str | None = None, check_data: bool = True):
     """Compose, then validate layout, batch, model, train (and data) settings; returns (cfg, layout sizes).
-    world: the rank count (None: parallel.nproc; "launch": launch.nodes x launch.gpus_per_node).
+    world: the rank count (None: parallel.nproc; "launch": launch.nodes x launch.gpus_per_node; "auto": the
+    launch's when it spans several nodes, else parallel.nproc).
     Every failure is a ValueError naming the key, raised before any rank starts."""
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
@@ -44,6 +45,8 @@ def load_checked_config(overrides: list[str], world: int | str | None = None, ch
 
     try:
         cfg = load_config(overrides)
+        if world == "auto":
+            world = "launch" if cfg.launch.nodes > 1 else None
         if world == "launch":
             if cfg.launch.nodes < 1 or cfg.launch.gpus_per_node < 1:
                 raise ValueError(f"launch.nodes={cfg.launch.nodes}, launch.gpus_per_node={cfg.launch.gpus_per_node}: "

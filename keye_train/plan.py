@@ -231,8 +231,37 @@ def _print_memory(memory: dict) -> None:
         print(f"  {item:<14}" + "".join(f"{memory[s][item] / GIB:>14.2f}" for s in stages))
 
 
+def token_budget(train: TrainConfig) -> int:
+    """Tokens a stage trains on: steps x global batch (packed sequences) x sequence length."""
+    return train.steps * train.global_batch * train.seq_length
+
+
+def _tokens(n: int) -> str:
+    for unit, size in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= size:
+            return f"{n / size:.3g}{unit}"
+    return str(n)
+
+
+def print_chain_budget(names: list[str], configs: list) -> None:
+    """One row per stage: its recipe's length, steps, batch and token budget; then the chain's total."""
+    print(f"{'stage':<22}{'seq_length':>11}{'steps':>9}{'global_batch':>14}{'tokens':>28}")
+    for name, cfg in zip(names, configs):
+        t = cfg.train
+        print(f"{name:<22}{t.seq_length:>11,}{t.steps:>9,}{t.global_batch:>14,}"
+              f"{token_budget(t):>22,} {_tokens(token_budget(t)):>5}")
+    total = sum(token_budget(c.train) for c in configs)
+    print(f"{'total':<56}{total:>22,} {_tokens(total):>5}")
+
+
 def print_plan(cfg, sizes) -> None:
+    from omegaconf import OmegaConf
+
+    print(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
     counts = count_parameters(cfg.model)
     _print_layout(cfg, sizes)
+    budget = token_budget(cfg.train)
+    print(f"token budget: {cfg.train.steps} steps x {cfg.train.global_batch} x {cfg.train.seq_length} = "
+          f"{budget:,} tokens ({_tokens(budget)})")
     _print_parameters(counts)
     _print_memory(memory_per_rank(cfg.model, cfg.parallel, cfg.train, sizes))

@@ -91,3 +91,18 @@ def test_plan_cli_prints_totals_quickly_without_allocating_the_model():
     maxrss_kb = int(proc.stdout.split("maxrss_kb")[-1].split()[0])
     assert maxrss_kb < 2 * 1024 * 1024, f"peak RSS {maxrss_kb} KB: the model was allocated"
     assert elapsed < 60
+
+
+def test_plan_chain_prints_each_stages_token_budget():
+    from tests.helpers import keye_train
+
+    done = keye_train("plan", "chain", "keye_vl2")
+    assert done.returncode == 0, done.stderr
+    rows = {line.split()[0]: line.split() for line in done.stdout.splitlines()[1:]}
+    expected = {"stage0_projector": (8192, 1000, 512), "stage1_pretrain": (32768, 30000, 1024),
+                "stage2_multitask": (65536, 60000, 512), "dsa_warmup": (65536, 1000, 32),
+                "stage3_longcontext": (262144, 15000, 128), "sft": (65536, 4000, 256)}
+    for stage, (seq, steps, batch) in expected.items():
+        assert [int(x.replace(",", "")) for x in rows[stage][1:5]] == [seq, steps, batch, seq * steps * batch]
+    assert int(rows["total"][1].replace(",", "")) == sum(s * n * b for s, n, b in expected.values())
+    assert rows["stage1_pretrain"][5] == "1.01T"  # the paper's ~1T tokens for Stage 1
