@@ -124,8 +124,10 @@ class TrainConfig:
     seq_length: int = 512
     seed: int = 1234
     dtype: str = "auto"  # auto: bf16 on GPU, fp32 on CPU
-    nonfinite_policy: str = "skip"  # a NaN/Inf gradient or loss: skip the update (and log it), or abort
-    max_nonfinite_skips: int = 3  # consecutive skipped steps before the run aborts anyway
+    nonfinite_policy: str = "skip"  # a NaN/Inf gradient or loss, or a loss spike: skip the update (and log), or abort
+    max_nonfinite_skips: int = 3  # consecutive skipped steps (non-finite or spike) before the run aborts anyway
+    loss_spike_factor: float = 0.0  # > 0: a loss above factor x the recent mean is a spike, handled by nonfinite_policy
+    loss_spike_window: int = 50  # accepted steps in that recent mean
     hang_timeout_s: float = 0.0  # > 0: a step slower than this prints every rank's thread stacks
     inject_nonfinite_at_step: int = -1  # fault drill: poison rank 0's gradients at this step (-1: never)
 
@@ -264,6 +266,10 @@ def check_train_config(train: TrainConfig) -> None:
         raise ValueError(f"train.nonfinite_policy={train.nonfinite_policy!r}: choose skip or abort")
     if train.max_nonfinite_skips < 0 or train.hang_timeout_s < 0:
         raise ValueError("train.max_nonfinite_skips and train.hang_timeout_s must be >= 0")
+    if train.loss_spike_factor < 0:
+        raise ValueError(f"train.loss_spike_factor={train.loss_spike_factor} must be >= 0 (0: off)")
+    if train.loss_spike_window < 1:
+        raise ValueError(f"train.loss_spike_window={train.loss_spike_window} must be >= 1")
 
 
 def check_model_config(model: ModelConfig) -> None:

@@ -6,8 +6,10 @@ the same step even when only some of them saw the signal or the bad value.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import faulthandler
+import math
 import signal
 import sys
 import threading
@@ -45,6 +47,34 @@ class PreemptionWatch:
         flag = torch.tensor([1.0 if self.signal_name else 0.0], device=device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
+
+
+class LossSpikeGuard:
+    """A step whose loss exceeds `factor` x the mean of the last `window` accepted losses is a spike (judged only
+    once the window is full; factor 0 turns the guard off). Every rank keeps the same window of global losses."""
+
+    def __init__(self, factor: float, window: int, recent: list[float] | None = None):
+        self.factor = factor
+        self.recent: collections.deque = collections.deque(recent or [], maxlen=max(1, window))
+
+    def is_spike(self, loss: float) -> bool:
+        if self.factor <= 0 or not math.isfinite(loss):
+            return False
+        full = len(self.recent) == self.recent.maxlen
+        if full and loss > self.factor * sum(self.recent) / len(self.recent):
+            return True
+        self.recent.append(loss)
+        return False
+
+
+def global_loss(loss: float, last_stage: bool, device) -> float:
+    """Collective: the last pipeline stage's loss on every rank (NaN stays NaN)."""
+    value = torch.tensor([loss if last_stage else float("-inf")], dtype=torch.float64, device=device)
+    if last_stage and loss != loss:
+        value.fill_(float("inf"))
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    result = float(value.item())
+    return float("nan") if result == float("inf") else result
 
 
 def gradients_nonfinite(ddp_chunks, local_loss: float, device) -> bool:

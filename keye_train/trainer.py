@@ -16,8 +16,8 @@ from megatron.core.distributed import DistributedDataParallel
 from keye_train import checkpoint
 from keye_train.config import KeyeTrainConfig
 from keye_train.config import check_model_config, check_train_config
-from keye_train.operations import (PREEMPT_REQUEST, PreemptionWatch, gradients_nonfinite, hang_watchdog,
-                                   poison_gradients)
+from keye_train.operations import (PREEMPT_REQUEST, LossSpikeGuard, PreemptionWatch, global_loss,
+                                   gradients_nonfinite, hang_watchdog, poison_gradients)
 from keye_train.metrics import MetricsLogger, MoEBalanceTracker, dsa_metrics
 from keye_train.model.builder import build_model, initialize_weights
 from keye_train.optim import apply_freezing, build_optimizer, lr_at, set_lr, wrap_ddp
@@ -73,6 +73,7 @@ class Trainer:
         check_train_config(cfg.train)
         self.preemption = PreemptionWatch(Path(cfg.run_dir) / PREEMPT_REQUEST)
         self.nonfinite_streak = 0
+        self.spikes = LossSpikeGuard(cfg.train.loss_spike_factor, cfg.train.loss_spike_window)
         self.num_microbatches = check_batch(cfg.train, sizes)
         backend = cfg.parallel.backend if cfg.parallel.backend != "auto" else ("nccl" if self.on_gpu else "gloo")
         init_process_groups(cfg.parallel, sizes, backend)
@@ -120,11 +121,12 @@ class Trainer:
         self.step = extra["step"]
         self.data.load_state_dict(extra["data"])
         self.run_id = extra["run_id"]
+        self.spikes.recent.extend(extra.get("loss_window", []))
         if placement.is_metrics_owner():
             print(f"resumed from {latest} at step {self.step}", flush=True)
 
     def save(self) -> Path:
-        extra = {"data": self.data.state_dict(), "run_id": self.run_id}
+        extra = {"data": self.data.state_dict(), "run_id": self.run_id, "loss_window": list(self.spikes.recent)}
         return checkpoint.save(self.run_dir, self.step, self.parts, self.optimizer, extra, self.layout,
                                self.cfg.checkpoint.keep_last)
 
@@ -141,14 +143,19 @@ class Trainer:
                                             self.sequence_parallel, self.device)
         if self.step == self.cfg.train.inject_nonfinite_at_step and dist.get_rank() == 0:
             poison_gradients(self.ddp_chunks)
+        last = self._last_stage()
+        loss = global_loss(reduce_lm_loss(ce_sum, n_global, self.device) if last else float("nan"), last, self.device)
         if gradients_nonfinite(self.ddp_chunks, ce_sum, self.device):
             updated, grad_norm = False, float("nan")
-            self._count_nonfinite()
+            self._count_bad_step("non-finite gradients or loss")
+        elif self.spikes.is_spike(loss):
+            updated, grad_norm = False, float("nan")
+            self._count_bad_step(f"loss spike ({loss:.4g} > train.loss_spike_factor={self.cfg.train.loss_spike_factor}"
+                                 f" x the mean of the last {len(self.spikes.recent)} steps)")
         else:
             self.nonfinite_streak = 0
             updated, grad_norm = optimizer_step(self.optimizer, self.ddp_chunks)
-        metrics = {"loss": reduce_lm_loss(ce_sum, n_global, self.device) if self._last_stage() else float("nan"),
-                   "lr": lr, "grad_norm": grad_norm, "update_skipped": float(not updated),
+        metrics = {"loss": loss, "lr": lr, "grad_norm": grad_norm, "update_skipped": float(not updated),
                    "nonfinite_skips": float(self.nonfinite_streak), "supervised_tokens": float(n_global)}
         metrics.update(self.balance.collect(self.num_microbatches, self.device))
         if self.cfg.model.lm.dsa.mode != "dense":
@@ -162,17 +169,16 @@ class Trainer:
         self.step += 1
         return metrics
 
-    def _count_nonfinite(self) -> None:
+    def _count_bad_step(self, reason: str) -> None:
         """The update is skipped (the gradients are zeroed at the next step); abort by policy or streak."""
         self.nonfinite_streak += 1
         train = self.cfg.train
         if train.nonfinite_policy == "abort" or self.nonfinite_streak > train.max_nonfinite_skips:
-            raise RuntimeError(f"non-finite gradients or loss at step {self.step + 1} ({self.nonfinite_streak} in a "
-                               f"row, train.nonfinite_policy={train.nonfinite_policy}, train.max_nonfinite_skips="
+            raise RuntimeError(f"{reason} at step {self.step + 1} ({self.nonfinite_streak} bad steps in a row, "
+                               f"train.nonfinite_policy={train.nonfinite_policy}, train.max_nonfinite_skips="
                                f"{train.max_nonfinite_skips}); the last good checkpoint is untouched")
         if placement.is_metrics_owner():
-            print(f"step {self.step + 1}: non-finite gradients or loss, update skipped "
-                  f"({self.nonfinite_streak} in a row)", flush=True)
+            print(f"step {self.step + 1}: {reason}, update skipped ({self.nonfinite_streak} in a row)", flush=True)
 
     @staticmethod
     def is_metrics_owner() -> bool:

@@ -53,3 +53,27 @@ def test_a_slow_step_prints_the_stacks_and_bad_policies_are_named(tmp_path):
     assert "most recent call first" in done.stderr and "train_step" in done.stderr
     done = keye_train(*FAST, "train.nonfinite_policy=ignore", f"run_dir={tmp_path}")
     assert done.returncode == 2 and "train.nonfinite_policy='ignore'" in done.stderr
+
+
+def test_the_spike_guard_judges_against_the_mean_of_accepted_losses():
+    from keye_train.operations import LossSpikeGuard
+
+    guard = LossSpikeGuard(factor=2.0, window=3)
+    assert [guard.is_spike(x) for x in (4.0, 3.0, 2.0)] == [False, False, False]  # filling the window
+    assert guard.is_spike(6.1) and list(guard.recent) == [4.0, 3.0, 2.0]  # 6.1 > 2 x 3.0: rejected, not remembered
+    assert not guard.is_spike(5.9) and list(guard.recent) == [3.0, 2.0, 5.9]
+    assert not guard.is_spike(float("nan"))  # non-finite losses are the non-finite policy's business
+    assert not LossSpikeGuard(factor=0.0, window=1).is_spike(1e9)  # off
+
+
+def test_a_loss_spike_skips_the_update_then_aborts_after_the_allowed_streak(tmp_path):
+    # factor 0.01: once two steps fill the window every later loss counts as a spike
+    args = [*FAST, "parallel.nproc=1", "train.steps=6", "train.loss_spike_factor=0.01", "train.loss_spike_window=2",
+            "train.max_nonfinite_skips=1", f"run_dir={tmp_path}"]
+    done = keye_train(*args)
+    assert done.returncode != 0
+    assert [r["update_skipped"] for r in logged_steps(tmp_path)] == [0.0, 0.0, 1.0]
+    assert "step 3: loss spike (" in done.stdout and "update skipped (1 in a row)" in done.stdout
+    assert "loss spike (" in done.stderr and "at step 4 (2 bad steps in a row" in done.stderr
+    done = keye_train(*FAST, "train.loss_spike_window=0", f"run_dir={tmp_path}")
+    assert done.returncode == 2 and "train.loss_spike_window=0" in done.stderr
