@@ -13,7 +13,7 @@ from collections import Counter, deque
 from data_pipeline.encode import EncodedSample, MediaBudget
 from data_pipeline.packing import assemble_pack
 from data_pipeline.planner import PackingConfig, PackPlanner
-from data_pipeline.shards import ShardSet
+from data_pipeline.shards import ShardMixture
 from data_pipeline.sizing import ImageBudget, VideoBudget
 from data_pipeline.tokenizer import KeyeTokenizer
 from data_pipeline.workers import DecodePool, Rejected
@@ -35,16 +35,17 @@ class ShardLoader:
         if not 0 <= dp_rank < dp_size or global_batch % dp_size:
             raise ValueError(f"dp_rank {dp_rank} / dp_size {dp_size} / global_batch {global_batch}")
         self.tokenizer = KeyeTokenizer(data.tokenizer)
-        self.shards = ShardSet(data.shards, self.tokenizer.fingerprint)
+        roots, weights = data_sources(data)
+        self.shards = ShardMixture(roots, self.tokenizer.fingerprint)
         budget = media_budget(data)
         packing = PackingConfig(seq_length=seq_length, open_packs=data.open_packs,
                                 long_sample_tokens=data.long_sample_tokens,
                                 long_short_ratio=tuple(data.long_short_ratio), patch_cost=data.patch_cost,
-                                max_pack_age=data.max_pack_age)
+                                max_pack_age=data.max_pack_age, source_weights=weights if len(roots) > 1 else ())
         # every rank plans the same packs; one of them reports the planner's skips
         self.planner = PackPlanner(self.shards, self.tokenizer, budget, packing, seed,
                                    log=log if dp_rank == 0 else (lambda line: None))
-        self.pool = DecodePool(data.shards, data.tokenizer, budget, seq_length, data.workers, data.decode_timeout_s)
+        self.pool = DecodePool(roots, data.tokenizer, budget, seq_length, data.workers, data.decode_timeout_s)
         self.seq_length, self.global_batch = seq_length, global_batch
         self.dp_rank, self.dp_size = dp_rank, dp_size
         self.prefetch_steps = max(1, data.prefetch_steps)
@@ -133,6 +134,13 @@ class ShardLoader:
         self.pool.close()
 
 
+def data_sources(data) -> tuple[list[str], tuple[float, ...]]:
+    """(shard directories, token weights): data.mixture when set, else the one data.shards."""
+    if data.mixture:
+        return [m.shards for m in data.mixture], tuple(float(m.weight) for m in data.mixture)
+    return [data.shards], (1.0,)
+
+
 def check_data_config(data) -> None:
     """Reject a bad `data` config before any rank starts; the message names the key."""
     from pathlib import Path
@@ -141,9 +149,14 @@ def check_data_config(data) -> None:
 
     if not Path(data.tokenizer).is_file():
         raise ValueError(f"data.tokenizer: {data.tokenizer} does not exist")
-    if not (Path(data.shards) / "index.json").is_file():
-        raise ValueError(f"data.shards: {data.shards} holds no index.json; build shards with `keye-data build` "
-                         "(or `keye-data demo` for the demo corpus)")
+    roots, weights = data_sources(data)
+    keys = [f"data.mixture[{i}].shards" for i in range(len(data.mixture))] or ["data.shards"]
+    for key, root, weight in zip(keys, roots, weights):
+        if not (Path(root) / "index.json").is_file():
+            raise ValueError(f"{key}: {root} holds no index.json; build shards with `keye-data build` "
+                             "(or `keye-data demo` for the demo corpus)")
+        if weight <= 0:
+            raise ValueError(f"{key.replace('.shards', '.weight')}={weight} must be > 0")
     for key in ("workers",):
         if getattr(data, key) < 0:
             raise ValueError(f"data.{key} must be >= 0")
@@ -160,7 +173,8 @@ def check_data_config(data) -> None:
         media_budget(data)
     except ValueError as err:
         raise ValueError(f"data (video budget): {err}") from err
-    try:
-        ShardSet(data.shards, KeyeTokenizer(data.tokenizer).fingerprint)
-    except ValueError as err:
-        raise ValueError(f"data.shards / data.tokenizer: {err}") from err
+    for key, root in zip(keys, roots):
+        try:
+            ShardSet(root, KeyeTokenizer(data.tokenizer).fingerprint)
+        except ValueError as err:
+            raise ValueError(f"{key} / data.tokenizer: {err}") from err

@@ -6,6 +6,9 @@ are exact post-expansion token counts: text from the index, media from probed me
 budget.
 
 - Order: each epoch shuffles the shards and the samples inside each shard with (seed, epoch).
+- Mixture: with several shard directories (sources), the next sample comes from the source furthest behind its
+  token share (planned tokens drawn / weight), so sources contribute tokens in their weights' ratio; each
+  source keeps its own cursor and epochs.
 - Packing: best-fit over a window of `open_packs` open packs; when the window is full the fullest pack
   closes. With `long_sample_tokens > 0`, samples are admitted so that long and short samples contribute
   tokens in `long_short_ratio` (Stage 3: 1:1); samples of the class that is ahead wait in a bounded queue.
@@ -40,6 +43,7 @@ class PackingConfig:
     max_waiting: int = 4096  # samples queued for the class that is ahead; beyond it the ratio is relaxed
     max_pack_age: int = 1024  # an open pack closes after this many later admissions (bounds a sample's delay)
     patch_cost: float = 1.0  # compute of one ViT patch relative to one LM token, for DP balancing
+    source_weights: tuple = ()  # a mixture's token shares per source (empty: one source)
 
 
 @dataclass
@@ -135,24 +139,43 @@ class PackPlanner:
         self.shards, self.tokenizer, self.budget, self.config, self.seed = shards, tokenizer, budget, config, seed
         self.log = log
         self.packer = _BestFit(config.seq_length, config.open_packs, config.max_pack_age)
-        self.epoch, self.shard_pos, self.sample_pos = 0, 0, 0
+        self.offsets = getattr(shards, "offsets", [0, len(shards.shards)])  # sources' first global shards
+        sources = len(self.offsets) - 1
+        self.weights = list(config.source_weights) or [1.0] * sources
+        if len(self.weights) != sources or min(self.weights) <= 0:
+            raise ValueError(f"data mixture: {sources} sources need as many positive weights, got {self.weights}")
+        self.cursors = [[0, 0, 0] for _ in range(sources)]  # per source: epoch, shard_pos, sample_pos
+        self.source_tokens = [0] * sources  # planned tokens drawn from each source
         self.counters: Counter = Counter()
         self.waiting: list[list[PlannedSample]] = [[], []]  # short, long samples read but not yet packed
         self.admitted_tokens = [0, 0]  # short, long
 
+    @property
+    def epoch(self) -> int:
+        """Passes completed over the data (over the least-read source of a mixture)."""
+        return min(cursor[0] for cursor in self.cursors)
+
     # ---- the sample stream ------------------------------------------------------------------------------
 
     def _next_sample(self) -> list[PlannedSample]:
-        """The next shard sample (as one or more parts), advancing the cursor; [] if it was skipped."""
-        epoch = self.epoch
-        shard = _permutation(len(self.shards.shards), self.seed, epoch)[self.shard_pos]
-        sample = _permutation(self.shards.sizes[shard], self.seed, epoch, shard)[self.sample_pos]
-        self.sample_pos += 1
-        if self.sample_pos == self.shards.sizes[shard]:
-            self.shard_pos, self.sample_pos = self.shard_pos + 1, 0
-            if self.shard_pos == len(self.shards.shards):
-                self.epoch, self.shard_pos = self.epoch + 1, 0
-        return self._plan_sample(epoch, shard, sample, self.shards.entry(shard, sample))
+        """The next sample (as one or more parts) of the source furthest behind its token share, advancing that
+        source's cursor; [] if it was skipped."""
+        source = min(range(len(self.weights)), key=lambda s: self.source_tokens[s] / self.weights[s])
+        cursor, first = self.cursors[source], self.offsets[source]
+        epoch, count = cursor[0], self.offsets[source + 1] - first
+        salt = () if len(self.weights) == 1 else (-1 - source,)  # one source: the plain shard order
+        shard = first + _permutation(count, self.seed, epoch, *salt)[cursor[1]]
+        sample = _permutation(self.shards.sizes[shard], self.seed, epoch, shard)[cursor[2]]
+        cursor[2] += 1
+        if cursor[2] == self.shards.sizes[shard]:
+            cursor[1], cursor[2] = cursor[1] + 1, 0
+            if cursor[1] == count:
+                cursor[0], cursor[1] = cursor[0] + 1, 0
+        parts = self._plan_sample(epoch, shard, sample, self.shards.entry(shard, sample))
+        self.source_tokens[source] += sum(p.tokens for p in parts)
+        if not parts:  # a skipped sample still moves its source along the schedule
+            self.source_tokens[source] += 1
+        return parts
 
     def _plan_sample(self, epoch: int, shard: int, sample: int, entry: dict) -> list[PlannedSample]:
         tokens, patches = entry["text_tokens"], 0
@@ -221,7 +244,7 @@ class PackPlanner:
 
     def state_dict(self) -> dict:
         return copy.deepcopy({
-            "seed": self.seed, "epoch": self.epoch, "shard_pos": self.shard_pos, "sample_pos": self.sample_pos,
+            "seed": self.seed, "epoch": self.epoch, "cursors": self.cursors, "source_tokens": self.source_tokens,
             "counters": dict(self.counters), "admitted_tokens": self.admitted_tokens,
             "waiting": [[s.as_list() for s in queue] for queue in self.waiting],
             "packer": self.packer.state_dict(),
@@ -230,7 +253,11 @@ class PackPlanner:
     def load_state_dict(self, state: dict) -> None:
         if int(state["seed"]) != self.seed:
             raise ValueError(f"data state was saved with seed {state['seed']}, this run has {self.seed}")
-        self.epoch, self.shard_pos, self.sample_pos = state["epoch"], state["shard_pos"], state["sample_pos"]
+        if len(state["cursors"]) != len(self.cursors):
+            raise ValueError(f"data state was saved for {len(state['cursors'])} mixture sources, this run has "
+                             f"{len(self.cursors)}")
+        self.cursors = [list(c) for c in state["cursors"]]
+        self.source_tokens = list(state["source_tokens"])
         self.counters = Counter(state["counters"])
         self.admitted_tokens = list(state["admitted_tokens"])
         self.waiting = [[PlannedSample(*s) for s in queue] for queue in state["waiting"]]

@@ -265,6 +265,36 @@ class ShardSet:
         raise BadRecord("index_mismatch", f"{self.shards[shard]} ends before offset {entry['offset']}")
 
 
+class ShardMixture:
+    """Several shard directories as one shard list: shard i of source s is global shard offsets[s] + i. One
+    source behaves exactly like its ShardSet."""
+
+    def __init__(self, roots: list[str | Path], tokenizer_fingerprint: str | None = None):
+        if not roots:
+            raise ValueError("a data mixture needs at least one shard directory")
+        self.sources = [ShardSet(root, tokenizer_fingerprint) for root in roots]
+        self.offsets = [0]
+        for source in self.sources:
+            self.offsets.append(self.offsets[-1] + len(source.shards))
+        several = len(self.sources) > 1
+        self.shards = [f"{src.root.name}/{name}" if several else name for src in self.sources for name in src.shards]
+        self.sizes = [n for src in self.sources for n in src.sizes]
+
+    def locate(self, shard: int) -> tuple[ShardSet, int]:
+        for source, start, end in zip(self.sources, self.offsets, self.offsets[1:]):
+            if start <= shard < end:
+                return source, shard - start
+        raise IndexError(f"shard {shard} is outside the mixture's {self.offsets[-1]} shards")
+
+    def entry(self, shard: int, sample: int) -> dict:
+        source, local = self.locate(shard)
+        return source.entry(local, sample)
+
+    def read(self, shard: int, sample: int) -> tuple[dict, dict[str, bytes]]:
+        source, local = self.locate(shard)
+        return source.read(local, sample)
+
+
 def index_shards(root: str | Path, tokenizer: KeyeTokenizer) -> BuildReport:
     """Write the `.idx.json` files and `index.json` for tar shards made elsewhere (webdataset layout)."""
     root = Path(root)

@@ -13,13 +13,14 @@ import queue
 import time
 from collections import deque
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch.multiprocessing as mp
 
 from data_pipeline.encode import EncodedSample, MediaBudget, encode_sample, split_part
 from data_pipeline.planner import PlannedSample
 from data_pipeline.schema import BadRecord
-from data_pipeline.shards import ShardSet, UnsafeMember
+from data_pipeline.shards import ShardMixture, UnsafeMember
 from data_pipeline.sizing import RejectedMedia
 from data_pipeline.tokenizer import KeyeTokenizer
 
@@ -40,8 +41,8 @@ def sample_id(record_id: str, planned: PlannedSample) -> str:
 class SampleDecoder:
     """Reads one planned sample from its shard and encodes it (used inline and inside workers)."""
 
-    def __init__(self, shard_root: str, tokenizer_path: str, budget: MediaBudget, seq_length: int):
-        self.shards = ShardSet(shard_root)
+    def __init__(self, shard_roots: list[str], tokenizer_path: str, budget: MediaBudget, seq_length: int):
+        self.shards = ShardMixture([shard_roots] if isinstance(shard_roots, (str, Path)) else shard_roots)
         self.tokenizer = KeyeTokenizer(tokenizer_path)
         self.budget, self.seq_length = budget, seq_length
 
@@ -97,10 +98,11 @@ class _Worker:
 
 
 class DecodePool:
-    def __init__(self, shard_root: str, tokenizer_path: str, budget: MediaBudget, seq_length: int,
+    def __init__(self, shard_roots: list[str], tokenizer_path: str, budget: MediaBudget, seq_length: int,
                  workers: int = 0, timeout_s: float = 120.0, decoder_factory=SampleDecoder):
         """decoder_factory(*args) builds the per-process decoder (a module-level callable, for spawn)."""
-        self.args = (str(shard_root), str(tokenizer_path), budget, seq_length)
+        roots = [shard_roots] if isinstance(shard_roots, (str, Path)) else shard_roots
+        self.args = ([str(root) for root in roots], str(tokenizer_path), budget, seq_length)
         self.factory = decoder_factory
         self.timeout_s = timeout_s
         self.next_id = 0

@@ -139,10 +139,17 @@ class StageConfig:
 
 
 @dataclass
+class DataSource:
+    shards: str = "???"  # a shard directory (keye-data build)
+    weight: float = 1.0  # its share of the stage's tokens, relative to the other sources
+
+
+@dataclass
 class DataConfig:
     """Shards, tokenizer, the stage's media budget, packing and decode workers (see data_pipeline/)."""
 
     shards: str = "runs/demo/data/shards"  # a directory built by `keye-data build` / `keye-data demo`
+    mixture: List[DataSource] = field(default_factory=list)  # several directories with token weights (replaces shards)
     tokenizer: str = "runs/demo/data/tokenizer.json"  # the HF tokenizer.json the shards were indexed with
     workers: int = 0  # decode processes per rank; 0 decodes inline (no per-sample timeout)
     prefetch_steps: int = 2

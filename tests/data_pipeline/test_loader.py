@@ -12,7 +12,7 @@ from data_pipeline.planner import PlannedSample
 from data_pipeline.shards import ShardSet
 from data_pipeline.workers import DecodePool, Rejected, SampleDecoder
 from keye_train.config import DataConfig
-from tests.helpers import TEST_DATA, corrupt_copy
+from tests.helpers import TEST_DATA, corrupt_copy, ensure_test_data
 
 
 def data_config(**overrides) -> DataConfig:
@@ -137,3 +137,21 @@ def test_jobs_go_to_the_worker_with_the_least_planned_work():
     shards = ShardSet(cfg.shards)
     assert [r.key for r in results] == [f"{shards.read(0, k)[0]['id']}@0" for k in range(7)]
     assert pool.slot_of == {}
+
+
+def test_the_loader_reads_a_weighted_mixture_of_shard_directories():
+    from keye_train.config import DataSource
+
+    ensure_test_data()
+    shards = str(TEST_DATA / "shards")
+    cfg = data_config(mixture=[DataSource(shards=shards, weight=1.0), DataSource(shards=shards, weight=3.0)])
+    loader = ShardLoader(cfg, 128, 4, seed=4, log=lambda _: None)
+    for _ in range(6):
+        assert all(len(b.sample_ids) for b in loader.next_step())
+    drawn = loader.planner.source_tokens
+    assert abs(drawn[1] / drawn[0] - 3.0) < 0.5, drawn
+    from data_pipeline.loader import check_data_config
+
+    bad = data_config(mixture=[DataSource(shards=shards), DataSource(shards=shards + "-missing")])
+    with pytest.raises(ValueError, match=r"data.mixture\[1\].shards"):
+        check_data_config(bad)

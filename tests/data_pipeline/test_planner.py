@@ -115,3 +115,38 @@ def test_over_long_samples_are_split_when_text_and_skipped_otherwise(tmp_path):
     assert sorted(parts) == [(0, 0, 100), (0, 1, 100), (0, 2, 50), (2, -1, 30)]
     assert planner.counters["too_long"] == 3 and planner.counters["split_samples"] == 3  # once per epoch read
     assert lines == 3 * ["data: skipped sample 'long-chat' (too_long): 101 tokens > seq_length 100 and a chat is not split"]
+
+
+def test_a_mixture_draws_tokens_in_its_weights_and_resumes_exactly(tmp_path):
+    from data_pipeline.shards import ShardMixture
+
+    write_index(tmp_path / "captions", [realistic_mix(300, 3)[i:i + 60] for i in range(0, 300, 60)])
+    write_index(tmp_path / "videos", [realistic_mix(200, 4)[i:i + 50] for i in range(0, 200, 50)])
+    mixture = ShardMixture([tmp_path / "captions", tmp_path / "videos"])
+    assert mixture.shards[:1] == ["captions/shard-000000.tar"] and len(mixture.shards) == 9
+    make = lambda: _planner(mixture, 32768, source_weights=(3.0, 1.0))
+    planner = make()
+    tokens = [0, 0]
+    for _ in range(40):
+        for s in planner.next_pack().samples:
+            tokens[int(s.shard >= 5)] += s.tokens
+    share = tokens[0] / sum(tokens)
+    assert abs(share - 0.75) < 0.05, tokens  # packs still hold a few samples planned but not yet closed
+    drawn = planner.source_tokens
+    assert abs(drawn[0] / 3 - drawn[1]) <= 32768  # the schedule: within one long sample of the weights
+    state = planner.state_dict()
+    resumed = make()
+    resumed.load_state_dict(json.loads(json.dumps(state)))
+    for _ in range(10):
+        assert planner.next_pack().as_list() == resumed.next_pack().as_list()
+    with pytest.raises(ValueError, match="2 sources need as many positive weights"):
+        _planner(mixture, 32768, source_weights=(1.0,))
+
+
+def test_one_source_mixture_plans_exactly_like_its_shard_set(tmp_path):
+    from data_pipeline.shards import ShardMixture
+
+    shards = write_index(tmp_path / "one", [realistic_mix(200, 5)[i:i + 40] for i in range(0, 200, 40)])
+    plain, mixed = _planner(shards, 8192), _planner(ShardMixture([tmp_path / "one"]), 8192)
+    for _ in range(30):
+        assert plain.next_pack().as_list() == mixed.next_pack().as_list()
