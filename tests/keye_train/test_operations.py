@@ -77,3 +77,18 @@ def test_a_loss_spike_skips_the_update_then_aborts_after_the_allowed_streak(tmp_
     assert "loss spike (" in done.stderr and "at step 4 (2 bad steps in a row" in done.stderr
     done = keye_train(*FAST, "train.loss_spike_window=0", f"run_dir={tmp_path}")
     assert done.returncode == 2 and "train.loss_spike_window=0" in done.stderr
+
+
+def test_a_resumed_run_continues_the_same_offline_wandb_run(tmp_path):
+    args = [*FAST, "parallel.nproc=1", "logging.wandb_mode=offline", "logging.wandb_group=chain_x",
+            f"run_dir={tmp_path}"]
+    first = keye_train(*args, "train.steps=2")
+    assert first.returncode == 0, first.stderr[-3000:]
+    second = keye_train(*args, "train.steps=3")
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "resumed from" in second.stdout
+    runs = sorted((tmp_path / "wandb").glob("offline-run-*"))
+    ids = {path.name.rsplit("-", 1)[1] for path in runs}
+    assert len(runs) == 2 and len(ids) == 1, runs  # two sessions, one W&B run id
+    saved = json.loads((tmp_path / "checkpoints" / "step_00000003" / "rank_00000.json").read_text())
+    assert ids == {saved["run_id"]}
