@@ -79,6 +79,13 @@ def main(argv: list[str] | None = None) -> int:
         cfg, sizes = load_checked_config(argv, world, check_data=command == "train")
     except ValueError as err:
         _die(str(err))
+    if command == "train":
+        from parallel.layout import require_colocated
+
+        try:
+            require_colocated(cfg.parallel)
+        except ValueError as err:
+            _die(str(err))
     if command == "plan":
         from keye_train.plan import print_plan
 

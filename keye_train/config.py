@@ -93,7 +93,18 @@ class ModelConfig:
 
 
 @dataclass
+class VisionParallelConfig:
+    """The ViT's own layout under placement=split: the first `ranks` ranks of the world run it, in
+    ranks / tp data-parallel replicas. Colocated placement runs it unsharded on the LM's first pipeline stage."""
+
+    tp: int = 1
+    ranks: int = 0
+
+
+@dataclass
 class ParallelConfig:
+    placement: str = "colocated"  # colocated | split (ViT and LM on distinct ranks, rank-offset roles)
+    vision: VisionParallelConfig = field(default_factory=VisionParallelConfig)
     tp: int = 1
     pp: int = 1
     ep: int = 1

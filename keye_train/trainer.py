@@ -24,7 +24,7 @@ from keye_train.optim import apply_freezing, build_optimizer, lr_at, set_lr, wra
 from data_pipeline.loader import ShardLoader
 from keye_train.train_step import optimizer_step, reduce_lm_loss, run_microbatches
 from parallel import cpu_compat, placement
-from parallel.layout import check_batch, check_layout, init_process_groups
+from parallel.layout import check_batch, check_layout, init_process_groups, require_colocated
 
 
 def resolve_dtype(name: str, on_gpu: bool) -> torch.dtype:
@@ -69,6 +69,7 @@ class Trainer:
         self.device = torch.device("cuda", torch.cuda.current_device()) if self.on_gpu else torch.device("cpu")
         world = dist.get_world_size() if dist.is_initialized() else int(os.environ["WORLD_SIZE"])
         sizes = check_layout(cfg.parallel, cfg.model.lm, cfg.model.vit, world)
+        require_colocated(cfg.parallel)
         check_model_config(cfg.model)
         check_train_config(cfg.train)
         self.preemption = PreemptionWatch(Path(cfg.run_dir) / PREEMPT_REQUEST)

@@ -14,8 +14,10 @@ import shutil
 import subprocess
 from pathlib import Path
 
+from data_pipeline.loader import check_data_config
 from keye_train.configure import load_checked_config
 from launch.slurm import render_sbatch, rendezvous_from_env
+from parallel.layout import rank_roles, require_colocated
 from launch.torchrun import render, torchrun_command
 
 USAGE = "usage: keye-train launch {torchrun,slurm,slurm-node} [--dry-run] [overrides...]"
@@ -34,18 +36,23 @@ def main(argv: list[str]) -> int:
     mode, rest = argv[0], argv[1:]
     dry_run = "--dry-run" in rest
     train_args = [a for a in rest if a != "--dry-run"]
-    cfg, _ = load_checked_config(train_args, world="launch", check_data=not dry_run)
+    cfg, sizes = load_checked_config(train_args, world="launch", check_data=False)
+    if not dry_run:  # a dry run also renders what cannot run yet, and needs no data on this machine
+        require_colocated(cfg.parallel)
+        check_data_config(cfg.data)
     env = {k: str(v) for k, v in cfg.launch.env.items()}
     if mode == "torchrun":
         cmd = torchrun_command(cfg.launch, train_args, cfg.launch.rdzv_id or Path(cfg.run_dir).name)
         print(render(cmd, env), flush=True)
+        if dry_run:
+            print("\n".join("# " + line for line in rank_roles(cfg.parallel, sizes)))
         return 0 if dry_run else _run(cmd, env)
     if mode == "slurm-node":
         where = rendezvous_from_env(dict(os.environ), cfg.launch.nodes)
         cmd = torchrun_command(cfg.launch, train_args, cfg.launch.rdzv_id or where["job_id"], where["master_addr"])
         print(f"node {where['node_rank']}/{where['nodes']} (restart {where['restarts']}): {render(cmd)}", flush=True)
         return 0 if dry_run else _run(cmd, {})
-    script = render_sbatch(cfg, train_args)
+    script = render_sbatch(cfg, train_args, rank_roles(cfg.parallel, sizes))
     if dry_run:
         print(script)
         print("# each node's step then runs torchrun with the allocation's first node as rendezvous host:")

@@ -22,6 +22,7 @@ class LayoutSizes:
     etp: int
     dp: int
     expert_dp: int
+    vision_ranks: int = 0  # placement=split: ranks 0 .. vision_ranks - 1 run the ViT, the rest the LM
 
 
 def expert_tp(par) -> int:
@@ -30,6 +31,8 @@ def expert_tp(par) -> int:
 
 def check_layout(par, lm, vit, world_size: int) -> LayoutSizes:
     """Raise LayoutError naming the offending keys; return the derived sizes."""
+    vision_ranks = _check_placement(par, vit, world_size)
+    total, world_size = world_size, world_size - vision_ranks  # the LM's ranks
     if par.etp is not None and par.etp != par.tp and par.ep == 1:
         raise LayoutError(f"parallel.etp={par.etp} differs from parallel.tp={par.tp} with parallel.ep=1: megatron "
                           "then treats experts as dense parameters and never sums their gradients over the "
@@ -38,13 +41,14 @@ def check_layout(par, lm, vit, world_size: int) -> LayoutSizes:
         if getattr(par, key) < 1:
             raise LayoutError(f"parallel.{key}={getattr(par, key)} must be >= 1")
     model_parallel = par.tp * par.pp
+    label = "LM ranks (world - parallel.vision.ranks)" if vision_ranks else "world size"
     if world_size % model_parallel:
-        raise LayoutError(f"world size {world_size} is not divisible by parallel.tp*parallel.pp = "
+        raise LayoutError(f"{label} {world_size} is not divisible by parallel.tp*parallel.pp = "
                           f"{par.tp}*{par.pp}; change parallel.nproc/nodes or the layout")
     etp = expert_tp(par)
     expert_grid = etp * par.ep * par.pp
     if world_size % expert_grid:
-        raise LayoutError(f"world size {world_size} is not divisible by parallel.etp*parallel.ep*parallel.pp = "
+        raise LayoutError(f"{label} {world_size} is not divisible by parallel.etp*parallel.ep*parallel.pp = "
                           f"{etp}*{par.ep}*{par.pp}")
     checks = [
         (lm.num_heads % par.tp, f"model.lm.num_heads={lm.num_heads} is not divisible by parallel.tp={par.tp}"),
@@ -70,7 +74,27 @@ def check_layout(par, lm, vit, world_size: int) -> LayoutSizes:
         raise LayoutError("parallel.sequence_parallel=false with parallel.tp>1: megatron MoE needs sequence "
                           "parallelism under TP; leave it unset or true")
     dp = world_size // model_parallel
-    return LayoutSizes(world_size, par.tp, par.pp, par.ep, etp, dp, world_size // expert_grid)
+    return LayoutSizes(total, par.tp, par.pp, par.ep, etp, dp, world_size // expert_grid, vision_ranks)
+
+
+def _check_placement(par, vit, world_size: int) -> int:
+    """The ranks that run only the ViT (0 when colocated)."""
+    vision = par.vision
+    if par.placement == "colocated":
+        if vision.tp != 1 or vision.ranks:
+            raise LayoutError("parallel.vision.tp / parallel.vision.ranks set with parallel.placement=colocated, "
+                              "which runs the ViT unsharded on the LM's first pipeline stage; use "
+                              "parallel.placement=split for a ViT layout of its own")
+        return 0
+    if par.placement != "split":
+        raise LayoutError(f"parallel.placement={par.placement!r}: choose colocated or split")
+    if not 0 < vision.ranks < world_size:
+        raise LayoutError(f"parallel.vision.ranks={vision.ranks} must be between 1 and world size - 1 "
+                          f"({world_size - 1}) with parallel.placement=split")
+    if vision.tp < 1 or vision.ranks % vision.tp or vit.num_heads % vision.tp:
+        raise LayoutError(f"parallel.vision.tp={vision.tp} must divide parallel.vision.ranks={vision.ranks} and "
+                          f"model.vit.num_heads={vit.num_heads}")
+    return vision.ranks
 
 
 def check_batch(train, sizes: LayoutSizes) -> int:
@@ -87,6 +111,25 @@ def check_batch(train, sizes: LayoutSizes) -> int:
 def init_single_process(backend: str = "gloo") -> None:
     """A 1-rank world. It needs no rendezvous: an in-memory store never races for (or inherits) a TCP port."""
     dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1)
+
+
+def rank_roles(par, sizes: LayoutSizes) -> list[str]:
+    """The rank-offset role scheme, one line per role: under placement=split the first vision_ranks global
+    ranks run the ViT and the rest the LM, whichever node each rank lands on."""
+    lm = f"LM (tp {sizes.tp} x pp {sizes.pp} x dp {sizes.dp}, ep {sizes.ep})"
+    if not sizes.vision_ranks:
+        return [f"ranks 0-{sizes.world - 1}: {lm} with the ViT on pipeline stage 0 (colocated)"]
+    vision_dp = sizes.vision_ranks // par.vision.tp
+    return [f"ranks 0-{sizes.vision_ranks - 1}: ViT + projector (tp {par.vision.tp} x dp {vision_dp})",
+            f"ranks {sizes.vision_ranks}-{sizes.world - 1}: {lm}"]
+
+
+def require_colocated(par) -> None:
+    """The trainer's placement today: split layouts are checked and rendered, not yet trained."""
+    if par.placement != "colocated":
+        raise LayoutError("parallel.placement=split: the heterogeneous ViT/LM scheduler is not available yet "
+                          "(layouts and launch scripts are checked and rendered); train with "
+                          "parallel.placement=colocated")
 
 
 def init_process_groups(par, sizes: LayoutSizes, backend: str) -> None:

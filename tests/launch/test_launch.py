@@ -142,3 +142,14 @@ def test_slurm_job_checkpoints_on_usr1_requeues_and_resumes(tmp_path):
     assert f"resumed from {run_dir / 'checkpoints'}" in rerun.stdout and "requeueing" not in rerun.stdout
     assert [row["step"] for row in metric_rows(run_dir)][-2:] == [stopped_at + 1, stopped_at + 2]
     assert log.read_text().count("requeue") == 1
+
+
+def test_a_split_placement_script_lists_the_rank_roles_and_is_not_submitted(tmp_path, capsys):
+    args = ["recipe=stage1_pretrain", "launch.nodes=18", "parallel.placement=split", "parallel.vision.ranks=16",
+            f"run_dir={tmp_path}"]
+    assert launch_main(["slurm", "--dry-run", *args]) == 0
+    script = capsys.readouterr().out
+    assert "#   ranks 0-15: ViT + projector (tp 1 x dp 16)" in script
+    assert "#   ranks 16-143: LM (tp 4 x pp 4 x dp 8, ep 8)" in script
+    with pytest.raises(ValueError, match="parallel.placement=split"):
+        launch_main(["torchrun", *args])
