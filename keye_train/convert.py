@@ -1,0 +1,176 @@
+"""Import Hugging Face checkpoints into a built (sharded) model, and export it as a Keye-VL-2.0 HF checkpoint.
+
+Import streams: every rank walks its own parameter shards (`parameter_shards`), reads from the safetensors
+files only the HF tensors each one needs (a fused expert tensor by its one expert's slice), combines them into
+the canonical tensor (keye_train/hf_names.py) and copies its shard. The full model is never in memory.
+Export writes sharded safetensors, their index and a config.json with our settings.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from keye_train.config import ModelConfig
+from keye_train.hf_names import PACKING_TABLE, source_of, stack_experts, to_keye_hf
+from keye_train.model.builder import parameter_shards
+
+
+class HFCheckpoint:
+    """The tensors of an HF checkpoint folder (one model.safetensors or an index of shards), read lazily."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        index = self.root / "model.safetensors.index.json"
+        if index.is_file():
+            self.files = {k: self.root / v for k, v in json.loads(index.read_text())["weight_map"].items()}
+        elif (self.root / "model.safetensors").is_file():
+            with safe_open(self.root / "model.safetensors", framework="pt") as f:
+                self.files = {k: self.root / "model.safetensors" for k in f.keys()}
+        else:
+            raise FileNotFoundError(f"{self.root}: no model.safetensors or model.safetensors.index.json")
+        config = self.root / "config.json"
+        self.config = json.loads(config.read_text()) if config.is_file() else {}
+        self._open: dict[Path, object] = {}
+        self.read: set[str] = set()
+
+    def _handle(self, name: str):
+        if name not in self.files:
+            raise KeyError(f"{self.root}: tensor {name} is missing")
+        path = self.files[name]
+        if path not in self._open:
+            self._open[path] = safe_open(path, framework="pt")
+        return self._open[path]
+
+    def get(self, name: str, index: int | None = None) -> torch.Tensor:
+        self.read.add(name)
+        if index is None:
+            return self._handle(name).get_tensor(name)
+        return self._handle(name).get_slice(name)[index]
+
+    def layout(self) -> str:
+        kind = self.config.get("model_type", "")
+        if kind == "qwen3_moe":
+            return "qwen3_moe"
+        if kind.startswith("siglip"):
+            return "siglip"
+        return "keye_vl"
+
+    def expert_format(self) -> str:
+        if any(".mlp.experts.0.gate_proj.weight" in k for k in self.files):
+            return "per_expert"
+        return "fused_out_in" if self.layout() == "qwen3_moe" else "fused_in_out"
+
+
+def _part_in(layout: str, name: str) -> bool:
+    if layout == "qwen3_moe":
+        return name.startswith("lm.")
+    if layout == "siglip":
+        return name.startswith("vision.") and not name.startswith("vision.projector.")
+    return True
+
+
+@torch.no_grad()
+def import_hf(parts, model: ModelConfig, src: str | Path, log=lambda line: None) -> dict:
+    """Load this rank's shards from the HF checkpoint at `src`; returns {loaded, kept, unused, sha256}."""
+    ckpt = HFCheckpoint(src)
+    layout, experts = ckpt.layout(), ckpt.expert_format()
+    digest, loaded, kept = hashlib.sha256(), 0, []
+    for param, info in parameter_shards(parts):
+        if not _part_in(layout, info.name):
+            kept.append(info.name)  # e.g. the projector and ViT when importing a Qwen3-MoE LM
+            continue
+        source = source_of(info.name, model, layout, experts)
+        full = source.combine(*[ckpt.get(n, source.expert) for n in source.names])
+        if tuple(full.shape) != tuple(info.full_shape):
+            raise ValueError(f"{info.name} from {source.names}: shape {tuple(full.shape)}, the model expects "
+                             f"{tuple(info.full_shape)}; is model.* the checkpoint's configuration?")
+        shard = info.cut(full).to(param.dtype)
+        param.copy_(shard)
+        digest.update(info.name.encode() + shard.float().contiguous().numpy().tobytes())
+        loaded += 1
+    unused = sorted(set(ckpt.files) - ckpt.read)
+    log(f"imported {loaded} tensors from {src} ({layout}, experts {experts}); kept {len(kept)}; "
+        f"unused in the checkpoint: {len(unused)}")
+    return {"loaded": loaded, "kept": kept, "unused": unused, "sha256": digest.hexdigest()}
+
+
+def hf_config(model: ModelConfig) -> dict:
+    """config.json of an exported checkpoint: the Keye-VL-2.0 fields plus every setting we train with."""
+    lm, vit, dsa = model.lm, model.vit, model.lm.dsa
+    return {
+        "model_type": "keye_vl2", "architectures": ["KeyeVL2ForConditionalGeneration"], "torch_dtype": "bfloat16",
+        "text_config": {"model_type": "qwen3_vl_moe_text", "hidden_size": lm.hidden_size,
+                        "num_hidden_layers": lm.num_layers, "num_attention_heads": lm.num_heads,
+                        "num_key_value_heads": lm.num_kv_heads, "head_dim": lm.head_dim,
+                        "num_experts": lm.num_experts, "num_experts_per_tok": lm.moe_topk,
+                        "moe_intermediate_size": lm.moe_ffn_hidden_size, "norm_topk_prob": True,
+                        "vocab_size": lm.vocab_size, "rms_norm_eps": lm.norm_eps, "rope_theta": lm.rope_theta,
+                        "max_position_embeddings": lm.max_position_embeddings,
+                        "rope_scaling": {"rope_type": "default", "mrope_section": list(lm.mrope_section)},
+                        "tie_word_embeddings": False},
+        "vision_config": {"model_type": "siglip_vision_model", "hidden_size": vit.hidden_size,
+                          "num_hidden_layers": vit.num_layers, "num_attention_heads": vit.num_heads,
+                          "intermediate_size": vit.ffn_hidden_size, "patch_size": vit.patch_size,
+                          "image_size": vit.patch_size * vit.pos_grid, "layer_norm_eps": vit.norm_eps,
+                          "rope_theta": vit.rope_theta},
+        "projector_config": {"merge_size": model.projector.merge, "layer_norm_eps": model.projector.norm_eps},
+        "sa_config": {"mode": dsa.mode, "indexer_num_heads": dsa.index_heads,
+                      "indexer_head_dim": dsa.index_head_dim, "topk": dsa.topk},
+        "image_token_id": model.tokens.image_pad, "video_token_id": model.tokens.video_pad,
+        "vision_start_token_id": model.tokens.vision_start, "vision_end_token_id": model.tokens.vision_end,
+    }
+
+
+def write_sharded(tensors: dict[str, torch.Tensor], dst: Path, max_shard_bytes: int) -> dict:
+    """model-0000i-of-0000n.safetensors and model.safetensors.index.json; returns the index."""
+    shards, current, size = [], {}, 0
+    for name in sorted(tensors):
+        nbytes = tensors[name].numel() * tensors[name].element_size()
+        if current and size + nbytes > max_shard_bytes:
+            shards.append(current)
+            current, size = {}, 0
+        current[name], size = tensors[name].contiguous(), size + nbytes
+    shards.append(current)
+    weight_map, total = {}, 0
+    for i, shard in enumerate(shards):
+        file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(dst / file), metadata={"format": "pt"})
+        for name, t in shard.items():
+            weight_map[name] = file
+            total += t.numel() * t.element_size()
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (dst / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
+    return index
+
+
+@torch.no_grad()
+def export_keye_hf(parts, model: ModelConfig, dst: str | Path, passthrough: dict[str, torch.Tensor] | None = None,
+                   dtype: torch.dtype = torch.bfloat16, max_shard_bytes: int = 5 << 30) -> dict:
+    """Write the whole model (one rank holding every tensor) as a Keye-VL-2.0 HF checkpoint at `dst`."""
+    import torch.distributed as dist
+
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        raise ValueError("export runs on one rank (parallel.nproc=1, tp=pp=ep=1); sharded export is not built yet")
+    dst = Path(dst)
+    dst.mkdir(parents=True, exist_ok=True)
+    tensors = {}
+    for param, info in parameter_shards(parts):
+        tensors.update(to_keye_hf(info.name, param.detach().to(dtype).cpu(), model))
+    tensors = stack_experts(tensors)
+    for name, tensor in (passthrough or {}).items():
+        tensors[name] = tensor.to(dtype)
+    index = write_sharded(tensors, dst, max_shard_bytes)
+    (dst / "config.json").write_text(json.dumps(hf_config(model), indent=1))
+    return index
+
+
+def passthrough_tensors(src: str | Path) -> dict[str, torch.Tensor]:
+    """Checkpoint tensors we do not model but carry through a round trip (the unused ViT packing table)."""
+    ckpt = HFCheckpoint(src)
+    return {PACKING_TABLE: ckpt.get(PACKING_TABLE)} if PACKING_TABLE in ckpt.files else {}

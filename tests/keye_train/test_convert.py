@@ -1,0 +1,126 @@
+"""HF interop: a tiny transformers Qwen3-MoE imported into our LM gives the same logits and gradients (ours in
+fp32 against transformers in float64, plain 1D positions, where M-RoPE with equal t/h/w ids is RoPE); Keye-VL-2.0 export -> import -> export is the
+identity, the unused ViT packing table included."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from keye_train.config import tiny
+
+transformers = pytest.importorskip("transformers", reason="transformers is a test extra: pip install -e '.[test]'")
+
+
+def build(model, seed=None, dtype=torch.float32):
+    from keye_train.config import ParallelConfig
+    from keye_train.model.builder import build_model, initialize_weights
+
+    parts = build_model(model, ParallelConfig(), dtype, on_gpu=False)
+    if seed is not None:
+        initialize_weights(parts, model, seed)
+    return parts
+
+
+def lm_logits(lm, ids):
+    from keye_train.model.dsa import KeyePackedSeqParams
+
+    length = ids.shape[1]
+    cu = torch.tensor([0, length], dtype=torch.int32)
+    pos = torch.arange(length).expand(3, -1).clone()  # text: t = h = w = position
+    params = KeyePackedSeqParams(qkv_format="sbhd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=length,
+                                 max_seqlen_kv=length, position_ids=pos)
+    return lm(input_ids=ids, position_ids=pos[:, None, :], attention_mask=None,
+              decoder_input=lm.embedding(input_ids=ids, position_ids=None), packed_seq_params=params)
+
+
+def tiny_qwen3_moe(model, seed=0):
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    lm = model.lm
+    config = Qwen3MoeConfig(vocab_size=lm.vocab_size, hidden_size=lm.hidden_size, num_hidden_layers=lm.num_layers,
+                            num_attention_heads=lm.num_heads, num_key_value_heads=lm.num_kv_heads,
+                            head_dim=lm.head_dim, intermediate_size=4 * lm.hidden_size,
+                            moe_intermediate_size=lm.moe_ffn_hidden_size, num_experts=lm.num_experts,
+                            num_experts_per_tok=lm.moe_topk, norm_topk_prob=True, rms_norm_eps=lm.norm_eps,
+                            rope_theta=lm.rope_theta, max_position_embeddings=lm.max_position_embeddings,
+                            decoder_sparse_step=1, mlp_only_layers=[], tie_word_embeddings=False,
+                            attention_bias=False, experts_implementation="eager")  # float64 needs the loop
+    torch.manual_seed(seed)
+    hf = Qwen3MoeForCausalLM(config).double().eval()
+    with torch.no_grad():  # random everything, norms around 1, a decisive router
+        for name, p in hf.named_parameters():
+            if "norm" in name:
+                p.copy_(1 + 0.2 * torch.randn_like(p))
+            else:
+                p.normal_(0, 1.0 if name.endswith("mlp.gate.weight") else 0.05)
+    return hf
+
+
+def test_a_qwen3_moe_checkpoint_imports_with_the_same_logits_and_gradients(single_rank, tmp_path):
+    from keye_train.convert import import_hf
+    from keye_train.hf_names import stack_experts, to_keye_hf
+    from keye_train.model.builder import parameter_shards
+
+    model = tiny()
+    model.lm.moe_aux_loss_coeff = 0.0  # HF adds no router loss unless asked
+    hf = tiny_qwen3_moe(model)
+    hf.save_pretrained(tmp_path)
+    parts = build(model)  # fp32 (megatron's MoE path has no float64) against the float64 transformers reference
+    report = import_hf(parts, model, tmp_path)
+    assert report["unused"] == [] and all(name.startswith("vision.") for name in report["kept"])
+
+    ids = torch.randint(0, model.lm.vocab_size, (1, 24), generator=torch.Generator().manual_seed(1))
+    target = torch.randint(0, model.lm.vocab_size, (24,), generator=torch.Generator().manual_seed(2))
+    ours = lm_logits(parts.lm, ids)
+    theirs = hf(ids).logits  # float64
+    diff = (ours - theirs).abs().max().item()
+    print(f"logits max abs diff {diff:.3e} (scale {theirs.abs().max().item():.2f})")
+    torch.testing.assert_close(ours.double(), theirs, rtol=1e-5, atol=2e-5)
+
+    torch.nn.functional.cross_entropy(ours[0].double(), target).backward()
+    torch.nn.functional.cross_entropy(theirs[0], target).backward()
+    our_grads = {}
+    for param, info in parameter_shards(parts):
+        if info.name.startswith("lm."):
+            our_grads.update(to_keye_hf(info.name, param.grad, model))
+    our_grads = stack_experts(our_grads)
+    worst = 0.0
+    for name, p in hf.named_parameters():
+        got = our_grads[name].double()
+        if ".mlp.experts." in name:  # Keye layout [E, in, out]; transformers 5 holds [E, out, in]
+            got = got.transpose(1, 2)
+        diff, scale = (got - p.grad).abs().max().item(), p.grad.abs().max().item()
+        worst = max(worst, diff / scale)
+        assert scale > 0 and diff <= 1e-4 * scale, (name, diff, scale)  # fp32 error; a mapping slip is O(scale)
+    print(f"gradients max abs diff / max abs gradient {worst:.3e}")
+
+
+def test_keye_export_import_export_is_the_identity(single_rank, tmp_path):
+    from safetensors.torch import load_file
+
+    from keye_train.convert import HFCheckpoint, export_keye_hf, import_hf, passthrough_tensors
+    from keye_train.hf_names import PACKING_TABLE
+    from keye_train.model.builder import parameter_shards
+
+    model = tiny()
+    model.lm.dsa = dataclasses.replace(model.lm.dsa, mode="sparse")  # with the indexers
+    first = build(model, seed=3)
+    table = {PACKING_TABLE: torch.randn(32, model.vit.hidden_size)}
+    export_keye_hf(first, model, tmp_path / "a", passthrough=table, dtype=torch.float32, max_shard_bytes=20 << 20)
+    ckpt = HFCheckpoint(tmp_path / "a")
+    assert len(set(ckpt.files.values())) > 1  # sharded, with an index
+    assert ckpt.get("model.layers.0.mlp.experts.gate_up_proj").shape == (8, 128, 128)  # [E, in, out]
+    assert ckpt.config["sa_config"]["indexer_num_heads"] == 4 and ckpt.config["sa_config"]["topk"] == 32
+
+    second = build(model, seed=4)
+    report = import_hf(second, model, tmp_path / "a")
+    assert report["unused"] == [PACKING_TABLE]
+    for (p1, info), (p2, _) in zip(parameter_shards(first), parameter_shards(second)):
+        assert torch.equal(p1, p2), info.name
+    export_keye_hf(second, model, tmp_path / "b", passthrough=passthrough_tensors(tmp_path / "a"),
+                   dtype=torch.float32, max_shard_bytes=20 << 20)
+    a = {k: v for f in sorted((tmp_path / "a").glob("*.safetensors")) for k, v in load_file(f).items()}
+    b = {k: v for f in sorted((tmp_path / "b").glob("*.safetensors")) for k, v in load_file(f).items()}
+    assert a.keys() == b.keys() and PACKING_TABLE in b
+    assert all(torch.equal(a[k], b[k]) for k in a)
