@@ -61,6 +61,11 @@ class HFCheckpoint:
             return "siglip"
         return "keye_vl"
 
+    def vit_prefix(self) -> str | None:
+        if self.layout() == "siglip" and not any(k.startswith("vision_model.") for k in self.files):
+            return ""  # a bare SiglipVisionModel
+        return None
+
     def expert_format(self) -> str:
         if any(".mlp.experts.0.gate_proj.weight" in k for k in self.files):
             return "per_expert"
@@ -85,7 +90,7 @@ def import_hf(parts, model: ModelConfig, src: str | Path, log=lambda line: None)
         if not _part_in(layout, info.name):
             kept.append(info.name)  # e.g. the projector and ViT when importing a Qwen3-MoE LM
             continue
-        source = source_of(info.name, model, layout, experts)
+        source = source_of(info.name, model, layout, experts, ckpt.vit_prefix())
         full = source.combine(*[ckpt.get(n, source.expert) for n in source.names])
         if tuple(full.shape) != tuple(info.full_shape):
             raise ValueError(f"{info.name} from {source.names}: shape {tuple(full.shape)}, the model expects "

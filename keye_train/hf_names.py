@@ -75,11 +75,14 @@ def _qkv_split(qkv: torch.Tensor, groups: int, heads_per_group: int) -> tuple[to
     return q, k, v
 
 
-def source_of(name: str, model: ModelConfig, layout: str, expert_format: str = "fused_in_out") -> Source:
+def source_of(name: str, model: ModelConfig, layout: str, expert_format: str = "fused_in_out",
+              vit_prefix: str | None = None) -> Source:
     """Where canonical tensor `name` comes from in an HF checkpoint of this `layout`.
 
     expert_format: "fused_in_out" (Keye-VL, Qwen3-VL-MoE: [E, in, out]), "fused_out_in" (transformers 5's
-    Qwen3-MoE: [E, out, in]) or "per_expert" (released Qwen3-MoE: experts.{j}.{gate,up,down}_proj)."""
+    Qwen3-MoE: [E, out, in]) or "per_expert" (released Qwen3-MoE: experts.{j}.{gate,up,down}_proj).
+    vit_prefix: where the vision tower's tensors start (default per layout; a bare SiglipVisionModel saved by
+    transformers 5 has none)."""
     lm = model.lm
     if name.startswith("lm."):
         key = name[3:]
@@ -104,7 +107,7 @@ def source_of(name: str, model: ModelConfig, layout: str, expert_format: str = "
         return Source([fused], (lambda t: t.t()) if flip else (lambda t: t), expert=expert)
     if layout == "qwen3_moe":
         raise KeyError(f"{name}: a Qwen3-MoE checkpoint holds no vision tower")
-    prefix = VIT_PREFIX[layout]
+    prefix = VIT_PREFIX[layout] if vit_prefix is None else vit_prefix
     if name.startswith("vision.projector."):
         part, kind = name[len("vision.projector."):].split(".")
         if layout == "siglip":

@@ -124,3 +124,65 @@ def test_keye_export_import_export_is_the_identity(single_rank, tmp_path):
     b = {k: v for f in sorted((tmp_path / "b").glob("*.safetensors")) for k, v in load_file(f).items()}
     assert a.keys() == b.keys() and PACKING_TABLE in b
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_siglip_tower_imports_with_the_same_features_and_gradients(single_rank, tmp_path, monkeypatch):
+    """SigLIP has no 2D RoPE: ours runs here with zero rotation angles (RoPE, packing and position interpolation
+    are tested in tests/keye_train/model/test_vision.py) on one image at the table's native 4 x 4 grid."""
+    from transformers import SiglipVisionConfig, SiglipVisionModel
+
+    from data_pipeline.pixels import to_patches
+    from keye_train.batch import VisualInput
+    from keye_train.convert import import_hf
+    from keye_train.hf_names import stack_experts, to_keye_hf
+    from keye_train.model import vision
+    from keye_train.model.builder import parameter_shards
+
+    model = tiny()
+    vit = model.vit
+    config = SiglipVisionConfig(hidden_size=vit.hidden_size, intermediate_size=vit.ffn_hidden_size,
+                                num_hidden_layers=vit.num_layers, num_attention_heads=vit.num_heads,
+                                image_size=vit.patch_size * vit.pos_grid, patch_size=vit.patch_size,
+                                layer_norm_eps=vit.norm_eps, hidden_act="gelu_pytorch_tanh", vision_use_head=False)
+    torch.manual_seed(5)
+    hf = SiglipVisionModel(config).double().eval()
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            p.copy_(1 + 0.2 * torch.randn_like(p) if "norm" in name and name.endswith("weight")
+                    else 0.05 * torch.randn_like(p))
+    hf.save_pretrained(tmp_path)
+    parts = build(model)
+    report = import_hf(parts, model, tmp_path)
+    assert report["unused"] == []
+    assert {n.split(".")[0] for n in report["kept"]} == {"lm", "vision"}  # the LM and the projector stay
+    assert all(n.startswith("lm.") or n.startswith("vision.projector.") for n in report["kept"])
+
+    side = vit.patch_size * vit.pos_grid
+    image = torch.randint(0, 256, (1, 3, side, side), dtype=torch.uint8, generator=torch.Generator().manual_seed(6))
+    patches, grids = to_patches(image, side, side)  # the data pipeline's own patch layout
+    monkeypatch.setattr(vision, "vit_rope_angles", lambda grids, dim, theta: torch.zeros(int(grids.prod(1).sum()), dim))
+    ours = parts.vision.encoder(VisualInput(patches, grids))
+    theirs = hf(pixel_values=image.double() / 127.5 - 1.0).last_hidden_state[0]
+    diff = (ours.double() - theirs).abs().max().item()
+    print(f"ViT features max abs diff {diff:.3e} (scale {theirs.abs().max().item():.2f})")
+    torch.testing.assert_close(ours.double(), theirs, rtol=1e-5, atol=2e-5)
+
+    weights = torch.randn(theirs.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
+    (ours.double() * weights).sum().backward()
+    (theirs * weights).sum().backward()
+    our_grads = {}
+    for param, info in parameter_shards(parts):
+        if info.name.startswith("vision.encoder."):
+            our_grads.update(to_keye_hf(info.name, param.grad, model))
+    our_grads = stack_experts(our_grads)
+    worst = 0.0
+    overall = max(p.grad.abs().max().item() for p in hf.parameters())
+    for name, p in hf.named_parameters():
+        got = our_grads["visual.vision_model." + name.removeprefix("vision_model.")].double()
+        diff, scale = (got - p.grad).abs().max().item(), p.grad.abs().max().item()
+        if name.endswith("k_proj.bias"):  # exactly zero (softmax ignores a per-query shift): fp32 noise only
+            assert diff <= 1e-6 * overall, (name, diff)
+            continue
+        worst = max(worst, diff / scale)
+        assert scale > 0 and diff <= 1e-4 * scale, (name, diff, scale)
+    print(f"ViT gradients max abs diff / max abs gradient {worst:.3e}")
