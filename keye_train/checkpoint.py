@@ -40,6 +40,8 @@ def _from_numpy(a: np.ndarray, like: torch.Tensor) -> torch.Tensor:
 
 def _optimizer_slots(optimizer):
     """(key, torch optimizer, param) for every parameter of every inner optimizer, in a stable order."""
+    if optimizer is None:  # a weights-only checkpoint (an imported model)
+        return
     for k, wrapper in enumerate(getattr(optimizer, "chained_optimizers", [optimizer])):
         inner = wrapper.optimizer
         for g, group in enumerate(inner.param_groups):

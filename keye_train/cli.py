@@ -1,5 +1,6 @@
-"""`keye-train [train|plan|chain|launch|report] [hydra overrides...]`: validate, then train (spawning ranks when
-asked), plan, run a stage chain, launch on torchrun / SLURM (launch/cli.py), or plot a run (report.py)."""
+"""`keye-train [train|plan|chain|launch|report|convert] [hydra overrides...]`: validate, then train (spawning
+ranks when asked), plan, run a stage chain, launch on torchrun / SLURM (launch/cli.py), plot a run (report.py),
+or convert HF checkpoints (convert_cli.py)."""
 
 from __future__ import annotations
 
@@ -14,13 +15,14 @@ def _die(message: str) -> None:
     raise SystemExit(2)
 
 
-def _spawn(nproc: int, argv: list[str]) -> int:
+def _spawn(nproc: int, argv: list[str], command: str = "train") -> int:
     """Start the ranks under torchrun on this machine, forwarding preemption signals (keye_train.operations)."""
     from keye_train.config import LaunchConfig
     from keye_train.operations import run_forwarding_signals
     from launch.torchrun import torchrun_command
 
-    return run_forwarding_signals(torchrun_command(LaunchConfig(gpus_per_node=nproc), argv, rdzv_id="local"))
+    return run_forwarding_signals(torchrun_command(LaunchConfig(gpus_per_node=nproc), argv, rdzv_id="local",
+                                                   command=command))
 
 
 def _single_process_env() -> None:
@@ -31,7 +33,15 @@ def _single_process_env() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    command = argv.pop(0) if argv and argv[0] in ("train", "plan", "chain", "launch", "report") else "train"
+    commands = ("train", "plan", "chain", "launch", "report", "convert")
+    command = argv.pop(0) if argv and argv[0] in commands else "train"
+    if command == "convert":
+        from keye_train.convert_cli import run
+
+        try:
+            return run(argv)
+        except (ValueError, FileNotFoundError, KeyError) as err:
+            _die(str(err))
     if command == "report":
         if len(argv) != 1 or "=" in argv[0]:
             _die("usage: keye-train report <run_dir or chain run_root>")

@@ -13,12 +13,14 @@ import json
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 from keye_train.config import ModelConfig
 from keye_train.hf_names import PACKING_TABLE, source_of, stack_experts, to_keye_hf
 from keye_train.model.builder import parameter_shards
+from keye_train.model.sharding import join_shards
 
 
 class HFCheckpoint:
@@ -81,12 +83,16 @@ def _part_in(layout: str, name: str) -> bool:
 
 
 @torch.no_grad()
-def import_hf(parts, model: ModelConfig, src: str | Path, log=lambda line: None) -> dict:
+def import_hf(parts, model: ModelConfig, src: str | Path, log=lambda line: None, progress: bool = False) -> dict:
     """Load this rank's shards from the HF checkpoint at `src`; returns {loaded, kept, unused, sha256}."""
     ckpt = HFCheckpoint(src)
     layout, experts = ckpt.layout(), ckpt.expert_format()
+    from tqdm import tqdm
+
     digest, loaded, kept = hashlib.sha256(), 0, []
-    for param, info in parameter_shards(parts):
+    shards = list(parameter_shards(parts))
+    show = progress and (not dist.is_initialized() or dist.get_rank() == 0)
+    for param, info in tqdm(shards, desc=f"import {Path(src).name}", unit="tensor", disable=not show):
         if not _part_in(layout, info.name):
             kept.append(info.name)  # e.g. the projector and ViT when importing a Qwen3-MoE LM
             continue
@@ -155,18 +161,41 @@ def write_sharded(tensors: dict[str, torch.Tensor], dst: Path, max_shard_bytes: 
 
 
 @torch.no_grad()
-def export_keye_hf(parts, model: ModelConfig, dst: str | Path, passthrough: dict[str, torch.Tensor] | None = None,
-                   dtype: torch.dtype = torch.bfloat16, max_shard_bytes: int = 5 << 30) -> dict:
-    """Write the whole model (one rank holding every tensor) as a Keye-VL-2.0 HF checkpoint at `dst`."""
-    import torch.distributed as dist
+def gather_full_tensors(parts, dtype: torch.dtype) -> dict[str, torch.Tensor] | None:
+    """Collective: every canonical tensor whole on rank 0 (TP shards joined, PP stages and EP experts merged,
+    DP replicas taken once); None elsewhere. Rank 0 then holds the whole model in host memory."""
+    mine = [(info.name, info.split, param.detach().to(dtype).cpu()) for param, info in parameter_shards(parts)]
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return {name: tensor for name, _, tensor in mine}
+    gathered = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(mine, gathered, dst=0)
+    if dist.get_rank() != 0:
+        return None
+    whole, pieces = {}, {}
+    for rank_entries in gathered:
+        for name, split, tensor in rank_entries:
+            if split is None:
+                whole.setdefault(name, tensor)
+            else:
+                dim, rank, _, gated = split
+                pieces.setdefault(name, (dim, gated, {}))[2].setdefault(rank, tensor)
+    for name, (dim, gated, shards) in pieces.items():
+        whole[name] = join_shards(shards, dim, gated)
+    return whole
 
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        raise ValueError("export runs on one rank (parallel.nproc=1, tp=pp=ep=1); sharded export is not built yet")
+
+@torch.no_grad()
+def export_keye_hf(parts, model: ModelConfig, dst: str | Path, passthrough: dict[str, torch.Tensor] | None = None,
+                   dtype: torch.dtype = torch.bfloat16, max_shard_bytes: int = 5 << 30) -> dict | None:
+    """Collective: write the model, under any layout, as a Keye-VL-2.0 HF checkpoint at `dst` (from rank 0)."""
+    full = gather_full_tensors(parts, dtype)
+    if full is None:
+        return None
     dst = Path(dst)
     dst.mkdir(parents=True, exist_ok=True)
     tensors = {}
-    for param, info in parameter_shards(parts):
-        tensors.update(to_keye_hf(info.name, param.detach().to(dtype).cpu(), model))
+    for name, tensor in full.items():
+        tensors.update(to_keye_hf(name, tensor, model))
     tensors = stack_experts(tensors)
     for name, tensor in (passthrough or {}).items():
         tensors[name] = tensor.to(dtype)

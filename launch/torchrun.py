@@ -9,8 +9,8 @@ from keye_train.config import LaunchConfig
 
 
 def torchrun_command(launch: LaunchConfig, train_args: list[str], rdzv_id: str, master_addr: str | None = None,
-                     python: str = sys.executable) -> list[str]:
-    """`python -m torch.distributed.run ... -m keye_train.cli train <train_args>` for this node.
+                     python: str = sys.executable, command: str = "train") -> list[str]:
+    """`python -m torch.distributed.run ... -m keye_train.cli <command> <train_args>` for this node.
 
     One node without a master address rendezvouses on a free local port (--standalone); otherwise every node
     joins the c10d store at master_addr:master_port under the same rdzv_id, and ranks are numbered by node
@@ -25,7 +25,7 @@ def torchrun_command(launch: LaunchConfig, train_args: list[str], rdzv_id: str, 
             raise ValueError(f"launch.master_addr: {launch.nodes} nodes need a rendezvous host (the first node's "
                              "address); SLURM jobs take it from the allocation")
         cmd += ["--rdzv-backend=c10d", f"--rdzv-endpoint={host}:{launch.master_port}", f"--rdzv-id={rdzv_id}"]
-    return cmd + ["-m", "keye_train.cli", "train", *train_args]
+    return cmd + ["-m", "keye_train.cli", command, *train_args]
 
 
 def render(cmd: list[str], env: dict[str, str] | None = None) -> str:

@@ -23,6 +23,17 @@ class ShardInfo:
     name: str  # canonical name
     full_shape: tuple[int, ...]
     cut: Callable[[torch.Tensor], torch.Tensor]  # full tensor -> this rank's shard
+    split: tuple | None = None  # (dim, rank, size, gated) when the tensor is split over a TP group
+
+
+def join_shards(shards: dict[int, torch.Tensor], dim: int, gated: bool) -> torch.Tensor:
+    """The inverse of the cuts: TP rank -> shard back to the full tensor."""
+    ordered = [shards[r] for r in sorted(shards)]
+    if gated:  # each shard is [gate_r; up_r]
+        halves = [s.chunk(2, dim=dim) for s in ordered]
+        return torch.cat([torch.cat([h[0] for h in halves], dim=dim), torch.cat([h[1] for h in halves], dim=dim)],
+                         dim=dim)
+    return torch.cat(ordered, dim=dim)
 
 
 def mark_tensor_parallel_attributes(module: torch.nn.Module) -> None:
@@ -49,9 +60,9 @@ def _group_rank_size(group) -> tuple[int, int]:
     return dist.get_rank(group), dist.get_world_size(group)
 
 
-def _shard_cut(param: torch.nn.Parameter, rank: int, size: int, gated: bool) -> tuple[tuple, Callable]:
+def _shard_cut(param: torch.nn.Parameter, rank: int, size: int, gated: bool) -> tuple[tuple, Callable, tuple | None]:
     if size == 1 or not getattr(param, "tensor_model_parallel", False):
-        return tuple(param.shape), lambda full: full
+        return tuple(param.shape), lambda full: full, None
     dim = param.partition_dim
     full_shape = list(param.shape)
     full_shape[dim] *= size
@@ -62,7 +73,7 @@ def _shard_cut(param: torch.nn.Parameter, rank: int, size: int, gated: bool) -> 
     else:
         def cut(full):
             return full.chunk(size, dim=dim)[rank]
-    return tuple(full_shape), cut
+    return tuple(full_shape), cut, (dim, rank, size, gated)
 
 
 def _prefix_maps(module: torch.nn.Module) -> tuple[dict[str, int], dict[str, list[int]]]:
@@ -96,5 +107,5 @@ def canonical_shards(module: torch.nn.Module, prefix: str, tp_group, expert_tp_g
         group = expert_tp_group if is_expert else tp_group
         rank, size = _group_rank_size(group)
         gated = gated_mlp and name.endswith("linear_fc1.weight")
-        full_shape, cut = _shard_cut(param, rank, size, gated)
-        yield param, ShardInfo(prefix + canonical, full_shape, cut)
+        full_shape, cut, split = _shard_cut(param, rank, size, gated)
+        yield param, ShardInfo(prefix + canonical, full_shape, cut, split)

@@ -3,11 +3,14 @@ fp32 against transformers in float64, plain 1D positions, where M-RoPE with equa
 identity, the unused ViT packing table included."""
 
 import dataclasses
+import subprocess
+import sys
 
 import pytest
 import torch
 
 from keye_train.config import tiny
+from tests.helpers import REPO
 
 transformers = pytest.importorskip("transformers", reason="transformers is a test extra: pip install -e '.[test]'")
 
@@ -186,3 +189,49 @@ def test_a_siglip_tower_imports_with_the_same_features_and_gradients(single_rank
         worst = max(worst, diff / scale)
         assert scale > 0 and diff <= 1e-4 * scale, (name, diff, scale)
     print(f"ViT gradients max abs diff / max abs gradient {worst:.3e}")
+
+
+@pytest.mark.parametrize("layout", [["parallel.tp=2"], ["parallel.ep=2"]])
+def test_the_cli_imports_and_exports_sharded_layouts_exactly(layout, tmp_path):
+    """An HF checkpoint imported under TP=2 or EP=2 (each rank reading its own slices) and exported again (the
+    shards gathered) comes back tensor for tensor."""
+    from safetensors.torch import load_file
+
+    from tests.helpers import keye_train
+
+    source = tmp_path / "hf"
+    script = ("import torch, dataclasses\n"
+              "from keye_train.config import tiny\n"
+              "from tests.keye_train.test_convert import build, export_source\n"
+              f"export_source({str(source)!r})\n")
+    made = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert made.returncode == 0, made.stderr[-3000:]
+    common = ["~recipe", "model=tiny", "attention=sparse", "parallel.nproc=2", *layout]
+    done = keye_train("convert", "import", "--src", str(source), "--dst", str(tmp_path / "run"), *common)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "combined sha256" in done.stdout and "checkpoint.init_from=" in done.stdout
+    assert (tmp_path / "run" / "checkpoints" / "step_00000000" / "meta.json").is_file()
+    done = keye_train("convert", "export", "--src", str(tmp_path / "run"), "--dst", str(tmp_path / "back"),
+                      "--dtype", "fp32", *common)
+    assert done.returncode == 0, done.stderr[-3000:]
+    a = {k: v for f in sorted(source.glob("*.safetensors")) for k, v in load_file(f).items()}
+    b = {k: v for f in sorted((tmp_path / "back").glob("*.safetensors")) for k, v in load_file(f).items()}
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def export_source(path):
+    """A tiny Keye-VL-2.0 HF checkpoint (fp32) with a packing table, from our own seeded model."""
+    from parallel import cpu_compat
+    from parallel.layout import check_layout, init_process_groups
+    from keye_train.config import ParallelConfig
+    from keye_train.convert import export_keye_hf
+    from keye_train.hf_names import PACKING_TABLE
+
+    cpu_compat.install_if_needed()
+    model = tiny()
+    model.lm.dsa = dataclasses.replace(model.lm.dsa, mode="sparse")
+    init_process_groups(ParallelConfig(), check_layout(ParallelConfig(), model.lm, model.vit, 1), "gloo")
+    parts = build(model, seed=8)
+    export_keye_hf(parts, model, path, passthrough={PACKING_TABLE: torch.randn(32, model.vit.hidden_size)},
+                   dtype=torch.float32)

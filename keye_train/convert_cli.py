@@ -1,0 +1,110 @@
+"""`keye-train convert import|export --src PATH --dst PATH [hydra overrides...]`.
+
+    import  an HF checkpoint (Keye-VL-2.0, Qwen3-MoE LM or SigLIP ViT) -> a weights-only checkpoint at step 0 in
+            the run directory --dst, sharded for the configured layout; start training from it with
+            checkpoint.init_from=<dst>. Parts the source lacks keep their seeded initialisation.
+    export  a run directory or checkpoint (same layout as written) -> a Keye-VL-2.0 HF checkpoint at --dst.
+
+Ranks are spawned as for training (parallel.nproc, or under torchrun). Each rank prints the SHA-256 of what it
+imported; rank 0 prints a summary over all ranks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import os
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+PASSTHROUGH = "hf_passthrough.safetensors"  # in the run directory: HF tensors we carry but do not model
+
+
+def _parse(argv: list[str]):
+    parser = argparse.ArgumentParser(prog="keye-train convert", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("mode", choices=["import", "export"])
+    parser.add_argument("--src", required=True)
+    parser.add_argument("--dst", required=True)
+    parser.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16", help="export dtype (default bf16)")
+    return parser.parse_known_args(argv)
+
+
+def _setup(cfg, sizes):
+    from parallel import cpu_compat
+    from parallel.layout import init_process_groups
+    from keye_train.model.builder import build_model
+
+    on_gpu = torch.cuda.is_available()
+    if not on_gpu:
+        cpu_compat.install()
+    backend = cfg.parallel.backend if cfg.parallel.backend != "auto" else ("nccl" if on_gpu else "gloo")
+    init_process_groups(cfg.parallel, sizes, backend)
+    return build_model(cfg.model, cfg.parallel, torch.float32 if not on_gpu else torch.bfloat16, on_gpu)
+
+
+def _summary(digest: str, log) -> None:
+    digests = [None] * dist.get_world_size()
+    dist.all_gather_object(digests, digest)
+    if dist.get_rank() == 0:
+        combined = hashlib.sha256("".join(digests).encode()).hexdigest()
+        log(f"checksums: {len(digests)} ranks, combined sha256 {combined}")
+
+
+def run(argv: list[str]) -> int:
+    from keye_train import checkpoint
+    from keye_train.configure import load_checked_config
+    from keye_train.convert import export_keye_hf, import_hf, passthrough_tensors
+    from parallel.layout import destroy_process_groups
+
+    args, overrides = _parse(argv)
+    cfg, sizes = load_checked_config(overrides, check_data=False)
+    if "RANK" not in os.environ and cfg.parallel.nproc > 1:
+        from keye_train.cli import _spawn
+
+        return _spawn(cfg.parallel.nproc, argv, command="convert")
+    for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):
+        os.environ.setdefault(key, value)
+    parts = _setup(cfg, sizes)
+    rank0 = dist.get_rank() == 0
+    log = (lambda line: print(line, flush=True)) if rank0 else (lambda line: None)
+    layout = dataclasses.asdict(sizes)
+    if args.mode == "import":
+        report = import_hf(parts, cfg.model, args.src, log=log, progress=True)
+        print(f"[rank {dist.get_rank()}] {report['loaded']} tensors, sha256 {report['sha256']}", flush=True)
+        _summary(report["sha256"], log)
+        path = checkpoint.save(Path(args.dst), 0, parts, None, {"run_id": "imported", "imported_from": str(args.src)},
+                               layout, keep_last=1)
+        extra = passthrough_tensors(args.src)
+        if rank0 and extra:
+            from safetensors.torch import save_file
+
+            save_file(extra, str(Path(args.dst) / PASSTHROUGH))
+        log(f"wrote {path}; start a stage from it with checkpoint.init_from={args.dst}")
+    else:
+        fresh = checkpoint.load_weights(args.src, parts, layout)
+        if fresh:
+            log(f"{len(fresh)} indexer tensors are not in {args.src}; exporting their initialisation")
+        extra_file = Path(args.src) / PASSTHROUGH
+        extra = passthrough_tensors_file(extra_file) if extra_file.is_file() else {}
+        dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+        index = export_keye_hf(parts, cfg.model, args.dst, passthrough=extra, dtype=dtype)
+        if index is not None:
+            log(f"wrote {len(index['weight_map'])} tensors, {index['metadata']['total_size'] / 2**30:.2f} GiB, "
+                f"to {args.dst}")
+    destroy_process_groups()
+    return 0
+
+
+def passthrough_tensors_file(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+if __name__ == "__main__":
+    sys.exit(run(sys.argv[1:]))
