@@ -38,7 +38,7 @@ class HFCheckpoint:
             raise FileNotFoundError(f"{self.root}: no model.safetensors or model.safetensors.index.json")
         config = self.root / "config.json"
         self.config = json.loads(config.read_text()) if config.is_file() else {}
-        self._open: dict[Path, object] = {}
+        self._open: dict[Path, object] = {}  # a few open files: a closed one releases its mapped pages
         self.read: set[str] = set()
 
     def _handle(self, name: str):
@@ -46,6 +46,8 @@ class HFCheckpoint:
             raise KeyError(f"{self.root}: tensor {name} is missing")
         path = self.files[name]
         if path not in self._open:
+            if len(self._open) >= 2:
+                self._open.pop(next(iter(self._open)))
             self._open[path] = safe_open(path, framework="pt")
         return self._open[path]
 
@@ -103,7 +105,8 @@ def import_hf(parts, model: ModelConfig, src: str | Path, log=lambda line: None,
                              f"{tuple(info.full_shape)}; is model.* the checkpoint's configuration?")
         shard = info.cut(full).to(param.dtype)
         param.copy_(shard)
-        digest.update(info.name.encode() + shard.float().contiguous().numpy().tobytes())
+        digest.update(info.name.encode())
+        digest.update(shard.contiguous().view(torch.uint8).numpy())  # the bytes in place, no copy
         loaded += 1
     unused = sorted(set(ckpt.files) - ckpt.read)
     log(f"imported {loaded} tensors from {src} ({layout}, experts {experts}); kept {len(kept)}; "
