@@ -235,3 +235,26 @@ def export_source(path):
     parts = build(model, seed=8)
     export_keye_hf(parts, model, path, passthrough={PACKING_TABLE: torch.randn(32, model.vit.hidden_size)},
                    dtype=torch.float32)
+
+
+@pytest.mark.parametrize("layout", [["parallel.tp=2"], ["parallel.ep=2"]])
+def test_a_qwen3_moe_checkpoint_imported_under_tp2_or_ep2_gives_the_same_logits(layout, tmp_path):
+    import numpy as np
+
+    from tests.helpers import cli_env
+
+    model = tiny()
+    hf = tiny_qwen3_moe(model)
+    hf.save_pretrained(tmp_path / "hf")
+    worker = REPO / "tests" / "keye_train" / "convert_worker.py"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(worker),
+           str(tmp_path / "hf"), str(tmp_path), "~recipe", "model=tiny", "parallel.nproc=2", *layout]
+    done = subprocess.run(cmd, env=dict(cli_env(), PYTHONPATH=str(REPO)), capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
+    ours = torch.from_numpy(np.load(tmp_path / "logits.npy", allow_pickle=False))
+    ids = torch.randint(0, model.lm.vocab_size, (1, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        theirs = hf(ids).logits
+    print(f"{layout[0]}: logits max abs diff {(ours.double() - theirs).abs().max().item():.3e}")
+    torch.testing.assert_close(ours.double(), theirs, rtol=1e-5, atol=2e-5)
