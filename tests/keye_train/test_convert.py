@@ -37,6 +37,18 @@ def lm_logits(lm, ids):
               decoder_input=lm.embedding(input_ids=ids, position_ids=None), packed_seq_params=params)
 
 
+def grads_in_keye_names(parts, model, prefix):
+    """Our gradients of the parameters under `prefix`, named and shaped as Keye-VL-2.0 HF tensors."""
+    from keye_train.hf_names import stack_experts, to_keye_hf
+    from keye_train.model.builder import parameter_shards
+
+    grads = {}
+    for param, info in parameter_shards(parts):
+        if info.name.startswith(prefix):
+            grads.update(to_keye_hf(info.name, param.grad, model))
+    return stack_experts(grads)
+
+
 def tiny_qwen3_moe(model, seed=0):
     from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
@@ -62,8 +74,6 @@ def tiny_qwen3_moe(model, seed=0):
 
 def test_a_qwen3_moe_checkpoint_imports_with_the_same_logits_and_gradients(single_rank, tmp_path):
     from keye_train.convert import import_hf
-    from keye_train.hf_names import stack_experts, to_keye_hf
-    from keye_train.model.builder import parameter_shards
 
     model = tiny()
     model.lm.moe_aux_loss_coeff = 0.0  # HF adds no router loss unless asked
@@ -83,11 +93,7 @@ def test_a_qwen3_moe_checkpoint_imports_with_the_same_logits_and_gradients(singl
 
     torch.nn.functional.cross_entropy(ours[0].double(), target).backward()
     torch.nn.functional.cross_entropy(theirs[0], target).backward()
-    our_grads = {}
-    for param, info in parameter_shards(parts):
-        if info.name.startswith("lm."):
-            our_grads.update(to_keye_hf(info.name, param.grad, model))
-    our_grads = stack_experts(our_grads)
+    our_grads = grads_in_keye_names(parts, model, "lm.")
     worst = 0.0
     for name, p in hf.named_parameters():
         got = our_grads[name].double()
@@ -137,9 +143,7 @@ def test_a_siglip_tower_imports_with_the_same_features_and_gradients(single_rank
     from data_pipeline.pixels import to_patches
     from keye_train.batch import VisualInput
     from keye_train.convert import import_hf
-    from keye_train.hf_names import stack_experts, to_keye_hf
     from keye_train.model import vision
-    from keye_train.model.builder import parameter_shards
 
     model = tiny()
     vit = model.vit
@@ -173,11 +177,7 @@ def test_a_siglip_tower_imports_with_the_same_features_and_gradients(single_rank
     weights = torch.randn(theirs.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
     (ours.double() * weights).sum().backward()
     (theirs * weights).sum().backward()
-    our_grads = {}
-    for param, info in parameter_shards(parts):
-        if info.name.startswith("vision.encoder."):
-            our_grads.update(to_keye_hf(info.name, param.grad, model))
-    our_grads = stack_experts(our_grads)
+    our_grads = grads_in_keye_names(parts, model, "vision.encoder.")
     worst = 0.0
     overall = max(p.grad.abs().max().item() for p in hf.parameters())
     for name, p in hf.named_parameters():
