@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -211,3 +212,51 @@ def passthrough_tensors(src: str | Path) -> dict[str, torch.Tensor]:
     """Checkpoint tensors we do not model but carry through a round trip (the unused ViT packing table)."""
     ckpt = HFCheckpoint(src)
     return {PACKING_TABLE: ckpt.get(PACKING_TABLE)} if PACKING_TABLE in ckpt.files else {}
+
+
+_BYTES = {"BF16": 2, "F16": 2, "F32": 4, "F64": 8, "I64": 8, "I32": 4, "F8_E4M3": 1, "F8_E5M2": 1}
+
+
+def import_plan(model: ModelConfig, sizes, src: str | Path) -> dict:
+    """What each rank of a layout would read, from the checkpoint headers and a meta-device build (no tensor
+    data is read or allocated). Checks every needed tensor exists with the right element count.
+
+    Returns {"roles": {(pp_stage, ep_rank): {"tensors": n, "bytes": b}}, "unused": [...]}: every TP and data-
+    parallel rank of a role reads the same tensors (each takes its shard of the full tensor)."""
+    from keye_train.model.sharding import canonical_shards
+    from keye_train.plan import _build_on_meta
+
+    ckpt = HFCheckpoint(src)
+    layout, experts, prefix = ckpt.layout(), ckpt.expert_format(), ckpt.vit_prefix()
+    lm, vision = _build_on_meta(model)
+    shards = [*canonical_shards(lm, "lm.", None, None, gated_mlp=True), *canonical_shards(vision, "vision.", None)]
+    per_stage, per_expert = model.lm.num_layers // sizes.pp, model.lm.num_experts // sizes.ep
+    roles = {(s, r): {"tensors": 0, "bytes": 0} for s in range(sizes.pp) for r in range(sizes.ep)}
+    headers: dict[Path, object] = {}
+    for _, info in shards:
+        if not _part_in(layout, info.name):
+            continue
+        source = source_of(info.name, model, layout, experts, prefix)
+        elements, nbytes = 0, 0
+        for name in source.names:
+            if name not in ckpt.files:
+                raise KeyError(f"{src}: tensor {name} (for {info.name}) is missing")
+            path = ckpt.files[name]
+            headers.setdefault(path, safe_open(path, framework="pt"))
+            piece = headers[path].get_slice(name)
+            shape = piece.get_shape()[1:] if source.expert is not None else piece.get_shape()
+            count = int(torch.tensor(shape).prod()) if shape else 1
+            elements, nbytes = elements + count, nbytes + count * _BYTES.get(piece.get_dtype(), 4)
+            ckpt.read.add(name)
+        if elements != int(torch.tensor(info.full_shape).prod()):
+            raise ValueError(f"{info.name}: the checkpoint's {source.names} hold {elements} elements, the model "
+                             f"expects {tuple(info.full_shape)}; is model.* the checkpoint's configuration?")
+        layer = re.match(r"lm\.decoder\.layers\.(\d+)\.", info.name)
+        stage = (int(layer.group(1)) // per_stage if layer else
+                 sizes.pp - 1 if info.name.startswith(("lm.output_layer", "lm.decoder.final_layernorm")) else 0)
+        expert = re.search(r"\.expert_(\d+)\.", info.name)
+        for (s, r), role in roles.items():
+            if s == stage and (expert is None or int(expert.group(1)) // per_expert == r):
+                role["tensors"] += 1
+                role["bytes"] += nbytes
+    return {"roles": roles, "unused": sorted(set(ckpt.files) - ckpt.read)}

@@ -4,6 +4,8 @@
             the run directory --dst, sharded for the configured layout; start training from it with
             checkpoint.init_from=<dst>. Parts the source lacks keep their seeded initialisation.
     export  a run directory or checkpoint (same layout as written) -> a Keye-VL-2.0 HF checkpoint at --dst.
+    plan    what each rank of the configured layout would read, checked against the checkpoint's headers on the
+            meta device (no tensor data read or allocated; any size, e.g. the full model on a laptop).
 
 Ranks are spawned as for training (parallel.nproc, or under torchrun). Each rank prints the SHA-256 of what it
 imported; rank 0 prints a summary over all ranks.
@@ -27,9 +29,9 @@ PASSTHROUGH = "hf_passthrough.safetensors"  # in the run directory: HF tensors w
 def _parse(argv: list[str]):
     parser = argparse.ArgumentParser(prog="keye-train convert", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("mode", choices=["import", "export"])
+    parser.add_argument("mode", choices=["import", "export", "plan"])
     parser.add_argument("--src", required=True)
-    parser.add_argument("--dst", required=True)
+    parser.add_argument("--dst", help="import: the run directory to write; export: the HF folder to write")
     parser.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16", help="export dtype (default bf16)")
     return parser.parse_known_args(argv)
 
@@ -62,7 +64,11 @@ def run(argv: list[str]) -> int:
     from parallel.layout import destroy_process_groups
 
     args, overrides = _parse(argv)
-    cfg, sizes = load_checked_config(overrides, check_data=False)
+    cfg, sizes = load_checked_config(overrides, world="auto", check_data=False)
+    if args.mode == "plan":
+        return _plan(cfg, sizes, args.src)
+    if args.dst is None:
+        raise ValueError(f"convert {args.mode} needs --dst")
     if "RANK" not in os.environ and cfg.parallel.nproc > 1:
         from keye_train.cli import _spawn
 
@@ -97,6 +103,21 @@ def run(argv: list[str]) -> int:
             log(f"wrote {len(index['weight_map'])} tensors, {index['metadata']['total_size'] / 2**30:.2f} GiB, "
                 f"to {args.dst}")
     destroy_process_groups()
+    return 0
+
+
+def _plan(cfg, sizes, src: str) -> int:
+    """Print what every rank of the layout would read, checked against the checkpoint headers (meta device)."""
+    from keye_train.convert import import_plan
+
+    plan = import_plan(cfg.model, sizes, src)
+    print(f"import plan for {src}: world {sizes.world} = tp {sizes.tp} x pp {sizes.pp} x dp {sizes.dp}, ep {sizes.ep}")
+    print(f"{'pipeline stage':>15}{'ep rank':>9}{'tensors':>9}{'bytes read per rank':>22}{'GiB':>9}")
+    for (stage, ep_rank), role in sorted(plan["roles"].items()):
+        print(f"{stage:>15}{ep_rank:>9}{role['tensors']:>9}{role['bytes']:>22}{role['bytes'] / 2**30:>9.2f}")
+    if plan["unused"]:
+        print(f"unused in the checkpoint ({len(plan['unused'])}): {', '.join(plan['unused'][:5])}"
+              + (" ..." if len(plan["unused"]) > 5 else ""))
     return 0
 
 

@@ -258,3 +258,35 @@ def test_a_qwen3_moe_checkpoint_imported_under_tp2_or_ep2_gives_the_same_logits(
         theirs = hf(ids).logits
     print(f"{layout[0]}: logits max abs diff {(ours.double() - theirs).abs().max().item():.3e}")
     torch.testing.assert_close(ours.double(), theirs, rtol=1e-5, atol=2e-5)
+
+
+def test_an_import_plan_splits_the_reads_by_stage_and_expert_rank_without_loading(single_rank, tmp_path):
+    from safetensors import safe_open
+
+    from keye_train.convert import export_keye_hf
+    from keye_train.hf_names import PACKING_TABLE
+    from tests.helpers import keye_train
+
+    model = tiny()
+    model.lm.dsa = dataclasses.replace(model.lm.dsa, mode="sparse")
+    table = {PACKING_TABLE: torch.randn(32, model.vit.hidden_size)}
+    export_keye_hf(build(model, seed=9), model, tmp_path, passthrough=table, dtype=torch.float32)
+    done = keye_train("convert", "plan", "--src", str(tmp_path), "~recipe", "model=tiny", "attention=sparse",
+                      "parallel.nproc=8", "parallel.tp=2", "parallel.pp=2", "parallel.ep=2")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"unused in the checkpoint (1): {PACKING_TABLE}" in done.stdout
+    rows = {}
+    for line in done.stdout.splitlines():
+        fields = line.split()
+        if len(fields) == 5 and fields[0].isdigit():
+            rows[(int(fields[0]), int(fields[1]))] = int(fields[3])
+    assert sorted(rows) == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    with safe_open(tmp_path / "model-00001-of-00001.safetensors", framework="pt") as f:
+        sizes = {k: f.get_slice(k).get_shape() for k in f.keys()}
+    nbytes = {k: 4 * int(torch.tensor(shape).prod()) for k, shape in sizes.items()}
+    experts = sum(v for k, v in nbytes.items() if ".mlp.experts." in k)
+    rest = sum(nbytes.values()) - experts - nbytes[PACKING_TABLE]
+    for stage in (0, 1):  # each EP rank reads its half of the stage's experts
+        assert rows[(stage, 0)] == rows[(stage, 1)]
+    # every non-expert tensor once over the two stages, every expert once over all four roles
+    assert rows[(0, 0)] + rows[(1, 0)] + experts // 2 == rest + experts
