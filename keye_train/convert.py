@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 from pathlib import Path
 
@@ -17,6 +18,7 @@ import torch
 import torch.distributed as dist
 from safetensors import safe_open
 from safetensors.torch import save_file
+from tqdm import tqdm
 
 from keye_train.config import ModelConfig
 from keye_train.hf_names import PACKING_TABLE, source_of, stack_experts, to_keye_hf
@@ -89,9 +91,7 @@ def _part_in(layout: str, name: str) -> bool:
 def import_hf(parts, model: ModelConfig, src: str | Path, log=lambda line: None, progress: bool = False) -> dict:
     """Load this rank's shards from the HF checkpoint at `src`; returns {loaded, kept, unused, sha256}."""
     ckpt = HFCheckpoint(src)
-    layout, experts = ckpt.layout(), ckpt.expert_format()
-    from tqdm import tqdm
-
+    layout, experts, prefix = ckpt.layout(), ckpt.expert_format(), ckpt.vit_prefix()
     digest, loaded, kept = hashlib.sha256(), 0, []
     shards = list(parameter_shards(parts))
     show = progress and (not dist.is_initialized() or dist.get_rank() == 0)
@@ -99,7 +99,7 @@ def import_hf(parts, model: ModelConfig, src: str | Path, log=lambda line: None,
         if not _part_in(layout, info.name):
             kept.append(info.name)  # e.g. the projector and ViT when importing a Qwen3-MoE LM
             continue
-        source = source_of(info.name, model, layout, experts, ckpt.vit_prefix())
+        source = source_of(info.name, model, layout, experts, prefix)
         full = source.combine(*[ckpt.get(n, source.expert) for n in source.names])
         if tuple(full.shape) != tuple(info.full_shape):
             raise ValueError(f"{info.name} from {source.names}: shape {tuple(full.shape)}, the model expects "
@@ -245,10 +245,10 @@ def import_plan(model: ModelConfig, sizes, src: str | Path) -> dict:
             headers.setdefault(path, safe_open(path, framework="pt"))
             piece = headers[path].get_slice(name)
             shape = piece.get_shape()[1:] if source.expert is not None else piece.get_shape()
-            count = int(torch.tensor(shape).prod()) if shape else 1
+            count = math.prod(shape)
             elements, nbytes = elements + count, nbytes + count * _BYTES.get(piece.get_dtype(), 4)
             ckpt.read.add(name)
-        if elements != int(torch.tensor(info.full_shape).prod()):
+        if elements != math.prod(info.full_shape):
             raise ValueError(f"{info.name}: the checkpoint's {source.names} hold {elements} elements, the model "
                              f"expects {tuple(info.full_shape)}; is model.* the checkpoint's configuration?")
         layer = re.match(r"lm\.decoder\.layers\.(\d+)\.", info.name)

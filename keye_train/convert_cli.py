@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from safetensors.torch import load_file, save_file
 
 PASSTHROUGH = "hf_passthrough.safetensors"  # in the run directory: HF tensors we carry but do not model
 
@@ -38,15 +39,15 @@ def _parse(argv: list[str]):
 
 def _setup(cfg, sizes):
     from parallel import cpu_compat
-    from parallel.layout import init_process_groups
+    from parallel.layout import init_process_groups, resolve_backend
     from keye_train.model.builder import build_model
+    from keye_train.trainer import resolve_dtype
 
     on_gpu = torch.cuda.is_available()
     if not on_gpu:
         cpu_compat.install()
-    backend = cfg.parallel.backend if cfg.parallel.backend != "auto" else ("nccl" if on_gpu else "gloo")
-    init_process_groups(cfg.parallel, sizes, backend)
-    return build_model(cfg.model, cfg.parallel, torch.float32 if not on_gpu else torch.bfloat16, on_gpu)
+    init_process_groups(cfg.parallel, sizes, resolve_backend(cfg.parallel, on_gpu))
+    return build_model(cfg.model, cfg.parallel, resolve_dtype("auto", on_gpu), on_gpu)
 
 
 def _summary(digest: str, log) -> None:
@@ -69,12 +70,11 @@ def run(argv: list[str]) -> int:
         return _plan(cfg, sizes, args.src)
     if args.dst is None:
         raise ValueError(f"convert {args.mode} needs --dst")
-    if "RANK" not in os.environ and cfg.parallel.nproc > 1:
-        from keye_train.cli import _spawn
+    from keye_train.cli import _single_process_env, _spawn
 
+    if "RANK" not in os.environ and cfg.parallel.nproc > 1:
         return _spawn(cfg.parallel.nproc, argv, command="convert")
-    for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):
-        os.environ.setdefault(key, value)
+    _single_process_env()
     parts = _setup(cfg, sizes)
     rank0 = dist.get_rank() == 0
     log = (lambda line: print(line, flush=True)) if rank0 else (lambda line: None)
@@ -87,8 +87,6 @@ def run(argv: list[str]) -> int:
                                layout, keep_last=1)
         extra = passthrough_tensors(args.src)
         if rank0 and extra:
-            from safetensors.torch import save_file
-
             save_file(extra, str(Path(args.dst) / PASSTHROUGH))
         log(f"wrote {path}; start a stage from it with checkpoint.init_from={args.dst}")
     else:
@@ -96,7 +94,7 @@ def run(argv: list[str]) -> int:
         if fresh:
             log(f"{len(fresh)} indexer tensors are not in {args.src}; exporting their initialisation")
         extra_file = Path(args.src) / PASSTHROUGH
-        extra = passthrough_tensors_file(extra_file) if extra_file.is_file() else {}
+        extra = load_file(str(extra_file)) if extra_file.is_file() else {}
         dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
         index = export_keye_hf(parts, cfg.model, args.dst, passthrough=extra, dtype=dtype)
         if index is not None:
@@ -119,12 +117,6 @@ def _plan(cfg, sizes, src: str) -> int:
         print(f"unused in the checkpoint ({len(plan['unused'])}): {', '.join(plan['unused'][:5])}"
               + (" ..." if len(plan["unused"]) > 5 else ""))
     return 0
-
-
-def passthrough_tensors_file(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    return load_file(str(path))
 
 
 if __name__ == "__main__":

@@ -42,11 +42,19 @@ def stage_runs(run_dir: Path) -> list[tuple[str, list[dict]]]:
     return [(p.parent.name, read_rows(p)) for p in stages]
 
 
+def stage_starts(stages: list[tuple[str, list[dict]]]) -> list[int]:
+    """The x offset of each stage: the steps of the stages before it."""
+    starts, offset = [], 0
+    for _, rows in stages:
+        starts.append(offset)
+        offset += max((int(r["step"]) for r in rows), default=0)
+    return starts
+
+
 def series(stages: list[tuple[str, list[dict]]], keys: list[str]) -> dict[str, tuple[list[int], list[float]]]:
     """metric -> (global x, values) over all stages, x continuing across stage boundaries."""
     out: dict[str, tuple[list[int], list[float]]] = {}
-    offset = 0
-    for _, rows in stages:
+    for (_, rows), offset in zip(stages, stage_starts(stages)):
         for row in rows:
             for name, value in row.items():
                 wanted = any(name == k or (k.endswith("/") and name.startswith(k)) for k in keys)
@@ -54,7 +62,6 @@ def series(stages: list[tuple[str, list[dict]]], keys: list[str]) -> dict[str, t
                     xs, ys = out.setdefault(name, ([], []))
                     xs.append(offset + int(row["step"]))
                     ys.append(float(value))
-        offset += max((int(r["step"]) for r in rows), default=0)
     return out
 
 
@@ -62,13 +69,11 @@ def _draw(ax, stages, title: str, keys: list[str]) -> bool:
     data = series(stages, keys)
     for name, (xs, ys) in sorted(data.items()):
         ax.plot(xs, ys, label=name, linewidth=1.2)
-    offset = 0
-    for index, (name, rows) in enumerate(stages if len(stages) > 1 else []):
+    for index, ((name, _), offset) in enumerate(zip(stages, stage_starts(stages)) if len(stages) > 1 else []):
         if index:
             ax.axvline(offset, color="grey", linestyle="--", linewidth=0.8)
         ax.annotate(name, (offset, 1.0), xycoords=("data", "axes fraction"), xytext=(2, -2),
                     textcoords="offset points", fontsize=6, va="top", color="grey")
-        offset += max((int(r["step"]) for r in rows), default=0)
     ax.set_title(title)
     ax.set_xlabel("step")
     if len(data) > 1:

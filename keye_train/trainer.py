@@ -24,7 +24,7 @@ from keye_train.optim import apply_freezing, build_optimizer, lr_at, set_lr, wra
 from data_pipeline.loader import ShardLoader
 from keye_train.train_step import optimizer_step, reduce_lm_loss, run_microbatches
 from parallel import cpu_compat, placement
-from parallel.layout import check_batch, check_layout, init_process_groups, require_colocated
+from parallel.layout import check_batch, check_layout, init_process_groups, require_colocated, resolve_backend
 
 
 def resolve_dtype(name: str, on_gpu: bool) -> torch.dtype:
@@ -76,8 +76,7 @@ class Trainer:
         self.nonfinite_streak = 0
         self.spikes = LossSpikeGuard(cfg.train.loss_spike_factor, cfg.train.loss_spike_window)
         self.num_microbatches = check_batch(cfg.train, sizes)
-        backend = cfg.parallel.backend if cfg.parallel.backend != "auto" else ("nccl" if self.on_gpu else "gloo")
-        init_process_groups(cfg.parallel, sizes, backend)
+        init_process_groups(cfg.parallel, sizes, resolve_backend(cfg.parallel, self.on_gpu))
         if self.on_gpu:
             self.device = torch.device("cuda", torch.cuda.current_device())
         self.layout = dataclasses.asdict(sizes)
@@ -145,7 +144,9 @@ class Trainer:
         if self.step == self.cfg.train.inject_nonfinite_at_step and dist.get_rank() == 0:
             poison_gradients(self.ddp_chunks)
         last = self._last_stage()
-        loss = global_loss(reduce_lm_loss(ce_sum, n_global, self.device) if last else float("nan"), last, self.device)
+        loss = reduce_lm_loss(ce_sum, n_global, self.device) if last else float("nan")
+        if self.layout["pp"] > 1:  # only the last pipeline stage has it; every rank judges spikes alike
+            loss = global_loss(loss, last, self.device)
         if gradients_nonfinite(self.ddp_chunks, ce_sum, self.device):
             updated, grad_norm = False, float("nan")
             self._count_bad_step("non-finite gradients or loss")

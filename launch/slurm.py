@@ -66,7 +66,7 @@ def render_sbatch(cfg: KeyeTrainConfig, train_args: list[str], roles: list[str] 
     """The batch script for this recipe and these overrides (they are passed on unchanged to every node);
     `roles` (parallel.layout.rank_roles) are written into its header."""
     launch, slurm = cfg.launch, cfg.launch.slurm
-    run_dir = Path(cfg.run_dir).resolve() if not Path(cfg.run_dir).is_absolute() else Path(cfg.run_dir)
+    run_dir = Path(cfg.run_dir).absolute()
     log_dir = Path(slurm.log_dir) if slurm.log_dir else run_dir / "logs"
     name = slurm.job_name or run_dir.name
     options = [f"--job-name={name}", f"--nodes={launch.nodes}", "--ntasks-per-node=1",

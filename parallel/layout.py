@@ -132,6 +132,11 @@ def require_colocated(par) -> None:
                           "parallel.placement=colocated")
 
 
+def resolve_backend(par, on_gpu: bool) -> str:
+    """parallel.backend, with auto = nccl on GPUs and gloo on the CPU."""
+    return par.backend if par.backend != "auto" else ("nccl" if on_gpu else "gloo")
+
+
 def init_process_groups(par, sizes: LayoutSizes, backend: str) -> None:
     """Start torch.distributed (from torchrun's env) and megatron's TP/PP/EP/DP groups."""
     from megatron.core import parallel_state
