@@ -165,10 +165,13 @@ def write_sharded(tensors: dict[str, torch.Tensor], dst: Path, max_shard_bytes: 
 
 
 @torch.no_grad()
-def gather_full_tensors(parts, dtype: torch.dtype) -> dict[str, torch.Tensor] | None:
+def gather_full_tensors(parts, dtype: torch.dtype, value_of=lambda param: param) -> dict[str, torch.Tensor] | None:
     """Collective: every canonical tensor whole on rank 0 (TP shards joined, PP stages and EP experts merged,
-    DP replicas taken once); None elsewhere. Rank 0 then holds the whole model in host memory."""
-    mine = [(info.name, info.split, param.detach().to(dtype).cpu()) for param, info in parameter_shards(parts)]
+    DP replicas taken once); None elsewhere. Rank 0 then holds the whole model in host memory. `value_of` picks
+    what is gathered per parameter (the parameter itself, or e.g. its gradient)."""
+    # copy=True: a view into a DDP buffer would otherwise send the whole buffer with every tensor
+    mine = [(info.name, info.split, value_of(param).detach().to(device="cpu", dtype=dtype, copy=True))
+            for param, info in parameter_shards(parts)]
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return {name: tensor for name, _, tensor in mine}
     gathered = [None] * dist.get_world_size() if dist.get_rank() == 0 else None

@@ -72,8 +72,74 @@ def tiny_qwen3_moe(model, seed=0):
     return hf
 
 
+def tiny_siglip(model, seed=5):
+    from transformers import SiglipVisionConfig, SiglipVisionModel
+
+    vit = model.vit
+    config = SiglipVisionConfig(hidden_size=vit.hidden_size, intermediate_size=vit.ffn_hidden_size,
+                                num_hidden_layers=vit.num_layers, num_attention_heads=vit.num_heads,
+                                image_size=vit.patch_size * vit.pos_grid, patch_size=vit.patch_size,
+                                layer_norm_eps=vit.norm_eps, hidden_act="gelu_pytorch_tanh", vision_use_head=False)
+    torch.manual_seed(seed)
+    hf = SiglipVisionModel(config).double().eval()
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            p.copy_(1 + 0.2 * torch.randn_like(p) if "norm" in name and name.endswith("weight")
+                    else 0.05 * torch.randn_like(p))
+    return hf
+
+
+def lm_reference(hf, ids, target):
+    """transformers' float64 logits, with the gradients of CE(logits, target) left in .grad."""
+    theirs = hf(ids).logits
+    torch.nn.functional.cross_entropy(theirs[0], target).backward()
+    return theirs.detach()
+
+
+def vit_reference(hf, image, weights):
+    """transformers' float64 SigLIP features of one uint8 image, gradients of <features, weights> in .grad."""
+    theirs = hf(pixel_values=image.double() / 127.5 - 1.0).last_hidden_state[0]
+    (theirs * weights).sum().backward()
+    return theirs.detach()
+
+
+def check_close(what, ours, theirs):
+    diff = (ours.double() - theirs).abs().max().item()
+    print(f"{what} max abs diff {diff:.3e} (scale {theirs.abs().max().item():.2f})")
+    torch.testing.assert_close(ours.double(), theirs, rtol=1e-5, atol=2e-5)
+
+
+def check_lm_grads(what, hf, our_grads):
+    """Every transformers Qwen3-MoE gradient against ours (named as Keye-VL HF tensors), to fp32 error; a mapping
+    slip would be O(the gradient's scale)."""
+    worst = worst_abs = 0.0
+    for name, p in hf.named_parameters():
+        got = our_grads[name].double()
+        if ".mlp.experts." in name:  # Keye layout [E, in, out]; transformers 5 holds [E, out, in]
+            got = got.transpose(1, 2)
+        diff, scale = (got - p.grad).abs().max().item(), p.grad.abs().max().item()
+        worst, worst_abs = max(worst, diff / scale), max(worst_abs, diff)
+        assert scale > 0 and diff <= 1e-4 * scale, (name, diff, scale)
+    print(f"{what} LM gradients max abs diff {worst_abs:.3e}, per tensor / its max abs gradient {worst:.3e}")
+
+
+def check_vit_grads(what, hf, our_grads):
+    worst = worst_abs = 0.0
+    overall = max(p.grad.abs().max().item() for p in hf.parameters())
+    for name, p in hf.named_parameters():
+        got = our_grads["visual.vision_model." + name.removeprefix("vision_model.")].double()
+        diff, scale = (got - p.grad).abs().max().item(), p.grad.abs().max().item()
+        if name.endswith("k_proj.bias"):  # exactly zero (softmax ignores a per-query shift): fp32 noise only
+            assert diff <= 1e-6 * overall, (name, diff)
+            continue
+        worst, worst_abs = max(worst, diff / scale), max(worst_abs, diff)
+        assert scale > 0 and diff <= 1e-4 * scale, (name, diff, scale)
+    print(f"{what} ViT gradients max abs diff {worst_abs:.3e}, per tensor / its max abs gradient {worst:.3e}")
+
+
 def test_a_qwen3_moe_checkpoint_imports_with_the_same_logits_and_gradients(single_rank, tmp_path):
     from keye_train.convert import import_hf
+    from tests.keye_train.parity_inputs import fixed_inputs
 
     model = tiny()
     model.lm.moe_aux_loss_coeff = 0.0  # HF adds no router loss unless asked
@@ -83,26 +149,12 @@ def test_a_qwen3_moe_checkpoint_imports_with_the_same_logits_and_gradients(singl
     report = import_hf(parts, model, tmp_path)
     assert report["unused"] == [] and all(name.startswith("vision.") for name in report["kept"])
 
-    ids = torch.randint(0, model.lm.vocab_size, (1, 24), generator=torch.Generator().manual_seed(1))
-    target = torch.randint(0, model.lm.vocab_size, (24,), generator=torch.Generator().manual_seed(2))
+    ids, target, _ = fixed_inputs(model)
     ours = lm_logits(parts.lm, ids)
-    theirs = hf(ids).logits  # float64
-    diff = (ours - theirs).abs().max().item()
-    print(f"logits max abs diff {diff:.3e} (scale {theirs.abs().max().item():.2f})")
-    torch.testing.assert_close(ours.double(), theirs, rtol=1e-5, atol=2e-5)
-
+    theirs = lm_reference(hf, ids, target)
+    check_close("1 rank: logits", ours, theirs)
     torch.nn.functional.cross_entropy(ours[0].double(), target).backward()
-    torch.nn.functional.cross_entropy(theirs[0], target).backward()
-    our_grads = grads_in_keye_names(parts, model, "lm.")
-    worst = 0.0
-    for name, p in hf.named_parameters():
-        got = our_grads[name].double()
-        if ".mlp.experts." in name:  # Keye layout [E, in, out]; transformers 5 holds [E, out, in]
-            got = got.transpose(1, 2)
-        diff, scale = (got - p.grad).abs().max().item(), p.grad.abs().max().item()
-        worst = max(worst, diff / scale)
-        assert scale > 0 and diff <= 1e-4 * scale, (name, diff, scale)  # fp32 error; a mapping slip is O(scale)
-    print(f"gradients max abs diff / max abs gradient {worst:.3e}")
+    check_lm_grads("1 rank:", hf, grads_in_keye_names(parts, model, "lm."))
 
 
 def test_keye_export_import_export_is_the_identity(single_rank, tmp_path):
@@ -138,25 +190,14 @@ def test_keye_export_import_export_is_the_identity(single_rank, tmp_path):
 def test_a_siglip_tower_imports_with_the_same_features_and_gradients(single_rank, tmp_path, monkeypatch):
     """SigLIP has no 2D RoPE: ours runs here with zero rotation angles (RoPE, packing and position interpolation
     are tested in tests/keye_train/model/test_vision.py) on one image at the table's native 4 x 4 grid."""
-    from transformers import SiglipVisionConfig, SiglipVisionModel
-
     from data_pipeline.pixels import to_patches
     from keye_train.batch import VisualInput
     from keye_train.convert import import_hf
     from keye_train.model import vision
+    from tests.keye_train.parity_inputs import feature_weights, fixed_inputs
 
     model = tiny()
-    vit = model.vit
-    config = SiglipVisionConfig(hidden_size=vit.hidden_size, intermediate_size=vit.ffn_hidden_size,
-                                num_hidden_layers=vit.num_layers, num_attention_heads=vit.num_heads,
-                                image_size=vit.patch_size * vit.pos_grid, patch_size=vit.patch_size,
-                                layer_norm_eps=vit.norm_eps, hidden_act="gelu_pytorch_tanh", vision_use_head=False)
-    torch.manual_seed(5)
-    hf = SiglipVisionModel(config).double().eval()
-    with torch.no_grad():
-        for name, p in hf.named_parameters():
-            p.copy_(1 + 0.2 * torch.randn_like(p) if "norm" in name and name.endswith("weight")
-                    else 0.05 * torch.randn_like(p))
+    hf = tiny_siglip(model)
     hf.save_pretrained(tmp_path)
     parts = build(model)
     report = import_hf(parts, model, tmp_path)
@@ -164,31 +205,16 @@ def test_a_siglip_tower_imports_with_the_same_features_and_gradients(single_rank
     assert {n.split(".")[0] for n in report["kept"]} == {"lm", "vision"}  # the LM and the projector stay
     assert all(n.startswith("lm.") or n.startswith("vision.projector.") for n in report["kept"])
 
-    side = vit.patch_size * vit.pos_grid
-    image = torch.randint(0, 256, (1, 3, side, side), dtype=torch.uint8, generator=torch.Generator().manual_seed(6))
+    _, _, image = fixed_inputs(model)
+    side = image.shape[-1]
     patches, grids = to_patches(image, side, side)  # the data pipeline's own patch layout
     monkeypatch.setattr(vision, "vit_rope_angles", lambda grids, dim, theta: torch.zeros(int(grids.prod(1).sum()), dim))
     ours = parts.vision.encoder(VisualInput(patches, grids))
-    theirs = hf(pixel_values=image.double() / 127.5 - 1.0).last_hidden_state[0]
-    diff = (ours.double() - theirs).abs().max().item()
-    print(f"ViT features max abs diff {diff:.3e} (scale {theirs.abs().max().item():.2f})")
-    torch.testing.assert_close(ours.double(), theirs, rtol=1e-5, atol=2e-5)
-
-    weights = torch.randn(theirs.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
+    weights = feature_weights(ours.shape)
+    theirs = vit_reference(hf, image, weights)
+    check_close("1 rank: ViT features", ours, theirs)
     (ours.double() * weights).sum().backward()
-    (theirs * weights).sum().backward()
-    our_grads = grads_in_keye_names(parts, model, "vision.encoder.")
-    worst = 0.0
-    overall = max(p.grad.abs().max().item() for p in hf.parameters())
-    for name, p in hf.named_parameters():
-        got = our_grads["visual.vision_model." + name.removeprefix("vision_model.")].double()
-        diff, scale = (got - p.grad).abs().max().item(), p.grad.abs().max().item()
-        if name.endswith("k_proj.bias"):  # exactly zero (softmax ignores a per-query shift): fp32 noise only
-            assert diff <= 1e-6 * overall, (name, diff)
-            continue
-        worst = max(worst, diff / scale)
-        assert scale > 0 and diff <= 1e-4 * scale, (name, diff, scale)
-    print(f"ViT gradients max abs diff / max abs gradient {worst:.3e}")
+    check_vit_grads("1 rank:", hf, grads_in_keye_names(parts, model, "vision.encoder."))
 
 
 @pytest.mark.parametrize("layout", [["parallel.tp=2"], ["parallel.ep=2"]])
@@ -238,26 +264,35 @@ def export_source(path):
 
 
 @pytest.mark.parametrize("layout", [["parallel.tp=2"], ["parallel.ep=2"]])
-def test_a_qwen3_moe_checkpoint_imported_under_tp2_or_ep2_gives_the_same_logits(layout, tmp_path):
+def test_checkpoints_imported_under_tp2_or_ep2_give_the_same_outputs_and_gradients(layout, tmp_path):
+    """TP=2 (DP 1, sequence parallel) or EP=2 (DP 2): each rank imports only its shards; logits, ViT features and
+    every gradient (after megatron DDP's reduction, gathered whole) match transformers. The ViT is replicated in
+    the colocated placement, so it runs unsharded on each rank."""
     import numpy as np
+    from safetensors.torch import load_file
 
     from tests.helpers import cli_env
+    from tests.keye_train.parity_inputs import feature_weights, fixed_inputs
 
     model = tiny()
-    hf = tiny_qwen3_moe(model)
-    hf.save_pretrained(tmp_path / "hf")
+    lm_hf, vit_hf = tiny_qwen3_moe(model), tiny_siglip(model)
+    lm_hf.save_pretrained(tmp_path / "lm")
+    vit_hf.save_pretrained(tmp_path / "vit")
     worker = REPO / "tests" / "keye_train" / "convert_worker.py"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(worker),
-           str(tmp_path / "hf"), str(tmp_path), "~recipe", "model=tiny", "parallel.nproc=2", *layout]
+           str(tmp_path / "lm"), str(tmp_path / "vit"), str(tmp_path), "~recipe", "model=tiny", "parallel.nproc=2",
+           "model.lm.moe_aux_loss_coeff=0", *layout]
     done = subprocess.run(cmd, env=dict(cli_env(), PYTHONPATH=str(REPO)), capture_output=True, text=True,
                           timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
-    ours = torch.from_numpy(np.load(tmp_path / "logits.npy", allow_pickle=False))
-    ids = torch.randint(0, model.lm.vocab_size, (1, 24), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        theirs = hf(ids).logits
-    print(f"{layout[0]}: logits max abs diff {(ours.double() - theirs).abs().max().item():.3e}")
-    torch.testing.assert_close(ours.double(), theirs, rtol=1e-5, atol=2e-5)
+    ids, target, image = fixed_inputs(model)
+    logits = torch.from_numpy(np.load(tmp_path / "logits.npy", allow_pickle=False))
+    features = torch.from_numpy(np.load(tmp_path / "features.npy", allow_pickle=False))
+    grads = load_file(tmp_path / "grads.safetensors")
+    check_close(f"{layout[0]}: logits", logits, lm_reference(lm_hf, ids, target))
+    check_close(f"{layout[0]}: ViT features", features, vit_reference(vit_hf, image, feature_weights(features.shape)))
+    check_lm_grads(f"{layout[0]}:", lm_hf, grads)
+    check_vit_grads(f"{layout[0]}:", vit_hf, grads)
 
 
 def test_an_import_plan_splits_the_reads_by_stage_and_expert_rank_without_loading(single_rank, tmp_path):
