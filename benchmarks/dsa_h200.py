@@ -64,6 +64,21 @@ def check_topk(length: int) -> dict:
             "selection_overlap_vs_fp32_reference": float(same.sum() / visible.sum())}
 
 
+def check_kl(length: int) -> dict:
+    """The sparse-stage indexer KL and its gradients (Triton: TF32 indexer dots) against the fp32 reference."""
+    q, k, _, iq, iw, ik = inputs(length, seed=4)
+    cu = torch.tensor([0, length], dtype=torch.int32, device="cuda")
+    indices = dsa.indexer_topk(iq, iw, ik, cu, K, backend="torch", budget_bytes=BUDGET)
+    results = {}
+    for backend, (aq, ak) in (("triton", (q, k)), ("torch", (q.float(), k.float()))):
+        leaves = [x.clone().requires_grad_() for x in (iq, iw, ik)]
+        kl = dsa.indexer_kl_loss(*leaves, aq, ak, cu, D ** -0.5, indices=indices, backend=backend,
+                                 budget_bytes=BUDGET)
+        results[backend] = (kl.detach(), *torch.autograd.grad(kl, leaves))
+    names = ("kl", "d_index_q", "d_index_w", "d_index_k")
+    return {f"rel_err_{n}": rel(a, b) for n, a, b in zip(names, results["triton"], results["torch"])}
+
+
 def torch_scores_topk(iq, iw, ik, cu):
     """The baseline: scores in torch (chunked as the reference) and torch.topk on each chunk."""
     from kernels.dsa_reference import causal_mask, indexer_logits, row_chunks
@@ -145,7 +160,8 @@ def main() -> None:
     device = torch.cuda.get_device_name()
     stamp = {**git_state(), "device": device, "date": datetime.datetime.now(datetime.timezone.utc).isoformat()}
     parts = {"topk": "triton", "attention": "triton", "kl": "triton"}
-    checks = {"L": args.check_length, **check(args.check_length), **check_topk(args.check_length)}
+    checks = {"L": args.check_length, **check(args.check_length), **check_topk(args.check_length),
+              **check_kl(args.check_length)}
     print("check (bf16 triton vs fp32 reference):", {k: f"{v:.2e}" if isinstance(v, float) else v
                                                      for k, v in checks.items()})
     rows = []

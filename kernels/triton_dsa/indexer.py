@@ -19,12 +19,13 @@ import triton
 import triton.language as tl
 
 from kernels.dsa_reference import memory_budget, row_chunks
+from kernels.triton_dsa.precision import INDEXER_DOT_PRECISION
 
 
 @triton.jit
 def _indexer_scores(IQ, IW, IK, S, r0, q_row0, doc_start, rows, span, scale,
                     sq_t, sq_h, sw_t, sk_t, ss_r,
-                    H: tl.constexpr, DI: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr):
+                    H: tl.constexpr, DI: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
     qb = tl.program_id(0)
     kb = tl.program_id(1)
     first_key = kb * BK
@@ -43,7 +44,7 @@ def _indexer_scores(IQ, IW, IK, S, r0, q_row0, doc_start, rows, span, scale,
         col_ok = col < span
         k = tl.load(IK + (doc_start + col)[:, None].to(tl.int64) * sk_t + d[None, :], mask=col_ok[:, None],
                     other=0.0)
-        z = tl.maximum(tl.dot(q, tl.trans(k)), 0.0) * w[:, None]
+        z = tl.maximum(tl.dot(q, tl.trans(k), input_precision=PREC), 0.0) * w[:, None]
         scores = tl.sum(tl.reshape(z, (BQ, H, BK)), axis=1) * scale
         out_rows = qb * BQ + tl.arange(0, BQ)
         tl.store(S + out_rows[:, None].to(tl.int64) * ss_r + col[None, :], scores,
@@ -116,16 +117,16 @@ def indexer_scores(index_q, index_w, index_k, doc_start: int, r0: int, r1: int, 
     grid = (triton.cdiv(rows, bq), triton.cdiv(span, bk))
     _indexer_scores[grid](index_q, index_w, index_k, scores, r0, q_row0, doc_start, rows, span, dim ** -0.5,
                           index_q.stride(0), index_q.stride(1), index_w.stride(0), index_k.stride(0),
-                          scores.stride(0), H=heads, DI=dim, BQ=bq, BK=bk)
+                          scores.stride(0), H=heads, DI=dim, BQ=bq, BK=bk, PREC=INDEXER_DOT_PRECISION)
     return scores
 
 
 def select_rows(scores: torch.Tensor, out: torch.Tensor, doc_start: int, r0: int, topk: int,
-                block: int = 1024, q_row0: int = 0) -> None:
+                block: int = 1024, q_row0: int = 0, num_warps: int = 4) -> None:
     """Exact top-k of each row of `scores` (row i sees its first r0 - doc_start + i + 1 columns) into
     out[r0 - q_row0:]."""
     _select_topk[(scores.shape[0],)](scores, out, r0, q_row0, doc_start, scores.shape[0], scores.stride(0),
-                                     out.stride(0), topk, BLOCK=block)
+                                     out.stride(0), topk, BLOCK=block, num_warps=num_warps)
 
 
 def indexer_topk_cached(index_q, index_w, index_k, first_position: int, topk: int, budget_bytes: int | None = None,

@@ -18,13 +18,14 @@ import triton
 import triton.language as tl
 
 from kernels import dsa_reference
+from kernels.triton_dsa.precision import INDEXER_DOT_PRECISION, dot_precision
 from kernels.triton_dsa.sparse_attention import LOG2E, _tile_rows, _union_tile, block_queries_for
 from kernels.triton_dsa.union import block_union
 
 
 @triton.jit
 def _sparse_target(Q, K, LSE, TARGET, UKEYS, UBITS, UOFF, T, scale_log2, sq_t, sq_h, sk_t, sk_h, st_t,
-                   G: tl.constexpr, BQ: tl.constexpr, D: tl.constexpr, BU: tl.constexpr):
+                   G: tl.constexpr, BQ: tl.constexpr, D: tl.constexpr, BU: tl.constexpr, PREC: tl.constexpr):
     b = tl.program_id(0)
     h = tl.program_id(1)
     heads = G * tl.num_programs(1)
@@ -37,7 +38,7 @@ def _sparse_target(Q, K, LSE, TARGET, UKEYS, UBITS, UOFF, T, scale_log2, sq_t, s
     u_end = tl.load(UOFF + b + 1)
     for u0 in range(u_start, u_end, BU):
         key, u_ok, kt, s, member = _union_tile(q, u0, u_end, UKEYS, UBITS, K, h, sk_t, sk_h, rows, row_ok,
-                                               scale_log2, G, D, BU)
+                                               scale_log2, G, D, BU, PREC)
         p = tl.where(member, tl.exp2(s - lse2[:, None]), 0.0)
         p_sum = tl.sum(tl.reshape(p, (BQ, G, BU)), axis=1)
         bits = tl.load(UBITS + u0 + tl.arange(0, BU), mask=u_ok, other=0)
@@ -50,7 +51,7 @@ def _sparse_target(Q, K, LSE, TARGET, UKEYS, UBITS, UOFF, T, scale_log2, sq_t, s
 @triton.jit
 def _indexer_kl(IQ, IW, IK, IDX, TARGET, DQ, DW, DK, KL, scale, inv_rows, TOPK,
                 sq_t, sq_h, sw_t, sk_t, si_t,
-                H: tl.constexpr, HP: tl.constexpr, DI: tl.constexpr, BK: tl.constexpr):
+                H: tl.constexpr, HP: tl.constexpr, DI: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
     hr = tl.arange(0, HP)
     h_ok = hr < H
@@ -64,7 +65,7 @@ def _indexer_kl(IQ, IW, IK, IDX, TARGET, DQ, DW, DK, KL, scale, inv_rows, TOPK,
         idx = tl.load(IDX + t * si_t + j, mask=j < TOPK, other=-1)
         ok = idx >= 0
         ks = tl.load(IK + idx[:, None].to(tl.int64) * sk_t + d[None, :], mask=ok[:, None], other=0.0)
-        z = tl.dot(q, tl.trans(ks)) * scale
+        z = tl.dot(q, tl.trans(ks), input_precision=PREC) * scale
         logits = tl.where(ok, tl.sum(tl.maximum(z, 0.0) * w[:, None], 0), float("-inf"))
         m_new = tl.maximum(m_i, tl.max(logits, 0))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -80,15 +81,16 @@ def _indexer_kl(IQ, IW, IK, IDX, TARGET, DQ, DW, DK, KL, scale, inv_rows, TOPK,
         ok = idx >= 0
         ks = tl.load(IK + idx[:, None].to(tl.int64) * sk_t + d[None, :], mask=ok[:, None], other=0.0)
         p = tl.load(TARGET + t * si_t + j, mask=ok, other=0.0)
-        z = tl.dot(q, tl.trans(ks)) * scale
+        z = tl.dot(q, tl.trans(ks), input_precision=PREC) * scale
         relu = tl.maximum(z, 0.0)
         logq = tl.sum(relu * w[:, None], 0) - lse
         kl += tl.sum(tl.where(ok & (p > 0), p * (tl.log(tl.where(p > 0, p, 1.0)) - logq), 0.0), 0)
         g = tl.where(ok, tl.exp(logq) - p, 0.0) * inv_rows
         dw += tl.sum(relu * g[None, :], 1)
         dz = tl.where(z > 0, g[None, :] * w[:, None], 0.0) * scale
-        dq += tl.dot(dz, ks)
-        tl.atomic_add(DK + idx[:, None].to(tl.int64) * sk_t + d[None, :], tl.dot(tl.trans(dz), q), mask=ok[:, None])
+        dq += tl.dot(dz, ks, input_precision=PREC)
+        dk = tl.dot(tl.trans(dz), q, input_precision=PREC)
+        tl.atomic_add(DK + idx[:, None].to(tl.int64) * sk_t + d[None, :], dk, mask=ok[:, None])
     tl.store(DQ + t * sq_t + hr[:, None] * sq_h + d[None, :], dq, mask=h_ok[:, None])
     tl.store(DW + t * sw_t + hr, dw, mask=h_ok)
     tl.store(KL + t, kl)
@@ -105,7 +107,7 @@ def sparse_attention_target(attn_q, attn_k, attn_lse, indices, softmax_scale: fl
     _sparse_target[(offsets.shape[0] - 1, groups)](q, k, lse, target, keys, bits, offsets, total,
                                                    softmax_scale * LOG2E, q.stride(0), q.stride(1), k.stride(0),
                                                    k.stride(1), target.stride(0), G=heads // groups, BQ=bq, D=dim,
-                                                   BU=64)
+                                                   BU=64, PREC=dot_precision(q.dtype))
     if tp_group is not None and dist.get_world_size(tp_group) > 1:
         dist.all_reduce(target, group=tp_group)
     return target / target.sum(-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
@@ -122,7 +124,8 @@ class _TritonIndexerKL(torch.autograd.Function):
         hp = max(16, 1 << (heads - 1).bit_length())
         _indexer_kl[(total,)](q, w, k, indices, target.contiguous(), dq, dw, dk, kl, dim ** -0.5, 1.0 / max(1, total),
                               indices.shape[1], q.stride(0), q.stride(1), w.stride(0), k.stride(0),
-                              indices.stride(0), H=heads, HP=hp, DI=dim, BK=64)
+                              indices.stride(0), H=heads, HP=hp, DI=dim, BK=64,
+                              PREC=INDEXER_DOT_PRECISION)
         ctx.save_for_backward(dq, dw, dk)
         ctx.dtypes = (index_q.dtype, index_w.dtype, index_k.dtype)
         return kl.sum() / max(1, total)

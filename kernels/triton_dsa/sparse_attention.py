@@ -18,6 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.triton_dsa.precision import dot_precision
 from kernels.triton_dsa.union import block_union, choose_block
 
 LOG2E = 1.0 / math.log(2.0)
@@ -25,7 +26,7 @@ LOG2E = 1.0 / math.log(2.0)
 
 @triton.jit
 def _union_tile(q, u0, u_end, UKEYS, UBITS, K, h, sk_t, sk_h, rows, row_ok, scale_log2,
-                G: tl.constexpr, D: tl.constexpr, BU: tl.constexpr):
+                G: tl.constexpr, D: tl.constexpr, BU: tl.constexpr, PREC: tl.constexpr):
     """The union chunk at u0: its keys, their validity, the gathered K rows [BU, D], the tile's base-2 scores
     [M, BU] and each row's membership mask (its own query selected the key)."""
     u = u0 + tl.arange(0, BU)
@@ -34,7 +35,7 @@ def _union_tile(q, u0, u_end, UKEYS, UBITS, K, h, sk_t, sk_h, rows, row_ok, scal
     bits = tl.load(UBITS + u, mask=u_ok, other=0)
     d = tl.arange(0, D)
     kt = tl.load(K + key[:, None].to(tl.int64) * sk_t + h * sk_h + d[None, :], mask=u_ok[:, None], other=0.0)
-    s = tl.dot(q, tl.trans(kt)) * scale_log2
+    s = tl.dot(q, tl.trans(kt), input_precision=PREC) * scale_log2
     member = (((bits[None, :] >> (rows // G)[:, None]) & 1) != 0) & u_ok[None, :] & row_ok[:, None]
     return key, u_ok, kt, s, member
 
@@ -53,7 +54,7 @@ def _tile_rows(T, sq_t, sq_h, G: tl.constexpr, BQ: tl.constexpr, D: tl.constexpr
 @triton.jit
 def _sparse_fwd(Q, K, V, OUT, LSE, UKEYS, UBITS, UOFF, T, scale_log2,
                 sq_t, sq_h, sk_t, sk_h,
-                G: tl.constexpr, BQ: tl.constexpr, D: tl.constexpr, BU: tl.constexpr):
+                G: tl.constexpr, BQ: tl.constexpr, D: tl.constexpr, BU: tl.constexpr, PREC: tl.constexpr):
     b = tl.program_id(0)
     h = tl.program_id(1)
     M: tl.constexpr = BQ * G
@@ -67,7 +68,7 @@ def _sparse_fwd(Q, K, V, OUT, LSE, UKEYS, UBITS, UOFF, T, scale_log2,
     acc = tl.zeros([M, D], tl.float32)
     for u0 in range(u_start, u_end, BU):  # a runtime-bounded walk over this block's union (pipelined)
         key, u_ok, kt, s, member = _union_tile(q, u0, u_end, UKEYS, UBITS, K, h, sk_t, sk_h, rows, row_ok,
-                                               scale_log2, G, D, BU)
+                                               scale_log2, G, D, BU, PREC)
         s = tl.where(member, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -75,7 +76,7 @@ def _sparse_fwd(Q, K, V, OUT, LSE, UKEYS, UBITS, UOFF, T, scale_log2,
         alpha = tl.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
         vt = tl.load(V + key[:, None].to(tl.int64) * sk_t + h * sk_h + d[None, :], mask=u_ok[:, None], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt)
+        acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision=PREC)
         m_i = m_new
     has = l_i > 0
     out = acc / tl.where(has, l_i, 1.0)[:, None]
@@ -88,7 +89,7 @@ def _sparse_fwd(Q, K, V, OUT, LSE, UKEYS, UBITS, UOFF, T, scale_log2,
 @triton.jit
 def _sparse_bwd(Q, K, V, DO, LSE, DELTA, DQ, DK, DV, UKEYS, UBITS, UOFF, T, scale, scale_log2,
                 sq_t, sq_h, sk_t, sk_h, sacc_t, sacc_h,
-                G: tl.constexpr, BQ: tl.constexpr, D: tl.constexpr, BU: tl.constexpr):
+                G: tl.constexpr, BQ: tl.constexpr, D: tl.constexpr, BU: tl.constexpr, PREC: tl.constexpr):
     b = tl.program_id(0)
     h = tl.program_id(1)
     heads = G * tl.num_programs(1)
@@ -104,15 +105,15 @@ def _sparse_bwd(Q, K, V, DO, LSE, DELTA, DQ, DK, DV, UKEYS, UBITS, UOFF, T, scal
     u_end = tl.load(UOFF + b + 1)
     for u0 in range(u_start, u_end, BU):  # a runtime-bounded walk over this block's union (pipelined)
         key, u_ok, kt, s, member = _union_tile(q, u0, u_end, UKEYS, UBITS, K, h, sk_t, sk_h, rows, row_ok,
-                                               scale_log2, G, D, BU)
+                                               scale_log2, G, D, BU, PREC)
         p = tl.where(member, tl.exp2(s - lse2[:, None]), 0.0)
         vt = tl.load(V + key[:, None].to(tl.int64) * sk_t + h * sk_h + d[None, :], mask=u_ok[:, None], other=0.0)
         acc_ptr = key[:, None].to(tl.int64) * sacc_t + h * sacc_h + d[None, :]
-        tl.atomic_add(DV + acc_ptr, tl.dot(tl.trans(p).to(do.dtype), do), mask=u_ok[:, None])
-        dp = tl.dot(do, tl.trans(vt))
+        tl.atomic_add(DV + acc_ptr, tl.dot(tl.trans(p).to(do.dtype), do, input_precision=PREC), mask=u_ok[:, None])
+        dp = tl.dot(do, tl.trans(vt), input_precision=PREC)
         ds = p * (dp - delta[:, None]) * scale
-        dq += tl.dot(ds.to(kt.dtype), kt)
-        tl.atomic_add(DK + acc_ptr, tl.dot(tl.trans(ds).to(q.dtype), q), mask=u_ok[:, None])
+        dq += tl.dot(ds.to(kt.dtype), kt, input_precision=PREC)
+        tl.atomic_add(DK + acc_ptr, tl.dot(tl.trans(ds).to(q.dtype), q, input_precision=PREC), mask=u_ok[:, None])
     tl.store(DQ + row_ptr, dq.to(DQ.dtype.element_ty), mask=row_ok[:, None])
 
 
@@ -162,7 +163,7 @@ class _TritonSparseGQA(torch.autograd.Function):
         grid = (offsets.shape[0] - 1, groups)
         _sparse_fwd[grid](q, k, v, out, lse, keys, bits, offsets, total, softmax_scale * LOG2E,
                           q.stride(0), q.stride(1), k.stride(0), k.stride(1),
-                          G=per_group, BQ=bq, D=dim, BU=fwd_keys, num_warps=fwd_warps)
+                          G=per_group, BQ=bq, D=dim, BU=fwd_keys, PREC=dot_precision(q.dtype), num_warps=fwd_warps)
         ctx.save_for_backward(q, k, v, out, lse, keys, bits, offsets)
         ctx.scale, ctx.bq = softmax_scale, bq
         ctx.mark_non_differentiable(lse)
@@ -183,7 +184,7 @@ class _TritonSparseGQA(torch.autograd.Function):
         _sparse_bwd[grid](q, k, v, grad_out, lse, delta, dq, dk, dv, keys, bits, offsets, total, ctx.scale,
                           ctx.scale * LOG2E, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
                           dk.stride(0), dk.stride(1), G=heads // groups, BQ=ctx.bq, D=dim, BU=bwd_keys,
-                          num_warps=bwd_warps)
+                          PREC=dot_precision(q.dtype), num_warps=bwd_warps)
         return dq, dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None
 
 
