@@ -27,11 +27,14 @@ def _git(*args: str) -> str:
 
 
 def git_state() -> dict:
-    """HEAD and whether the working tree differs from it (then HEAD alone does not identify the code)."""
+    """HEAD and whether the working tree differs from it (then HEAD alone does not identify the code).
+    KEYE_COMMIT, when set, names the code instead: a device machine's copy of the tree may carry a stale .git."""
+    if os.environ.get("KEYE_COMMIT"):
+        return {"commit": os.environ["KEYE_COMMIT"], "worktree_dirty": None}
     try:
         return {"commit": _git("rev-parse", "HEAD"), "worktree_dirty": bool(_git("status", "--porcelain"))}
-    except (OSError, subprocess.CalledProcessError):  # a copy without .git (a device machine): the caller may say
-        return {"commit": os.environ.get("KEYE_COMMIT", "unknown"), "worktree_dirty": None}
+    except (OSError, subprocess.CalledProcessError):  # a copy without .git
+        return {"commit": "unknown", "worktree_dirty": None}
 
 
 def peak_rss_mib() -> float:

@@ -30,17 +30,19 @@ def test_topk_equals_the_reference(lengths, heads, topk):
         assert torch.equal(got, want)
 
 
-def test_scores_equal_the_reference_logits_on_the_causal_part():
-    iq, iw, ik, cu = case(3, [50])
+@pytest.mark.parametrize("key_tiles", [1, 2, 8])  # 64-key tiles: 1 and 2 split each row over programs
+def test_scores_equal_the_reference_logits_on_the_causal_part(key_tiles):
+    iq, iw, ik, cu = case(3, [200])
     from kernels.dsa_reference import causal_mask, indexer_logits
 
-    got = indexer_scores(iq, iw, ik, 0, 10, 50)
-    want = indexer_logits(iq[10:50], iw[10:50], ik[0:50])
-    visible = causal_mask(0, 10, 50, iq.device)
+    got = indexer_scores(iq, iw, ik, 0, 10, 200, key_tiles=key_tiles)
+    want = indexer_logits(iq[10:200], iw[10:200], ik[0:200])
+    visible = causal_mask(0, 10, 200, iq.device)
     torch.testing.assert_close(got[visible], want[visible], rtol=1e-5, atol=1e-6)
 
 
-def test_exact_selection_with_ties_and_low_contrast_rows():
+@pytest.mark.parametrize("digit_bits", [8, 11])  # 4 passes of 8 bits, or 11 + 11 + 10 (the last overlaps 1 bit)
+def test_exact_selection_with_ties_and_low_contrast_rows(digit_bits):
     g = torch.Generator().manual_seed(4)
     span, topk = 3000, 100
     scores = torch.randint(0, 5, (4, span), generator=g).float()  # heavy ties at every threshold
@@ -48,10 +50,10 @@ def test_exact_selection_with_ties_and_low_contrast_rows():
     scores[2, :] = -2.5  # one value everywhere
     scores[3] = -torch.rand(span, generator=g)  # negative keys
     out = torch.full((4, topk), -7, dtype=torch.int32)
-    select_rows(scores, out, doc_start=0, r0=0, topk=topk)  # row i is token i: it sees i + 1 columns, too few
+    select_rows(scores, out, doc_start=0, r0=0, topk=topk, digit_bits=digit_bits)  # row i sees i + 1 columns
     assert out[0].tolist()[:1] == [0] and (out[0, 1:] == -1).all()
     out = torch.full((span, topk), -7, dtype=torch.int32)
-    select_rows(scores, out, doc_start=0, r0=span - 4, topk=topk, block=256)  # row i is token span - 4 + i
+    select_rows(scores, out, doc_start=0, r0=span - 4, topk=topk, block=256, digit_bits=digit_bits)  # token span-4+i
     for i in range(4):
         visible = span - 3 + i
         order = sorted(range(visible), key=lambda s: (-float(scores[i, s]), s))[:topk]
