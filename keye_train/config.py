@@ -111,6 +111,7 @@ class ParallelConfig:
     etp: Optional[int] = None  # expert tensor parallel; None: same as tp
     sequence_parallel: Optional[bool] = None  # None: on whenever tp > 1 (MoE with TP needs it)
     distributed_optimizer: bool = True
+    recompute: str = "none"  # none | full: each ViT and LM layer keeps only its input and re-runs in backward
     nproc: int = 1  # processes started by `keye-train` itself when not under torchrun
     backend: str = "auto"  # auto: nccl with CUDA, gloo on CPU
 

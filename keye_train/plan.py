@@ -144,8 +144,9 @@ def _stage_param_elements(model: ModelConfig, counts: dict, sizes, first: bool, 
     return dense, per_layer_experts * stage_layers
 
 
-def activation_bytes(model: ModelConfig, train: TrainConfig, sizes, first: bool, last: bool) -> float:
-    """Rough activation memory kept for backward on one rank (no recomputation, flash-style attention).
+def activation_bytes(model: ModelConfig, train: TrainConfig, sizes, first: bool, last: bool,
+                     recompute: str = "none") -> float:
+    """Rough activation memory kept for backward on one rank (flash-style attention).
 
     One micro-batch is one packed sequence of s = seq_length tokens. Per token and LM layer, bf16 values:
       attention: 2h (norm in/out) + (q + k + v) + q-sized core output = 2h + 2*nq*d + 2*nkv*d
@@ -153,6 +154,8 @@ def activation_bytes(model: ModelConfig, train: TrainConfig, sizes, first: bool,
     Sequence + tensor parallelism divide all of it by tp. Last stage: fp32 + bf16 logits, s*V/tp.
     First stage, worst case of an all-visual pack (s merged tokens = 4s patches), not TP-sharded:
       ViT per patch and layer 8*hv + 2*fv (norms, qkv, core out, fc1 and GELU out); projector 16*hv per token.
+    recompute="full": every layer keeps only its input (h per token, hv per patch) and one layer at a time
+    holds its full set while it re-runs in backward.
     The 1F1B schedule keeps min(pp, micro-batches) micro-batches in flight on the first stage, one on the last.
     """
     lm, vit = model.lm, model.vit
@@ -161,16 +164,26 @@ def activation_bytes(model: ModelConfig, train: TrainConfig, sizes, first: bool,
     attention = 2 * h + 2 * lm.num_heads * lm.head_dim + 2 * lm.num_kv_heads * lm.head_dim
     moe = 2 * h + k * (h + 3 * f)
     per_token_layer = 2 * (attention + moe) + 4 * 2 * lm.num_experts
-    per_microbatch = per_token_layer * s * (lm.num_layers // sizes.pp) / sizes.tp
+    stage_layers = lm.num_layers // sizes.pp
+    patches = 4 * s
+    vit_per_patch_layer = 2 * (8 * vit.hidden_size + 2 * vit.ffn_hidden_size)
+    if recompute == "full":
+        kept = 2 * h * s * stage_layers / sizes.tp
+        working = per_token_layer * s / sizes.tp
+        if first:
+            kept += 2 * vit.hidden_size * patches * vit.num_layers
+            working = max(working, vit_per_patch_layer * patches)
+    else:
+        kept, working = per_token_layer * s * stage_layers / sizes.tp, 0.0
+        if first:
+            kept += vit_per_patch_layer * patches * vit.num_layers
     if first:
-        patches = 4 * s
-        per_microbatch += 2 * patches * vit.num_layers * (8 * vit.hidden_size + 2 * vit.ffn_hidden_size)
-        per_microbatch += 2 * s * 16 * vit.hidden_size
+        kept += 2 * s * 16 * vit.hidden_size
     if last:
-        per_microbatch += (4 + 2) * s * lm.vocab_size / sizes.tp
+        kept += (4 + 2) * s * lm.vocab_size / sizes.tp
     microbatches = max(1, train.global_batch // sizes.dp)
     in_flight = min(sizes.pp, microbatches) if first else 1
-    return per_microbatch * in_flight
+    return kept * in_flight + working
 
 
 def memory_per_rank(model: ModelConfig, parallel: ParallelConfig, train: TrainConfig, sizes) -> dict:
@@ -190,7 +203,7 @@ def memory_per_rank(model: ModelConfig, parallel: ParallelConfig, train: TrainCo
             "params": (dense + experts) * PARAM_BYTES,
             "grads": (dense + experts) * GRAD_BYTES,
             "optimizer": (dense / dense_shards + experts / expert_shards) * OPTIMIZER_BYTES,
-            "activations": activation_bytes(model, train, sizes, first, last),
+            "activations": activation_bytes(model, train, sizes, first, last, parallel.recompute),
         }
         row["total"] = sum(row.values())
         row.update(dense_params=dense, expert_params=experts)

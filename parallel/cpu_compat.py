@@ -9,6 +9,8 @@ c. A TorchFunctionMode rewrites `device="cuda"` in tensor factories and `.to()`,
    and reports CPU tensors as `torch.cuda.*Tensor` (the optimizer checks that string).
 h. megatron's CUDA RNG tracker cannot hold states without CUDA: its `fork()` becomes a plain context
    (CPU RNG is seeded by the trainer; dropout is off in our configs, so no stream is consumed there).
+i. Activation recomputation saves and restores the CUDA RNG state around each checkpoint: without CUDA there
+   is none, so getting it returns None and setting it does nothing (the CPU RNG state is still saved).
 (d, a missing `te_general_gemm`, also hits GPUs without Transformer Engine: `keye_train/model/lm.py` fixes it.)
 e/f/g are handled by the model code: a project-owned core attention, the allgather dispatcher and an
 SP-safe RMSNorm.
@@ -61,6 +63,8 @@ def install() -> None:
     from megatron.core.tensor_parallel import random as tp_random
 
     tp_random.CudaRNGStatesTracker.fork = lambda self, name=None: contextlib.nullcontext()
+    tp_random._get_cuda_rng_state = lambda *args, **kwargs: None
+    tp_random._set_cuda_rng_state = lambda *args, **kwargs: None
     _INSTALLED = True
 
 

@@ -70,6 +70,8 @@ def check_layout(par, lm, vit, world_size: int) -> LayoutSizes:
     for failed, message in checks:
         if failed:
             raise LayoutError(message)
+    if par.recompute not in ("none", "full"):
+        raise LayoutError(f"parallel.recompute={par.recompute!r}: choose none or full")
     if par.tp > 1 and par.sequence_parallel is False:
         raise LayoutError("parallel.sequence_parallel=false with parallel.tp>1: megatron MoE needs sequence "
                           "parallelism under TP; leave it unset or true")

@@ -33,7 +33,7 @@ def build_model(model: ModelConfig, par: ParallelConfig, dtype: torch.dtype, on_
     vision = None
     vision_groups = placement.vision_process_groups()  # collective: every rank joins
     if placement.hosts_vision():
-        vision = VisionTower(model, vit_transformer_config(model.vit, dtype, on_gpu), vision_groups)
+        vision = VisionTower(model, vit_transformer_config(model.vit, dtype, on_gpu, par.recompute), vision_groups)
     for module in (lm, vision):
         if module is not None:
             mark_tensor_parallel_attributes(module)

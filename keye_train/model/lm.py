@@ -10,7 +10,7 @@ from megatron.core.transformer import TransformerConfig
 from keye_train.config import LMConfig, ParallelConfig
 from megatron.core import parallel_state
 
-from keye_train.model.specs import lm_block_spec
+from keye_train.model.specs import lm_block_spec, recompute_options
 
 
 def lm_transformer_config(lm: LMConfig, par: ParallelConfig, dtype: torch.dtype, on_gpu: bool) -> TransformerConfig:
@@ -58,6 +58,7 @@ def lm_transformer_config(lm: LMConfig, par: ParallelConfig, dtype: torch.dtype,
         masked_softmax_fusion=False,
         gradient_accumulation_fusion=False,
         persist_layer_norm=False,
+        **recompute_options(par.recompute),
     )
 
 

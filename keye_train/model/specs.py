@@ -71,3 +71,11 @@ def vit_block_spec(config) -> ModuleSpec:
                                                           linear_fc2=RowParallelLinear))
     layer = _layer(LayerNorm, AttnMaskType.no_mask, IdentityOp, mlp)
     return _block(layer, LayerNorm, config.num_layers)
+
+
+def recompute_options(recompute: str) -> dict:
+    """TransformerConfig fields for parallel.recompute: "full" is megatron's full activation recomputation, one
+    layer per checkpoint (each layer keeps its input and re-runs its forward in backward)."""
+    if recompute == "full":
+        return {"recompute_granularity": "full", "recompute_method": "uniform", "recompute_num_layers": 1}
+    return {}

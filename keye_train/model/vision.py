@@ -17,14 +17,15 @@ from megatron.core.transformer.transformer_block import TransformerBlock
 from keye_train.batch import VisualInput
 from keye_train.config import ModelConfig, ViTConfig
 from keye_train.model.positions import vit_rope_angles
-from keye_train.model.specs import vit_block_spec
+from keye_train.model.specs import recompute_options, vit_block_spec
 
 
 def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
     return F.gelu(x, approximate="tanh")
 
 
-def vit_transformer_config(vit: ViTConfig, dtype: torch.dtype, on_gpu: bool) -> TransformerConfig:
+def vit_transformer_config(vit: ViTConfig, dtype: torch.dtype, on_gpu: bool,
+                           recompute: str = "none") -> TransformerConfig:
     return TransformerConfig(
         num_layers=vit.num_layers,
         hidden_size=vit.hidden_size,
@@ -48,6 +49,7 @@ def vit_transformer_config(vit: ViTConfig, dtype: torch.dtype, on_gpu: bool) -> 
         apply_rope_fusion=False,
         masked_softmax_fusion=False,
         gradient_accumulation_fusion=False,
+        **recompute_options(recompute),
     )
 
 

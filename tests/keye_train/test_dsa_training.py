@@ -59,3 +59,14 @@ def test_sparse_layouts_match_one_rank(one_rank, layout, tmp_path):
     kl_want = [r["dsa/kl"] for r in metrics(one_rank)]
     kl_got = [r["dsa/kl"] for r in metrics(tmp_path)]
     np.testing.assert_allclose(kl_got, kl_want, rtol=1e-5)
+
+
+def test_full_recompute_computes_the_same_step(one_rank, tmp_path):
+    """parallel.recompute=full re-runs every ViT and LM layer (indexer, top-k, sparse attention, KL, MoE) in
+    backward: the same losses, indexer KL and MoE balance, and the metrics are still taken once per micro-batch."""
+    done = keye_train(*SPARSE, "parallel.nproc=1", "parallel.recompute=full", f"run_dir={tmp_path}")
+    assert done.returncode == 0, done.stderr[-3000:]
+    want, got = metrics(one_rank), metrics(tmp_path)
+    assert [r["step"] for r in got] == [r["step"] for r in want] == [1, 2, 3]
+    for name in ("loss", "grad_norm", "dsa/kl", "dsa/recall", "moe/max_over_mean_load", "moe/aux_loss"):
+        np.testing.assert_allclose([r[name] for r in got], [r[name] for r in want], rtol=1e-6, err_msg=name)

@@ -106,3 +106,16 @@ def test_plan_chain_prints_each_stages_token_budget():
         assert [int(x.replace(",", "")) for x in rows[stage][1:5]] == [seq, steps, batch, seq * steps * batch]
     assert int(rows["total"][1].replace(",", "")) == sum(s * n * b for s, n, b in expected.values())
     assert rows["stage1_pretrain"][5] == "1.01T"  # the paper's ~1T tokens for Stage 1
+
+
+def test_full_recompute_keeps_layer_inputs_only():
+    """At 32K one all-visual pack keeps ~300 GiB of activations (mostly the ViT's) without recomputation;
+    parallel.recompute=full keeps each layer's input plus one layer's working set."""
+    model, train = keye_vl2_30b_a3b(), TrainConfig(global_batch=64, seq_length=32768)
+    sizes = _sizes(1, pp=1, world=8)
+    plain = memory_per_rank(model, ParallelConfig(ep=8), train, sizes)["first_stage"]
+    full = memory_per_rank(model, ParallelConfig(ep=8, recompute="full"), train, sizes)["first_stage"]
+    assert plain["activations"] > 250 * 2**30 and full["activations"] < plain["activations"] / 5
+    assert full["total"] < 141e9  # one H200 (the recipes/parallel/ep8_node.yaml layout)
+    for item in ("params", "grads", "optimizer"):
+        assert full[item] == plain[item]
