@@ -183,7 +183,7 @@ class DataConfig:
 
 @dataclass
 class CheckpointConfig:
-    interval: int = 50  # steps; the last step is always saved
+    interval: int = 50  # steps; the last step is always saved. 0: no checkpoints except on preemption
     keep_last: int = 2
     resume: bool = True  # continue from the latest complete checkpoint in run_dir
     init_from: Optional[str] = None  # weights-only start from another checkpoint

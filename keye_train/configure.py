@@ -56,6 +56,8 @@ def load_checked_config(overrides: list[str], world: int | str | None = None, ch
         check_batch(cfg.train, sizes)
         check_model_config(cfg.model)
         check_train_config(cfg.train)
+        if cfg.checkpoint.interval < 0:
+            raise ValueError(f"checkpoint.interval={cfg.checkpoint.interval} must be >= 0 (0: only on preemption)")
         if check_data:
             check_data_config(cfg.data)
     except (HydraException, OmegaConfBaseException) as err:  # layout and value errors are ValueErrors already

@@ -34,6 +34,14 @@ def dsa_metrics(lm: torch.nn.Module, device) -> dict[str, float]:
     return {f"dsa/{name}": float(sums[2 * k] / sums[2 * k + 1]) for k, name in enumerate(names) if sums[2 * k + 1] > 0}
 
 
+def peak_memory_gib(device) -> float:
+    """Collective: the largest peak of allocated GPU memory over all ranks since the last call, in GiB."""
+    peak = torch.tensor([torch.cuda.max_memory_allocated(device) / 2**30], dtype=torch.float64, device=device)
+    dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+    torch.cuda.reset_peak_memory_stats(device)
+    return float(peak)
+
+
 class MoEBalanceTracker:
     """Counts tokens routed to each expert in every layer through forward hooks on the routers."""
 

@@ -18,7 +18,7 @@ from keye_train.config import KeyeTrainConfig
 from keye_train.config import check_model_config, check_train_config
 from keye_train.operations import (PREEMPT_REQUEST, LossSpikeGuard, PreemptionWatch, global_loss,
                                    gradients_nonfinite, hang_watchdog, poison_gradients)
-from keye_train.metrics import MetricsLogger, MoEBalanceTracker, dsa_metrics
+from keye_train.metrics import MetricsLogger, MoEBalanceTracker, dsa_metrics, peak_memory_gib
 from keye_train.model.builder import build_model, initialize_weights
 from keye_train.optim import apply_freezing, build_optimizer, lr_at, set_lr, wrap_ddp
 from data_pipeline.loader import ShardLoader
@@ -166,6 +166,8 @@ class Trainer:
             metrics.update(data_metrics(self.data))
         elapsed = time.perf_counter() - started
         tokens = self.cfg.train.global_batch * self.cfg.train.seq_length
+        if self.device.type == "cuda":
+            metrics["memory/peak_gib"] = peak_memory_gib(self.device)
         metrics.update({"step_time_s": elapsed, "tokens_per_s": tokens / elapsed,
                         "tokens_per_s_per_rank": tokens / elapsed / dist.get_world_size()})
         self.step += 1
@@ -206,7 +208,8 @@ class Trainer:
                 if logger is not None:
                     logger.log(self.step, metrics)
                 preempted = self.preemption.agreed(self.device)
-                if preempted or self.step % cfg.checkpoint.interval == 0 or self.step == cfg.train.steps:
+                every = cfg.checkpoint.interval
+                if preempted or (every > 0 and (self.step % every == 0 or self.step == cfg.train.steps)):
                     path = self.save()
                 if preempted:
                     if placement.is_metrics_owner():

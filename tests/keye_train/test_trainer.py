@@ -25,3 +25,10 @@ def test_losses_do_not_depend_on_the_layout(one_rank, layout, tmp_path):
     assert sorted(got) == sorted(one_rank) == [1, 2, 3]
     assert one_rank[3] < one_rank[1]  # it trains
     np.testing.assert_allclose([got[s] for s in (1, 2, 3)], [one_rank[s] for s in (1, 2, 3)], rtol=2e-6)
+
+
+def test_checkpoint_interval_zero_writes_no_checkpoint(tmp_path):
+    done = keye_train(*ARGS, "train.steps=1", "checkpoint.interval=0", "parallel.nproc=1", f"run_dir={tmp_path}")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert sorted(logged_losses(tmp_path)) == [1]
+    assert not list(tmp_path.glob("checkpoints/step_*"))
