@@ -1,9 +1,44 @@
-"""Dense varlen attention reference (torch SDPA), the baseline every attention kernel is checked against."""
+"""Dense attention over packed documents: FlashAttention's varlen kernel through torch on CUDA (bf16/fp16), and a
+per-document torch SDPA loop everywhere else (CPU, fp32), which is also the reference the fast path is tested
+against (tests/kernels/test_dense_attention_gpu.py)."""
 
 from __future__ import annotations
 
+import inspect
+import math
+
 import torch
 import torch.nn.functional as F
+
+try:  # torch >= 2.10; its keyword arguments changed between releases, so they are read from the signature
+    from torch.nn.attention.varlen import varlen_attn as _varlen_attn
+
+    _VARLEN_ARGS = set(inspect.signature(_varlen_attn).parameters)
+except ImportError:
+    _varlen_attn, _VARLEN_ARGS = None, set()
+
+
+def flash_varlen_available(q: torch.Tensor) -> bool:
+    return _varlen_attn is not None and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16)
+
+
+def _flash_varlen(q, k, v, cu_seqlens, causal: bool, scale: float | None, max_seqlen: int | None):
+    cu = cu_seqlens.to(device=q.device, dtype=torch.int32)
+    longest = int(max_seqlen) if max_seqlen is not None else int((cu[1:] - cu[:-1]).max())
+    kwargs = {}
+    if "enable_gqa" in _VARLEN_ARGS:
+        kwargs["enable_gqa"] = True
+    elif k.shape[1] != q.shape[1]:  # older signatures: one KV head per query head
+        k, v = (x.repeat_interleave(q.shape[1] // x.shape[1], dim=1) for x in (k, v))
+    if "is_causal" in _VARLEN_ARGS:
+        kwargs["is_causal"] = causal
+    else:
+        kwargs["window_size"] = (-1, 0) if causal else (-1, -1)
+    if scale is not None and "scale" in _VARLEN_ARGS:
+        kwargs["scale"] = scale
+    elif scale is not None:  # no scale argument: fold it into q against the default 1/sqrt(d)
+        q = q * (scale * math.sqrt(q.shape[-1]))
+    return _varlen_attn(q, k, v, cu, cu, longest, longest, **kwargs)
 
 
 def dense_varlen_attention(
@@ -13,12 +48,21 @@ def dense_varlen_attention(
     cu_seqlens: torch.Tensor,
     causal: bool,
     scale: float | None = None,
+    max_seqlen: int | None = None,
 ) -> torch.Tensor:
     """Attention confined to documents of a packed sequence.
 
-    q: [T, Hq, D]; k, v: [T, Hkv, D] with Hq % Hkv == 0 (GQA); cu_seqlens: [N + 1] int offsets, last == T.
+    q: [T, Hq, D]; k, v: [T, Hkv, D] with Hq % Hkv == 0 (GQA); cu_seqlens: [N + 1] int offsets, last == T;
+    max_seqlen: the longest document, if known (saves a device sync on the fast path).
     Returns [T, Hq, D]. Tokens never attend across document boundaries.
     """
+    if flash_varlen_available(q):
+        return _flash_varlen(q, k, v, cu_seqlens, causal, scale, max_seqlen)
+    return dense_varlen_attention_loop(q, k, v, cu_seqlens, causal, scale)
+
+
+def dense_varlen_attention_loop(q, k, v, cu_seqlens, causal: bool, scale: float | None = None) -> torch.Tensor:
+    """The reference: one torch SDPA call per document."""
     out = torch.empty_like(q)
     bounds = cu_seqlens.tolist()
     for start, end in zip(bounds[:-1], bounds[1:]):

@@ -37,9 +37,10 @@ class VarlenCoreAttention(MegatronModule):
         if packed_seq_params is not None:
             if batch != 1:
                 raise ValueError(f"packed sequences need micro-batch size 1, got {batch}")
-            cu = packed_seq_params.cu_seqlens_q
+            cu, longest = packed_seq_params.cu_seqlens_q, packed_seq_params.max_seqlen_q
         else:  # one document per batch row
-            cu = torch.arange(0, (batch + 1) * seq, seq, dtype=torch.int32)
+            cu = torch.arange(0, (batch + 1) * seq, seq, dtype=torch.int32, device=query.device)
+            longest = seq
         q, k, v = (x.transpose(0, 1).reshape(batch * seq, x.shape[2], dim) for x in (query, key, value))
-        out = dense_varlen_attention(q, k, v, cu, causal=self.causal, scale=self.scale)
+        out = dense_varlen_attention(q, k, v, cu, causal=self.causal, scale=self.scale, max_seqlen=longest)
         return out.view(batch, seq, heads * dim).transpose(0, 1).contiguous()

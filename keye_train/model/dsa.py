@@ -120,7 +120,8 @@ class DSACoreAttention(VarlenCoreAttention):
                 _check_same_on_tp_ranks(indices, tp_group)
             out, lse = dsa_ops.sparse_gqa_attention(q, k, v, indices, self.scale, **opts)
         else:
-            out = dense_varlen_attention(q, k, v, cu, causal=True, scale=self.scale)
+            out = dense_varlen_attention(q, k, v, cu, causal=True, scale=self.scale,
+                                         max_seqlen=packed_seq_params.max_seqlen_q)
         out = out.view(seq, 1, heads * dim)
         if self.training and torch.is_grad_enabled():
             loss = dsa_ops.indexer_kl_loss(index_q, index_w, index_k, q, k, cu, self.scale, indices=indices,

@@ -92,8 +92,11 @@ class VisionEncoder(MegatronModule):
                            for r, c in visual.grids.tolist()])
         head_dim = self.vit.hidden_size // self.vit.num_heads
         angles = vit_rope_angles(visual.grids, head_dim, self.vit.rope_theta).to(x.device)
-        cu = visual.frame_cu_seqlens().to(x.device)
-        packed = PackedSeqParams(qkv_format="sbhd", cu_seqlens_q=cu, cu_seqlens_kv=cu)
+        frames = visual.frame_cu_seqlens()
+        longest = int((frames[1:] - frames[:-1]).max()) if frames.numel() > 1 else 0  # host side: no device sync
+        cu = frames.to(x.device)
+        packed = PackedSeqParams(qkv_format="sbhd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=longest,
+                                 max_seqlen_kv=longest)
         hidden = self.blocks(hidden_states=x.unsqueeze(1), attention_mask=None,
                              rotary_pos_emb=angles[:, None, None, :], packed_seq_params=packed)
         return hidden.squeeze(1)
