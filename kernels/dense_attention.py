@@ -1,11 +1,16 @@
 """Dense attention over packed documents: FlashAttention's varlen kernel through torch on CUDA (bf16/fp16), and a
 per-document torch SDPA loop everywhere else (CPU, fp32), which is also the reference the fast path is tested
-against (tests/kernels/test_dense_attention_gpu.py)."""
+against (tests/kernels/test_dense_attention_gpu.py).
+
+torch's varlen API changed between releases (is_causal vs window_size, scale, enable_gqa), so before its first use
+for a head layout, dtype and masking the fast path is checked once against the loop on small random documents,
+forward and backward; if it raises or disagrees, a warning names the reason and the loop serves that layout."""
 
 from __future__ import annotations
 
 import inspect
 import math
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -56,9 +61,49 @@ def dense_varlen_attention(
     max_seqlen: the longest document, if known (saves a device sync on the fast path).
     Returns [T, Hq, D]. Tokens never attend across document boundaries.
     """
-    if flash_varlen_available(q):
+    if flash_varlen_available(q) and _fast_path_verified(q, k, causal):
         return _flash_varlen(q, k, v, cu_seqlens, causal, scale, max_seqlen)
     return dense_varlen_attention_loop(q, k, v, cu_seqlens, causal, scale)
+
+
+_VERIFIED: dict[tuple, bool] = {}
+
+
+def _fast_path_verified(q: torch.Tensor, k: torch.Tensor, causal: bool) -> bool:
+    """Whether the fast path computes the loop's attention for this layout (checked once per layout)."""
+    key = (q.dtype, q.device, q.shape[1], k.shape[1], q.shape[2], causal)
+    if key not in _VERIFIED:
+        _VERIFIED[key] = _check_fast_path(*key)
+    return _VERIFIED[key]
+
+
+def _check_fast_path(dtype, device, heads, kv_heads, dim, causal) -> bool:
+    lengths = [5, 67, 130]
+    cu = torch.tensor([0, 5, 72, 202], dtype=torch.int32, device=device)
+    g = torch.Generator(device=device).manual_seed(0)
+    inputs = [torch.randn(sum(lengths), h, dim, generator=g, device=device) for h in (heads, kv_heads, kv_heads)]
+    up = torch.randn(sum(lengths), heads, dim, generator=g, device=device)
+    scale = 0.8 / math.sqrt(dim)
+
+    def run(cast, attend):
+        leaves = [x.to(cast).requires_grad_() for x in inputs]
+        out = attend(*leaves)
+        return [out, *torch.autograd.grad((out.float() * up).sum(), leaves)]
+
+    try:
+        with torch.enable_grad():
+            results = [run(dtype, lambda q, k, v: _flash_varlen(q, k, v, cu, causal, scale, max(lengths))),
+                       run(torch.float32, lambda q, k, v: dense_varlen_attention_loop(q, k, v, cu, causal, scale))]
+    except Exception as err:  # any failure of the fast path means: use the loop
+        warnings.warn(f"dense varlen attention: torch's varlen kernel failed its self-check ({err!r}); "
+                      "using one SDPA call per document")
+        return False
+    errors = [float((a.float() - b).norm() / b.norm()) for a, b in zip(*results)]
+    if not all(e < 2e-2 for e in errors):  # bf16 / fp16 operands: errors near 1e-3 .. 1e-2; NaN fails
+        warnings.warn(f"dense varlen attention: torch's varlen kernel disagrees with the loop (relative errors "
+                      f"{errors}); using one SDPA call per document")
+        return False
+    return True
 
 
 def dense_varlen_attention_loop(q, k, v, cu_seqlens, causal: bool, scale: float | None = None) -> torch.Tensor:
