@@ -291,6 +291,11 @@ def check_train_config(train: TrainConfig) -> None:
         raise ValueError(f"train.loss_spike_window={train.loss_spike_window} must be >= 1")
 
 
+def check_checkpoint_config(checkpoint: CheckpointConfig) -> None:
+    if checkpoint.interval < 0:
+        raise ValueError(f"checkpoint.interval={checkpoint.interval} must be >= 0 (0: only on preemption)")
+
+
 def check_model_config(model: ModelConfig) -> None:
     """Reject a bad model config before any rank starts, naming the key."""
     dsa = model.lm.dsa

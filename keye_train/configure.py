@@ -40,7 +40,7 @@ def load_checked_config(overrides: list[str], world: int | str | None = None, ch
     from omegaconf.errors import OmegaConfBaseException
 
     from data_pipeline.loader import check_data_config
-    from keye_train.config import check_model_config, check_train_config
+    from keye_train.config import check_checkpoint_config, check_model_config, check_train_config
     from parallel.layout import check_batch, check_layout
 
     try:
@@ -56,8 +56,7 @@ def load_checked_config(overrides: list[str], world: int | str | None = None, ch
         check_batch(cfg.train, sizes)
         check_model_config(cfg.model)
         check_train_config(cfg.train)
-        if cfg.checkpoint.interval < 0:
-            raise ValueError(f"checkpoint.interval={cfg.checkpoint.interval} must be >= 0 (0: only on preemption)")
+        check_checkpoint_config(cfg.checkpoint)
         if check_data:
             check_data_config(cfg.data)
     except (HydraException, OmegaConfBaseException) as err:  # layout and value errors are ValueErrors already

@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from keye_train.config import ModelConfig
-from keye_train.hf_names import PACKING_TABLE, source_of, stack_experts, to_keye_hf
+from keye_train.hf_names import PACKING_TABLE, keye_hf_tensors, source_of
 from keye_train.model.builder import parameter_shards
 from keye_train.model.sharding import join_shards
 
@@ -200,10 +200,7 @@ def export_keye_hf(parts, model: ModelConfig, dst: str | Path, passthrough: dict
         return None
     dst = Path(dst)
     dst.mkdir(parents=True, exist_ok=True)
-    tensors = {}
-    for name, tensor in full.items():
-        tensors.update(to_keye_hf(name, tensor, model))
-    tensors = stack_experts(tensors)
+    tensors = keye_hf_tensors(full, model)
     for name, tensor in (passthrough or {}).items():
         tensors[name] = tensor.to(dtype)
     index = write_sharded(tensors, dst, max_shard_bytes)

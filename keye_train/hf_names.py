@@ -152,3 +152,11 @@ def stack_experts(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     for fused, parts in experts.items():
         out[fused] = torch.stack([parts[i] for i in range(len(parts))])
     return out
+
+
+def keye_hf_tensors(full: dict[str, torch.Tensor], model: ModelConfig) -> dict[str, torch.Tensor]:
+    """Full canonical tensors (name -> tensor) as Keye-VL-2.0 HF tensors, the experts stacked."""
+    tensors = {}
+    for name, tensor in full.items():
+        tensors.update(to_keye_hf(name, tensor, model))
+    return stack_experts(tensors)

@@ -27,7 +27,7 @@ from data_pipeline.pixels import to_patches  # noqa: E402
 from keye_train.batch import VisualInput  # noqa: E402
 from keye_train.configure import load_config  # noqa: E402
 from keye_train.convert import gather_full_tensors, import_hf  # noqa: E402
-from keye_train.hf_names import stack_experts, to_keye_hf  # noqa: E402
+from keye_train.hf_names import keye_hf_tensors  # noqa: E402
 from keye_train.model import vision  # noqa: E402
 from keye_train.model.builder import build_model  # noqa: E402
 from keye_train.model.dsa import KeyePackedSeqParams  # noqa: E402
@@ -75,11 +75,9 @@ def main(lm_dir: str, vit_dir: str, out: str, overrides: list[str]) -> None:
 
     grads = gather_full_tensors(parts, torch.float32, grad_of)
     if dist.get_rank() == 0:
-        named = {}
-        for name, grad in grads.items():
-            if name.startswith("lm.") or name.startswith("vision.encoder."):
-                named.update(to_keye_hf(name, grad, cfg.model))
-        save_file({k: v.contiguous() for k, v in stack_experts(named).items()}, str(Path(out) / "grads.safetensors"))
+        named = keye_hf_tensors({name: grad for name, grad in grads.items()
+                                 if name.startswith("lm.") or name.startswith("vision.encoder.")}, cfg.model)
+        save_file({k: v.contiguous() for k, v in named.items()}, str(Path(out) / "grads.safetensors"))
         np.save(Path(out) / "logits.npy", logits.detach().numpy(), allow_pickle=False)
         np.save(Path(out) / "features.npy", features.detach().numpy(), allow_pickle=False)
     parallel_state.destroy_model_parallel()

@@ -39,14 +39,11 @@ def lm_logits(lm, ids):
 
 def grads_in_keye_names(parts, model, prefix):
     """Our gradients of the parameters under `prefix`, named and shaped as Keye-VL-2.0 HF tensors."""
-    from keye_train.hf_names import stack_experts, to_keye_hf
+    from keye_train.hf_names import keye_hf_tensors
     from keye_train.model.builder import parameter_shards
 
-    grads = {}
-    for param, info in parameter_shards(parts):
-        if info.name.startswith(prefix):
-            grads.update(to_keye_hf(info.name, param.grad, model))
-    return stack_experts(grads)
+    return keye_hf_tensors({info.name: param.grad for param, info in parameter_shards(parts)
+                            if info.name.startswith(prefix)}, model)
 
 
 def tiny_qwen3_moe(model, seed=0):
