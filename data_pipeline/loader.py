@@ -17,7 +17,7 @@ from data_pipeline.shards import ShardMixture
 from data_pipeline.sizing import ImageBudget, VideoBudget
 from data_pipeline.tokenizer import KeyeTokenizer
 from data_pipeline.workers import DecodePool, Rejected
-from keye_train.batch import PackedBatch
+from data_pipeline.batch import PackedBatch
 
 
 def media_budget(data) -> MediaBudget:

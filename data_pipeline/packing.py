@@ -6,9 +6,9 @@ from __future__ import annotations
 import torch
 
 from data_pipeline.encode import EncodedSample
-from keye_train.batch import PackedBatch, VisualInput
-from keye_train.config import TokenIds
-from keye_train.model.positions import mrope_position_ids
+from data_pipeline.batch import PackedBatch, VisualInput
+from data_pipeline.tokenizer import TokenIds
+from data_pipeline.positions import mrope_position_ids
 
 
 def assemble_pack(samples: list[EncodedSample], seq_length: int, ids: TokenIds) -> PackedBatch:

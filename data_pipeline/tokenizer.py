@@ -7,12 +7,26 @@ computed when shards are indexed equal the counts at training time.
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
 from tokenizers import Tokenizer
 
-from keye_train.config import TokenIds
+
+@dataclass
+class TokenIds:
+    """Special token ids (Qwen3-VL's by default). A run takes them from `data.tokenizer`."""
+
+    pad: int = 151643
+    im_start: int = 151644
+    im_end: int = 151645
+    vision_start: int = 151652
+    vision_end: int = 151653
+    image_pad: int = 151655
+    video_pad: int = 151656
+    frame: int = 151669  # added after </think> when the tokenizer has no <|frame|>
+
 
 SPECIAL_NAMES = {
     "pad": "<|endoftext|>",

@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
+from data_pipeline.tokenizer import TokenIds
+
 
 @dataclass
 class ViTConfig:
@@ -66,20 +68,6 @@ class LMConfig:
     mrope_section: List[int] = field(default_factory=lambda: [16, 24, 24])
     norm_eps: float = 1e-6
     dsa: DSAConfig = field(default_factory=DSAConfig)
-
-
-@dataclass
-class TokenIds:
-    """Special token ids (Qwen3-VL's by default). A run takes them from `data.tokenizer`."""
-
-    pad: int = 151643
-    im_start: int = 151644
-    im_end: int = 151645
-    vision_start: int = 151652
-    vision_end: int = 151653
-    image_pad: int = 151655
-    video_pad: int = 151656
-    frame: int = 151669  # added after </think> when the tokenizer has no <|frame|>
 
 
 @dataclass

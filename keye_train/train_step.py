@@ -19,7 +19,7 @@ from megatron.core.distributed import finalize_model_grads
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.utils import unwrap_model
 
-from keye_train.batch import PackedBatch
+from data_pipeline.batch import PackedBatch
 from keye_train.model.dsa import KeyePackedSeqParams, set_indexer_loss_scale
 from keye_train.model.keye_vl import embed_inputs
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from megatron.core import tensor_parallel
 
-from keye_train.batch import PackedBatch
+from data_pipeline.batch import PackedBatch
 from keye_train.config import TokenIds
 
 

@@ -14,7 +14,7 @@ from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_block import TransformerBlock
 
-from keye_train.batch import VisualInput
+from data_pipeline.batch import VisualInput
 from keye_train.config import ModelConfig, ViTConfig
 from keye_train.model.positions import vit_rope_angles
 from keye_train.model.specs import recompute_options, vit_block_spec

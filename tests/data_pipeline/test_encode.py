@@ -13,7 +13,7 @@ from data_pipeline.schema import BadRecord, parse_record
 from data_pipeline.shards import probe_media
 from data_pipeline.sizing import ImageBudget, VideoBudget, plan_video
 from data_pipeline.tokenizer import KeyeTokenizer
-from keye_train.config import TokenIds
+from data_pipeline.tokenizer import TokenIds
 from tests.helpers import SHARED, needs_shared_reason
 
 QWEN = SHARED / "tokenizers" / "qwen3_vl"

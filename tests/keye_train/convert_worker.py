@@ -24,7 +24,7 @@ from megatron.core.distributed import finalize_model_grads  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
 from data_pipeline.pixels import to_patches  # noqa: E402
-from keye_train.batch import VisualInput  # noqa: E402
+from data_pipeline.batch import VisualInput  # noqa: E402
 from keye_train.configure import load_config  # noqa: E402
 from keye_train.convert import gather_full_tensors, import_hf  # noqa: E402
 from keye_train.hf_names import keye_hf_tensors  # noqa: E402

@@ -188,7 +188,7 @@ def test_a_siglip_tower_imports_with_the_same_features_and_gradients(single_rank
     """SigLIP has no 2D RoPE: ours runs here with zero rotation angles (RoPE, packing and position interpolation
     are tested in tests/keye_train/model/test_vision.py) on one image at the table's native 4 x 4 grid."""
     from data_pipeline.pixels import to_patches
-    from keye_train.batch import VisualInput
+    from data_pipeline.batch import VisualInput
     from keye_train.convert import import_hf
     from keye_train.model import vision
     from tests.keye_train.parity_inputs import feature_weights, fixed_inputs

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from keye_train.batch import VisualInput
+from data_pipeline.batch import VisualInput
 from keye_train.config import ParallelConfig, tiny
 from keye_train.model.vision import merge_2x2
 
