@@ -33,12 +33,12 @@ EXPORT = """
 import json, os, sys
 os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
 import torch
-from keye_train.configure import load_checked_config
-from keye_train.convert_cli import _setup
-from keye_train.convert import export_keye_hf
+from keye_train.config.compose import load_checked_config
+from keye_train.cli.convert import build_for_conversion
+from keye_train.convert.exporter import export_keye_hf
 from keye_train.model.builder import initialize_weights
 cfg, sizes = load_checked_config(json.loads(sys.argv[1]), check_data=False)
-parts = _setup(cfg, sizes)
+parts = build_for_conversion(cfg, sizes)
 initialize_weights(parts, cfg.model, 1)
 params = sum(p.numel() for m in (parts.lm, parts.vision) for p in m.parameters())
 export_keye_hf(parts, cfg.model, sys.argv[2], dtype=torch.bfloat16, max_shard_bytes=256 << 20)
@@ -47,7 +47,7 @@ print(json.dumps({"params": params}))
 
 IMPORT = """
 import json, resource, sys, time
-from keye_train.convert_cli import run
+from keye_train.cli.convert import run
 started = time.perf_counter()
 run(["import", "--src", sys.argv[2], "--dst", sys.argv[3], *json.loads(sys.argv[1])])
 print(json.dumps({"seconds": time.perf_counter() - started,
@@ -57,11 +57,11 @@ print(json.dumps({"seconds": time.perf_counter() - started,
 BASELINE = """
 import json, os, resource, sys
 os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
-from keye_train.configure import load_checked_config
-from keye_train.convert_cli import _setup
+from keye_train.config.compose import load_checked_config
+from keye_train.cli.convert import build_for_conversion
 from keye_train.model.builder import initialize_weights
 cfg, sizes = load_checked_config(json.loads(sys.argv[1]), check_data=False)
-parts = _setup(cfg, sizes)
+parts = build_for_conversion(cfg, sizes)
 initialize_weights(parts, cfg.model, 1)  # every parameter page written, as an import writes them
 print(json.dumps({"peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
 """

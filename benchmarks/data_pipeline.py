@@ -182,7 +182,7 @@ def main() -> None:
             row["scaling_efficiency"] = row["full_fps"] / (base * row["workers"])
     packing = packing_efficiency()
 
-    result = {"benchmark": "data_pipeline", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+    result = {"benchmark": "data_pipeline", "date": datetime.datetime.now(datetime.UTC).isoformat(),
               **git_state(), "device": cpu_description(),
               "shapes": {"videos": [p.name for p in videos], "video_source": source, "repeat": args.repeat,
                          "budget": "Stage 1: fps 2, 64-256 tokens/frame, 24576 video tokens, adaptive"},

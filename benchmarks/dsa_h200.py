@@ -158,7 +158,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "dsa_h200.json")
     args = parser.parse_args()
     device = torch.cuda.get_device_name()
-    stamp = {**git_state(), "device": device, "date": datetime.datetime.now(datetime.timezone.utc).isoformat()}
+    stamp = {**git_state(), "device": device, "date": datetime.datetime.now(datetime.UTC).isoformat()}
     parts = {"topk": "triton", "attention": "triton", "kl": "triton"}
     checks = {"L": args.check_length, **check(args.check_length), **check_topk(args.check_length),
               **check_kl(args.check_length)}

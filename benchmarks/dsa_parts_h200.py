@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks.common import git_state, write_result  # noqa: E402
-from benchmarks.dsa_h200 import BUDGET, D, HKV, HQ, K, inputs, timed, torch_scores_topk  # noqa: E402
+from benchmarks.dsa_h200 import BUDGET, HKV, HQ, D, K, inputs, timed, torch_scores_topk  # noqa: E402
 from kernels import dsa  # noqa: E402
 from kernels.triton_dsa.indexer_kl import sparse_attention_target  # noqa: E402
 from kernels.triton_dsa.union import block_union  # noqa: E402
@@ -70,7 +70,7 @@ def main() -> None:
     args = parser.parse_args()
     configs = [tuple(int(x) for x in c.split(":")) for c in args.configs.split(",")]
     stamp = {**git_state(), "device": torch.cuda.get_device_name(),
-             "date": datetime.datetime.now(datetime.timezone.utc).isoformat()}
+             "date": datetime.datetime.now(datetime.UTC).isoformat()}
     rows = []
     for length in args.lengths:
         q, k, v, iq, iw, ik = inputs(length, seed=length)

@@ -87,7 +87,7 @@ def main() -> None:
         rows.append(queue.get())
         proc.join()
     full_logits_mib = args.length * args.length * 4 / 2**20
-    result = {"benchmark": "dsa_reference", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+    result = {"benchmark": "dsa_reference", "date": datetime.datetime.now(datetime.UTC).isoformat(),
               **git_state(), "device": cpu_description(),
               "shapes": {"length": args.length, "documents": 1, "index_heads": 16, "index_head_dim": 64,
                          "topk": 2048, "q_heads": 8, "kv_heads": 1, "head_dim": 128, "dtype": "fp32",

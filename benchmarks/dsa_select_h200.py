@@ -34,7 +34,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "dsa_select_h200.json")
     args = parser.parse_args()
     stamp = {**git_state(), "device": torch.cuda.get_device_name(),
-             "date": datetime.datetime.now(datetime.timezone.utc).isoformat()}
+             "date": datetime.datetime.now(datetime.UTC).isoformat()}
     _, _, _, iq, iw, ik = inputs(args.length, seed=11)
     r0, r1 = args.length - args.rows, args.length
     scores = indexer_scores(iq, iw, ik, 0, r0, r1)

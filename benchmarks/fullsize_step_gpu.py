@@ -71,7 +71,7 @@ def main() -> None:
     timed = rows[2:] if len(rows) > 3 else rows[1:]  # the first steps compile and warm the allocator
 
     from keye_train.config import keye_vl2_30b_a3b
-    from keye_train.plan import count_parameters
+    from keye_train.planning.parameters import count_parameters
 
     model = keye_vl2_30b_a3b()
     model.lm.num_layers = args.lm_layers
@@ -84,7 +84,7 @@ def main() -> None:
     measured_peak = matmul_tflops()
     result = {
         "device": device, "gpus": args.gpus, **git_state(),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(),
         "model": "keye_vl2_30b_a3b", "lm_layers": args.lm_layers, "vit_layers": model.vit.num_layers,
         "experts": lm.num_experts, "ep": args.gpus, "seq_length": args.seq, "attention": args.attention,
         "recompute": "full", "dtype": "bf16", "steps": len(rows), "timed_steps": len(timed),

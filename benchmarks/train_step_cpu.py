@@ -24,10 +24,10 @@ DEFAULT_OUT = REPO / "benchmarks" / "results" / "train_step_cpu.json"
 def run(steps: int, warmup: int, overrides: list[str], run_dir: str) -> dict:
     import torch
 
-    from keye_train.cli import _single_process_env
-    from keye_train.configure import load_config
-    from keye_train.trainer import Trainer
     from data_pipeline.demo import make_demo
+    from keye_train.cli.spawn import single_process_env
+    from keye_train.config.compose import load_config
+    from keye_train.training import build_trainer
     from parallel.layout import destroy_process_groups
 
     data = Path(run_dir) / "data"  # the demo corpus, built fresh (a few seconds)
@@ -36,8 +36,8 @@ def run(steps: int, warmup: int, overrides: list[str], run_dir: str) -> dict:
                        "logging.progress_bar=false", "checkpoint.resume=false", f"run_dir={run_dir}",
                        f"data.shards={data / 'shards'}", f"data.tokenizer={data / 'tokenizer.json'}", "data.workers=0",
                        f"train.steps={warmup + steps}", *overrides])
-    _single_process_env()
-    trainer = Trainer(cfg)
+    single_process_env()
+    trainer = build_trainer(cfg)
     try:
         for _ in range(warmup):
             trainer.train_step()
@@ -55,7 +55,7 @@ def run(steps: int, warmup: int, overrides: list[str], run_dir: str) -> dict:
         "shapes": {"model": cfg.model.name, "seq_length": cfg.train.seq_length,
                    "global_batch": cfg.train.global_batch, "tokens_per_step": tokens},
         "settings": {"warmup_steps": warmup, "timed_steps": steps, "torch_threads": torch.get_num_threads(),
-                     "dtype": str(trainer.dtype), "overrides": overrides},
+                     "dtype": str(trainer.ctx.dtype), "overrides": overrides},
         "figures": {"median_step_s": median, "min_step_s": min(times), "max_step_s": max(times),
                     "step_times_s": times, "tokens_per_s": tokens / median, "peak_rss_mib": peak_rss_mib(),
                     "last_loss": losses[-1]},
@@ -86,7 +86,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="keye_bench_") as run_dir:
         measured = run(args.steps, args.warmup, args.overrides, run_dir)
-    result = {"benchmark": "train_step_cpu", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+    result = {"benchmark": "train_step_cpu", "date": datetime.datetime.now(datetime.UTC).isoformat(),
               **git_state(), "device": cpu_description(), **measured}
     print_table(result)
     write_result(args.out, result)

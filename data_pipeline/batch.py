@@ -59,7 +59,7 @@ class PackedBatch:
     def num_supervised(self) -> int:
         return int(self.loss_mask.sum().item())
 
-    def to(self, device) -> "PackedBatch":
+    def to(self, device) -> PackedBatch:
         moved = {}
         for f in fields(self):
             value = getattr(self, f.name)

@@ -10,7 +10,6 @@ corpus text with Qwen's special tokens, digits split one per token as in Qwen.
 from __future__ import annotations
 
 import json
-import math
 import random
 import shutil
 from pathlib import Path

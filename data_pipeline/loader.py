@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections import Counter, deque
 
+from data_pipeline.batch import PackedBatch
 from data_pipeline.encode import EncodedSample, MediaBudget
 from data_pipeline.packing import assemble_pack
 from data_pipeline.planner import PackingConfig, PackPlanner
@@ -17,7 +18,6 @@ from data_pipeline.shards import ShardMixture
 from data_pipeline.sizing import ImageBudget, VideoBudget
 from data_pipeline.tokenizer import KeyeTokenizer
 from data_pipeline.workers import DecodePool, Rejected
-from data_pipeline.batch import PackedBatch
 
 
 def media_budget(data) -> MediaBudget:

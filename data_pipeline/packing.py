@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import torch
 
-from data_pipeline.encode import EncodedSample
 from data_pipeline.batch import PackedBatch, VisualInput
-from data_pipeline.tokenizer import TokenIds
+from data_pipeline.encode import EncodedSample
 from data_pipeline.positions import mrope_position_ids
+from data_pipeline.tokenizer import TokenIds
 
 
 def assemble_pack(samples: list[EncodedSample], seq_length: int, ids: TokenIds) -> PackedBatch:

@@ -1,6 +1,6 @@
 """Pixels to ViT patches: bicubic resize to the planned size, scale to [-1, 1], cut 14x14 patches.
 
-Normalisation is rescale 1/255 then mean = std = 0.5 (model.md §3). Patches are emitted per frame in raster
+Normalisation is rescale 1/255 then mean = std = 0.5 (SigLIP's preprocessing). Patches are emitted per frame in raster
 order, each flattened channel-major (c, y, x), which is the conv patch-embedding layout.
 """
 

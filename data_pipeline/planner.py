@@ -79,7 +79,7 @@ class PlannedPack:
         return [s.as_list() for s in self.samples]
 
     @classmethod
-    def from_list(cls, items: list) -> "PlannedPack":
+    def from_list(cls, items: list) -> PlannedPack:
         pack = cls()
         for item in items:
             pack.add(PlannedSample(*item))

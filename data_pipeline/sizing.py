@@ -1,6 +1,6 @@
 """Image and video sizing: smart_resize, frame counts and the adaptive per-video token budget.
 
-Facts from `model.md` §7-8: one LM visual token covers 28x28 source pixels; the per-stage video budget is
+Keye-VL-2.0's sizing: one LM visual token covers 28x28 source pixels; the per-stage video budget is
 split evenly over a sample's videos and, in adaptive mode, scaled by duration (paper schedule by default).
 """
 

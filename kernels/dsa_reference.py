@@ -221,7 +221,7 @@ def attention_target(attn_q, attn_k, doc_start: int, r0: int, r1: int, indices, 
 
     The key set is `indices[r0:r1]` (sparse stage; probabilities renormalised on it) or, when indices is None,
     every causal key of the document (dense warm-up). Under TP the head sums are all-reduced over `tp_group`."""
-    rows, heads, dim = r1 - r0, attn_q.shape[1], attn_q.shape[2]
+    rows, dim = r1 - r0, attn_q.shape[2]
     groups = attn_k.shape[1]
     dtype = _compute_dtype(attn_q)
     q4 = attn_q[r0:r1].to(dtype).view(rows, groups, -1, dim)

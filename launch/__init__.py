@@ -1,4 +1,3 @@
-"""Starting the ranks: torchrun commands for one or many nodes, and SLURM batch scripts that run them.
-
-`keye-train launch torchrun ...` runs (or, with --dry-run, prints) the torchrun command of this node;
-`keye-train launch slurm ...` renders an sbatch script from the recipe and submits it (or prints it)."""
+"""Starting the ranks: torchrun commands for one or many nodes, SLURM batch scripts that run them, and the
+preemption protocol between a launcher and the ranks. Knows no config schema beyond the fields it reads;
+`keye-train launch ...` (keye_train/cli/launch.py) checks the recipe and calls in here."""

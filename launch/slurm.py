@@ -14,8 +14,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from keye_train.config import KeyeTrainConfig
-from keye_train.operations import PREEMPT_REQUEST
+from launch.processes import PREEMPT_REQUEST
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -61,7 +60,7 @@ def rendezvous_from_env(env: dict[str, str], launch_nodes: int) -> dict:
             "job_id": env["SLURM_JOB_ID"], "restarts": int(env.get("SLURM_RESTART_COUNT", 0))}
 
 
-def render_sbatch(cfg: KeyeTrainConfig, train_args: list[str], roles: list[str] = (),
+def render_sbatch(cfg, train_args: list[str], roles: list[str] = (),
                   python: str = sys.executable) -> str:
     """The batch script for this recipe and these overrides (they are passed on unchanged to every node);
     `roles` (parallel.layout.rank_roles) are written into its header."""

@@ -5,12 +5,11 @@ from __future__ import annotations
 import shlex
 import sys
 
-from keye_train.config import LaunchConfig
 
-
-def torchrun_command(launch: LaunchConfig, train_args: list[str], rdzv_id: str, master_addr: str | None = None,
+def torchrun_command(launch, train_args: list[str], rdzv_id: str, master_addr: str | None = None,
                      python: str = sys.executable, command: str = "train") -> list[str]:
-    """`python -m torch.distributed.run ... -m keye_train.cli <command> <train_args>` for this node.
+    """`python -m torch.distributed.run ... -m keye_train.cli <command> <train_args>` for this node; `launch` is a
+    LaunchConfig (nodes, gpus_per_node, max_restarts, master_addr, master_port).
 
     One node without a master address rendezvouses on a free local port (--standalone); otherwise every node
     joins the c10d store at master_addr:master_port under the same rdzv_id, and ranks are numbered by node

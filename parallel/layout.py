@@ -70,8 +70,6 @@ def check_layout(par, lm, vit, world_size: int) -> LayoutSizes:
     for failed, message in checks:
         if failed:
             raise LayoutError(message)
-    if par.recompute not in ("none", "full"):
-        raise LayoutError(f"parallel.recompute={par.recompute!r}: choose none or full")
     if par.tp > 1 and par.sequence_parallel is False:
         raise LayoutError("parallel.sequence_parallel=false with parallel.tp>1: megatron MoE needs sequence "
                           "parallelism under TP; leave it unset or true")
@@ -88,8 +86,6 @@ def _check_placement(par, vit, world_size: int) -> int:
                               "which runs the ViT unsharded on the LM's first pipeline stage; use "
                               "parallel.placement=split for a ViT layout of its own")
         return 0
-    if par.placement != "split":
-        raise LayoutError(f"parallel.placement={par.placement!r}: choose colocated or split")
     if not 0 < vision.ranks < world_size:
         raise LayoutError(f"parallel.vision.ranks={vision.ranks} must be between 1 and world size - 1 "
                           f"({world_size - 1}) with parallel.placement=split")
@@ -164,9 +160,6 @@ def init_process_groups(par, sizes: LayoutSizes, backend: str) -> None:
 def destroy_process_groups() -> None:
     from megatron.core import parallel_state
 
-    from parallel import placement
-
-    placement.forget_groups()
     parallel_state.destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()

@@ -1,5 +1,9 @@
-"""Process groups of each module. Colocated placement: the vision tower lives on the LM's first pipeline
-stage with its own (unsharded) tensor group, and its gradients reduce over the LM's data-parallel group."""
+"""Which modules a rank holds, and their process groups.
+
+`ColocatedPlacement`: the vision tower lives on the LM's first pipeline stage with its own unsharded tensor
+group, and its gradients reduce over the LM's data-parallel group. Built once after megatron's groups exist
+and passed to whatever needs it (model building, the schedule, logging).
+"""
 
 from __future__ import annotations
 
@@ -9,41 +13,47 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.process_groups_config import ProcessGroupCollection
 
-_SINGLETON = None
+_VISION_UNSHARDED = ("tp", "pp", "cp", "tp_cp", "mp", "ep", "expt_tp", "tp_ep", "tp_ep_pp")
 
 
-def _singleton_group():
-    global _SINGLETON
-    if _SINGLETON is None:
-        _SINGLETON, _ = dist.new_subgroups(group_size=1)
-    return _SINGLETON
+class ColocatedPlacement:
+    name = "colocated"
 
+    def __init__(self):
+        """Collective: every rank joins the creation of the size-1 groups."""
+        self._single, _ = dist.new_subgroups(group_size=1)
 
-def forget_groups() -> None:
-    """Drop cached groups when the process groups are destroyed (a later world must build its own)."""
-    global _SINGLETON
-    _SINGLETON = None
+    @staticmethod
+    def lm_groups() -> ProcessGroupCollection:
+        return ProcessGroupCollection.use_mpu_process_groups()
 
+    def vision_groups(self) -> ProcessGroupCollection:
+        """The LM's groups with every model-parallel one replaced by this rank alone (DP stays the LM's)."""
+        groups = copy.copy(ProcessGroupCollection.use_mpu_process_groups())
+        for name in _VISION_UNSHARDED:
+            setattr(groups, name, self._single)
+        return groups
 
-def lm_process_groups() -> ProcessGroupCollection:
-    return ProcessGroupCollection.use_mpu_process_groups()
+    @staticmethod
+    def is_first_stage() -> bool:
+        return parallel_state.is_pipeline_first_stage(ignore_virtual=True)
 
+    @staticmethod
+    def is_last_stage() -> bool:
+        return parallel_state.is_pipeline_last_stage(ignore_virtual=True)
 
-def vision_process_groups() -> ProcessGroupCollection:
-    groups = copy.copy(ProcessGroupCollection.use_mpu_process_groups())
-    single = _singleton_group()
-    for name in ("tp", "pp", "cp", "tp_cp", "mp", "ep", "expt_tp", "tp_ep", "tp_ep_pp"):
-        setattr(groups, name, single)
-    return groups
+    def hosts_vision(self) -> bool:
+        return self.is_first_stage()
 
+    def is_metrics_owner(self) -> bool:
+        """The one rank that logs: last pipeline stage, first TP and DP rank."""
+        return (self.is_last_stage() and parallel_state.get_tensor_model_parallel_rank() == 0
+                and parallel_state.get_data_parallel_rank() == 0)
 
-def hosts_vision() -> bool:
-    """Colocated mode: ranks of the first LM pipeline stage run the vision tower."""
-    return parallel_state.is_pipeline_first_stage(ignore_virtual=True)
+    @staticmethod
+    def data_parallel_group():
+        return parallel_state.get_data_parallel_group()
 
-
-def is_metrics_owner() -> bool:
-    """The one rank that logs: last pipeline stage, first TP and DP rank."""
-    return (parallel_state.is_pipeline_last_stage(ignore_virtual=True)
-            and parallel_state.get_tensor_model_parallel_rank() == 0
-            and parallel_state.get_data_parallel_rank() == 0)
+    @staticmethod
+    def pipeline_size() -> int:
+        return parallel_state.get_pipeline_model_parallel_world_size()

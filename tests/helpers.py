@@ -1,8 +1,8 @@
 """Shared helpers for tests that run the real CLI in a subprocess."""
 
 import hashlib
-import random
 import os
+import random
 import subprocess
 import sys
 import tempfile

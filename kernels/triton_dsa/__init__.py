@@ -6,6 +6,6 @@ from kernels.triton_dsa import interpreter_compat
 
 interpreter_compat.apply()
 
-from kernels.triton_dsa.indexer_kl import indexer_kl_loss  # noqa: F401,E402
 from kernels.triton_dsa.indexer import indexer_topk, indexer_topk_cached  # noqa: F401,E402
+from kernels.triton_dsa.indexer_kl import indexer_kl_loss  # noqa: F401,E402
 from kernels.triton_dsa.sparse_attention import sparse_gqa_attention  # noqa: F401,E402

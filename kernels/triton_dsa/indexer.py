@@ -10,7 +10,7 @@ Top-k: one program per query row, exact by construction. A 4-pass radix select o
 uint32 keys (8 bits per pass, histograms over the still-matching elements) finds the k-th largest key T and how
 many of the keys equal to T are taken; a last pass writes, in ascending key order, every position with a larger
 key and the lowest-positioned ties. There is no fixed-size candidate buffer that could overflow (the failure
-mode of public radix kernels, dsa.md §2.4): each pass streams the whole row.
+mode of public radix top-k kernels): each pass streams the whole row.
 """
 
 from __future__ import annotations

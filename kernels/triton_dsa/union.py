@@ -3,7 +3,7 @@
 A block of `block` consecutive queries shares one sorted list of the distinct keys any of them selected (the
 union U); `bits[u]` says which queries of the block selected key U[u] (bit i for query i of the block). The
 kernels walk U once per block and KV group, gather each key's K/V row once for all the block's queries and
-heads, and mask each row to its own set (dsa.md §4.2).
+heads, and mask each row to its own set (the query-block union tiling of token-sparse attention kernels).
 
 The block size trades MMA rows against wasted work: a tile computes |U| x block x G scores of which only
 block x k are selected. Neighbouring queries of a trained model share most of their keys (|U| near k, so big

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 from megatron.core import parallel_state
@@ -13,27 +12,25 @@ from keye_train.model import init as model_init
 from keye_train.model.lm import build_lm, lm_transformer_config
 from keye_train.model.sharding import canonical_shards, mark_tensor_parallel_attributes
 from keye_train.model.vision import VisionTower, vit_transformer_config
-from parallel import placement
 
 
 @dataclass
 class ModelParts:
     lm: torch.nn.Module
-    vision: Optional[torch.nn.Module]  # None on ranks that do not host the vision tower
+    vision: torch.nn.Module | None  # None on ranks that do not host the vision tower
 
     def modules(self) -> list[torch.nn.Module]:
         return [m for m in (self.lm, self.vision) if m is not None]
 
 
-def build_model(model: ModelConfig, par: ParallelConfig, dtype: torch.dtype, on_gpu: bool) -> ModelParts:
+def build_model(model: ModelConfig, par: ParallelConfig, dtype: torch.dtype, on_gpu: bool, placement) -> ModelParts:
+    """This rank's parts under `placement` (parallel/placement.py), which also gives the vision tower its groups."""
     lm_config = lm_transformer_config(model.lm, par, dtype, on_gpu)
-    lm = build_lm(model.lm, lm_config,
-                  pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=True),
-                  post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=True))
+    lm = build_lm(model.lm, lm_config, pre_process=placement.is_first_stage(), post_process=placement.is_last_stage())
     vision = None
-    vision_groups = placement.vision_process_groups()  # collective: every rank joins
     if placement.hosts_vision():
-        vision = VisionTower(model, vit_transformer_config(model.vit, dtype, on_gpu, par.recompute), vision_groups)
+        vision = VisionTower(model, vit_transformer_config(model.vit, dtype, on_gpu, par.recompute),
+                             placement.vision_groups())
     for module in (lm, vision):
         if module is not None:
             mark_tensor_parallel_attributes(module)

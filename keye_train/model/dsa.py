@@ -141,7 +141,7 @@ class DSASelfAttention(SelfAttention):
 
     def forward(self, hidden_states, *args, packed_seq_params=None, **kwargs):
         if not isinstance(packed_seq_params, KeyePackedSeqParams) or packed_seq_params.position_ids is None:
-            raise ValueError("DSA needs KeyePackedSeqParams with position_ids (see keye_train.train_step)")
+            raise ValueError("DSA needs KeyePackedSeqParams with position_ids (keye_train/model/keye_vl.py packed_params)")
         x = hidden_states.detach()
         if self.config.sequence_parallel:
             x = tensor_parallel.gather_from_sequence_parallel_region(x, tensor_parallel_output_grad=False)

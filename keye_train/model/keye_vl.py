@@ -1,4 +1,5 @@
-"""The one place where the vision tower meets the LM: visual embeddings replace pad-token rows."""
+"""Where the vision tower meets the LM (visual embeddings replace pad-token rows), and how a packed batch is fed
+to the LM (megatron's packed-sequence parameters carry the document boundaries and the M-RoPE ids)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,8 @@ import torch
 from megatron.core import tensor_parallel
 
 from data_pipeline.batch import PackedBatch
-from keye_train.config import TokenIds
+from data_pipeline.tokenizer import TokenIds
+from keye_train.model.dsa import KeyePackedSeqParams
 
 
 def visual_token_mask(input_ids: torch.Tensor, tokens: TokenIds) -> torch.Tensor:
@@ -33,3 +35,18 @@ def embed_inputs(lm, vision, batch: PackedBatch, tokens: TokenIds, sequence_para
     if sequence_parallel:
         embeds = tensor_parallel.scatter_to_sequence_parallel_region(embeds)
     return embeds
+
+
+def packed_params(batch: PackedBatch) -> KeyePackedSeqParams:
+    cu = batch.cu_seqlens
+    longest = int((cu[1:] - cu[:-1]).max())
+    return KeyePackedSeqParams(qkv_format="sbhd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=longest,
+                               max_seqlen_kv=longest, position_ids=batch.position_ids.view(3, -1))
+
+
+def lm_token_losses(lm_chunk, batch: PackedBatch, decoder_input: torch.Tensor | None) -> torch.Tensor:
+    """One LM pipeline chunk over a packed batch: the next-token cross-entropy per token on the last stage
+    ([1, S]), the hidden states for the next stage elsewhere."""
+    return lm_chunk(input_ids=batch.input_ids.view(1, -1), position_ids=batch.position_ids.view(3, 1, -1),
+                    attention_mask=None, decoder_input=decoder_input, labels=batch.labels.view(1, -1),
+                    packed_seq_params=packed_params(batch))

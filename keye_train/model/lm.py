@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer import TransformerConfig
 
 from keye_train.config import LMConfig, ParallelConfig
-from megatron.core import parallel_state
-
 from keye_train.model.specs import lm_block_spec, recompute_options
 
 

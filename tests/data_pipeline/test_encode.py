@@ -12,8 +12,7 @@ from data_pipeline.packing import assemble_pack
 from data_pipeline.schema import BadRecord, parse_record
 from data_pipeline.shards import probe_media
 from data_pipeline.sizing import ImageBudget, VideoBudget, plan_video
-from data_pipeline.tokenizer import KeyeTokenizer
-from data_pipeline.tokenizer import TokenIds
+from data_pipeline.tokenizer import KeyeTokenizer, TokenIds
 from tests.helpers import SHARED, needs_shared_reason
 
 QWEN = SHARED / "tokenizers" / "qwen3_vl"
@@ -42,7 +41,7 @@ def clip(tmp_path_factory):
 @needs_qwen
 def test_qwen_special_ids_and_frame_timestamp():
     tok = KeyeTokenizer(QWEN / "tokenizer.json")
-    assert tok.ids == TokenIds()  # model.md section 6; <|frame|> is added right after </think>
+    assert tok.ids == TokenIds()  # Qwen3-VL's special ids; <|frame|> is added right after </think>
     assert tok.timestamp_ids(12.5) == (151669, *tok.encode("12.5")) and len(tok.encode("12.5")) == 4
     assert 151644 not in tok.encode("<|im_start|>")  # special tokens typed in user text stay text
 

@@ -12,7 +12,6 @@ from data_pipeline.sizing import VideoBudget
 from tests.data_pipeline.mixes import DigitTokenizer, realistic_mix, write_index
 from tests.helpers import TEST_DATA
 
-
 STAGE1 = MediaBudget(video=VideoBudget(video_total_tokens=24576))
 
 

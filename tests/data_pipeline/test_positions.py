@@ -8,7 +8,7 @@ DOT, D0, D5 = 13, 15, 20
 PADS = (IMG, VID)
 
 
-def test_worked_example_from_model_md():
+def test_worked_example_image_in_a_prompt():
     # '<|im_start|>user\n' (3 tokens), vision_start, 2x3 image, vision_end, 'Hi'
     ids = torch.tensor([1, 2, 3, VS] + [IMG] * 6 + [VE, 4])
     expected = torch.tensor([

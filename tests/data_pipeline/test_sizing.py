@@ -1,9 +1,17 @@
-"""smart_resize and the video budget follow model.md §7-8, checked on hand-worked cases."""
+"""smart_resize and the video budget follow Keye-VL-2.0's sizing rules, checked on hand-worked cases."""
 
 import pytest
 
-from data_pipeline.sizing import (PAPER_ADAPTIVE_SCHEDULE, RELEASED_INFERENCE_SCHEDULE, ImageBudget, RejectedMedia,
-                                  VideoBudget, duration_factor, plan_video, smart_resize)
+from data_pipeline.sizing import (
+    PAPER_ADAPTIVE_SCHEDULE,
+    RELEASED_INFERENCE_SCHEDULE,
+    ImageBudget,
+    RejectedMedia,
+    VideoBudget,
+    duration_factor,
+    plan_video,
+    smart_resize,
+)
 
 
 def test_smart_resize_rounds_to_multiples_of_28():

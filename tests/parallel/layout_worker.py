@@ -21,12 +21,15 @@ cpu_compat.install()
 
 from megatron.core import parallel_state  # noqa: E402
 
-from keye_train.configure import load_config  # noqa: E402
-from keye_train.model.builder import build_model, initialize_weights, parameter_shards  # noqa: E402
-from keye_train.optim import build_optimizer, wrap_ddp  # noqa: E402
 from data_pipeline.loader import ShardLoader  # noqa: E402
-from keye_train.train_step import optimizer_step, reduce_lm_loss, run_microbatches  # noqa: E402
+from keye_train.config.compose import load_config  # noqa: E402
+from keye_train.model.builder import build_model, initialize_weights, parameter_shards  # noqa: E402
+from keye_train.training.objectives.next_token import NextTokenObjective  # noqa: E402
+from keye_train.training.optim import build_optimizer, optimizer_step, wrap_ddp  # noqa: E402
+from keye_train.training.schedules.colocated import ColocatedSchedule  # noqa: E402
+from keye_train.training.setup import TrainModel  # noqa: E402
 from parallel.layout import check_batch, check_layout, init_process_groups  # noqa: E402
+from parallel.placement import ColocatedPlacement  # noqa: E402
 
 SAMPLED = ("layers.0.self_attention.linear_qkv.weight", "layers.3.self_attention.linear_proj.weight",
            "layers.1.self_attention.q_layernorm.weight", "layers.2.mlp.router.weight",
@@ -50,18 +53,20 @@ def rank_batch(cfg):
     return batches
 
 
-def run_phase(cfg, mine, distributed_optimizer: bool):
-    parts = build_model(cfg.model, cfg.parallel, torch.float32, on_gpu=False)
+def run_phase(cfg, mine, placement, distributed_optimizer: bool):
+    """One forward-backward of the batch through the trainer's own schedule and objective."""
+    parts = build_model(cfg.model, cfg.parallel, torch.float32, False, placement)
     initialize_weights(parts, cfg.model, cfg.train.seed)
     lm = wrap_ddp(parts.lm, distributed_optimizer)
     vision = wrap_ddp(parts.vision, distributed_optimizer) if parts.vision is not None else None
     chunks = [c for c in (lm, vision) if c is not None]
     optimizer = build_optimizer(chunks, cfg.optim, torch.float32, distributed_optimizer)
-    ce_sum, n_global = run_microbatches(lm, vision, mine, cfg.model.tokens, parts.lm.config.sequence_parallel,
-                                        torch.device("cpu"))
-    last = parallel_state.is_pipeline_last_stage(ignore_virtual=True)
-    loss = reduce_lm_loss(ce_sum, n_global, torch.device("cpu")) if last else None
-    return parts, chunks, optimizer, loss
+    objective = NextTokenObjective(placement, torch.device("cpu"))
+    objective.begin_step(mine)
+    outputs = ColocatedSchedule(TrainModel(parts, lm, vision, optimizer), cfg.model.tokens, placement).run(
+        mine, objective)
+    result = objective.end_step(outputs)
+    return parts, chunks, optimizer, result.loss if placement.is_last_stage() else None
 
 
 def main(out_dir: str, overrides: list[str]):
@@ -69,6 +74,7 @@ def main(out_dir: str, overrides: list[str]):
     sizes = check_layout(cfg.parallel, cfg.model.lm, cfg.model.vit, int(os.environ["WORLD_SIZE"]))
     check_batch(cfg.train, sizes)
     init_process_groups(cfg.parallel, sizes, "gloo")
+    placement = ColocatedPlacement()
     torch.manual_seed(0)
     mine = rank_batch(cfg)
     rank, out = dist.get_rank(), Path(out_dir)
@@ -77,12 +83,12 @@ def main(out_dir: str, overrides: list[str]):
 
     from megatron.core.distributed import finalize_model_grads
 
-    parts, chunks, _, loss_a = run_phase(cfg, mine, distributed_optimizer=False)
+    parts, chunks, _, loss_a = run_phase(cfg, mine, placement, distributed_optimizer=False)
     finalize_model_grads(chunks)
     grads = {info.name: p.main_grad.detach().clone() for p, info in parameter_shards(parts) if sampled(info.name)}
     shards = {info.name: info for p, info in parameter_shards(parts) if sampled(info.name)}
 
-    parts, chunks, optimizer, loss_b = run_phase(cfg, mine, distributed_optimizer=True)
+    parts, chunks, optimizer, loss_b = run_phase(cfg, mine, placement, distributed_optimizer=True)
     updated, grad_norm = optimizer_step(optimizer, chunks)
     weights = {info.name: p.detach().clone() for p, info in parameter_shards(parts) if sampled(info.name)}
 

@@ -1,10 +1,10 @@
 """Invalid layouts fail before any rank starts, and the message names the config key."""
 
 import pytest
-from tests.helpers import QUIET, keye_train
 
 from keye_train.config import ParallelConfig, TrainConfig, VisionParallelConfig, tiny
 from parallel.layout import LayoutError, check_batch, check_layout, rank_roles
+from tests.helpers import QUIET, keye_train
 
 MODEL = tiny()
 

@@ -1,18 +1,17 @@
 """ViT attention stays inside each frame; the 2x2 merge follows the documented raster order."""
 
-import pytest
 import torch
-import torch.distributed as dist
 
 from data_pipeline.batch import VisualInput
-from keye_train.config import ParallelConfig, tiny
+from keye_train.config import ParallelConfig
 from keye_train.model.vision import merge_2x2
 
 
 def build_tower(model):
     from keye_train.model.builder import build_model, initialize_weights
+    from parallel.placement import ColocatedPlacement
 
-    parts = build_model(model, ParallelConfig(), torch.float32, on_gpu=False)
+    parts = build_model(model, ParallelConfig(), torch.float32, False, ColocatedPlacement())
     initialize_weights(parts, model, seed=3)
     return parts.vision
 

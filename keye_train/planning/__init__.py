@@ -1,0 +1,1 @@
+"""Plans without allocating: parameter counts, memory per rank, token budgets."""

@@ -1,0 +1,23 @@
+"""Schedules: how a step's micro-batches flow through this rank's model chunks (which module runs where and
+when, forward and backward). The loop calls `run`; the objective supplies each micro-batch's loss function.
+
+A new placement of the ViT is a new module here with the `Schedule` shape; `schedule_for` picks one.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+
+class Schedule(Protocol):
+    def run(self, microbatches: list, objective, forward_only: bool = False) -> list[dict]:
+        """Forward (and backward) every micro-batch; returns the objective's logged values of each micro-batch
+        on the last pipeline stage (empty elsewhere)."""
+
+
+def schedule_for(cfg, model, placement) -> Schedule:
+    from keye_train.training.schedules.colocated import ColocatedSchedule
+
+    if placement.name != "colocated":
+        raise ValueError(f"parallel.placement={placement.name}: no schedule for it yet")
+    return ColocatedSchedule(model, cfg.model.tokens, placement)

@@ -1,0 +1,42 @@
+"""The colocated schedule: the ViT runs on the LM's first pipeline stage inside that stage's forward step;
+megatron's 1F1B schedule runs the micro-batches across stages when PP > 1, one forward-backward each otherwise."""
+
+from __future__ import annotations
+
+from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.utils import unwrap_model
+
+from keye_train.model.dsa import set_indexer_loss_scale
+from keye_train.model.keye_vl import embed_inputs, lm_token_losses
+
+
+class ColocatedSchedule:
+    def __init__(self, model, tokens, placement):
+        """model: the rank's wrapped chunks (training/setup.py TrainModel); tokens: the special token ids."""
+        self.model, self.tokens, self.placement = model, tokens, placement
+        self.sequence_parallel = unwrap_model(model.lm_chunk).config.sequence_parallel
+
+    def run(self, microbatches: list, objective, forward_only: bool = False) -> list[dict]:
+        set_indexer_loss_scale(unwrap_model(self.model.lm_chunk), 1.0 / len(microbatches))  # like megatron's aux
+        vision = self.model.vision_chunk
+
+        def forward_step(data_iterator, chunk):
+            batch = next(data_iterator)
+            lm = unwrap_model(chunk)
+            decoder_input = embed_inputs(lm, vision, batch, self.tokens, self.sequence_parallel) \
+                if lm.pre_process else None
+            if decoder_input is not None and not decoder_input.requires_grad and not forward_only:
+                # Stage 0 on a text-only pack: nothing upstream trains, but the backward must still run through
+                # the LM, whose TP/EP collectives every rank of the group has to join.
+                decoder_input = decoder_input.detach().requires_grad_()
+            return lm_token_losses(chunk, batch, decoder_input), objective.loss_func(batch)
+
+        return get_forward_backward_func()(
+            forward_step_func=forward_step,
+            data_iterator=iter(microbatches),
+            model=[self.model.lm_chunk],
+            num_microbatches=len(microbatches),
+            seq_length=microbatches[0].seq_length,
+            micro_batch_size=1,
+            forward_only=forward_only,
+        )
