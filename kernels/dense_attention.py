@@ -1,10 +1,11 @@
-"""Dense attention over packed documents: FlashAttention's varlen kernel through torch on CUDA (bf16/fp16), and a
-per-document torch SDPA loop everywhere else (CPU, fp32), which is also the reference the fast path is tested
-against (tests/kernels/test_dense_attention_gpu.py).
+"""Dense attention over packed documents. On CUDA (bf16/fp16) two fast paths: cuDNN's ragged (THD) attention and
+FlashAttention's varlen kernel, both through torch's own ops; everywhere else (CPU, fp32) a per-document torch SDPA
+loop, which is also the reference the fast paths are tested against (tests/kernels/test_dense_attention_gpu.py).
 
-torch's varlen API changed between releases (is_causal vs window_size, scale, enable_gqa), so before its first use
-for a head layout, dtype and masking the fast path is checked once against the loop on small random documents,
-forward and backward; if it raises or disagrees, a warning names the reason and the loop serves that layout."""
+`backend="auto"` takes the first of FAST_PATHS that works for the layout. torch's private attention ops change
+between releases, so before a fast path's first use for a head layout, dtype and masking it is checked once
+against the loop on small random documents, forward and backward; if it raises or disagrees, a warning names the
+reason and the next path (finally the loop) serves that layout."""
 
 from __future__ import annotations
 
@@ -46,6 +47,52 @@ def _flash_varlen(q, k, v, cu_seqlens, causal: bool, scale: float | None, max_se
     return _varlen_attn(q, k, v, cu, cu, longest, longest, **kwargs)
 
 
+def cudnn_ragged_available(q: torch.Tensor) -> bool:
+    return hasattr(torch.ops.aten, "_cudnn_attention_forward") and q.is_cuda and q.dtype in (torch.bfloat16,
+                                                                                              torch.float16)
+
+
+class _CudnnRagged(torch.autograd.Function):
+    """cuDNN's fused attention over packed (THD) documents: one launch for the whole pack, forward and backward.
+    GQA runs on K/V expanded to the query heads (cuDNN's ragged mode takes equal head counts); the gradients of
+    the copies are summed back per KV head."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, cu, longest: int, causal: bool, scale: float | None):
+        group = q.shape[1] // k.shape[1]
+        ke, ve = (x.repeat_interleave(group, dim=1) if group > 1 else x for x in (k, v))
+        out, lse, _, _, _, _, seed, offset, _ = torch.ops.aten._cudnn_attention_forward(
+            q, ke, ve, None, cu, cu, longest, longest, True, 0.0, causal, False, scale=scale)
+        ctx.save_for_backward(q, ke, ve, out, lse, seed, offset, cu)
+        ctx.meta = (group, longest, causal, scale)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, ke, ve, out, lse, seed, offset, cu = ctx.saved_tensors
+        group, longest, causal, scale = ctx.meta
+        dq, dk, dv = torch.ops.aten._cudnn_attention_backward(
+            grad_out.contiguous(), q, ke, ve, out, lse, seed, offset, torch.empty(0, device=q.device), cu, cu,
+            longest, longest, 0.0, causal, scale=scale)
+        if group > 1:
+            dk, dv = (x.unflatten(1, (-1, group)).sum(2) for x in (dk, dv))
+        return dq, dk, dv, None, None, None, None
+
+
+def _cudnn_ragged(q, k, v, cu_seqlens, causal: bool, scale: float | None, max_seqlen: int | None):
+    cu = cu_seqlens.to(device=q.device, dtype=torch.int32)
+    longest = int(max_seqlen) if max_seqlen is not None else int((cu[1:] - cu[:-1]).max())
+    return _CudnnRagged.apply(q.contiguous(), k.contiguous(), v.contiguous(), cu, longest, causal, scale)
+
+
+PREFERENCE = ("cudnn", "flash")  # auto: cuDNN measured faster on the H200 (benchmarks/attention_backends_gpu.py)
+
+
+def _fast_path(name: str):
+    """(available, attend) of a fast path, looked up at call time."""
+    return {"cudnn": (cudnn_ragged_available, _cudnn_ragged), "flash": (flash_varlen_available, _flash_varlen)}[name]
+
+
 def dense_varlen_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -54,30 +101,34 @@ def dense_varlen_attention(
     causal: bool,
     scale: float | None = None,
     max_seqlen: int | None = None,
+    backend: str = "auto",
 ) -> torch.Tensor:
     """Attention confined to documents of a packed sequence.
 
     q: [T, Hq, D]; k, v: [T, Hkv, D] with Hq % Hkv == 0 (GQA); cu_seqlens: [N + 1] int offsets, last == T;
-    max_seqlen: the longest document, if known (saves a device sync on the fast path).
+    max_seqlen: the longest document, if known (saves a device sync on the fast path); backend: auto, cudnn,
+    flash or loop (a named fast path that is unavailable or fails its check falls back to the loop).
     Returns [T, Hq, D]. Tokens never attend across document boundaries.
     """
-    if flash_varlen_available(q) and _fast_path_verified(q, k, causal):
-        return _flash_varlen(q, k, v, cu_seqlens, causal, scale, max_seqlen)
+    for name in (PREFERENCE if backend == "auto" else (backend,) if backend in PREFERENCE else ()):
+        available, attend = _fast_path(name)
+        if available(q) and _fast_path_verified(name, q, k, causal):
+            return attend(q, k, v, cu_seqlens, causal, scale, max_seqlen)
     return dense_varlen_attention_loop(q, k, v, cu_seqlens, causal, scale)
 
 
 _VERIFIED: dict[tuple, bool] = {}
 
 
-def _fast_path_verified(q: torch.Tensor, k: torch.Tensor, causal: bool) -> bool:
-    """Whether the fast path computes the loop's attention for this layout (checked once per layout)."""
-    key = (q.dtype, q.device, q.shape[1], k.shape[1], q.shape[2], causal)
+def _fast_path_verified(name: str, q: torch.Tensor, k: torch.Tensor, causal: bool) -> bool:
+    """Whether a fast path computes the loop's attention for this layout (checked once per path and layout)."""
+    key = (name, q.dtype, q.device, q.shape[1], k.shape[1], q.shape[2], causal)
     if key not in _VERIFIED:
         _VERIFIED[key] = _check_fast_path(*key)
     return _VERIFIED[key]
 
 
-def _check_fast_path(dtype, device, heads, kv_heads, dim, causal) -> bool:
+def _check_fast_path(name, dtype, device, heads, kv_heads, dim, causal) -> bool:
     lengths = [5, 67, 130]
     cu = torch.tensor([0, 5, 72, 202], dtype=torch.int32, device=device)
     g = torch.Generator(device=device).manual_seed(0)
@@ -90,18 +141,21 @@ def _check_fast_path(dtype, device, heads, kv_heads, dim, causal) -> bool:
         out = attend(*leaves)
         return [out, *torch.autograd.grad((out.float() * up).sum(), leaves)]
 
+    attend = _fast_path(name)[1]
     try:
         with torch.enable_grad():
-            results = [run(dtype, lambda q, k, v: _flash_varlen(q, k, v, cu, causal, scale, max(lengths))),
+            results = [run(dtype, lambda q, k, v: attend(q, k, v, cu, causal, scale, max(lengths))),
                        run(torch.float32, lambda q, k, v: dense_varlen_attention_loop(q, k, v, cu, causal, scale))]
-    except Exception as err:  # any failure of the fast path means: use the loop
-        warnings.warn(f"dense varlen attention: torch's varlen kernel failed its self-check ({err!r}); "
-                      "using one SDPA call per document")
+    except Exception as err:  # any failure of the fast path means: use the next one
+        warnings.warn(f"dense varlen attention: the {name} path failed its self-check ({err!r}); skipping "
+                      "it (the next fast path serves, else using one SDPA call per document)",
+                      stacklevel=2)
         return False
     errors = [float((a.float() - b).norm() / b.norm()) for a, b in zip(*results)]
     if not all(e < 2e-2 for e in errors):  # bf16 / fp16 operands: errors near 1e-3 .. 1e-2; NaN fails
-        warnings.warn(f"dense varlen attention: torch's varlen kernel disagrees with the loop (relative errors "
-                      f"{errors}); using one SDPA call per document")
+        warnings.warn(f"dense varlen attention: the {name} path disagrees with the loop (relative errors "
+                      f"{errors}); skipping it (the next fast path serves, else using one SDPA call per document)",
+                      stacklevel=2)
         return False
     return True
 
