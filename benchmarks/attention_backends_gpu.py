@@ -23,6 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks.common import git_state, write_result  # noqa: E402
+from kernels import dense_attention  # noqa: E402
 from kernels.dense_attention import dense_varlen_attention  # noqa: E402
 
 
@@ -68,6 +69,9 @@ def measure(lengths: list[int], heads: int, kv_heads: int, dim: int, causal: boo
         def step(forward=forward):
             return torch.autograd.grad(forward(), (q, k, v), up)
 
+        if not dense_attention._fast_path_verified(backend, q, k, causal):  # never time the loop fallback
+            rows.append({"backend": backend, "error": "failed its self-check; not timed"})
+            continue
         with torch.no_grad():
             fwd_ms = timed(forward)
         torch.cuda.reset_peak_memory_stats()
@@ -102,6 +106,9 @@ def main() -> None:
             row.update(layer=layer, tokens=total, profile=name, documents=len(lengths), heads=heads,
                        kv_heads=kv_heads, head_dim=dim, causal=causal)
             result["rows"].append(row)
+            if "error" in row:
+                print(f"{layer:<5}{total:>8}{name:>17}{len(lengths):>6}{row['backend']:>8}  {row['error']}")
+                continue
             print(f"{layer:<5}{total:>8}{name:>17}{len(lengths):>6}{row['backend']:>8}{row['fwd_ms']:>9.2f}"
                   f"{row['fwd_bwd_ms']:>9.2f}{row['fwd_bwd_tflops']:>10.1f}{row['peak_gib']:>10.2f}  "
                   f"{max(row['rel_diff_vs_flash']):.2e}")

@@ -8,12 +8,23 @@ applies our M-RoPE positions unchanged and only this module reads the document b
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
+from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 
 from kernels.dense_attention import dense_varlen_attention
+
+
+@dataclass
+class KeyePackedSeqParams(PackedSeqParams):
+    """megatron's packed-sequence parameters plus the [3, T] M-RoPE position ids the indexer rotates with and the
+    document lengths on the host (dense attention splits long and short documents without a device sync)."""
+
+    position_ids: torch.Tensor = None
+    document_lengths: list = None
 
 
 class VarlenCoreAttention(MegatronModule):
@@ -38,9 +49,11 @@ class VarlenCoreAttention(MegatronModule):
             if batch != 1:
                 raise ValueError(f"packed sequences need micro-batch size 1, got {batch}")
             cu, longest = packed_seq_params.cu_seqlens_q, packed_seq_params.max_seqlen_q
+            lengths = getattr(packed_seq_params, "document_lengths", None)
         else:  # one document per batch row
             cu = torch.arange(0, (batch + 1) * seq, seq, dtype=torch.int32, device=query.device)
-            longest = seq
+            longest, lengths = seq, [seq] * batch
         q, k, v = (x.transpose(0, 1).reshape(batch * seq, x.shape[2], dim) for x in (query, key, value))
-        out = dense_varlen_attention(q, k, v, cu, causal=self.causal, scale=self.scale, max_seqlen=longest)
+        out = dense_varlen_attention(q, k, v, cu, causal=self.causal, scale=self.scale, max_seqlen=longest,
+                                     lengths=lengths)
         return out.view(batch, seq, heads * dim).transpose(0, 1).contiguous()

@@ -9,26 +9,16 @@ autograd function on the attention output (the MoE aux-loss pattern); the LM los
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state, tensor_parallel
-from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer.attention import SelfAttention
 
 from kernels import dsa as dsa_ops
 from kernels.dense_attention import dense_varlen_attention
 from kernels.dsa_reference import attention_target, causal_mask, indexer_logits, select_topk
 from keye_train.config import DSAConfig, LMConfig, indexer_mrope_section
-from keye_train.model.attention import VarlenCoreAttention
-
-
-@dataclass
-class KeyePackedSeqParams(PackedSeqParams):
-    """megatron's packed-sequence parameters plus the [3, T] M-RoPE position ids the indexer rotates with."""
-
-    position_ids: torch.Tensor = None
+from keye_train.model.attention import KeyePackedSeqParams, VarlenCoreAttention
 
 
 class LightningIndexer(torch.nn.Module):
@@ -121,7 +111,8 @@ class DSACoreAttention(VarlenCoreAttention):
             out, lse = dsa_ops.sparse_gqa_attention(q, k, v, indices, self.scale, **opts)
         else:
             out = dense_varlen_attention(q, k, v, cu, causal=True, scale=self.scale,
-                                         max_seqlen=packed_seq_params.max_seqlen_q)
+                                         max_seqlen=packed_seq_params.max_seqlen_q,
+                                         lengths=packed_seq_params.document_lengths)
         out = out.view(seq, 1, heads * dim)
         if self.training and torch.is_grad_enabled():
             loss = dsa_ops.indexer_kl_loss(index_q, index_w, index_k, q, k, cu, self.scale, indices=indices,
@@ -141,7 +132,7 @@ class DSASelfAttention(SelfAttention):
 
     def forward(self, hidden_states, *args, packed_seq_params=None, **kwargs):
         if not isinstance(packed_seq_params, KeyePackedSeqParams) or packed_seq_params.position_ids is None:
-            raise ValueError("DSA needs KeyePackedSeqParams with position_ids (keye_train/model/keye_vl.py packed_params)")
+            raise ValueError("DSA needs KeyePackedSeqParams with position_ids (model/keye_vl.py packed_params)")
         x = hidden_states.detach()
         if self.config.sequence_parallel:
             x = tensor_parallel.gather_from_sequence_parallel_region(x, tensor_parallel_output_grad=False)

@@ -8,7 +8,7 @@ from megatron.core import tensor_parallel
 
 from data_pipeline.batch import PackedBatch
 from data_pipeline.tokenizer import TokenIds
-from keye_train.model.dsa import KeyePackedSeqParams
+from keye_train.model.attention import KeyePackedSeqParams
 
 
 def visual_token_mask(input_ids: torch.Tensor, tokens: TokenIds) -> torch.Tensor:
@@ -39,9 +39,10 @@ def embed_inputs(lm, vision, batch: PackedBatch, tokens: TokenIds, sequence_para
 
 def packed_params(batch: PackedBatch) -> KeyePackedSeqParams:
     cu = batch.cu_seqlens
-    longest = int((cu[1:] - cu[:-1]).max())
-    return KeyePackedSeqParams(qkv_format="sbhd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=longest,
-                               max_seqlen_kv=longest, position_ids=batch.position_ids.view(3, -1))
+    lengths = (cu[1:] - cu[:-1]).tolist()  # one host round trip per micro-batch, shared by every layer
+    return KeyePackedSeqParams(qkv_format="sbhd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=max(lengths),
+                               max_seqlen_kv=max(lengths), position_ids=batch.position_ids.view(3, -1),
+                               document_lengths=lengths)
 
 
 def lm_token_losses(lm_chunk, batch: PackedBatch, decoder_input: torch.Tensor | None) -> torch.Tensor:

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_block import TransformerBlock
 
 from data_pipeline.batch import VisualInput
 from keye_train.config import ModelConfig, ViTConfig
+from keye_train.model.attention import KeyePackedSeqParams
 from keye_train.model.positions import vit_rope_angles
 from keye_train.model.specs import recompute_options, vit_block_spec
 
@@ -92,11 +92,11 @@ class VisionEncoder(MegatronModule):
                            for r, c in visual.grids.tolist()])
         head_dim = self.vit.hidden_size // self.vit.num_heads
         angles = vit_rope_angles(visual.grids, head_dim, self.vit.rope_theta).to(x.device)
-        frames = visual.frame_cu_seqlens()
-        longest = int((frames[1:] - frames[:-1]).max()) if frames.numel() > 1 else 0  # host side: no device sync
-        cu = frames.to(x.device)
-        packed = PackedSeqParams(qkv_format="sbhd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=longest,
-                                 max_seqlen_kv=longest)
+        cu = visual.frame_cu_seqlens().to(x.device)
+        lengths = visual.grids.prod(dim=1).tolist()  # one host round trip, shared by every layer
+        packed = KeyePackedSeqParams(qkv_format="sbhd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
+                                     max_seqlen_q=max(lengths, default=0), max_seqlen_kv=max(lengths, default=0),
+                                     document_lengths=lengths)
         hidden = self.blocks(hidden_states=x.unsqueeze(1), attention_mask=None,
                              rotary_pos_emb=angles[:, None, None, :], packed_seq_params=packed)
         return hidden.squeeze(1)

@@ -30,8 +30,8 @@ from keye_train.convert.exporter import gather_full_tensors  # noqa: E402
 from keye_train.convert.hf_names import keye_hf_tensors  # noqa: E402
 from keye_train.convert.importer import import_hf  # noqa: E402
 from keye_train.model import vision  # noqa: E402
+from keye_train.model.attention import KeyePackedSeqParams  # noqa: E402
 from keye_train.model.builder import build_model  # noqa: E402
-from keye_train.model.dsa import KeyePackedSeqParams  # noqa: E402
 from keye_train.model.keye_vl import embed_inputs  # noqa: E402
 from keye_train.training.optim import wrap_ddp  # noqa: E402
 from parallel.layout import check_layout, init_process_groups  # noqa: E402

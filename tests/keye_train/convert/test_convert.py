@@ -27,7 +27,7 @@ def build(model, seed=None, dtype=torch.float32):
 
 
 def lm_logits(lm, ids):
-    from keye_train.model.dsa import KeyePackedSeqParams
+    from keye_train.model.attention import KeyePackedSeqParams
 
     length = ids.shape[1]
     cu = torch.tensor([0, length], dtype=torch.int32)

@@ -25,7 +25,7 @@ def build_lm(model):
 
 
 def layer_inputs(lm, total=96):
-    from keye_train.model.dsa import KeyePackedSeqParams
+    from keye_train.model.attention import KeyePackedSeqParams
 
     g = torch.Generator().manual_seed(0)
     cu = torch.tensor([0, 40, total], dtype=torch.int32)
