@@ -1,8 +1,10 @@
-"""Bad steps: a non-finite gradient or loss, or a loss spike, skips the update or aborts the run.
+"""Bad steps: a global batch with no supervised tokens, a non-finite gradient or loss, or a loss spike skips the
+update or aborts the run (train.nonfinite_policy), and `train.max_nonfinite_skips` bad steps in a row abort it.
 
-`BadStepPolicy` judges each step after the backward pass. Its verdict is agreed by an all-reduce (every rank
-skips or updates together) and it keeps the window of recent losses that spikes are judged against, which a
-checkpoint carries so a resumed run judges the same way.
+`BadStepPolicy` judges each step: an empty one before its forward pass (every rank knows the global token count),
+the others after the backward pass, by an all-reduce so every rank skips or updates together. It keeps the window
+of recent losses that spikes are judged against and the count of empty steps, which a checkpoint carries so a
+resumed run judges the same way.
 """
 
 from __future__ import annotations
@@ -61,11 +63,19 @@ class BadStepPolicy:
         self.train, self.device, self.log = train, device, log
         self.spikes = LossSpikeGuard(train.loss_spike_factor, train.loss_spike_window)
         self.streak = 0  # bad steps in a row
+        self.empty_steps = 0  # global batches without a supervised token, since the run began
 
     def drill(self, step: int, ddp_chunks) -> None:
         """train.inject_nonfinite_at_step: rank 0 poisons its gradients after that step's backward."""
         if step == self.train.inject_nonfinite_at_step and dist.get_rank() == 0:
             poison_gradients(ddp_chunks)
+
+    def empty(self, step: int) -> str:
+        """A global batch with nothing to learn from: never an update (the MoE aux loss alone would be one)."""
+        self.empty_steps += 1
+        reason = "no supervised tokens in the global batch (every sample of the step was rejected)"
+        self._skip(step, reason)
+        return reason
 
     def judge(self, step: int, step_loss, ddp_chunks) -> str | None:
         """Collective: None when the update may go ahead, else why it is skipped (raising under abort)."""
@@ -91,7 +101,9 @@ class BadStepPolicy:
         self.log(f"step {step + 1}: {reason}, update skipped ({self.streak} in a row)")
 
     def state_dict(self) -> dict:
-        return {"loss_window": list(self.spikes.recent)}
+        return {"loss_window": list(self.spikes.recent), "empty_steps": self.empty_steps, "bad_streak": self.streak}
 
     def load_state_dict(self, state: dict) -> None:
         self.spikes.recent.extend(state.get("loss_window", []))
+        self.empty_steps = int(state.get("empty_steps", 0))
+        self.streak = int(state.get("bad_streak", 0))

@@ -2,6 +2,10 @@
 
 Per step: take this rank's micro-batches, let the schedule run them through the model with the objective's loss,
 let the bad-step policy judge the result, update, log. Around the steps: resume, checkpoints, preemption.
+
+Counting: `step` is the number of global batches consumed (train.steps of them make a run; a skipped step counts),
+`updates` the number of optimizer updates applied. The LR schedule follows `updates`, so a skipped step (empty,
+non-finite or a spike) does not advance it, as Megatron-LM does for skipped iterations. Both are checkpointed.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import torch.distributed as dist
 
 from keye_train import checkpoint
 from keye_train.training.fault_policy import BadStepPolicy
+from keye_train.training.objectives import StepLoss
 from keye_train.training.metrics import MetricsLogger, StepMetrics
 from keye_train.training.optim import lr_at, optimizer_step, set_lr
 from keye_train.training.preemption import PreemptionWatch, hang_watchdog
@@ -40,6 +45,7 @@ class Trainer:
         self.preemption = PreemptionWatch(Path(cfg.run_dir))
         self.run_dir = Path(cfg.run_dir)
         self.step = 0
+        self.updates = 0
         self.run_id = uuid.uuid4().hex[:12]
         if cfg.checkpoint.resume:
             self._resume()
@@ -62,13 +68,15 @@ class Trainer:
             return
         extra = checkpoint.load(latest, self.model.parts, self.model.optimizer, self.ctx.layout)
         self.step = extra["step"]
+        self.updates = int(extra.get("updates", self.step))  # written before updates were counted: no skips
         self.data.load_state_dict(extra["data"])
         self.run_id = extra["run_id"]
         self.policy.load_state_dict(extra)
         self._owner_print(f"resumed from {latest} at step {self.step}")
 
     def save(self) -> Path:
-        extra = {"data": self.data.state_dict(), "run_id": self.run_id, **self.policy.state_dict()}
+        extra = {"data": self.data.state_dict(), "run_id": self.run_id, "updates": self.updates,
+                 **self.policy.state_dict()}
         return checkpoint.save(self.run_dir, self.step, self.model.parts, self.model.optimizer, extra,
                                self.ctx.layout, self.cfg.checkpoint.keep_last)
 
@@ -82,17 +90,22 @@ class Trainer:
         started = time.perf_counter()
         microbatches = [batch.to(self.device) for batch in self.data.next_step()]
         self.model.zero_grad()
-        lr = lr_at(self.step, self.cfg.optim, self.cfg.train.steps)
+        lr = lr_at(self.updates, self.cfg.optim, self.cfg.train.steps)
         set_lr(self.model.optimizer, lr)
-        self.objective.begin_step(microbatches)
-        outputs = self.schedule.run(microbatches, self.objective)
-        self.policy.drill(self.step, self.model.ddp_chunks)
-        result = self.objective.end_step(outputs)
         updated, grad_norm = False, float("nan")
-        if self.policy.judge(self.step, result, self.model.ddp_chunks) is None:
-            updated, grad_norm = optimizer_step(self.model.optimizer, self.model.ddp_chunks)
+        if self.objective.begin_step(microbatches) == 0:  # nothing to learn from: no forward, no update
+            result = StepLoss(float("nan"), 0.0, 0, {"supervised_tokens": 0.0})
+            self.policy.empty(self.step)
+        else:
+            outputs = self.schedule.run(microbatches, self.objective)
+            self.policy.drill(self.step, self.model.ddp_chunks)
+            result = self.objective.end_step(outputs)
+            if self.policy.judge(self.step, result, self.model.ddp_chunks) is None:
+                updated, grad_norm = optimizer_step(self.model.optimizer, self.model.ddp_chunks)
+                self.updates += int(updated)
         metrics = {"loss": result.loss, "lr": lr, "grad_norm": grad_norm, "update_skipped": float(not updated),
-                   "nonfinite_skips": float(self.policy.streak), **result.metrics}
+                   "nonfinite_skips": float(self.policy.streak), **result.metrics,
+                   "train/empty_steps": float(self.policy.empty_steps)}
         metrics.update(self.collector.collect(self.step))
         elapsed = time.perf_counter() - started
         tokens = self.cfg.train.global_batch * self.cfg.train.seq_length

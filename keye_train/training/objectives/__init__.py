@@ -22,8 +22,9 @@ class StepLoss:
 
 
 class Objective(Protocol):
-    def begin_step(self, microbatches: list) -> None:
-        """Collective over data-parallel ranks if it needs global counts; called before the schedule runs."""
+    def begin_step(self, microbatches: list) -> int:
+        """Called before the schedule runs (collective over data-parallel ranks if it needs global counts); returns
+        the global batch's number of target tokens, the same on every rank (0: the step has nothing to learn)."""
 
     def loss_func(self, batch) -> Callable[[torch.Tensor], tuple[torch.Tensor, dict]]:
         """megatron's loss function for one micro-batch: model output -> (loss to backpropagate, logged values)."""

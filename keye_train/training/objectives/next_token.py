@@ -28,12 +28,13 @@ class NextTokenObjective:
         self.placement, self.device = placement, device
         self.supervised_tokens, self.scale = 0, 1.0
 
-    def begin_step(self, microbatches: list) -> None:
+    def begin_step(self, microbatches: list) -> int:
         count = torch.tensor([sum(b.num_supervised() for b in microbatches)], dtype=torch.float64, device=self.device)
         group = self.placement.data_parallel_group()
         dist.all_reduce(count, group=group)
         self.supervised_tokens = int(count.item())
         self.scale = len(microbatches) * dist.get_world_size(group) / max(self.supervised_tokens, 1)
+        return self.supervised_tokens
 
     def loss_func(self, batch):
         return partial(masked_ce_sum, batch.loss_mask, self.scale)

@@ -1,10 +1,12 @@
-"""Operations on real runs: preemption by signal, non-finite gradients, the hang watchdog."""
+"""Operations on real runs: preemption by signal, bad steps (non-finite, spikes, empty batches), the hang watchdog."""
 
 import json
 import signal
 import subprocess
 import sys
 import time
+
+import pytest
 
 from tests.helpers import QUIET, cli_env, keye_train
 
@@ -92,3 +94,49 @@ def test_a_resumed_run_continues_the_same_offline_wandb_run(tmp_path):
     assert len(runs) == 2 and len(ids) == 1, runs  # two sessions, one W&B run id
     saved = json.loads((tmp_path / "checkpoints" / "step_00000003" / "rank_00000.json").read_text())
     assert ids == {saved["run_id"]}
+
+
+def test_an_empty_global_batch_never_updates_and_counts_under_the_bad_step_policy():
+    from types import SimpleNamespace
+
+    from keye_train.training.fault_policy import BadStepPolicy
+
+    train = SimpleNamespace(loss_spike_factor=0.0, loss_spike_window=4, nonfinite_policy="skip",
+                            max_nonfinite_skips=2, inject_nonfinite_at_step=-1)
+    lines = []
+    policy = BadStepPolicy(train, device=None, log=lines.append)
+    assert "no supervised tokens" in policy.empty(0) and "no supervised tokens" in policy.empty(1)
+    assert policy.empty_steps == 2 and policy.streak == 2 and lines[-1].startswith("step 2: no supervised tokens")
+    resumed = BadStepPolicy(train, device=None, log=lines.append)
+    resumed.load_state_dict(policy.state_dict())  # a checkpoint carries the count and the streak
+    assert (resumed.empty_steps, resumed.streak) == (2, 2)
+    with pytest.raises(RuntimeError, match="at step 3 \\(3 bad steps in a row"):
+        resumed.empty(2)
+    train.nonfinite_policy = "abort"
+    with pytest.raises(RuntimeError, match="no supervised tokens in the global batch"):
+        BadStepPolicy(train, device=None, log=lines.append).empty(0)
+
+
+def test_a_run_on_nothing_but_rejected_samples_never_updates_the_weights(tmp_path):
+    import numpy as np
+
+    from tests.helpers import TEST_DATA, corrupt_copy
+
+    corrupt_copy(TEST_DATA / "shards", tmp_path / "shards", per_shard=1000)  # every video and every record
+    args = [*FAST, "parallel.nproc=1", f"data.shards={tmp_path / 'shards'}", "train.max_nonfinite_skips=10",
+            f"run_dir={tmp_path / 'run'}", "checkpoint.interval=1"]
+    done = keye_train(*args, "train.steps=2")
+    assert done.returncode == 0, done.stderr[-3000:]
+    done = keye_train(*args, "train.steps=3")  # resumed: the count and the LR schedule carry on
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = logged_steps(tmp_path / "run")
+    assert [r["train/empty_steps"] for r in rows] == [1.0, 2.0, 3.0]
+    assert all(r["update_skipped"] == 1.0 and r["supervised_tokens"] == 0.0 for r in rows)
+    assert len({r["lr"] for r in rows}) == 1  # the schedule follows applied updates: none
+    assert "no supervised tokens in the global batch" in done.stdout
+    ckpt = tmp_path / "run" / "checkpoints"
+    with np.load(ckpt / "step_00000002" / "rank_00000.npz") as a, np.load(ckpt / "step_00000003" / "rank_00000.npz") as b:
+        assert all(np.array_equal(a[k], b[k]) for k in a.files if k.startswith("model."))
+    done = keye_train(*[a for a in args if "max_nonfinite" not in a], "train.steps=8",
+                      f"run_dir={tmp_path / 'abort'}")  # the default streak limit of 3
+    assert done.returncode != 0 and "at step 4 (4 bad steps in a row" in done.stderr
