@@ -20,7 +20,8 @@ from keye_train.config.model import (
                                      keye_vl2_30b_a3b,
                                      tiny,
 )
-from keye_train.config.parallel import CommBackend, ParallelConfig, Placement, Recompute, VisionParallelConfig
+from keye_train.config.parallel import (CommBackend, ParallelConfig, Placement, Recompute, RecomputeModule,
+                                        VisionParallelConfig)
 from keye_train.config.root import KeyeTrainConfig
 from keye_train.config.training import (
                                      BadStepAction,
@@ -38,7 +39,8 @@ from keye_train.config.training import (
 __all__ = [
     "BadStepAction", "CheckpointConfig", "CommBackend", "DSABackend", "DSAConfig", "DSAMode", "DType", "DataConfig",
     "DataSource", "DecayStyle", "KeyeTrainConfig", "LMConfig", "LaunchConfig", "LoggingConfig", "MODEL_PRESETS",
-    "ModelConfig", "OptimConfig", "ParallelConfig", "Placement", "ProjectorConfig", "Recompute", "SlurmConfig",
+    "ModelConfig", "OptimConfig", "ParallelConfig", "Placement", "ProjectorConfig", "Recompute", "RecomputeModule",
+    "SlurmConfig",
     "StageConfig", "TrainConfig", "TrainablePart", "ViTConfig", "VisionParallelConfig", "WandbMode",
     "indexer_mrope_section", "keye_vl2_30b_a3b", "tiny",
 ]

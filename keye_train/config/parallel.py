@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import List
 
 
 class Placement(StrEnum):
@@ -14,6 +15,16 @@ class Placement(StrEnum):
 class Recompute(StrEnum):
     none = "none"
     full = "full"  # each ViT and LM layer keeps only its input and re-runs in backward
+    selective = "selective"  # only parallel.recompute_modules re-run in backward
+
+
+class RecomputeModule(StrEnum):
+    """megatron's selective recompute modules (the ViT takes layernorm and core_attn of them)."""
+
+    moe = "moe"  # the whole MoE block (router, dispatch, experts); its input stays
+    moe_act = "moe_act"  # the experts' SwiGLU output (needs grouped experts)
+    layernorm = "layernorm"  # both norms of each layer
+    core_attn = "core_attn"  # core attention (fused kernels keep little: rarely worth it)
 
 
 class CommBackend(StrEnum):
@@ -24,11 +35,13 @@ class CommBackend(StrEnum):
 
 @dataclass
 class VisionParallelConfig:
-    """The ViT's own layout under placement=split: the first `ranks` ranks of the world run it, in
-    ranks / tp data-parallel replicas. Colocated placement runs it unsharded on the LM's first pipeline stage."""
+    """The ViT's own layout. Under placement=split the first `ranks` ranks of the world run it, in ranks / tp
+    data-parallel replicas; colocated placement runs it unsharded on the LM's first pipeline stage. `recompute` is
+    its activation recomputation in either placement."""
 
     tp: int = 1
     ranks: int = 0
+    recompute: Recompute | None = None  # None: parallel.recompute (the ViT's own, e.g. full under a selective LM)
 
 
 @dataclass
@@ -42,11 +55,15 @@ class ParallelConfig:
     sequence_parallel: bool | None = None  # None: on whenever tp > 1 (MoE with TP needs it)
     distributed_optimizer: bool = True
     recompute: Recompute = Recompute.none
+    recompute_modules: List[RecomputeModule] = field(
+        default_factory=lambda: [RecomputeModule.moe, RecomputeModule.layernorm])  # with recompute=selective
     nproc: int = 1  # processes started by `keye-train` itself when not under torchrun
     backend: CommBackend = CommBackend.auto
 
     def __post_init__(self):
         if self.nproc < 1:
             raise ValueError(f"parallel.nproc={self.nproc} must be >= 1")
+        if self.recompute == Recompute.selective and not self.recompute_modules:
+            raise ValueError("parallel.recompute=selective with an empty parallel.recompute_modules: use none")
         if self.etp is not None and self.etp < 1:
             raise ValueError(f"parallel.etp={self.etp} must be >= 1 (or unset: the same as parallel.tp)")

@@ -23,14 +23,18 @@ class ModelParts:
         return [m for m in (self.lm, self.vision) if m is not None]
 
 
+def vision_recompute(par: ParallelConfig) -> str:
+    return par.vision.recompute if par.vision.recompute is not None else par.recompute
+
+
 def build_model(model: ModelConfig, par: ParallelConfig, dtype: torch.dtype, on_gpu: bool, placement) -> ModelParts:
     """This rank's parts under `placement` (parallel/placement.py), which also gives the vision tower its groups."""
     lm_config = lm_transformer_config(model.lm, par, dtype, on_gpu)
     lm = build_lm(model.lm, lm_config, pre_process=placement.is_first_stage(), post_process=placement.is_last_stage())
     vision = None
     if placement.hosts_vision():
-        vision = VisionTower(model, vit_transformer_config(model.vit, dtype, on_gpu, par.recompute),
-                             placement.vision_groups())
+        vit_config = vit_transformer_config(model.vit, dtype, on_gpu, vision_recompute(par), par.recompute_modules)
+        vision = VisionTower(model, vit_config, placement.vision_groups())
     for module in (lm, vision):
         if module is not None:
             mark_tensor_parallel_attributes(module)

@@ -9,6 +9,7 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer import TransformerConfig
 
 from keye_train.config import LMConfig, ParallelConfig
+from keye_train.model.megatron_compat import allow_missing_transformer_engine
 from keye_train.model.specs import lm_block_spec, recompute_options
 
 
@@ -57,21 +58,12 @@ def lm_transformer_config(lm: LMConfig, par: ParallelConfig, dtype: torch.dtype,
         masked_softmax_fusion=False,
         gradient_accumulation_fusion=False,
         persist_layer_norm=False,
-        **recompute_options(par.recompute),
+        **recompute_options(par.recompute, par.recompute_modules),
     )
 
 
-def _allow_missing_transformer_engine() -> None:
-    """megatron-core 0.16.1's router GEMM reads `moe_utils.te_general_gemm`, which is only bound when
-    Transformer Engine imports; bind it to None so the plain torch GEMM path runs without TE (CPU or GPU)."""
-    from megatron.core.transformer.moe import moe_utils
-
-    if not hasattr(moe_utils, "te_general_gemm"):
-        moe_utils.te_general_gemm = None
-
-
 def build_lm(lm: LMConfig, config: TransformerConfig, pre_process: bool, post_process: bool) -> GPTModel:
-    _allow_missing_transformer_engine()
+    allow_missing_transformer_engine()
     return GPTModel(
         config=config,
         transformer_layer_spec=lm_block_spec(config, lm, parallel_state.get_pipeline_model_parallel_rank()),

@@ -76,9 +76,16 @@ def vit_block_spec(config) -> ModuleSpec:
     return _block(layer, LayerNorm, config.num_layers)
 
 
-def recompute_options(recompute: str) -> dict:
-    """TransformerConfig fields for parallel.recompute: "full" is megatron's full activation recomputation, one
-    layer per checkpoint (each layer keeps its input and re-runs its forward in backward)."""
+def recompute_options(recompute: str, modules=(), vit: bool = False) -> dict:
+    """TransformerConfig fields for a recompute setting: "full" is megatron's full activation recomputation, one
+    layer per checkpoint (each layer keeps its input and re-runs its forward in backward); "selective" re-runs only
+    `modules` (megatron's recompute_modules) that the layers have: the ViT (`vit`) only its norms and core
+    attention (megatron 0.16.1's dense-MLP recompute re-enters its checkpoints in the ViT's backward; use
+    parallel.vision.recompute=full for a ViT that must keep less)."""
     if recompute == "full":
         return {"recompute_granularity": "full", "recompute_method": "uniform", "recompute_num_layers": 1}
+    if recompute == "selective":
+        keep = ("layernorm", "core_attn") if vit else ("moe", "moe_act", "layernorm", "core_attn")
+        names = [str(m) for m in modules if str(m) in keep]
+        return {"recompute_granularity": "selective", "recompute_modules": names} if names else {}
     return {}

@@ -16,6 +16,7 @@ from megatron.core.transformer.transformer_block import TransformerBlock
 from data_pipeline.batch import VisualInput
 from keye_train.config import ModelConfig, ViTConfig
 from keye_train.model.attention import KeyePackedSeqParams
+from keye_train.model.megatron_compat import allow_missing_transformer_engine
 from keye_train.model.positions import vit_rope_angles
 from keye_train.model.specs import recompute_options, vit_block_spec
 
@@ -24,8 +25,8 @@ def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
     return F.gelu(x, approximate="tanh")
 
 
-def vit_transformer_config(vit: ViTConfig, dtype: torch.dtype, on_gpu: bool,
-                           recompute: str = "none") -> TransformerConfig:
+def vit_transformer_config(vit: ViTConfig, dtype: torch.dtype, on_gpu: bool, recompute: str = "none",
+                           recompute_modules=()) -> TransformerConfig:
     return TransformerConfig(
         num_layers=vit.num_layers,
         hidden_size=vit.hidden_size,
@@ -49,7 +50,7 @@ def vit_transformer_config(vit: ViTConfig, dtype: torch.dtype, on_gpu: bool,
         apply_rope_fusion=False,
         masked_softmax_fusion=False,
         gradient_accumulation_fusion=False,
-        **recompute_options(recompute),
+        **recompute_options(recompute, recompute_modules, vit=True),
     )
 
 
@@ -123,6 +124,7 @@ class VisionTower(MegatronModule):
 
     def __init__(self, model: ModelConfig, config: TransformerConfig, pg_collection):
         super().__init__(config=config)
+        allow_missing_transformer_engine()
         self.encoder = VisionEncoder(model.vit, config, pg_collection)
         self.projector = Projector(model.vit.hidden_size, model.lm.hidden_size, model.projector.norm_eps, config)
 
