@@ -36,7 +36,10 @@ class ShardLoader:
             raise ValueError(f"dp_rank {dp_rank} / dp_size {dp_size} / global_batch {global_batch}")
         self.tokenizer = KeyeTokenizer(data.tokenizer)
         roots, weights = data_sources(data)
-        self.shards = ShardMixture(roots, self.tokenizer.fingerprint)
+        self.shards = ShardMixture(roots, self.tokenizer.fingerprint, verify=True)  # damaged tars: readable prefix
+        if dp_rank == 0:
+            for damage in self.shards.damaged:
+                log(f"data: {damage.describe()}")
         budget = media_budget(data)
         packing = PackingConfig(seq_length=seq_length, open_packs=data.open_packs,
                                 long_sample_tokens=data.long_sample_tokens,
@@ -102,6 +105,8 @@ class ShardLoader:
         for key, value in self.consumed_planner_state()["counters"].items():
             out[f"plan/{key}"] = value
         out["epoch"] = self.consumed_planner_state()["epoch"]
+        out["plan/damaged_shards"] = len(self.shards.damaged)
+        out["plan/lost_samples"] = sum(d.lost for d in self.shards.damaged)
         return out
 
     def consumed_planner_state(self) -> dict:

@@ -162,15 +162,24 @@ class PackPlanner:
         source's cursor; [] if it was skipped."""
         source = min(range(len(self.weights)), key=lambda s: self.source_tokens[s] / self.weights[s])
         cursor, first = self.cursors[source], self.offsets[source]
-        epoch, count = cursor[0], self.offsets[source + 1] - first
+        count = self.offsets[source + 1] - first
         salt = () if len(self.weights) == 1 else (-1 - source,)  # one source: the plain shard order
-        shard = first + _permutation(count, self.seed, epoch, *salt)[cursor[1]]
-        sample = _permutation(self.shards.sizes[shard], self.seed, epoch, shard)[cursor[2]]
-        cursor[2] += 1
-        if cursor[2] == self.shards.sizes[shard]:
+
+        def next_shard():
             cursor[1], cursor[2] = cursor[1] + 1, 0
             if cursor[1] == count:
                 cursor[0], cursor[1] = cursor[0] + 1, 0
+
+        while True:
+            epoch = cursor[0]
+            shard = first + _permutation(count, self.seed, epoch, *salt)[cursor[1]]
+            if self.shards.sizes[shard]:
+                break
+            next_shard()  # a shard with nothing readable (see ShardSet's check at open)
+        sample = _permutation(self.shards.sizes[shard], self.seed, epoch, shard)[cursor[2]]
+        cursor[2] += 1
+        if cursor[2] == self.shards.sizes[shard]:
+            next_shard()
         parts = self._plan_sample(epoch, shard, sample, self.shards.entry(shard, sample))
         self.source_tokens[source] += sum(p.tokens for p in parts)
         if not parts:  # a skipped sample still moves its source along the schedule
