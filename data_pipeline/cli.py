@@ -17,6 +17,7 @@ def main(argv: list[str] | None = None) -> int:
     build.add_argument("--tokenizer", required=True, help="HF tokenizer.json (token counts go into the index)")
     build.add_argument("--samples-per-shard", type=int, default=1000)
     build.add_argument("--max-shard-mb", type=int, default=1024)
+    build.add_argument("--dedup", action="store_true", help="drop records whose id an earlier line already used")
 
     index = sub.add_parser("index", help="index tar shards made elsewhere (webdataset layout), or --verify a corpus")
     index.add_argument("shards")
@@ -38,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
             from data_pipeline.build import build_shards
 
             build_shards(args.manifest, args.media_root, args.out, KeyeTokenizer(args.tokenizer),
-                         args.samples_per_shard, args.max_shard_mb << 20)
+                         args.samples_per_shard, args.max_shard_mb << 20, dedup=args.dedup)
         elif args.command == "index" and args.verify:
             from data_pipeline.verify import verify_corpus
 

@@ -87,6 +87,7 @@ class ShardLoader:
                 continue
             samples.append(result)
             used += result.length
+            self.stats["clipped_spans"] += result.clipped_spans
         self.stats["samples"] += len(samples)
         self.stats["pack_tokens"] += used
         self.stats["pack_capacity"] += self.seq_length

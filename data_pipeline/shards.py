@@ -24,7 +24,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from data_pipeline.encode import text_token_count
-from data_pipeline.schema import BadRecord, media_names, media_type, parse_record
+from data_pipeline.schema import BadRecord, check_spans, media_names, media_type, parse_record
 from data_pipeline.shard_check import ShardDamage, check_shard
 from data_pipeline.sizing import MAX_ASPECT_RATIO, RejectedMedia
 from data_pipeline.tokenizer import KeyeTokenizer
@@ -83,16 +83,24 @@ def probe_media(name: str, data: bytes) -> dict:
     return meta
 
 
-def describe(key: str, record: dict, media: dict[str, bytes], tokenizer: KeyeTokenizer) -> dict:
-    """The index entry of a valid sample; raises BadRecord / RejectedMedia otherwise."""
+def describe(key: str, record: dict, media: dict[str, bytes], tokenizer: KeyeTokenizer) -> tuple[dict, dict, int]:
+    """(the index entry of a valid sample, its record with time labels clipped to the media, labels clipped);
+    raises BadRecord / RejectedMedia otherwise (`schema.check_spans` states the rule for time labels)."""
     metas = {}
     for name in media_names(record):
         if name not in media:
             raise BadRecord("missing_media", f"record {record['id']!r} uses {name!r}, which is not in the sample")
         if name not in metas:
             metas[name] = probe_media(name, media[name])
-    return {"key": key, "id": record["id"], "kind": record["kind"],
-            "text_tokens": text_token_count(record, tokenizer), "media": metas}
+    record, clipped = check_spans(record, durations(metas))
+    entry = {"key": key, "id": record["id"], "kind": record["kind"],
+             "text_tokens": text_token_count(record, tokenizer), "media": metas}
+    return entry, record, clipped
+
+
+def durations(metas: dict[str, dict]) -> dict[str, float]:
+    """Probed duration by media name, for the videos among a sample's media metadata."""
+    return {name: meta["duration"] for name, meta in metas.items() if meta["type"] == "video"}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -104,10 +112,12 @@ class BuildReport:
     samples: int = 0
     shards: int = 0
     bytes: int = 0
-    rejects: Counter = field(default_factory=Counter)
+    rejects: Counter = field(default_factory=Counter)  # samples left out, by reason
+    counts: Counter = field(default_factory=Counter)  # kept but noted: clipped_span, duplicate_id (without dedup)
 
     def as_dict(self) -> dict:
-        return {"samples": self.samples, "shards": self.shards, "bytes": self.bytes, "rejects": dict(self.rejects)}
+        return {"samples": self.samples, "shards": self.shards, "bytes": self.bytes, "rejects": dict(self.rejects),
+                "counts": dict(self.counts)}
 
 
 def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
@@ -134,7 +144,9 @@ class ShardWriter:
 
     def add(self, record: dict, media: dict[str, bytes]) -> None:
         key = f"{self.report.samples:09d}"
-        entry = describe(key, record, media, self.tokenizer)  # may raise: nothing written yet
+        entry, record, clipped = describe(key, record, media, self.tokenizer)  # may raise: nothing written yet
+        if clipped:
+            self.report.counts["clipped_span"] += clipped
         if self._tar is None:
             self._open()
         entry["offset"] = self._tar.offset
@@ -339,7 +351,10 @@ def index_shards(root: str | Path, tokenizer: KeyeTokenizer) -> BuildReport:
                         if "json" not in members:
                             raise BadRecord("missing_field", f"sample {key} has no .json record")
                         record = parse_record(members.pop("json"))
-                        entry = describe(key, record, members, tokenizer)
+                        # a clipped label is clipped again when read; the tar is not rewritten
+                        entry, _, clipped = describe(key, record, members, tokenizer)
+                        if clipped:
+                            report.counts["clipped_span"] += clipped
                     except (BadRecord, RejectedMedia, UnsafeMember) as exc:
                         report.rejects[exc.reason] += 1
                         continue
