@@ -156,6 +156,14 @@ class DecodePool:
             self._done(slot)
             return result
 
+    def discard(self, job_id: int) -> None:
+        """Give up a job whose result is not wanted: inline it is never decoded; a worker may have read it already
+        (results are still taken in submission order)."""
+        if self.inline is not None:
+            del self.inline_jobs[job_id]
+        else:
+            self.result(job_id)
+
     def _replace(self, slot: int, reason: str, detail: str) -> Rejected:
         old = self.workers[slot]
         old.stop(kill=True)
