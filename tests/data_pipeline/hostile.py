@@ -58,5 +58,5 @@ def overwrite_from(shard_dir: Path, shard: int, sample: int) -> None:
 
 
 def text_data_config(corpus: Path, **overrides) -> DataConfig:
-    base = dict(shards=str(corpus / "shards"), tokenizer=str(corpus / "tokenizer.json"), open_packs=4)
+    base = {"shards": str(corpus / "shards"), "tokenizer": str(corpus / "tokenizer.json"), "open_packs": 4}
     return DataConfig(**(base | overrides))

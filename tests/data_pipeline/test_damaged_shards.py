@@ -68,8 +68,8 @@ def test_the_loader_reports_a_damaged_shard_once_and_never_plans_its_lost_sample
     counters = loader.counters()
     loader.close()
     assert [line for line in lines if "damaged" in line] == [
-        "data: shard shard-000001.tar is damaged (7868 bytes, its index says 20480): 3 of 10 samples lost, "
-        "its first 7 are used"]
+        ("data: shard shard-000001.tar is damaged (7868 bytes, its index says 20480): 3 of 10 samples lost, "
+         "its first 7 are used")]
     assert counters["plan/damaged_shards"] == 1 and counters["plan/lost_samples"] == 3
     assert not any(key.startswith("rejected/") for key in counters)
     assert LONG_ID in lost and not lost & set(trained)

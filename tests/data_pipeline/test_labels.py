@@ -79,7 +79,7 @@ def _patch_record(tar, old: bytes, new: bytes) -> None:
 
 
 def test_shards_built_before_the_check_get_it_when_read(media, tmp_path):
-    _, shards, _ = build(media, tmp_path, [grounding("a", 0.5, 1.0), grounding("b", 0.4, 1.0)])
+    build(media, tmp_path, [grounding("a", 0.5, 1.0), grounding("b", 0.4, 1.0)])
     tar = tmp_path / "shards" / "shard-000000.tar"
     _patch_record(tar, b'"start": 0.5, "end": 1.0', b'"start": 5.5, "end": 9.0')  # beyond the 2 s clip
     _patch_record(tar, b'"start": 0.4, "end": 1.0', b'"start": 0.4, "end": 9.0')  # over its end
@@ -95,7 +95,7 @@ def test_shards_built_before_the_check_get_it_when_read(media, tmp_path):
 
 def test_duplicate_ids_are_reported_and_dropped_under_dedup(media, tmp_path):
     records = [grounding("same", 0.0, 1.0), grounding("other", 0.0, 1.0), grounding("same", 0.5, 1.5)]
-    report, shards, lines = build(media, tmp_path / "kept", records)
+    report, _, lines = build(media, tmp_path / "kept", records)
     assert report.samples == 3 and report.rejects == {} and report.counts == {"duplicate_id": 1}
     assert lines[0] == "keye-data: id 'same' of line 3 is already used by line 1 (kept; --dedup drops it)"
 
