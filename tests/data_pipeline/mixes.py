@@ -11,7 +11,7 @@ from collections import Counter
 import torch
 
 from data_pipeline.encode import EncodedSample
-from data_pipeline.shards import FORMAT, ShardMixture, ShardSet, shard_item
+from data_pipeline.shards import FORMAT, ShardMixture, ShardSet
 from data_pipeline.workers import Rejected, sample_id
 
 
@@ -25,6 +25,8 @@ class DigitTokenizer:
 def write_index(root, entries_per_shard, tokenizer="t", tars=False):
     """index.json and .idx.json files; with tars, shard tars whose members are one small text record per sample
     (offsets and sizes as the index says). tokenizer: the fingerprint to record."""
+    from data_pipeline.shards import shard_item  # here: benchmarks/bad_data_cpu.py runs the stand-in on older code
+
     root.mkdir(parents=True, exist_ok=True)
     shards = []
     for n, entries in enumerate(entries_per_shard):
@@ -63,11 +65,13 @@ class FlakyDecoder:
 
         entry = self.shards.entry(planned.shard, planned.sample)
         self.calls[entry["id"], planned.epoch] += 1
-        if self.read:
+        if self.read:  # failing as SampleDecoder does
             try:
                 self.shards.read(planned.shard, planned.sample)
             except BadRecord as exc:
                 return Rejected(exc.reason, str(exc))
+            except Exception as exc:
+                return Rejected("decode_error", f"{type(exc).__name__}: {exc}")
         injected = random.Random(f"{planned.shard}/{planned.sample}").random() < self.reject_rate
         if injected or entry["id"] in self.fail_ids:
             return Rejected("decode_error", f"injected failure of {entry['id']!r}")
