@@ -95,7 +95,7 @@ class PlannedPack:
 
 @dataclass
 class PlannedStep:
-    """One optimizer step: packs[r] and reserve[r] are DP rank r's packs and spare samples."""
+    """One optimizer step: packs[r] and reserves[r] are DP rank r's packs and spare samples."""
 
     packs: list
     reserves: list
@@ -303,8 +303,9 @@ class PackPlanner:
     def apply_events(self, shared: list[dict], keep_calls: int) -> None:
         """Apply one step's events, gathered from every rank (the same list on every rank, in rank order):
         - "rejected": parts that failed to read or decode; every part of those samples is dropped from the
-          queues and open packs, and `is_unreadable` holds their key for the next `keep_calls` calls (parts of
-          them planned earlier, into steps not yet trained, are dropped by the loader);
+          queues and packs not yet dealt, and `is_unreadable` knows them until keep_calls - 1 more calls are
+          applied (the loader passes prefetch_steps: until the steps planned before the failure was known are
+          trained, whose parts of them it drops unread);
         - "unused": reserve samples that did not fit; they go back to the front of their queue, in order."""
         self.applied += 1
         for rank in shared:
