@@ -32,15 +32,26 @@ def _media_of(record: dict, media_root: Path) -> dict[str, bytes]:
 
 
 def build_shards(manifest: str | Path, media_root: str | Path, out: str | Path, tokenizer: KeyeTokenizer,
-                 samples_per_shard: int = 1000, max_shard_bytes: int = 1 << 30, log=print) -> BuildReport:
+                 samples_per_shard: int = 1000, max_shard_bytes: int = 1 << 30, log=print,
+                 dedup: bool = False) -> BuildReport:
+    """A record whose id an earlier line of the manifest already used is reported and counted (`duplicate_id`
+    in the report's counts); with dedup it is dropped instead (the first one is kept; in the rejects)."""
     media_root = Path(media_root).resolve()
     writer = ShardWriter(out, tokenizer, samples_per_shard, max_shard_bytes)
+    first_line: dict[str, int] = {}
     with open(manifest, "rb") as lines:
         for number, line in enumerate(lines, 1):
             if not line.strip():
                 continue
             try:
                 record = parse_record(line)
+                if record["id"] in first_line:
+                    seen = f"id {record['id']!r} of line {number} is already used by line {first_line[record['id']]}"
+                    if dedup:
+                        raise BadRecord("duplicate_id", seen)
+                    writer.report.counts["duplicate_id"] += 1
+                    log(f"keye-data: {seen} (kept; --dedup drops it)")
+                first_line.setdefault(record["id"], number)
                 media = _media_of(record, media_root)
                 record = {k: v for k, v in record.items() if k != "media"}
                 writer.add(record, media)

@@ -1,4 +1,4 @@
-"""`keye-data build | index | demo`: make shards that `keye-train` reads."""
+"""`keye-data build | index | demo`: make shards that `keye-train` reads; `index --verify` checks them."""
 
 from __future__ import annotations
 
@@ -17,10 +17,13 @@ def main(argv: list[str] | None = None) -> int:
     build.add_argument("--tokenizer", required=True, help="HF tokenizer.json (token counts go into the index)")
     build.add_argument("--samples-per-shard", type=int, default=1000)
     build.add_argument("--max-shard-mb", type=int, default=1024)
+    build.add_argument("--dedup", action="store_true", help="drop records whose id an earlier line already used")
 
-    index = sub.add_parser("index", help="index tar shards made elsewhere (webdataset layout)")
+    index = sub.add_parser("index", help="index tar shards made elsewhere (webdataset layout), or --verify a corpus")
     index.add_argument("shards")
-    index.add_argument("--tokenizer", required=True)
+    index.add_argument("--tokenizer", help="needed to index (token counts go into the index)")
+    index.add_argument("--verify", action="store_true",
+                       help="check every sample of an indexed directory against its index; exit 1 on damage")
 
     demo = sub.add_parser("demo", help="generate the demo corpus and its shards")
     demo.add_argument("--out", default="runs/demo/data")
@@ -36,10 +39,16 @@ def main(argv: list[str] | None = None) -> int:
             from data_pipeline.build import build_shards
 
             build_shards(args.manifest, args.media_root, args.out, KeyeTokenizer(args.tokenizer),
-                         args.samples_per_shard, args.max_shard_mb << 20)
+                         args.samples_per_shard, args.max_shard_mb << 20, dedup=args.dedup)
+        elif args.command == "index" and args.verify:
+            from data_pipeline.verify import verify_corpus
+
+            return 1 if verify_corpus(args.shards) else 0
         elif args.command == "index":
             from data_pipeline.shards import index_shards
 
+            if args.tokenizer is None:
+                parser.error("index needs --tokenizer (or --verify)")
             report = index_shards(args.shards, KeyeTokenizer(args.tokenizer))
             print("keye-data: " + str(report.as_dict()))
         else:

@@ -34,6 +34,7 @@ class EncodedSample:
     supervised: torch.Tensor  # [L] bool
     patches: torch.Tensor  # [N, 3 * 14 * 14] float32
     patch_grids: torch.Tensor  # [F, 2] int64
+    clipped_spans: int = 0  # time labels clipped to the video's duration when read (schema.check_spans)
 
     @property
     def length(self) -> int:

@@ -1,23 +1,44 @@
 """The training data loader of one DP rank: the global pack plan, this rank's share, decoded ahead of time.
 
 `next_step()` returns this rank's `global_batch / dp` packs for one optimizer step. Samples of the next
-`prefetch_steps` steps are already decoding in worker processes. The state (`state_dict`) is the planner's
-state before the first step not yet returned plus the counters, so a resumed run continues with exactly the
-samples an uninterrupted run would have seen.
+`prefetch_steps` steps are already decoding in worker processes.
+
+Bad samples cost nothing (rule):
+- Reserve: with `data.reserve_fraction` > 0 the planner gives each rank, with each step, spare short samples
+  (that token share of its packs), decoded with its packs. After a step's packs are read, the samples that
+  fit nowhere (longer than planned) and then the reserve, in planned order, go best-fit into the packs' free
+  room (the least room that fits; the first pack of equals), filling what rejects left.
+- Events: after assembling step N, the ranks `exchange` (an all-gather over the data-parallel group) the
+  parts that failed to read or decode and the reserve samples they did not use. Every rank applies step N's
+  gathered events to its planner right before planning step N + prefetch_steps, so all plans stay equal.
+  A failed sample's other parts leave the plan for the rest of its epoch (a whole sample is read once per
+  epoch); those already planned into the prefetched steps are dropped unread (`rejected/known_unreadable`).
+  Unused reserve samples are planned again, at the front of the queue: never lost, never duplicated.
+- Counters: every planned sample (`planned`, packs and reserve, per rank) is trained (`samples`), rejected
+  (`rejected/<reason>`) or carried over (`carried_over`, planned again later).
+- State (`state_dict`): the planner's state before the first step not yet returned, the gathered events not
+  yet applied to that state (one entry per step, in order), and the counters. A resumed run with the same
+  prefetch_steps plans, fills and skips exactly as the uninterrupted one; with another prefetch_steps the
+  pending events are applied at once (the ranks still agree).
+- Without `exchange` and with dp_size > 1 nothing is shared: no reserve (reserve_fraction must be 0) and no
+  unreadable-once, as before.
+
+reserve_fraction 0 plans exactly the packs it planned before the reserve existed.
 """
 
 from __future__ import annotations
 
 from collections import Counter, deque
+from typing import NamedTuple
 
 from data_pipeline.batch import PackedBatch
 from data_pipeline.encode import EncodedSample, MediaBudget
 from data_pipeline.packing import assemble_pack
-from data_pipeline.planner import PackingConfig, PackPlanner
+from data_pipeline.planner import PackingConfig, PackPlanner, PlannedPack, PlannedSample
 from data_pipeline.shards import ShardMixture
 from data_pipeline.sizing import ImageBudget, VideoBudget
 from data_pipeline.tokenizer import KeyeTokenizer
-from data_pipeline.workers import DecodePool, Rejected
+from data_pipeline.workers import DecodePool, Rejected, SampleDecoder
 
 
 def media_budget(data) -> MediaBudget:
@@ -29,65 +50,141 @@ def media_budget(data) -> MediaBudget:
                           adaptive=data.adaptive_video_budget))
 
 
+def _alone(obj) -> list:
+    return [obj]
+
+
+class _Ahead(NamedTuple):
+    """A planned step of this rank, decoding: the planner's state before the step (before the gathered events
+    applied right before planning it, which come next), the step's packs followed by its reserve as one more
+    PlannedPack, and the decode job of every planned sample."""
+
+    before: tuple  # (planner state, events or None)
+    packs: list[PlannedPack]
+    jobs: list[list[int]]
+
+
 class ShardLoader:
+    """exchange(obj) -> [obj of rank 0, ..., obj of rank dp_size - 1]: an all-gather of a small JSON-able object
+    over the data-parallel group, called once per step by every rank (default with one rank: [obj]).
+    decoder_factory: what decodes a planned sample (see DecodePool; a stand-in for tests and benchmarks)."""
+
     def __init__(self, data, seq_length: int, global_batch: int, seed: int, dp_rank: int = 0, dp_size: int = 1,
-                 log=print):
+                 log=print, exchange=None, decoder_factory=SampleDecoder):
         if not 0 <= dp_rank < dp_size or global_batch % dp_size:
             raise ValueError(f"dp_rank {dp_rank} / dp_size {dp_size} / global_batch {global_batch}")
+        self.exchange = exchange if exchange is not None or dp_size > 1 else _alone
+        if self.exchange is None and data.reserve_fraction > 0:
+            raise ValueError(f"data.reserve_fraction={data.reserve_fraction} with {dp_size} DP ranks needs an "
+                             "exchange between them (ShardLoader(exchange=...))")
         self.tokenizer = KeyeTokenizer(data.tokenizer)
         roots, weights = data_sources(data)
-        self.shards = ShardMixture(roots, self.tokenizer.fingerprint)
+        self.shards = ShardMixture(roots, self.tokenizer.fingerprint, verify=True)  # damaged tars: readable prefix
+        if dp_rank == 0:
+            for damage in self.shards.damaged:
+                log(f"data: {damage.describe()}")
         budget = media_budget(data)
         packing = PackingConfig(seq_length=seq_length, open_packs=data.open_packs,
                                 long_sample_tokens=data.long_sample_tokens,
                                 long_short_ratio=tuple(data.long_short_ratio), patch_cost=data.patch_cost,
-                                max_pack_age=data.max_pack_age, source_weights=weights if len(roots) > 1 else ())
+                                max_pack_age=data.max_pack_age, source_weights=weights if len(roots) > 1 else (),
+                                reserve_fraction=data.reserve_fraction)
         # every rank plans the same packs; one of them reports the planner's skips
         self.planner = PackPlanner(self.shards, self.tokenizer, budget, packing, seed,
                                    log=log if dp_rank == 0 else (lambda line: None))
-        self.pool = DecodePool(roots, data.tokenizer, budget, seq_length, data.workers, data.decode_timeout_s)
+        self.pool = DecodePool(roots, data.tokenizer, budget, seq_length, data.workers, data.decode_timeout_s,
+                               decoder_factory)
         self.seq_length, self.global_batch = seq_length, global_batch
         self.dp_rank, self.dp_size = dp_rank, dp_size
         self.prefetch_steps = max(1, data.prefetch_steps)
         self.log = log
-        self.ahead: deque = deque()  # (planner state before the step, this rank's packs, job ids)
+        self.ahead: deque[_Ahead] = deque()
+        self.due: deque = deque()  # gathered events (or None) to apply before planning each next step
         self.rejects: Counter = Counter()
-        self.stats = Counter()  # samples, pack_tokens, pack_capacity
+        self.stats = Counter()  # planned, samples, carried_over, reserve_used, pack_tokens, pack_capacity, ...
 
     # ---- stream -------------------------------------------------------------------------------------------
 
     def _plan_ahead(self) -> None:
         while len(self.ahead) < self.prefetch_steps:
             before = self.planner.state_dict()
-            mine = self.planner.next_step(self.global_batch, self.dp_size)[self.dp_rank]
-            jobs = [[self.pool.submit(s) for s in pack.samples] for pack in mine]
-            self.ahead.append((before, mine, jobs))
+            events = self.due.popleft() if self.due else None
+            if events is not None:
+                self.planner.apply_events(events, self.prefetch_steps)
+            step = self.planner.plan_step(self.global_batch, self.dp_size)
+            reserve = PlannedPack()
+            for sample in step.reserves[self.dp_rank]:
+                reserve.add(sample)
+            packs = step.packs[self.dp_rank] + [reserve]
+            jobs = [[self.pool.submit(s) for s in pack.samples] for pack in packs]
+            self.ahead.append(_Ahead((before, events), packs, jobs))
 
     def next_step(self) -> list[PackedBatch]:
         self._plan_ahead()
-        _, packs, jobs = self.ahead.popleft()
-        batches = [self._assemble(pack.samples, [self.pool.result(j) for j in pack_jobs])
-                   for pack, pack_jobs in zip(packs, jobs)]
+        step = self.ahead.popleft()
+        batches, events = self._assemble(step)
+        if self.exchange is not None:
+            gathered = self.exchange(events)
+            if len(gathered) != self.dp_size:
+                raise RuntimeError(f"exchange returned {len(gathered)} objects for {self.dp_size} DP ranks")
+            self.due.append(gathered)
         self._plan_ahead()  # the next steps decode while this one trains
         return batches
 
-    def _assemble(self, planned: list, results: list) -> PackedBatch:
-        samples: list[EncodedSample] = []
-        used = 0
-        for ref, result in zip(planned, results):
-            where = f"[shard {self.shards.shards[ref.shard]}, sample {ref.sample}, epoch {ref.epoch}]"
-            if isinstance(result, Rejected):
-                self._reject(result.reason, f"{result.detail} {where}")
-                continue
-            if used + result.length > self.seq_length:  # a true timestamp with one digit more than planned
-                self._reject("length_mismatch", f"{result.key} has {result.length} tokens, the pack is full")
-                continue
-            samples.append(result)
-            used += result.length
+    def _assemble(self, step: _Ahead) -> tuple[list[PackedBatch], dict]:
+        """This rank's packs of one step with their holes filled, and its events for the other ranks."""
+        self.stats["planned"] += sum(len(p.samples) for p in step.packs)
+        failed: list[list[int]] = []
+        packs: list[list[EncodedSample]] = []
+        spilled = []  # (planned, decoded) longer than planned: they did not fit their own pack
+        for pack, jobs in zip(step.packs[:-1], step.jobs[:-1]):
+            packs.append([])
+            for planned, job in zip(pack.samples, jobs):
+                sample = self._take(planned, job, failed)
+                if sample is None:
+                    continue
+                if sum(s.length for s in packs[-1]) + sample.length > self.seq_length:
+                    spilled.append((planned, sample))
+                else:
+                    packs[-1].append(sample)
+        spares = [(p, self._take(p, job, failed)) for p, job in zip(step.packs[-1].samples, step.jobs[-1])]
+        unused = []
+        candidates = [(p, s, False) for p, s in spilled] + [(p, s, True) for p, s in spares if s is not None]
+        for planned, sample, from_reserve in candidates:
+            room = [self.seq_length - sum(s.length for s in pack) for pack in packs]
+            fits = [k for k, free in enumerate(room) if free >= sample.length]
+            if fits:
+                packs[min(fits, key=lambda k: room[k])].append(sample)
+                self.stats["reserve_used"] += int(from_reserve)
+            elif from_reserve:
+                unused.append(planned.as_list())
+                self.stats["carried_over"] += 1
+            else:  # a true timestamp with one digit more than planned
+                self._reject("length_mismatch", f"{sample.key} has {sample.length} tokens, no pack has room")
+        return [self._pack(samples) for samples in packs], {"rejected": failed, "unused": unused}
+
+    def _take(self, planned: PlannedSample, job: int, failed: list) -> EncodedSample | None:
+        """The decoded sample, or None after counting why not (a failure also goes into `failed`)."""
+        where = f"[shard {self.shards.shards[planned.shard]}, sample {planned.sample}, epoch {planned.epoch}]"
+        if self.planner.is_unreadable(planned):
+            self.pool.discard(job)
+            self._reject("known_unreadable", f"another part of it failed to read earlier {where}")
+            return None
+        result = self.pool.result(job)
+        if isinstance(result, Rejected):
+            self._reject(result.reason, f"{result.detail} {where}")
+            failed.append([planned.epoch, planned.shard, planned.sample, planned.part])
+            return None
+        return result
+
+    def _pack(self, samples: list[EncodedSample]) -> PackedBatch:
         self.stats["samples"] += len(samples)
-        self.stats["pack_tokens"] += used
+        self.stats["pack_tokens"] += sum(s.length for s in samples)
         self.stats["pack_capacity"] += self.seq_length
-        return assemble_pack(samples, self.seq_length, self.tokenizer.ids)
+        self.stats["clipped_spans"] += sum(s.clipped_spans for s in samples)
+        batch = assemble_pack(samples, self.seq_length, self.tokenizer.ids)
+        self.stats["empty_packs"] += int(batch.num_supervised() == 0)
+        return batch
 
     def _reject(self, reason: str, detail: str) -> None:
         self.rejects[reason] += 1
@@ -96,19 +193,24 @@ class ShardLoader:
     # ---- metrics and state --------------------------------------------------------------------------------
 
     def counters(self) -> dict:
-        """Per-rank counts (decode rejects, samples, pack tokens) and the planner's global counts."""
+        """Per-rank counts (rejects by reason, planned / trained / carried-over samples, pack tokens) and the
+        planner's global counts (plan/...)."""
         out = {f"rejected/{k}": v for k, v in self.rejects.items()}
         out.update({k: v for k, v in self.stats.items()})
         for key, value in self.consumed_planner_state()["counters"].items():
             out[f"plan/{key}"] = value
         out["epoch"] = self.consumed_planner_state()["epoch"]
+        out["plan/damaged_shards"] = len(self.shards.damaged)
+        out["plan/lost_samples"] = sum(d.lost for d in self.shards.damaged)
         return out
 
     def consumed_planner_state(self) -> dict:
-        return self.ahead[0][0] if self.ahead else self.planner.state_dict()
+        return self.ahead[0].before[0] if self.ahead else self.planner.state_dict()
 
     def state_dict(self) -> dict:
-        return {"planner": self.consumed_planner_state(), "rejects": dict(self.rejects), "stats": dict(self.stats),
+        pending = [step.before[1] for step in self.ahead] + list(self.due)
+        return {"planner": self.consumed_planner_state(), "events": pending,
+                "prefetch_steps": self.prefetch_steps, "rejects": dict(self.rejects), "stats": dict(self.stats),
                 "dp_rank": self.dp_rank, "dp_size": self.dp_size, "global_batch": self.global_batch}
 
     def load_state_dict(self, state: dict) -> None:
@@ -120,13 +222,19 @@ class ShardLoader:
                 raise ValueError(f"data state has {key}={state[key]}, this run has {getattr(self, key)}")
         self._drain()
         self.planner.load_state_dict(state["planner"])
+        self.due = deque(state.get("events", []))  # states written before events existed have none
+        if state.get("prefetch_steps", self.prefetch_steps) != self.prefetch_steps:
+            while self.due:  # planned at other points than this run would: apply them now
+                events = self.due.popleft()
+                if events is not None:
+                    self.planner.apply_events(events, self.prefetch_steps)
         self.rejects = Counter(state["rejects"])
         self.stats = Counter(state["stats"])
 
     def _drain(self) -> None:
-        for _, _, jobs in self.ahead:
-            for pack_jobs in jobs:
-                for job in pack_jobs:
+        for step in self.ahead:
+            for jobs in step.jobs:
+                for job in jobs:
                     self.pool.result(job)
         self.ahead.clear()
 
@@ -165,6 +273,8 @@ def check_data_config(data) -> None:
             raise ValueError(f"data.{key} must be >= 1")
     if data.decode_timeout_s <= 0:
         raise ValueError("data.decode_timeout_s must be > 0")
+    if not 0 <= data.reserve_fraction < 1:
+        raise ValueError(f"data.reserve_fraction={data.reserve_fraction} must be in [0, 1)")
     if data.image_min_tokens > data.image_max_tokens:
         raise ValueError("data.image_min_tokens must be <= data.image_max_tokens")
     if len(data.long_short_ratio) != 2 or min(data.long_short_ratio) < 1:

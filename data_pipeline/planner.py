@@ -14,6 +14,11 @@ budget.
   tokens in `long_short_ratio` (Stage 3: 1:1); samples of the class that is ahead wait in a bounded queue.
 - Balance: a step's `global_batch` packs are dealt to DP ranks by longest-processing-time on the estimated
   compute of a pack (tokens + ViT patches), `global_batch / dp` packs per rank.
+- Reserve (`reserve_fraction` > 0): after a step's packs, each rank in turn gets spare short samples of about
+  that token share of its packs; the loader fills the holes rejects leave from them (see `loader`).
+- Events: what only one rank saw (parts that failed to read or decode, reserve samples it did not use) reaches
+  the plan through `apply_events`, called by every rank with the same gathered list at the same point of the
+  plan, so the plans stay equal. A failed sample's other parts leave the plan; unused reserves are planned again.
 
 The state is small (cursor, open packs as sample references) and JSON-safe; the loader re-reads those
 samples after a resume.
@@ -44,6 +49,8 @@ class PackingConfig:
     max_pack_age: int = 1024  # an open pack closes after this many later admissions (bounds a sample's delay)
     patch_cost: float = 1.0  # compute of one ViT patch relative to one LM token, for DP balancing
     source_weights: tuple = ()  # a mixture's token shares per source (empty: one source)
+    reserve_fraction: float = 0.0  # per step and rank, spare samples of this token share of its packs (0: none)
+    reserve_max_tokens: int = 0  # the largest sample taken into a reserve (0: seq_length // 8)
 
 
 @dataclass
@@ -84,6 +91,19 @@ class PlannedPack:
         for item in items:
             pack.add(PlannedSample(*item))
         return pack
+
+
+@dataclass
+class PlannedStep:
+    """One optimizer step: packs[r] and reserves[r] are DP rank r's packs and spare samples."""
+
+    packs: list
+    reserves: list
+
+
+def sample_key(sample: PlannedSample) -> tuple[int, int, int]:
+    """What all parts of one sample of one epoch share."""
+    return sample.epoch, sample.shard, sample.sample
 
 
 @lru_cache(maxsize=16)
@@ -149,6 +169,8 @@ class PackPlanner:
         self.counters: Counter = Counter()
         self.waiting: list[list[PlannedSample]] = [[], []]  # short, long samples read but not yet packed
         self.admitted_tokens = [0, 0]  # short, long
+        self.unreadable: dict[tuple, int] = {}  # sample_key -> the apply_events call that reported it
+        self.applied = 0  # apply_events calls
 
     @property
     def epoch(self) -> int:
@@ -162,15 +184,24 @@ class PackPlanner:
         source's cursor; [] if it was skipped."""
         source = min(range(len(self.weights)), key=lambda s: self.source_tokens[s] / self.weights[s])
         cursor, first = self.cursors[source], self.offsets[source]
-        epoch, count = cursor[0], self.offsets[source + 1] - first
+        count = self.offsets[source + 1] - first
         salt = () if len(self.weights) == 1 else (-1 - source,)  # one source: the plain shard order
-        shard = first + _permutation(count, self.seed, epoch, *salt)[cursor[1]]
-        sample = _permutation(self.shards.sizes[shard], self.seed, epoch, shard)[cursor[2]]
-        cursor[2] += 1
-        if cursor[2] == self.shards.sizes[shard]:
+
+        def next_shard():
             cursor[1], cursor[2] = cursor[1] + 1, 0
             if cursor[1] == count:
                 cursor[0], cursor[1] = cursor[0] + 1, 0
+
+        while True:
+            epoch = cursor[0]
+            shard = first + _permutation(count, self.seed, epoch, *salt)[cursor[1]]
+            if self.shards.sizes[shard]:
+                break
+            next_shard()  # a shard with nothing readable (see ShardSet's check at open)
+        sample = _permutation(self.shards.sizes[shard], self.seed, epoch, shard)[cursor[2]]
+        cursor[2] += 1
+        if cursor[2] == self.shards.sizes[shard]:
+            next_shard()
         parts = self._plan_sample(epoch, shard, sample, self.shards.entry(shard, sample))
         self.source_tokens[source] += sum(p.tokens for p in parts)
         if not parts:  # a skipped sample still moves its source along the schedule
@@ -240,6 +271,81 @@ class PackPlanner:
         packs = [self.next_pack() for _ in range(global_batch)]
         return deal(packs, dp_size, self.config.patch_cost)
 
+    def plan_step(self, global_batch: int, dp_size: int) -> PlannedStep:
+        """The step's packs dealt to DP ranks, then each rank's reserve (rank 0's first)."""
+        packs = self.next_step(global_batch, dp_size)
+        share = self.config.reserve_fraction
+        return PlannedStep(packs, [self._plan_reserve(share * sum(p.tokens for p in mine)) if share > 0 else []
+                                   for mine in packs])
+
+    def _plan_reserve(self, tokens: float) -> list[PlannedSample]:
+        """Short samples (at most reserve_max_tokens) of about `tokens` in all, the first ones queued or read next.
+        Longer ones read meanwhile wait for packing as usual. A reserve reads at most `open_packs` samples ahead,
+        so it may come out smaller where short samples are rare."""
+        cap = self.config.reserve_max_tokens or self.config.seq_length // 8
+        queue, reserve, got, at, reads = self.waiting[0], [], 0, 0, 0
+        while got < tokens:
+            while at < len(queue) and queue[at].tokens > cap:
+                at += 1
+            if at < len(queue):
+                reserve.append(queue.pop(at))
+                got += reserve[-1].tokens
+            elif reads < self.config.open_packs:
+                reads += 1
+                for sample in self._next_sample():
+                    self.waiting[self._class_of(sample)].append(sample)
+            else:
+                break
+        return reserve
+
+    # ---- what the ranks saw -------------------------------------------------------------------------------
+
+    def apply_events(self, shared: list[dict], keep_calls: int) -> None:
+        """Apply one step's events, gathered from every rank (the same list on every rank, in rank order):
+        - "rejected": parts that failed to read or decode; every part of those samples is dropped from the
+          queues and packs not yet dealt, and `is_unreadable` knows them until keep_calls - 1 more calls are
+          applied (the loader passes prefetch_steps: until the steps planned before the failure was known are
+          trained, whose parts of them it drops unread);
+        - "unused": reserve samples that did not fit; they go back to the front of their queue, in order."""
+        self.applied += 1
+        for rank in shared:
+            for epoch, shard, sample, _ in rank["rejected"]:
+                self.unreadable.setdefault((epoch, shard, sample), self.applied)
+        if any(rank["rejected"] for rank in shared):
+            self._drop_unreadable()
+        returned = [PlannedSample(*item) for rank in shared for item in rank["unused"]]
+        kept = [s for s in returned if not self.is_unreadable(s)]
+        if len(kept) < len(returned):
+            self.counters["unreadable_skipped"] += len(returned) - len(kept)
+        for cls in (0, 1):
+            self.waiting[cls][:0] = [s for s in kept if self._class_of(s) == cls]
+        self.unreadable = {k: at for k, at in self.unreadable.items() if at > self.applied - keep_calls + 1}
+
+    def is_unreadable(self, sample: PlannedSample) -> bool:
+        return sample_key(sample) in self.unreadable
+
+    def _drop_unreadable(self) -> None:
+        dropped = 0
+        for queue in self.waiting:
+            kept = [s for s in queue if not self.is_unreadable(s)]
+            dropped += len(queue) - len(kept)
+            queue[:] = kept
+        for packs in (self.packer.open, self.packer.closed):
+            for k, pack in enumerate(packs):
+                kept = PlannedPack()
+                for s in pack.samples:
+                    if not self.is_unreadable(s):
+                        kept.add(s)
+                dropped += len(pack.samples) - len(kept.samples)
+                packs[k] = kept
+        for k in reversed(range(len(self.packer.open))):
+            if not self.packer.open[k].samples:
+                self.packer.open.pop(k)
+                self.packer.opened_at.pop(k)
+        self.packer.closed = [p for p in self.packer.closed if p.samples]
+        if dropped:
+            self.counters["unreadable_skipped"] += dropped
+
     # ---- state --------------------------------------------------------------------------------------------
 
     def state_dict(self) -> dict:
@@ -248,6 +354,7 @@ class PackPlanner:
             "counters": dict(self.counters), "admitted_tokens": self.admitted_tokens,
             "waiting": [[s.as_list() for s in queue] for queue in self.waiting],
             "packer": self.packer.state_dict(),
+            "unreadable": [[*key, at] for key, at in self.unreadable.items()], "applied": self.applied,
         })
 
     def load_state_dict(self, state: dict) -> None:
@@ -262,6 +369,8 @@ class PackPlanner:
         self.admitted_tokens = list(state["admitted_tokens"])
         self.waiting = [[PlannedSample(*s) for s in queue] for queue in state["waiting"]]
         self.packer.load_state_dict(state["packer"])
+        self.unreadable = {tuple(item[:3]): item[3] for item in state.get("unreadable", [])}  # older states: none
+        self.applied = int(state.get("applied", 0))
 
 
 def deal(packs: list[PlannedPack], dp_size: int, patch_cost: float = 1.0) -> list[list[PlannedPack]]:

@@ -14,6 +14,12 @@ A shard sample is one `<key>.json` record (UTF-8) plus its media members `<key>.
 
 Pretraining kinds (`caption`, `interleaved`, `video_caption`, `text`) are plain documents ending in
 `<|endoftext|>`. `chat` and `grounding` use the Qwen ChatML template, `<|im_start|>role\\n...<|im_end|>\\n`.
+
+Time labels are checked against the video's probed duration `d` (`check_spans`), at build time and again
+when a sample is read (for shards built before the check): a grounding span or caption segment `[start, end]`
+that ends within `SPAN_TOLERANCE_S` of `d` is kept as it is; one that starts before `d` and ends later is
+clipped to end at `d` (counted as `clipped_span`); one that starts at or after `d` and ends later rejects the
+whole sample (`span_out_of_range`). The tolerance covers the one-decimal rendering and container rounding.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ CHAT_KINDS = ("chat", "grounding")
 KINDS = PRETRAIN_KINDS + CHAT_KINDS
 ROLES = ("system", "user", "assistant")
 SPLITTABLE_KINDS = ("text",)
+SPAN_TOLERANCE_S = 0.1  # a time label may end this far past the probed duration (rounding), see check_spans
 
 
 class BadRecord(ValueError):
@@ -148,6 +155,31 @@ def validate(record: dict) -> None:
             if not isinstance(message, dict) or message.get("role") not in ROLES or "content" not in message:
                 raise BadRecord("bad_field", f"message {message!r} of record {record_id!r}")
             _check_content(message["content"], record_id)
+
+
+def check_spans(record: dict, durations: dict[str, float]) -> tuple[dict, int]:
+    """(the record with its time labels clipped to the video's duration, how many were clipped); raises
+    BadRecord("span_out_of_range") for a label that starts at or after the end (rule in the module docstring).
+    durations: probed duration in seconds by media name."""
+    kind = record["kind"]
+    if kind not in ("grounding", "video_caption") or record["video"] not in durations:
+        return record, 0
+    duration = float(durations[record["video"]])
+    spans = [record] if kind == "grounding" else record["segments"]
+    clipped = []
+    for span in spans:
+        start, end = float(span["start"]), float(span["end"])
+        if end <= duration + SPAN_TOLERANCE_S:
+            clipped.append(span)
+        elif start < duration:
+            clipped.append({**span, "end": duration})
+        else:
+            raise BadRecord("span_out_of_range", f"record {record['id']!r}: span {start:g}-{end:g} s starts at or "
+                            f"after the end of its {duration:g} s video")
+    count = sum(a is not b for a, b in zip(spans, clipped))
+    if not count:
+        return record, 0
+    return (clipped[0] if kind == "grounding" else {**record, "segments": clipped}), count
 
 
 def media_names(record: dict) -> list[str]:

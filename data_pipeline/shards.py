@@ -5,7 +5,8 @@ Layout of a shard directory:
   plain webdataset, so `webdataset.WebDataset` reads it too.
 - `shard-000000.idx.json`: for every sample its key, byte offset in the tar, kind, text token count and
   probed media metadata. Readers plan and split work from these files and seek straight to a sample.
-- `index.json`: shard list, sample and byte counts, rejects by reason, tokenizer fingerprint.
+- `index.json`: shard list (per shard: samples, tar bytes and the last sample's key and offset, which
+  `shard_check` compares with the tar when a corpus opens), rejects by reason, tokenizer fingerprint.
 
 Member names are checked when read: a path (`/`, `..`), a link or device, or a pickle-like extension
 (`.pyd`, `.pickle`, ...) rejects the sample. Nothing in a shard is ever unpickled.
@@ -19,11 +20,12 @@ import os
 import re
 import tarfile
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from data_pipeline.encode import text_token_count
-from data_pipeline.schema import BadRecord, media_names, media_type, parse_record
+from data_pipeline.schema import BadRecord, check_spans, media_names, media_type, parse_record
+from data_pipeline.shard_check import ShardDamage, check_shard
 from data_pipeline.sizing import MAX_ASPECT_RATIO, RejectedMedia
 from data_pipeline.tokenizer import KeyeTokenizer
 from data_pipeline.video import decode_image, probe_video
@@ -81,16 +83,24 @@ def probe_media(name: str, data: bytes) -> dict:
     return meta
 
 
-def describe(key: str, record: dict, media: dict[str, bytes], tokenizer: KeyeTokenizer) -> dict:
-    """The index entry of a valid sample; raises BadRecord / RejectedMedia otherwise."""
+def describe(key: str, record: dict, media: dict[str, bytes], tokenizer: KeyeTokenizer) -> tuple[dict, dict, int]:
+    """(the index entry of a valid sample, its record with time labels clipped to the media, labels clipped);
+    raises BadRecord / RejectedMedia otherwise (`schema.check_spans` states the rule for time labels)."""
     metas = {}
     for name in media_names(record):
         if name not in media:
             raise BadRecord("missing_media", f"record {record['id']!r} uses {name!r}, which is not in the sample")
         if name not in metas:
             metas[name] = probe_media(name, media[name])
-    return {"key": key, "id": record["id"], "kind": record["kind"],
-            "text_tokens": text_token_count(record, tokenizer), "media": metas}
+    record, clipped = check_spans(record, durations(metas))
+    entry = {"key": key, "id": record["id"], "kind": record["kind"],
+             "text_tokens": text_token_count(record, tokenizer), "media": metas}
+    return entry, record, clipped
+
+
+def durations(metas: dict[str, dict]) -> dict[str, float]:
+    """Probed duration by media name, for the videos among a sample's media metadata."""
+    return {name: meta["duration"] for name, meta in metas.items() if meta["type"] == "video"}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -102,10 +112,12 @@ class BuildReport:
     samples: int = 0
     shards: int = 0
     bytes: int = 0
-    rejects: Counter = field(default_factory=Counter)
+    rejects: Counter = field(default_factory=Counter)  # samples left out, by reason
+    counts: Counter = field(default_factory=Counter)  # kept but noted: clipped_span, duplicate_id (without dedup)
 
     def as_dict(self) -> dict:
-        return {"samples": self.samples, "shards": self.shards, "bytes": self.bytes, "rejects": dict(self.rejects)}
+        return {"samples": self.samples, "shards": self.shards, "bytes": self.bytes, "rejects": dict(self.rejects),
+                "counts": dict(self.counts)}
 
 
 def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
@@ -132,7 +144,9 @@ class ShardWriter:
 
     def add(self, record: dict, media: dict[str, bytes]) -> None:
         key = f"{self.report.samples:09d}"
-        entry = describe(key, record, media, self.tokenizer)  # may raise: nothing written yet
+        entry, record, clipped = describe(key, record, media, self.tokenizer)  # may raise: nothing written yet
+        if clipped:
+            self.report.counts["clipped_span"] += clipped
         if self._tar is None:
             self._open()
         entry["offset"] = self._tar.offset
@@ -157,7 +171,7 @@ class ShardWriter:
         os.replace(self.out / (self._name + ".partial"), path)
         _write_json(self.out / index_name(self._name), {"shard": self._name, "samples": self._entries})
         size = path.stat().st_size
-        self._shards.append({"name": self._name, "samples": len(self._entries), "bytes": size})
+        self._shards.append(shard_item(self._name, self._entries, size))
         self.report.shards += 1
         self.report.bytes += size
         self._tar, self._entries = None, []
@@ -168,6 +182,14 @@ class ShardWriter:
         _write_json(self.out / "index.json", {**self.report.as_dict(), "format": FORMAT,
                                               "tokenizer": self.tokenizer.fingerprint, "shards": self._shards})
         return self.report
+
+
+def shard_item(name: str, entries: list[dict], size: int) -> dict:
+    """A shard's line in index.json: its name, sample count, tar size and last sample (checked at open)."""
+    item = {"name": name, "samples": len(entries), "bytes": size}
+    if entries:
+        item["last"] = [entries[-1]["key"], entries[-1]["offset"]]
+    return item
 
 
 def _write_json(path: Path, value) -> None:
@@ -216,9 +238,13 @@ def iter_tar_samples(fileobj, stop_after_key: str | None = None):
 
 
 class ShardSet:
-    """A shard directory: the global list of samples and random access to any of them."""
+    """A shard directory: the global list of samples and random access to any of them.
 
-    def __init__(self, root: str | Path, tokenizer_fingerprint: str | None = None):
+    With verify=True each tar is checked against its index when the set opens (`shard_check`): a damaged
+    shard is listed in `damaged` and only its readable prefix counts in `sizes`. The planner's set verifies;
+    decode workers, which read only what the planner planned, need not."""
+
+    def __init__(self, root: str | Path, tokenizer_fingerprint: str | None = None, verify: bool = False):
         self.root = Path(root)
         index_path = self.root / "index.json"
         if not index_path.is_file():
@@ -232,9 +258,21 @@ class ShardSet:
         self.shards = [s["name"] for s in index["shards"]]
         self.sizes = [int(s["samples"]) for s in index["shards"]]
         self.build_rejects = index.get("rejects", {})
+        self._entries: dict[int, list] = {}
+        self.damaged: list[ShardDamage] = []
         if not self.shards or not sum(self.sizes):
             raise ValueError(f"{self.root} holds no samples")
-        self._entries: dict[int, list] = {}
+        if verify:
+            self._verify(index["shards"])
+
+    def _verify(self, items: list[dict]) -> None:
+        for number, item in enumerate(items):
+            damage = check_shard(self.root / item["name"], item, lambda shard=number: self.entries(shard))
+            if damage is not None:
+                self.damaged.append(damage)
+                self.sizes[number] = damage.readable
+        if not sum(self.sizes):
+            raise ValueError(f"{self.root} holds no readable samples: " + "; ".join(d.describe() for d in self.damaged))
 
     def entries(self, shard: int) -> list[dict]:
         if shard not in self._entries:
@@ -269,16 +307,18 @@ class ShardMixture:
     """Several shard directories as one shard list: shard i of source s is global shard offsets[s] + i. One
     source behaves exactly like its ShardSet."""
 
-    def __init__(self, roots: list[str | Path], tokenizer_fingerprint: str | None = None):
+    def __init__(self, roots: list[str | Path], tokenizer_fingerprint: str | None = None, verify: bool = False):
         if not roots:
             raise ValueError("a data mixture needs at least one shard directory")
-        self.sources = [ShardSet(root, tokenizer_fingerprint) for root in roots]
+        self.sources = [ShardSet(root, tokenizer_fingerprint, verify) for root in roots]
         self.offsets = [0]
         for source in self.sources:
             self.offsets.append(self.offsets[-1] + len(source.shards))
         several = len(self.sources) > 1
         self.shards = [f"{src.root.name}/{name}" if several else name for src in self.sources for name in src.shards]
         self.sizes = [n for src in self.sources for n in src.sizes]
+        self.damaged = [replace(d, shard=f"{src.root.name}/{d.shard}") if several else d
+                        for src in self.sources for d in src.damaged]
 
     def locate(self, shard: int) -> tuple[ShardSet, int]:
         for source, start, end in zip(self.sources, self.offsets, self.offsets[1:]):
@@ -311,7 +351,10 @@ def index_shards(root: str | Path, tokenizer: KeyeTokenizer) -> BuildReport:
                         if "json" not in members:
                             raise BadRecord("missing_field", f"sample {key} has no .json record")
                         record = parse_record(members.pop("json"))
-                        entry = describe(key, record, members, tokenizer)
+                        # a clipped label is clipped again when read; the tar is not rewritten
+                        entry, _, clipped = describe(key, record, members, tokenizer)
+                        if clipped:
+                            report.counts["clipped_span"] += clipped
                     except (BadRecord, RejectedMedia, UnsafeMember) as exc:
                         report.rejects[exc.reason] += 1
                         continue
@@ -321,7 +364,7 @@ def index_shards(root: str | Path, tokenizer: KeyeTokenizer) -> BuildReport:
                 # a member that cannot be read safely ends the shard: later offsets are not trusted
                 report.rejects[getattr(exc, "reason", "corrupt_tar")] += 1
         _write_json(root / index_name(path.name), {"shard": path.name, "samples": entries})
-        shards.append({"name": path.name, "samples": len(entries), "bytes": path.stat().st_size})
+        shards.append(shard_item(path.name, entries, path.stat().st_size))
         report.samples += len(entries)
         report.bytes += path.stat().st_size
         report.shards += 1

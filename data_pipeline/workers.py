@@ -19,8 +19,8 @@ import torch.multiprocessing as mp
 
 from data_pipeline.encode import EncodedSample, MediaBudget, encode_sample, split_part
 from data_pipeline.planner import PlannedSample
-from data_pipeline.schema import BadRecord
-from data_pipeline.shards import ShardMixture, UnsafeMember
+from data_pipeline.schema import BadRecord, check_spans
+from data_pipeline.shards import ShardMixture, UnsafeMember, durations
 from data_pipeline.sizing import RejectedMedia
 from data_pipeline.tokenizer import KeyeTokenizer
 
@@ -49,10 +49,13 @@ class SampleDecoder:
     def __call__(self, planned: PlannedSample) -> EncodedSample | Rejected:
         try:
             record, media = self.shards.read(planned.shard, planned.sample)
+            # shards built before labels were checked at build time get the check here
+            record, clipped = check_spans(record, durations(self.shards.entry(planned.shard, planned.sample)["media"]))
             sample = encode_sample(sample_id(record["id"], planned), record, media, self.tokenizer, self.budget)
             if planned.part >= 0:
                 sample = split_part(sample, planned.part, self.seq_length)
                 sample.key = sample_id(record["id"], planned)
+            sample.clipped_spans = clipped
             return sample
         except (BadRecord, RejectedMedia, UnsafeMember) as exc:
             return Rejected(exc.reason, str(exc))
@@ -152,6 +155,14 @@ class DecodePool:
                 raise RuntimeError(f"worker returned job {got_id}, expected {job_id}")
             self._done(slot)
             return result
+
+    def discard(self, job_id: int) -> None:
+        """Give up a job whose result is not wanted: inline it is never decoded; a worker may have read it already
+        (results are still taken in submission order)."""
+        if self.inline is not None:
+            del self.inline_jobs[job_id]
+        else:
+            self.result(job_id)
 
     def _replace(self, slot: int, reason: str, detail: str) -> Rejected:
         old = self.workers[slot]

@@ -54,6 +54,13 @@ class ColocatedPlacement:
     def data_parallel_group():
         return parallel_state.get_data_parallel_group()
 
+    def gather_over_data_parallel(self, value) -> list:
+        """Collective over this rank's data-parallel group: every member's (JSON-able) value, in rank order."""
+        group = self.data_parallel_group()
+        gathered = [None] * dist.get_world_size(group)
+        dist.all_gather_object(gathered, value, group=group)
+        return gathered
+
     @staticmethod
     def pipeline_size() -> int:
         return parallel_state.get_pipeline_model_parallel_world_size()

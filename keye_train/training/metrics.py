@@ -35,13 +35,11 @@ def dsa_metrics(lm: torch.nn.Module, device) -> dict[str, float]:
     return {f"dsa/{name}": float(sums[2 * k] / sums[2 * k + 1]) for k, name in enumerate(names) if sums[2 * k + 1] > 0}
 
 
-def data_metrics(loader, group) -> dict:
-    """Collective over `group` (data parallel): the loader's counters summed over DP ranks (rejects by reason,
-    samples, packing efficiency) plus the plan's, which are global."""
-    counters = [None] * dist.get_world_size(group)
-    dist.all_gather_object(counters, loader.counters(), group=group)
+def data_metrics(loader, placement) -> dict:
+    """Collective over data parallelism: the loader's counters summed over DP ranks (rejects by reason, samples,
+    packing efficiency) plus the plan's, which are global."""
     total: dict = {}
-    for rank_counters in counters:
+    for rank_counters in placement.gather_over_data_parallel(loader.counters()):
         for key, value in rank_counters.items():
             if key.startswith("plan/") or key == "epoch":  # the plan is global: the same on every rank
                 total[key] = value
@@ -110,7 +108,7 @@ class StepMetrics:
         if self.cfg.model.lm.dsa.mode != "dense":
             metrics.update(dsa_metrics(self.parts.lm, self.device))
         if step % self.cfg.logging.log_interval == 0:
-            metrics.update(data_metrics(self.data, self.placement.data_parallel_group()))
+            metrics.update(data_metrics(self.data, self.placement))
         if self.device.type == "cuda":
             metrics["memory/peak_gib"] = peak_memory_gib(self.device)
         return metrics
