@@ -49,6 +49,7 @@ class DSAConfig:
 
 
 DSA_MODES = ("dense", "warmup", "sparse")
+EXPERTS_IMPLS = ("auto", "grouped", "sequential")
 
 
 @dataclass
@@ -67,6 +68,7 @@ class LMConfig:
     rope_theta: float = 1e7  # Qwen3-30B-A3B-Thinking-2507; Keye's own value is not published
     mrope_section: List[int] = field(default_factory=lambda: [16, 24, 24])
     norm_eps: float = 1e-6
+    experts_impl: str = "auto"  # grouped (one grouped GEMM over the local experts) | sequential (loop) | auto
     dsa: DSAConfig = field(default_factory=DSAConfig)
 
 
@@ -284,8 +286,18 @@ def check_checkpoint_config(checkpoint: CheckpointConfig) -> None:
         raise ValueError(f"checkpoint.interval={checkpoint.interval} must be >= 0 (0: only on preemption)")
 
 
+def resolve_experts_impl(lm: LMConfig, on_gpu: bool) -> str:
+    """model.lm.experts_impl with auto resolved: grouped GEMM on CUDA, the per-expert loop on the CPU."""
+    if lm.experts_impl not in EXPERTS_IMPLS:
+        raise ValueError(f"model.lm.experts_impl={lm.experts_impl!r}: choose one of {', '.join(EXPERTS_IMPLS)}")
+    if lm.experts_impl == "auto":
+        return "grouped" if on_gpu else "sequential"
+    return lm.experts_impl
+
+
 def check_model_config(model: ModelConfig) -> None:
     """Reject a bad model config before any rank starts, naming the key."""
+    resolve_experts_impl(model.lm, on_gpu=False)
     dsa = model.lm.dsa
     if dsa.mode not in DSA_MODES:
         raise ValueError(f"model.lm.dsa.mode={dsa.mode!r}: choose one of {', '.join(DSA_MODES)}")

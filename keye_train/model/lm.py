@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer import TransformerConfig
 
-from keye_train.config import LMConfig, ParallelConfig
+from keye_train.config import LMConfig, ParallelConfig, resolve_experts_impl
 from megatron.core import parallel_state
 
 from keye_train.model.specs import lm_block_spec, recompute_options
@@ -40,7 +40,7 @@ def lm_transformer_config(lm: LMConfig, par: ParallelConfig, dtype: torch.dtype,
         moe_aux_loss_coeff=lm.moe_aux_loss_coeff,
         moe_router_dtype="fp32",
         moe_token_dispatcher_type="alltoall" if on_gpu else "allgather",
-        moe_grouped_gemm=False,
+        moe_grouped_gemm=resolve_experts_impl(lm, on_gpu) == "grouped",  # our GroupedExperts (specs.py)
         mrope_section=list(lm.mrope_section),
         rotary_interleaved=False,
         tensor_model_parallel_size=par.tp,
