@@ -50,6 +50,7 @@ class DSAConfig:
 
 DSA_MODES = ("dense", "warmup", "sparse")
 EXPERTS_IMPLS = ("auto", "grouped", "sequential")
+LOSS_IMPLS = ("chunked", "megatron")
 
 
 @dataclass
@@ -69,6 +70,8 @@ class LMConfig:
     mrope_section: List[int] = field(default_factory=lambda: [16, 24, 24])
     norm_eps: float = 1e-6
     experts_impl: str = "auto"  # grouped (one grouped GEMM over the local experts) | sequential (loop) | auto
+    loss_impl: str = "chunked"  # chunked (LM head + CE per chunk of tokens, no full logits) | megatron
+    loss_chunk_tokens: int = 4096  # tokens per chunk of the chunked LM head + CE
     dsa: DSAConfig = field(default_factory=DSAConfig)
 
 
@@ -295,9 +298,19 @@ def resolve_experts_impl(lm: LMConfig, on_gpu: bool) -> str:
     return lm.experts_impl
 
 
+def loss_chunk_tokens(lm: LMConfig) -> int | None:
+    """Tokens per chunk of the chunked LM head + CE, or None for megatron's (model.lm.loss_impl)."""
+    if lm.loss_impl not in LOSS_IMPLS:
+        raise ValueError(f"model.lm.loss_impl={lm.loss_impl!r}: choose one of {', '.join(LOSS_IMPLS)}")
+    if lm.loss_chunk_tokens < 1:
+        raise ValueError(f"model.lm.loss_chunk_tokens={lm.loss_chunk_tokens} must be >= 1")
+    return lm.loss_chunk_tokens if lm.loss_impl == "chunked" else None
+
+
 def check_model_config(model: ModelConfig) -> None:
     """Reject a bad model config before any rank starts, naming the key."""
     resolve_experts_impl(model.lm, on_gpu=False)
+    loss_chunk_tokens(model.lm)
     dsa = model.lm.dsa
     if dsa.mode not in DSA_MODES:
         raise ValueError(f"model.lm.dsa.mode={dsa.mode!r}: choose one of {', '.join(DSA_MODES)}")

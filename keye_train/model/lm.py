@@ -7,9 +7,10 @@ import torch.nn.functional as F
 from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer import TransformerConfig
 
-from keye_train.config import LMConfig, ParallelConfig, resolve_experts_impl
+from keye_train.config import LMConfig, ParallelConfig, loss_chunk_tokens, resolve_experts_impl
 from megatron.core import parallel_state
 
+from keye_train.model.lm_head import ChunkedLossGPTModel
 from keye_train.model.specs import lm_block_spec, recompute_options
 
 
@@ -72,8 +73,9 @@ def _allow_missing_transformer_engine() -> None:
 
 
 def build_lm(lm: LMConfig, config: TransformerConfig, pre_process: bool, post_process: bool) -> GPTModel:
+    """The LM stage; with model.lm.loss_impl=chunked its loss skips the full logits (keye_train/model/lm_head.py)."""
     _allow_missing_transformer_engine()
-    return GPTModel(
+    model = ChunkedLossGPTModel(
         config=config,
         transformer_layer_spec=lm_block_spec(config, lm, parallel_state.get_pipeline_model_parallel_rank()),
         vocab_size=lm.vocab_size,
@@ -86,3 +88,5 @@ def build_lm(lm: LMConfig, config: TransformerConfig, pre_process: bool, post_pr
         rotary_base=int(lm.rope_theta),
         scatter_embedding_sequence_parallel=False,  # visual tokens are merged first, then scattered
     )
+    model.loss_chunk_tokens = loss_chunk_tokens(lm)
+    return model

@@ -1,5 +1,6 @@
 """TP / PP / EP / DP layouts compute what one rank computes: losses, gradients and one optimizer step; so do
-the grouped-GEMM experts (the reference runs megatron's per-expert loop).
+the grouped-GEMM experts and the chunked LM head + CE (the reference runs megatron's per-expert loop and its
+logits + cross-entropy).
 
 Each layout runs on gloo under torchrun with the tiny model, identical layout-invariant initial weights and
 the same global batch of packs from the generated test shards (dealt to DP ranks by the planner).
@@ -18,7 +19,7 @@ from tests.helpers import DATA
 
 WORKER = Path(__file__).with_name("layout_worker.py")
 BASE = ["~recipe", "model=tiny", *DATA, "train.seq_length=128", "train.global_batch=4", "train.seed=7", "optim.lr=1e-3",
-        "optim.clip_grad=1.0"]
+        "optim.clip_grad=1.0", "model.lm.loss_impl=megatron"]  # today's logits + CE, the reference of tp2_grouped_chunked
 LAYOUTS = {
     "tp2": (2, ["parallel.tp=2"]),
     "pp2": (2, ["parallel.pp=2"]),
@@ -29,6 +30,10 @@ LAYOUTS = {
     "tp2_ep2_etp1": (2, ["parallel.tp=2", "parallel.ep=2", "parallel.etp=1"]),
     # grouped-GEMM experts against the 1-rank SequentialMLP reference
     "ep2_grouped": (2, ["parallel.ep=2", "model.lm.experts_impl=grouped"]),
+    # the chunked vocab-parallel head + CE (chunks of 48, 48, 32 tokens) against megatron's on one rank, with
+    # grouped experts split over expert TP = 2
+    "tp2_grouped_chunked": (2, ["parallel.tp=2", "model.lm.experts_impl=grouped", "model.lm.loss_impl=chunked",
+                                "model.lm.loss_chunk_tokens=48"]),
 }
 LOSS_TOL = 2e-6  # relative, fp32
 GRAD_TOL = 1e-4  # relative L2 error of a gradient or updated weight, fp32 with a different reduction order

@@ -98,21 +98,9 @@ def test_grouped_experts_match_sequential_mlp_and_float64(single_rank, align):
           + ", ".join(f"{k} {v:.2e}" for k, v in worst.items()))
 
 
-def lm_token_losses(lm, ids, labels):
-    """Per-token next-token CE of one packed document, the way train_step runs the LM."""
-    from keye_train.model.dsa import KeyePackedSeqParams
-
-    length = ids.shape[1]
-    cu = torch.tensor([0, length], dtype=torch.int32)
-    pos = torch.arange(length).expand(3, -1).clone()
-    params = KeyePackedSeqParams(qkv_format="sbhd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=length,
-                                 max_seqlen_kv=length, position_ids=pos)
-    return lm(input_ids=ids, position_ids=pos[:, None, :], attention_mask=None,
-              decoder_input=lm.embedding(input_ids=ids, position_ids=None), labels=labels, packed_seq_params=params)
-
-
 def lm_loss_and_grads(parts, model):
     from keye_train.model.builder import parameter_shards
+    from tests.keye_train.model.lm_loss import lm_token_losses
 
     tokens = torch.randint(0, model.lm.vocab_size, (1, 49), generator=torch.Generator().manual_seed(1))
     loss = lm_token_losses(parts.lm, tokens[:, :-1], tokens[:, 1:]).sum()
