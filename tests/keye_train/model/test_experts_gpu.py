@@ -12,7 +12,7 @@ if not torch.cuda.is_available():
     pytest.skip("needs a CUDA GPU (torch's grouped GEMM kernel is CUDA-only; the CPU tests cover the rest)",
                 allow_module_level=True)
 
-BF16_BAND = 1e-2  # relative L2 error of bf16 operands against float32 (METHOD.md: 1e-3 .. 1e-2); NaN fails
+BF16_BAND = 1e-2  # relative L2 error of bf16 operands against float32 (typically 1e-3 .. 1e-2); NaN fails
 
 
 def rel(got, want):
