@@ -6,6 +6,11 @@ Each rank writes its own model shards, optimizer state and RNG as raw arrays (`n
 `step_N.partial`; after a barrier rank 0 writes meta.json and renames the folder, so a folder without the
 `.partial` suffix is always complete and a crash mid-save never becomes "latest". Resume requires the same
 parallel layout; meta.json records it and a mismatch is refused with both layouts named.
+
+Model tensors are keyed by megatron's state-dict names, which grouped and sequential MoE experts share
+(keye_train/model/experts.py), so weights load into either. The optimizer state is kept per parameter, and the
+two hold experts in different parameters, so a resume must use the implementation the checkpoint was written
+with (meta.json records it; checkpoints without the field predate grouped experts and are sequential).
 """
 
 from __future__ import annotations
@@ -20,6 +25,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from megatron.core import tensor_parallel
+
+from keye_train.model.experts import experts_impl_of
 
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
 
@@ -117,7 +124,7 @@ def save(run_dir: Path, step: int, parts, optimizer, extra: dict, layout: dict, 
     dist.barrier()
     if rank == 0:
         (partial / "meta.json").write_text(json.dumps({"step": step, "world_size": dist.get_world_size(),
-                                                       "layout": layout}))
+                                                       "layout": layout, "experts_impl": experts_impl_of(parts.lm)}))
         shutil.rmtree(final, ignore_errors=True)
         os.replace(partial, final)
         _prune(root, keep_last)
@@ -163,6 +170,11 @@ def load(path: Path, parts, optimizer, layout: dict) -> dict:
     if meta["layout"] != layout:
         raise RuntimeError(f"checkpoint {path} was written with layout {meta['layout']} but this run uses "
                            f"{layout}; resume with the same layout (use checkpoint.init_from for weights only)")
+    written, ours = meta.get("experts_impl", "sequential"), experts_impl_of(parts.lm)
+    if written != ours:
+        raise RuntimeError(f"checkpoint {path} was written with {written} MoE experts but this run builds {ours} "
+                           f"ones; the optimizer state does not carry over: resume with "
+                           f"model.lm.experts_impl={written} (or start from its weights with checkpoint.init_from)")
     rank = dist.get_rank()
     with np.load(path / f"rank_{rank:05d}.npz", allow_pickle=False) as arrays:
         for key, tensor in _model_tensors(parts).items():

@@ -15,6 +15,17 @@ class DSAMode(StrEnum):
     sparse = "sparse"  # every KV group attends to the indexer's shared top-k set; KL on that set
 
 
+class ExpertsImpl(StrEnum):
+    auto = "auto"  # grouped on CUDA, the per-expert loop on the CPU
+    grouped = "grouped"  # one grouped GEMM over the local experts (keye_train/model/experts.py)
+    sequential = "sequential"  # megatron's SequentialMLP loop
+
+
+class LossImpl(StrEnum):
+    chunked = "chunked"  # LM head + cross-entropy per chunk of tokens: no full logits (keye_train/model/lm_head.py)
+    megatron = "megatron"  # megatron's logits + vocab-parallel cross-entropy
+
+
 class DSABackend(StrEnum):
     auto = "auto"  # Triton on CUDA tensors, the torch reference otherwise
     torch = "torch"
@@ -77,9 +88,14 @@ class LMConfig:
     rope_theta: float = 1e7  # Qwen3-30B-A3B-Thinking-2507; Keye's own value is not published
     mrope_section: List[int] = field(default_factory=lambda: [16, 24, 24])
     norm_eps: float = 1e-6
+    experts_impl: ExpertsImpl = ExpertsImpl.auto
+    loss_impl: LossImpl = LossImpl.chunked
+    loss_chunk_tokens: int = 4096  # tokens per chunk of the chunked LM head + CE
     dsa: DSAConfig = field(default_factory=DSAConfig)
 
     def __post_init__(self):
+        if self.loss_chunk_tokens < 1:
+            raise ValueError(f"model.lm.loss_chunk_tokens={self.loss_chunk_tokens} must be >= 1")
         if self.dsa.mode != DSAMode.dense:
             indexer_mrope_section(self)
 
@@ -102,6 +118,18 @@ def indexer_mrope_section(lm: LMConfig) -> list[int]:
         raise ValueError(f"model.lm.dsa.index_head_dim={dsa.index_head_dim}: the M-RoPE sections "
                          f"{list(lm.mrope_section)} do not scale to it evenly (head_dim {lm.head_dim})")
     return [int(v) for v in scaled]
+
+
+def resolve_experts_impl(lm: LMConfig, on_gpu: bool) -> str:
+    """model.lm.experts_impl with auto resolved: grouped GEMM on CUDA, the per-expert loop on the CPU."""
+    if lm.experts_impl == ExpertsImpl.auto:
+        return "grouped" if on_gpu else "sequential"
+    return str(lm.experts_impl)
+
+
+def loss_chunk_tokens(lm: LMConfig) -> int | None:
+    """Tokens per chunk of the chunked LM head + CE, or None for megatron's (model.lm.loss_impl)."""
+    return lm.loss_chunk_tokens if lm.loss_impl == LossImpl.chunked else None
 
 
 def keye_vl2_30b_a3b() -> ModelConfig:

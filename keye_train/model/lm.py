@@ -8,7 +8,8 @@ from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer import TransformerConfig
 
-from keye_train.config import LMConfig, ParallelConfig
+from keye_train.config import LMConfig, ParallelConfig, loss_chunk_tokens, resolve_experts_impl
+from keye_train.model.lm_head import ChunkedLossGPTModel
 from keye_train.model.megatron_compat import allow_missing_transformer_engine
 from keye_train.model.specs import lm_block_spec, recompute_options
 
@@ -40,7 +41,7 @@ def lm_transformer_config(lm: LMConfig, par: ParallelConfig, dtype: torch.dtype,
         moe_aux_loss_coeff=lm.moe_aux_loss_coeff,
         moe_router_dtype="fp32",
         moe_token_dispatcher_type="alltoall" if on_gpu else "allgather",
-        moe_grouped_gemm=False,
+        moe_grouped_gemm=resolve_experts_impl(lm, on_gpu) == "grouped",  # our GroupedExperts (specs.py)
         mrope_section=list(lm.mrope_section),
         rotary_interleaved=False,
         tensor_model_parallel_size=par.tp,
@@ -63,8 +64,9 @@ def lm_transformer_config(lm: LMConfig, par: ParallelConfig, dtype: torch.dtype,
 
 
 def build_lm(lm: LMConfig, config: TransformerConfig, pre_process: bool, post_process: bool) -> GPTModel:
+    """The LM stage; with model.lm.loss_impl=chunked its loss skips the full logits (keye_train/model/lm_head.py)."""
     allow_missing_transformer_engine()
-    return GPTModel(
+    model = ChunkedLossGPTModel(
         config=config,
         transformer_layer_spec=lm_block_spec(config, lm, parallel_state.get_pipeline_model_parallel_rank()),
         vocab_size=lm.vocab_size,
@@ -77,3 +79,5 @@ def build_lm(lm: LMConfig, config: TransformerConfig, pre_process: bool, post_pr
         rotary_base=int(lm.rope_theta),
         scatter_embedding_sequence_parallel=False,  # visual tokens are merged first, then scattered
     )
+    model.loss_chunk_tokens = loss_chunk_tokens(lm)
+    return model

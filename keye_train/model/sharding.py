@@ -21,6 +21,8 @@ from megatron.core.tensor_parallel.layers import (
 from megatron.core.transformer.moe.moe_layer import MoELayer
 from megatron.core.transformer.transformer_layer import TransformerLayer
 
+from keye_train.model.experts import GroupedExperts
+
 
 @dataclass
 class ShardInfo:
@@ -64,11 +66,11 @@ def _group_rank_size(group) -> tuple[int, int]:
     return dist.get_rank(group), dist.get_world_size(group)
 
 
-def _shard_cut(param: torch.nn.Parameter, rank: int, size: int, gated: bool) -> tuple[tuple, Callable, tuple | None]:
-    if size == 1 or not getattr(param, "tensor_model_parallel", False):
-        return tuple(param.shape), lambda full: full, None
-    dim = param.partition_dim
-    full_shape = list(param.shape)
+def _shard_cut(shape: tuple[int, ...], parallel: bool, dim: int, rank: int, size: int,
+               gated: bool) -> tuple[tuple, Callable, tuple | None]:
+    if size == 1 or not parallel:
+        return tuple(shape), lambda full: full, None
+    full_shape = list(shape)
     full_shape[dim] *= size
     if gated:  # SwiGLU fc1 = [gate; up]; each rank holds [gate_r; up_r]
         def cut(full):
@@ -80,27 +82,58 @@ def _shard_cut(param: torch.nn.Parameter, rank: int, size: int, gated: bool) -> 
     return tuple(full_shape), cut, (dim, rank, size, gated)
 
 
-def _prefix_maps(module: torch.nn.Module) -> tuple[dict[str, int], dict[str, list[int]]]:
-    layers, experts = {}, {}
+def _param_cut(param: torch.nn.Parameter, rank: int, size: int, gated: bool):
+    parallel = getattr(param, "tensor_model_parallel", False)
+    return _shard_cut(tuple(param.shape), parallel, getattr(param, "partition_dim", 0), rank, size, gated)
+
+
+def _expert_slice(param: torch.nn.Parameter, index: int) -> torch.Tensor:
+    """Expert `index` of a stacked [experts, out, in] weight: a view (writes land in the weight) carrying the
+    matching slices of its .grad and .main_grad as they are now."""
+    view = param.detach()[index]
+    for attr in ("grad", "main_grad"):
+        value = getattr(param, attr, None)
+        if value is not None:
+            setattr(view, attr, value[index])
+    return view
+
+
+def _prefix_maps(module: torch.nn.Module):
+    layers, experts, stacked = {}, {}, {}
     for name, sub in module.named_modules():
         if isinstance(sub, TransformerLayer):
             layers[name + "."] = sub.layer_number - 1
         if isinstance(sub, MoELayer):
-            experts[name + ".experts.local_experts."] = list(sub.local_expert_indices)
-    return layers, experts
+            if isinstance(sub.experts, GroupedExperts):
+                stacked[name + ".experts."] = (sub.experts, list(sub.local_expert_indices))
+            else:
+                experts[name + ".experts.local_experts."] = list(sub.local_expert_indices)
+    return layers, experts, stacked
+
+
+def _global_layer_name(name: str, layers: dict[str, int]) -> str:
+    for layer_prefix, global_index in layers.items():
+        if name.startswith(layer_prefix):
+            local = layer_prefix.rsplit(".", 2)[-2]
+            return re.sub(rf"layers\.{local}\.", f"layers.{global_index}.", name, count=1)
+    return name
 
 
 def canonical_shards(module: torch.nn.Module, prefix: str, tp_group, expert_tp_group=None,
-                     gated_mlp: bool = False) -> Iterator[tuple[torch.nn.Parameter, ShardInfo]]:
-    """Yield (local parameter, ShardInfo) for every parameter of an unwrapped megatron module."""
-    layers, experts = _prefix_maps(module)
+                     gated_mlp: bool = False) -> Iterator[tuple[torch.Tensor, ShardInfo]]:
+    """Yield (local parameter, ShardInfo) for every parameter of an unwrapped megatron module. Grouped experts
+    yield one view of their stacked weights per local expert, named and ordered as SequentialMLP's experts."""
+    layers, experts, stacked = _prefix_maps(module)
+    done = set()
     for name, param in module.named_parameters():
-        canonical = name
-        for layer_prefix, global_index in layers.items():
-            if name.startswith(layer_prefix):
-                local = layer_prefix.rsplit(".", 2)[-2]
-                canonical = re.sub(rf"layers\.{local}\.", f"layers.{global_index}.", name, count=1)
-                break
+        group_prefix = next((p for p in stacked if name.startswith(p)), None)
+        if group_prefix is not None:
+            if group_prefix not in done:
+                done.add(group_prefix)
+                experts_prefix = prefix + _global_layer_name(group_prefix, layers)
+                yield from _grouped_expert_shards(*stacked[group_prefix], experts_prefix, expert_tp_group, gated_mlp)
+            continue
+        canonical = _global_layer_name(name, layers)
         is_expert = False
         for expert_prefix, indices in experts.items():
             if name.startswith(expert_prefix):
@@ -111,5 +144,18 @@ def canonical_shards(module: torch.nn.Module, prefix: str, tp_group, expert_tp_g
         group = expert_tp_group if is_expert else tp_group
         rank, size = _group_rank_size(group)
         gated = gated_mlp and name.endswith("linear_fc1.weight")
-        full_shape, cut, split = _shard_cut(param, rank, size, gated)
+        full_shape, cut, split = _param_cut(param, rank, size, gated)
         yield param, ShardInfo(prefix + canonical, full_shape, cut, split)
+
+
+def _grouped_expert_shards(experts, indices: list[int], name_prefix: str, expert_tp_group, gated_mlp: bool):
+    """Expert by expert, fc1 then fc2, each a view of the stacked weight cut like one SequentialMLP expert's."""
+    rank, size = _group_rank_size(expert_tp_group)
+    for local, global_index in enumerate(indices):
+        for linear in ("linear_fc1", "linear_fc2"):
+            weight = getattr(experts, linear).weight
+            dim = weight.partition_dim - 1  # in one expert's [out, in]
+            full_shape, cut, split = _shard_cut(tuple(weight.shape[1:]), True, dim, rank, size,
+                                                gated_mlp and linear == "linear_fc1")
+            yield _expert_slice(weight, local), ShardInfo(f"{name_prefix}expert_{global_index}.{linear}.weight",
+                                                          full_shape, cut, split)

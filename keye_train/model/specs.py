@@ -21,6 +21,7 @@ from megatron.core.transformer.transformer_layer import TransformerLayer, Transf
 from keye_train.config import LMConfig
 from keye_train.model.attention import VarlenCoreAttention
 from keye_train.model.dsa import DSACoreAttention, DSASelfAttention
+from keye_train.model.experts import grouped_experts_spec
 from keye_train.model.norms import LayerNorm, RMSNorm
 
 
@@ -56,10 +57,13 @@ def _block(layer: ModuleSpec, final_norm, num_layers: int) -> ModuleSpec:
 
 def lm_block_spec(config, lm: LMConfig, pp_rank: int) -> ModuleSpec:
     """Qwen3-MoE decoder layers of one pipeline stage: RMSNorm, causal GQA with per-head QK RMSNorm (with a
-    lightning indexer unless DSA is off), routed SwiGLU experts; final RMSNorm."""
+    lightning indexer unless DSA is off), routed SwiGLU experts; final RMSNorm. The experts are megatron's
+    SequentialMLP, or with `config.moe_grouped_gemm` (model.lm.experts_impl) our grouped GEMM."""
     moe = get_moe_module_spec_for_backend(
         backend=LocalSpecProvider(), num_experts=lm.num_experts, moe_grouped_gemm=False
     )
+    if config.moe_grouped_gemm:
+        moe.submodules.experts = grouped_experts_spec()
     if lm.dsa.mode == "dense":
         layer = _layer(RMSNorm, AttnMaskType.causal, RMSNorm, moe)
     else:

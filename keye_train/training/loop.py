@@ -20,8 +20,8 @@ import torch.distributed as dist
 
 from keye_train import checkpoint
 from keye_train.training.fault_policy import BadStepPolicy
-from keye_train.training.objectives import StepLoss
 from keye_train.training.metrics import MetricsLogger, StepMetrics
+from keye_train.training.objectives import StepLoss
 from keye_train.training.optim import lr_at, optimizer_step, set_lr
 from keye_train.training.preemption import PreemptionWatch, hang_watchdog
 

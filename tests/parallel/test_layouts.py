@@ -1,4 +1,6 @@
-"""TP / PP / EP / DP layouts compute what one rank computes: losses, gradients and one optimizer step.
+"""TP / PP / EP / DP layouts compute what one rank computes: losses, gradients and one optimizer step; so do
+the grouped-GEMM experts and the chunked LM head + CE (the reference runs megatron's per-expert loop and its
+logits + cross-entropy).
 
 Each layout runs on gloo under torchrun with the tiny model, identical layout-invariant initial weights and
 the same global batch of packs from the generated test shards (dealt to DP ranks by the planner).
@@ -17,7 +19,7 @@ from tests.helpers import DATA
 
 WORKER = Path(__file__).with_name("layout_worker.py")
 BASE = ["~recipe", "model=tiny", *DATA, "train.seq_length=128", "train.global_batch=4", "train.seed=7", "optim.lr=1e-3",
-        "optim.clip_grad=1.0"]
+        "optim.clip_grad=1.0", "model.lm.loss_impl=megatron"]  # today's logits + CE, the reference of tp2_grouped_chunked
 LAYOUTS = {
     "tp2": (2, ["parallel.tp=2"]),
     "pp2": (2, ["parallel.pp=2"]),
@@ -26,6 +28,12 @@ LAYOUTS = {
     "dp2": (2, []),
     "tp2_pp2": (4, ["parallel.tp=2", "parallel.pp=2"]),
     "tp2_ep2_etp1": (2, ["parallel.tp=2", "parallel.ep=2", "parallel.etp=1"]),
+    # grouped-GEMM experts against the 1-rank SequentialMLP reference
+    "ep2_grouped": (2, ["parallel.ep=2", "model.lm.experts_impl=grouped"]),
+    # the chunked vocab-parallel head + CE (chunks of 48, 48, 32 tokens) against megatron's on one rank, with
+    # grouped experts split over expert TP = 2
+    "tp2_grouped_chunked": (2, ["parallel.tp=2", "model.lm.experts_impl=grouped", "model.lm.loss_impl=chunked",
+                                "model.lm.loss_chunk_tokens=48"]),
 }
 LOSS_TOL = 2e-6  # relative, fp32
 GRAD_TOL = 1e-4  # relative L2 error of a gradient or updated weight, fp32 with a different reduction order
@@ -59,12 +67,16 @@ def test_layout_matches_single_rank(reference, layout):
             if r[key] is not None:
                 assert abs(r[key] - ref[key]) <= LOSS_TOL * abs(ref[key]), (layout, key, r[key], ref[key])
         assert abs(r["grad_norm"] - ref["grad_norm"]) <= 1e-4 * ref["grad_norm"], (layout, r["grad_norm"])
-    compared = set()
+    compared, worst = set(), {"grad_rel_err": 0.0, "weight_rel_err": 0.0}
     for r in reports:
         for field in ("grad_rel_err", "weight_rel_err"):
             for name, err in r[field].items():
                 assert err <= GRAD_TOL, (layout, field, name, err)
                 compared.add(name)
+                worst[field] = max(worst[field], err)
+    loss_diff = max(abs(r[k] - ref[k]) / abs(ref[k]) for r in reports for k in ("loss_a", "loss_b") if r[k] is not None)
+    print(f"{layout}: loss rel diff {loss_diff:.1e}, worst grad rel err {worst['grad_rel_err']:.1e}, "
+          f"worst updated-weight rel err {worst['weight_rel_err']:.1e}")
     # every sampled parameter of the reference was held and checked by some rank
     with np.load(out / "reference.npz") as ref_arrays:
         expected = {key.split("/", 1)[1] for key in ref_arrays.files}

@@ -33,7 +33,7 @@ def test_the_walk_finds_the_choice_fields_the_issue_names():
     keys = {key for key, _, _ in CHOICES}
     assert {"stage.trainable", "optim.decay_style", "train.dtype", "parallel.backend", "parallel.placement",
             "parallel.recompute", "model.lm.dsa.mode", "model.lm.dsa.backend", "train.nonfinite_policy",
-            "logging.wandb_mode"} <= keys
+            "logging.wandb_mode", "model.lm.experts_impl", "model.lm.loss_impl"} <= keys
 
 
 @pytest.mark.parametrize("key, choices, is_list", CHOICES, ids=[key for key, _, _ in CHOICES])
@@ -50,6 +50,7 @@ def test_a_value_outside_the_choices_is_refused_naming_the_key(key, choices, is_
 
 @pytest.mark.parametrize("override, message", [
     ("model.lm.dsa.topk=0", "model.lm.dsa.topk=0"),
+    ("model.lm.loss_chunk_tokens=0", "model.lm.loss_chunk_tokens=0"),
     ("model.lm.dsa.index_head_dim=12", "model.lm.dsa.index_head_dim=12"),
     ("train.steps=0", "train.steps=0"),
     ("train.loss_spike_window=0", "train.loss_spike_window=0"),

@@ -135,11 +135,13 @@ def check_vit_grads(what, hf, our_grads):
     print(f"{what} ViT gradients max abs diff {worst_abs:.3e}, per tensor / its max abs gradient {worst:.3e}")
 
 
-def test_a_qwen3_moe_checkpoint_imports_with_the_same_logits_and_gradients(single_rank, tmp_path):
+@pytest.mark.parametrize("experts_impl", ["sequential", "grouped"])
+def test_a_qwen3_moe_checkpoint_imports_with_the_same_logits_and_gradients(single_rank, tmp_path, experts_impl):
     from keye_train.convert.importer import import_hf
     from tests.keye_train.convert.parity_inputs import fixed_inputs
 
     model = tiny()
+    model.lm.experts_impl = experts_impl  # megatron's per-expert loop, or our grouped GEMM
     model.lm.moe_aux_loss_coeff = 0.0  # HF adds no router loss unless asked
     hf = tiny_qwen3_moe(model)
     hf.save_pretrained(tmp_path)
