@@ -9,6 +9,7 @@ from keye_train.config.data import DataConfig, DataSource
 from keye_train.config.launch import LaunchConfig, SlurmConfig
 from keye_train.config.model import (
     MODEL_PRESETS,
+    AttentionBackend,
     DSABackend,
     DSAConfig,
     DSAMode,
@@ -47,7 +48,7 @@ from keye_train.config.training import (
 )
 
 __all__ = [
-    "MODEL_PRESETS", "BadStepAction", "CheckpointConfig", "CommBackend", "DSABackend", "DSAConfig", "DSAMode",
+    "MODEL_PRESETS", "AttentionBackend", "BadStepAction", "CheckpointConfig", "CommBackend", "DSABackend", "DSAConfig", "DSAMode",
     "DType", "DataConfig", "DataSource", "DecayStyle", "ExpertsImpl", "KeyeTrainConfig", "LMConfig", "LaunchConfig",
     "LoggingConfig", "LossImpl", "ModelConfig", "OptimConfig", "ParallelConfig", "Placement", "ProjectorConfig",
     "Recompute", "RecomputeModule", "SlurmConfig", "StageConfig", "TrainConfig", "TrainablePart", "ViTConfig",

@@ -26,6 +26,12 @@ class LossImpl(StrEnum):
     megatron = "megatron"  # megatron's logits + vocab-parallel cross-entropy
 
 
+class AttentionBackend(StrEnum):
+    auto = "auto"  # cuDNN for long documents and FlashAttention varlen for the rest, on CUDA (kernels/dense_attention.py)
+    cudnn = "cudnn"
+    flash = "flash"  # FlashAttention varlen for every document
+
+
 class DSABackend(StrEnum):
     auto = "auto"  # Triton on CUDA tensors, the torch reference otherwise
     torch = "torch"
@@ -88,6 +94,7 @@ class LMConfig:
     rope_theta: float = 1e7  # Qwen3-30B-A3B-Thinking-2507; Keye's own value is not published
     mrope_section: List[int] = field(default_factory=lambda: [16, 24, 24])
     norm_eps: float = 1e-6
+    attention_backend: AttentionBackend = AttentionBackend.auto  # dense attention on CUDA (the CPU runs the loop)
     experts_impl: ExpertsImpl = ExpertsImpl.auto
     loss_impl: LossImpl = LossImpl.chunked
     loss_chunk_tokens: int = 4096  # tokens per chunk of the chunked LM head + CE

@@ -37,10 +37,12 @@ class VarlenCoreAttention(MegatronModule):
         cp_comm_type=None,
         softmax_scale: float | None = None,
         pg_collection=None,
+        backend: str = "auto",
     ):
         super().__init__(config=config)
         self.causal = attn_mask_type == AttnMaskType.causal
         self.scale = softmax_scale or 1.0 / math.sqrt(config.kv_channels)
+        self.backend = str(backend)  # kernels.dense_attention: auto, cudnn or flash on CUDA
 
     def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
                 packed_seq_params=None):
@@ -55,5 +57,5 @@ class VarlenCoreAttention(MegatronModule):
             longest, lengths = seq, [seq] * batch
         q, k, v = (x.transpose(0, 1).reshape(batch * seq, x.shape[2], dim) for x in (query, key, value))
         out = dense_varlen_attention(q, k, v, cu, causal=self.causal, scale=self.scale, max_seqlen=longest,
-                                     lengths=lengths)
+                                     lengths=lengths, backend=self.backend)
         return out.view(batch, seq, heads * dim).transpose(0, 1).contiguous()

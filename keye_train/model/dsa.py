@@ -83,7 +83,7 @@ class DSACoreAttention(VarlenCoreAttention):
     def __init__(self, config, layer_number, attn_mask_type, attention_type="self", cp_comm_type=None,
                  softmax_scale=None, pg_collection=None, lm: LMConfig = None):
         super().__init__(config, layer_number, attn_mask_type, attention_type, cp_comm_type, softmax_scale,
-                         pg_collection)
+                         pg_collection, backend=lm.attention_backend)
         self.dsa: DSAConfig = lm.dsa
         self.indexer = LightningIndexer(lm, config.params_dtype)
         self.indexer_input = None  # (x [T, hidden], position_ids [3, T]), set by DSASelfAttention per call
@@ -112,7 +112,7 @@ class DSACoreAttention(VarlenCoreAttention):
         else:
             out = dense_varlen_attention(q, k, v, cu, causal=True, scale=self.scale,
                                          max_seqlen=packed_seq_params.max_seqlen_q,
-                                         lengths=packed_seq_params.document_lengths)
+                                         lengths=packed_seq_params.document_lengths, backend=self.backend)
         out = out.view(seq, 1, heads * dim)
         if self.training and torch.is_grad_enabled():
             loss = dsa_ops.indexer_kl_loss(index_q, index_w, index_k, q, k, cu, self.scale, indices=indices,

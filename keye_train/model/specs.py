@@ -65,7 +65,8 @@ def lm_block_spec(config, lm: LMConfig, pp_rank: int) -> ModuleSpec:
     if config.moe_grouped_gemm:
         moe.submodules.experts = grouped_experts_spec()
     if lm.dsa.mode == "dense":
-        layer = _layer(RMSNorm, AttnMaskType.causal, RMSNorm, moe)
+        layer = _layer(RMSNorm, AttnMaskType.causal, RMSNorm, moe,
+                       core_attention=ModuleSpec(module=VarlenCoreAttention, params={"backend": lm.attention_backend}))
     else:
         layer = _layer(RMSNorm, AttnMaskType.causal, RMSNorm, moe, attention=DSASelfAttention,
                        core_attention=ModuleSpec(module=DSACoreAttention, params={"lm": lm}))

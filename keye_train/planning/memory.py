@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from keye_train.config import ModelConfig, ParallelConfig, TrainConfig
+from keye_train.config import ModelConfig, ParallelConfig, TrainConfig, loss_chunk_tokens
 from keye_train.planning.parameters import count_parameters
 
 GIB = 1024 ** 3
@@ -34,43 +34,75 @@ def _stage_param_elements(model: ModelConfig, counts: dict, sizes, first: bool, 
     return dense, per_layer_experts * stage_layers
 
 
+def lm_layer_bytes(lm, recompute: str, modules=()) -> tuple[float, float]:
+    """(kept, working) bytes per token of one LM layer: kept until its backward, and held while it recomputes.
+
+    bf16 values per token: attention 2h (norm in/out) + q + k + v + q-sized core output; MoE 2h (norm in/out) +
+    topk * (h dispatched + 2f fc1 out + f SwiGLU out) + 2E fp32 router values. Selective recompute drops a norm's
+    output (layernorm), the SwiGLU output (moe_act), or the whole MoE block but its input (moe)."""
+    h, f, k = lm.hidden_size, lm.moe_ffn_hidden_size, lm.moe_topk
+    norm_out = 2 * h
+    attention = 2 * h + norm_out + 2 * 2 * lm.num_heads * lm.head_dim + 2 * 2 * lm.num_kv_heads * lm.head_dim
+    moe_inner = 2 * k * (h + 3 * f) + 4 * 2 * lm.num_experts
+    moe = 2 * h + norm_out + moe_inner
+    if recompute == "full":
+        return 2 * h, attention + moe
+    if recompute != "selective":
+        return attention + moe, 0.0
+    names = {str(m) for m in modules}
+    kept, working = attention + moe, 0.0
+    if "layernorm" in names:
+        kept, working = kept - 2 * norm_out, norm_out
+    if "moe" in names:
+        kept, working = kept - moe_inner, max(working, moe_inner)
+    elif "moe_act" in names:
+        kept, working = kept - 2 * k * f, max(working, 2 * k * f)
+    return kept, working
+
+
+def vit_patch_bytes(vit, recompute: str, modules=()) -> tuple[float, float]:
+    """(kept, working) bytes per patch of one ViT layer: bf16 norms, qkv, core out, fc1 and GELU out (8hv + 2fv)."""
+    per_layer = 2 * (8 * vit.hidden_size + 2 * vit.ffn_hidden_size)
+    if recompute == "full":
+        return 2 * vit.hidden_size, per_layer
+    if recompute == "selective" and "layernorm" in {str(m) for m in modules}:
+        return per_layer - 2 * 2 * vit.hidden_size, 2 * vit.hidden_size
+    return per_layer, 0.0
+
+
 def activation_bytes(model: ModelConfig, train: TrainConfig, sizes, first: bool, last: bool,
-                     recompute: str = "none") -> float:
+                     parallel: ParallelConfig | None = None) -> float:
     """Rough activation memory kept for backward on one rank (flash-style attention).
 
-    One micro-batch is one packed sequence of s = seq_length tokens. Per token and LM layer, bf16 values:
-      attention: 2h (norm in/out) + (q + k + v) + q-sized core output = 2h + 2*nq*d + 2*nkv*d
-      MoE:       2h (norm in/out) + topk * (h dispatched + 2f fc1 out + f SwiGLU out), plus 2E fp32 router values
-    Sequence + tensor parallelism divide all of it by tp. Last stage: fp32 + bf16 logits, s*V/tp.
-    First stage, worst case of an all-visual pack (s merged tokens = 4s patches), not TP-sharded:
-      ViT per patch and layer 8*hv + 2*fv (norms, qkv, core out, fc1 and GELU out); projector 16*hv per token.
-    recompute="full": every layer keeps only its input (h per token, hv per patch) and one layer at a time
-    holds its full set while it re-runs in backward.
+    One micro-batch is one packed sequence of s = seq_length tokens (per layer: `lm_layer_bytes`); sequence + tensor
+    parallelism divide the LM's share by tp. A layer that recomputes keeps its input and holds its working set
+    while it re-runs in backward, one layer at a time.
+    First stage, worst case of an all-visual pack (s merged tokens = 4s patches), not TP-sharded: the ViT
+    (`vit_patch_bytes`, under parallel.vision.recompute or else parallel.recompute); projector 16*hv per token.
+    Last stage: megatron's head keeps fp32 + bf16 logits (6*s*V/tp bytes); the chunked head (model.lm.loss_impl)
+    keeps 8 bytes per token and holds (8*chunk*V + 6*V*h)/tp while a chunk runs.
     The 1F1B schedule keeps min(pp, micro-batches) micro-batches in flight on the first stage, one on the last.
     """
+    from keye_train.model.builder import vision_recompute
+
+    parallel = parallel or ParallelConfig()
     lm, vit = model.lm, model.vit
     s = train.seq_length
-    h, f, k = lm.hidden_size, lm.moe_ffn_hidden_size, lm.moe_topk
-    attention = 2 * h + 2 * lm.num_heads * lm.head_dim + 2 * lm.num_kv_heads * lm.head_dim
-    moe = 2 * h + k * (h + 3 * f)
-    per_token_layer = 2 * (attention + moe) + 4 * 2 * lm.num_experts
     stage_layers = lm.num_layers // sizes.pp
-    patches = 4 * s
-    vit_per_patch_layer = 2 * (8 * vit.hidden_size + 2 * vit.ffn_hidden_size)
-    if recompute == "full":
-        kept = 2 * h * s * stage_layers / sizes.tp
-        working = per_token_layer * s / sizes.tp
-        if first:
-            kept += 2 * vit.hidden_size * patches * vit.num_layers
-            working = max(working, vit_per_patch_layer * patches)
-    else:
-        kept, working = per_token_layer * s * stage_layers / sizes.tp, 0.0
-        if first:
-            kept += vit_per_patch_layer * patches * vit.num_layers
+    layer_kept, layer_working = lm_layer_bytes(lm, parallel.recompute, parallel.recompute_modules)
+    kept, working = layer_kept * s * stage_layers / sizes.tp, layer_working * s / sizes.tp
     if first:
-        kept += 2 * s * 16 * vit.hidden_size
+        patches = 4 * s
+        patch_kept, patch_working = vit_patch_bytes(vit, vision_recompute(parallel), parallel.recompute_modules)
+        kept += patch_kept * patches * vit.num_layers + 2 * s * 16 * vit.hidden_size
+        working = max(working, patch_working * patches)
     if last:
-        kept += (4 + 2) * s * lm.vocab_size / sizes.tp
+        chunk = loss_chunk_tokens(lm)
+        if chunk is None:
+            kept += (4 + 2) * s * lm.vocab_size / sizes.tp
+        else:
+            kept += 8 * s
+            working = max(working, (8 * min(chunk, s) * lm.vocab_size + 6 * lm.vocab_size * lm.hidden_size) / sizes.tp)
     microbatches = max(1, train.global_batch // sizes.dp)
     in_flight = min(sizes.pp, microbatches) if first else 1
     return kept * in_flight + working
@@ -93,7 +125,7 @@ def memory_per_rank(model: ModelConfig, parallel: ParallelConfig, train: TrainCo
             "params": (dense + experts) * PARAM_BYTES,
             "grads": (dense + experts) * GRAD_BYTES,
             "optimizer": (dense / dense_shards + experts / expert_shards) * OPTIMIZER_BYTES,
-            "activations": activation_bytes(model, train, sizes, first, last, parallel.recompute),
+            "activations": activation_bytes(model, train, sizes, first, last, parallel),
         }
         row["total"] = sum(row.values())
         row.update(dense_params=dense, expert_params=experts)
