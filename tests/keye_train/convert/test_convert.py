@@ -230,7 +230,7 @@ def test_the_cli_imports_and_exports_sharded_layouts_exactly(layout, tmp_path):
     source = tmp_path / "hf"
     script = ("import torch, dataclasses\n"
               "from keye_train.config import tiny\n"
-              "from tests.keye_train.test_convert import build, export_source\n"
+              "from tests.keye_train.convert.test_convert import build, export_source\n"
               f"export_source({str(source)!r})\n")
     made = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, timeout=300)
     assert made.returncode == 0, made.stderr[-3000:]

@@ -1,5 +1,6 @@
 """`keye-train plan`: parameter counts match the released checkpoint and a real build; memory shrinks with sharding."""
 
+import dataclasses
 import subprocess
 import sys
 import time
@@ -121,3 +122,35 @@ def test_full_recompute_keeps_layer_inputs_only():
     assert full["total"] < 141e9  # one H200 (the recipes/parallel/ep8_node.yaml layout)
     for item in ("params", "grads", "optimizer"):
         assert full[item] == plain[item]
+
+
+def test_selective_recompute_and_the_chunked_head_in_the_plan():
+    """Selective recompute keeps less than none and more than full; the ViT may recompute on its own; the chunked
+    head drops the last stage's 6 bytes per token per vocabulary entry of logits."""
+    from keye_train.config import VisionParallelConfig
+
+    model, train = keye_vl2_30b_a3b(), TrainConfig(global_batch=64, seq_length=32768)
+    sizes = _sizes(1, pp=1, world=8)
+
+    def activations(**parallel):
+        return memory_per_rank(model, ParallelConfig(ep=8, **parallel), train, sizes)["first_stage"]["activations"]
+
+    none, full = activations(), activations(recompute="full")
+    selective = activations(recompute="selective", vision=VisionParallelConfig(recompute="full"))
+    assert full < selective < none
+    assert activations(recompute="selective") > selective  # a ViT that keeps everything costs more
+    megatron_head = memory_per_rank(dataclasses.replace(model, lm=dataclasses.replace(model.lm, loss_impl="megatron")),
+                                    ParallelConfig(ep=8, recompute="full"), train, sizes)["first_stage"]
+    saved = megatron_head["activations"] - full
+    assert 0.9 * 6 * 32768 * 151936 < saved < 6 * 32768 * 151936
+
+
+def test_the_full_model_fits_one_node_at_32k_with_its_recipe():
+    """The 48-layer model at 32K on 8 H200s (parallel=ep8_node): at most 120 GiB per rank."""
+    from keye_train.config.compose import load_checked_config
+
+    cfg, sizes = load_checked_config(["recipe=stage1_pretrain", "parallel=ep8_node", "launch.nodes=1"],
+                                     world="launch", check_data=False)
+    assert cfg.model.lm.num_layers == 48 and cfg.train.seq_length == 32768
+    total = memory_per_rank(cfg.model, cfg.parallel, cfg.train, sizes)["first_stage"]["total"]
+    assert total <= 120 * 2**30, total / 2**30
