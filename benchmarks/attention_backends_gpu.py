@@ -55,16 +55,20 @@ def measure(lengths: list[int], heads: int, kv_heads: int, dim: int, causal: boo
     total = sum(lengths)
     cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device="cuda")
     g = torch.Generator(device="cuda").manual_seed(total)
-    q, k, v = (torch.randn(total, h, dim, generator=g, device="cuda", dtype=torch.bfloat16).requires_grad_()
-               for h in (heads, kv_heads, kv_heads))
+    q, k, v = (
+        torch.randn(total, h, dim, generator=g, device="cuda", dtype=torch.bfloat16).requires_grad_()
+        for h in (heads, kv_heads, kv_heads)
+    )
     up = torch.randn(total, heads, dim, generator=g, device="cuda", dtype=torch.bfloat16)
     pairs = sum(s * s for s in lengths) / (2 if causal else 1)
     fwd_flops = 4 * pairs * heads * dim
     rows, reference = [], None
     for backend in ("flash", "cudnn"):
+
         def forward(backend=backend):
-            return dense_varlen_attention(q, k, v, cu, causal=causal, scale=dim ** -0.5, max_seqlen=max(lengths),
-                                          backend=backend)
+            return dense_varlen_attention(
+                q, k, v, cu, causal=causal, scale=dim**-0.5, max_seqlen=max(lengths), backend=backend
+            )
 
         def step(forward=forward):
             return torch.autograd.grad(forward(), (q, k, v), up)
@@ -81,9 +85,17 @@ def measure(lengths: list[int], heads: int, kv_heads: int, dim: int, causal: boo
         both_ms = timed(step)
         results = (out.detach(), *grads)
         reference = reference or results
-        rows.append({"backend": backend, "fwd_ms": fwd_ms, "fwd_bwd_ms": both_ms,
-                     "fwd_tflops": fwd_flops / fwd_ms / 1e9, "fwd_bwd_tflops": 3.5 * fwd_flops / both_ms / 1e9,
-                     "peak_gib": peak, "rel_diff_vs_flash": [rel(a, b) for a, b in zip(results, reference)]})
+        rows.append(
+            {
+                "backend": backend,
+                "fwd_ms": fwd_ms,
+                "fwd_bwd_ms": both_ms,
+                "fwd_tflops": fwd_flops / fwd_ms / 1e9,
+                "fwd_bwd_tflops": 3.5 * fwd_flops / both_ms / 1e9,
+                "peak_gib": peak,
+                "rel_diff_vs_flash": [rel(a, b) for a, b in zip(results, reference)],
+            }
+        )
     return rows
 
 
@@ -94,24 +106,41 @@ def main() -> None:
     cases = [("lm", 32 * 1024, name) for name in ("one_document", "mixed", "short_documents")]
     cases += [("lm", 64 * 1024, name) for name in ("one_document", "mixed")]
     cases += [("lm", 128 * 1024, "one_document"), ("vit", 128 * 1024, "frames_1024")]
-    result = {"device": torch.cuda.get_device_name(), **git_state(),
-              "date": datetime.datetime.now(datetime.UTC).isoformat(), "torch": torch.__version__,
-              "cudnn": torch.backends.cudnn.version(), "rows": []}
-    print(f"{'layer':<5}{'tokens':>8}{'profile':>17}{'docs':>6}{'backend':>8}{'fwd ms':>9}{'f+b ms':>9}"
-          f"{'f+b TF/s':>10}{'peak GiB':>10}  max rel diff vs flash")
+    result = {
+        "device": torch.cuda.get_device_name(),
+        **git_state(),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(),
+        "torch": torch.__version__,
+        "cudnn": torch.backends.cudnn.version(),
+        "rows": [],
+    }
+    print(
+        f"{'layer':<5}{'tokens':>8}{'profile':>17}{'docs':>6}{'backend':>8}{'fwd ms':>9}{'f+b ms':>9}"
+        f"{'f+b TF/s':>10}{'peak GiB':>10}  max rel diff vs flash"
+    )
     for layer, total, name in cases:
         lengths = profile(name, total)
         heads, kv_heads, dim, causal = (32, 4, 128, True) if layer == "lm" else (16, 16, 72, False)
         for row in measure(lengths, heads, kv_heads, dim, causal):
-            row.update(layer=layer, tokens=total, profile=name, documents=len(lengths), heads=heads,
-                       kv_heads=kv_heads, head_dim=dim, causal=causal)
+            row.update(
+                layer=layer,
+                tokens=total,
+                profile=name,
+                documents=len(lengths),
+                heads=heads,
+                kv_heads=kv_heads,
+                head_dim=dim,
+                causal=causal,
+            )
             result["rows"].append(row)
             if "error" in row:
                 print(f"{layer:<5}{total:>8}{name:>17}{len(lengths):>6}{row['backend']:>8}  {row['error']}")
                 continue
-            print(f"{layer:<5}{total:>8}{name:>17}{len(lengths):>6}{row['backend']:>8}{row['fwd_ms']:>9.2f}"
-                  f"{row['fwd_bwd_ms']:>9.2f}{row['fwd_bwd_tflops']:>10.1f}{row['peak_gib']:>10.2f}  "
-                  f"{max(row['rel_diff_vs_flash']):.2e}")
+            print(
+                f"{layer:<5}{total:>8}{name:>17}{len(lengths):>6}{row['backend']:>8}{row['fwd_ms']:>9.2f}"
+                f"{row['fwd_bwd_ms']:>9.2f}{row['fwd_bwd_tflops']:>10.1f}{row['peak_gib']:>10.2f}  "
+                f"{max(row['rel_diff_vs_flash']):.2e}"
+            )
         write_result(args.out, result)
     print(f"wrote {args.out}")
 

@@ -46,7 +46,7 @@ def make_corpus(root: Path, truncate: bool) -> Path:
     entries = realistic_mix(2400, 0)
     entries[int(LONG_ID)].update(kind="text", text_tokens=LONG_PARTS * SEQ, media={})
     root.mkdir(parents=True)
-    write_index(root, [entries[i:i + 200] for i in range(0, 2400, 200)], tokenizer=_fingerprint(root), tars=True)
+    write_index(root, [entries[i : i + 200] for i in range(0, 2400, 200)], tokenizer=_fingerprint(root), tars=True)
     if truncate:
         tar = root / "shard-000005.tar"
         offset = entries[int(LONG_ID)]["offset"]
@@ -73,8 +73,17 @@ def measure(shards: str, steps: int, reserve: float, reject_rate: float, fail_id
     cfg = DataConfig(shards=shards, tokenizer=str(Path(shards).parent / "tokenizer.json"), reserve_fraction=reserve)
     ranks = ThreadedRanks(DP)
     if "exchange" in inspect.signature(ShardLoader).parameters:
-        make = lambda rank: ShardLoader(cfg, SEQ, GLOBAL_BATCH, seed=0, dp_rank=rank, dp_size=DP, log=lambda _: None,
-                                        exchange=ranks.exchange(rank), decoder_factory=factory)
+        make = lambda rank: ShardLoader(
+            cfg,
+            SEQ,
+            GLOBAL_BATCH,
+            seed=0,
+            dp_rank=rank,
+            dp_size=DP,
+            log=lambda _: None,
+            exchange=ranks.exchange(rank),
+            decoder_factory=factory,
+        )
     else:  # the code before: no exchange, and the stand-in decoder goes in through its DecodePool
         pool = loader_module.DecodePool
         loader_module.DecodePool = lambda *args: pool(*args, decoder_factory=factory)
@@ -89,15 +98,19 @@ def measure(shards: str, steps: int, reserve: float, reject_rate: float, fail_id
     for loader in loaders:
         loader.close()
     per_step = [sum(sum(rank[step]) for rank in supervised) for step in range(steps)]
-    return {"packing_efficiency": summed["pack_tokens"] / summed["pack_capacity"],
-            "samples_trained": summed["samples"], "samples_read": reads,
-            "rejected": {k.split("/", 1)[1]: v for k, v in sorted(summed.items()) if k.startswith("rejected/")},
-            "empty_steps": sum(n == 0 for n in per_step),
-            "empty_packs": sum(n == 0 for rank in supervised for step in rank for n in step),
-            "planned": summed.get("planned"), "reserve_used": summed.get("reserve_used"),
-            "carried_over": summed.get("carried_over"),
-            "plan": {k: v for k, v in sorted(counters[0].items()) if k.startswith("plan/")},
-            "seconds_per_step": seconds / steps}
+    return {
+        "packing_efficiency": summed["pack_tokens"] / summed["pack_capacity"],
+        "samples_trained": summed["samples"],
+        "samples_read": reads,
+        "rejected": {k.split("/", 1)[1]: v for k, v in sorted(summed.items()) if k.startswith("rejected/")},
+        "empty_steps": sum(n == 0 for n in per_step),
+        "empty_packs": sum(n == 0 for rank in supervised for step in rank for n in step),
+        "planned": summed.get("planned"),
+        "reserve_used": summed.get("reserve_used"),
+        "carried_over": summed.get("carried_over"),
+        "plan": {k: v for k, v in sorted(counters[0].items()) if k.startswith("plan/")},
+        "seconds_per_step": seconds / steps,
+    }
 
 
 def base_tree(rev: str, out: Path) -> Path:
@@ -109,18 +122,26 @@ def base_tree(rev: str, out: Path) -> Path:
 
 
 def default_before() -> str:
-    added = subprocess.run(["git", "log", "--diff-filter=A", "--format=%H", "--", "data_pipeline/shard_check.py"],
-                           cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
-    return subprocess.run(["git", "rev-parse", f"{added[-1]}^"], cwd=REPO, capture_output=True, text=True,
-                          check=True).stdout.strip()
+    added = subprocess.run(
+        ["git", "log", "--diff-filter=A", "--format=%H", "--", "data_pipeline/shard_check.py"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    return subprocess.run(
+        ["git", "rev-parse", f"{added[-1]}^"], cwd=REPO, capture_output=True, text=True, check=True
+    ).stdout.strip()
 
 
 def run_column(tree: Path, **job) -> dict:
     """measure(**job) in a fresh process whose data_pipeline comes from `tree`."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore",
-               PYTHONPATH=os.pathsep.join([str(tree), str(REPO)]))
-    done = subprocess.run([sys.executable, __file__, "--job", json.dumps(job)], env=env, capture_output=True,
-                          text=True, check=False)
+    env = dict(
+        os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", PYTHONPATH=os.pathsep.join([str(tree), str(REPO)])
+    )
+    done = subprocess.run(
+        [sys.executable, __file__, "--job", json.dumps(job)], env=env, capture_output=True, text=True, check=False
+    )
     if done.returncode:
         raise RuntimeError(f"column {job} failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -143,8 +164,11 @@ def main() -> None:
 
     before = args.before or default_before()
     scenarios = {"decode rejects": (False, []), "truncated shard": (True, []), "failing long text": (False, [LONG_ID])}
-    columns = {f"before ({before[:7]})": ("before", 0.0), "reserve 0": ("here", 0.0),
-               f"reserve {args.reserve:g}": ("here", args.reserve)}
+    columns = {
+        f"before ({before[:7]})": ("before", 0.0),
+        "reserve 0": ("here", 0.0),
+        f"reserve {args.reserve:g}": ("here", args.reserve),
+    }
     figures = {}
     with tempfile.TemporaryDirectory(prefix="keye_bad_data_") as tmp:
         tmp = Path(tmp)
@@ -153,25 +177,48 @@ def main() -> None:
             shards = make_corpus(tmp / scenario.replace(" ", "_") / "shards", truncate)
             figures[scenario] = {}
             for column, (code, reserve) in columns.items():
-                figures[scenario][column] = run_column(trees[code], shards=str(shards), steps=args.steps,
-                                                       reserve=reserve, reject_rate=REJECT_RATE, fail_ids=fail_ids)
+                figures[scenario][column] = run_column(
+                    trees[code],
+                    shards=str(shards),
+                    steps=args.steps,
+                    reserve=reserve,
+                    reject_rate=REJECT_RATE,
+                    fail_ids=fail_ids,
+                )
                 print(f"{scenario} / {column}: done", flush=True)
 
-    print(f"\n{'scenario':<18}{'code':<20}{'efficiency':>11}{'trained':>9}{'read':>7}{'empty steps':>13}"
-          f"{'empty packs':>13}  rejected by reason")
+    print(
+        f"\n{'scenario':<18}{'code':<20}{'efficiency':>11}{'trained':>9}{'read':>7}{'empty steps':>13}"
+        f"{'empty packs':>13}  rejected by reason"
+    )
     for scenario, rows in figures.items():
         for column, r in rows.items():
             rejected = ", ".join(f"{k} {v}" for k, v in r["rejected"].items()) or "none"
-            print(f"{scenario:<18}{column:<20}{r['packing_efficiency']:>11.4f}{r['samples_trained']:>9}"
-                  f"{r['samples_read']:>7}{r['empty_steps']:>13}{r['empty_packs']:>13}  {rejected}")
-    result = {"benchmark": "bad_data_cpu", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-              **git_state(), "before": before, "device": cpu_description(),
-              "shapes": {"seq_length": SEQ, "global_batch": GLOBAL_BATCH, "dp": DP, "steps": args.steps,
-                         "prefetch_steps": 2, "corpus": "realistic_mix(2400, 0) in 12 tar shards of 200, "
-                         f"one text of {LONG_PARTS} sequences (shard 5, sample 100)",
-                         "decode_reject_rate": REJECT_RATE, "reserve_fraction": args.reserve,
-                         "budget": "Stage 1 (DataConfig defaults)"},
-              "figures": figures, "goals": {"packing_efficiency_32k_10pct_rejects": 0.97, "empty_steps": 0}}
+            print(
+                f"{scenario:<18}{column:<20}{r['packing_efficiency']:>11.4f}{r['samples_trained']:>9}"
+                f"{r['samples_read']:>7}{r['empty_steps']:>13}{r['empty_packs']:>13}  {rejected}"
+            )
+    result = {
+        "benchmark": "bad_data_cpu",
+        "date": datetime.datetime.now(datetime.UTC).isoformat(),
+        **git_state(),
+        "before": before,
+        "device": cpu_description(),
+        "shapes": {
+            "seq_length": SEQ,
+            "global_batch": GLOBAL_BATCH,
+            "dp": DP,
+            "steps": args.steps,
+            "prefetch_steps": 2,
+            "corpus": "realistic_mix(2400, 0) in 12 tar shards of 200, "
+            f"one text of {LONG_PARTS} sequences (shard 5, sample 100)",
+            "decode_reject_rate": REJECT_RATE,
+            "reserve_fraction": args.reserve,
+            "budget": "Stage 1 (DataConfig defaults)",
+        },
+        "figures": figures,
+        "goals": {"packing_efficiency_32k_10pct_rejects": 0.97, "empty_steps": 0},
+    }
     write_result(args.out, result)
     print(f"wrote {args.out}")
 

@@ -41,8 +41,6 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-
-
 def write_result(path: Path, result: dict) -> None:
     """The benchmark's JSON record (rewritten whole, so a script may call it after every row)."""
     path.parent.mkdir(parents=True, exist_ok=True)

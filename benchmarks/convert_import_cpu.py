@@ -24,10 +24,23 @@ sys.path.insert(0, str(REPO))
 
 from benchmarks.common import cpu_description, git_state, write_result  # noqa: E402
 
-MID = ["~recipe", "model=tiny", "model.lm.num_layers=4", "model.lm.hidden_size=1024", "model.lm.num_heads=8",
-       "model.lm.num_kv_heads=4", "model.lm.head_dim=128", "model.lm.mrope_section=[16,24,24]",
-       "model.lm.num_experts=32", "model.lm.moe_topk=4", "model.lm.moe_ffn_hidden_size=512",
-       "model.vit.num_layers=4", "model.vit.hidden_size=512", "model.vit.num_heads=8", "model.vit.ffn_hidden_size=1024"]
+MID = [
+    "~recipe",
+    "model=tiny",
+    "model.lm.num_layers=4",
+    "model.lm.hidden_size=1024",
+    "model.lm.num_heads=8",
+    "model.lm.num_kv_heads=4",
+    "model.lm.head_dim=128",
+    "model.lm.mrope_section=[16,24,24]",
+    "model.lm.num_experts=32",
+    "model.lm.moe_topk=4",
+    "model.lm.moe_ffn_hidden_size=512",
+    "model.vit.num_layers=4",
+    "model.vit.hidden_size=512",
+    "model.vit.num_heads=8",
+    "model.vit.ffn_hidden_size=1024",
+]
 
 EXPORT = """
 import json, os, sys
@@ -68,9 +81,13 @@ print(json.dumps({"peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_
 
 
 def child(script: str, *args: str) -> dict:
-    done = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, cwd=REPO,
-                          env={"PYTHONWARNINGS": "ignore", "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "2",
-                               "PATH": "/usr/bin:/bin"})
+    done = subprocess.run(
+        [sys.executable, "-c", script, *args],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env={"PYTHONWARNINGS": "ignore", "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "2", "PATH": "/usr/bin:/bin"},
+    )
     if done.returncode:
         raise SystemExit(done.stderr[-3000:])
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -83,16 +100,23 @@ def main() -> None:
         checkpoint_bytes = sum(p.stat().st_size for p in hf.glob("*.safetensors"))
         built = child(BASELINE, json.dumps(MID))
         imported = child(IMPORT, json.dumps(MID), str(hf), str(run_dir))
-    gib = 2 ** 30
-    row = {"params": made["params"], "checkpoint_gib": checkpoint_bytes / gib,
-           "model_fp32_gib": made["params"] * 4 / gib, "build_only_peak_rss_gib": built["peak_rss_bytes"] / gib,
-           "import_peak_rss_gib": imported["peak_rss_bytes"] / gib, "import_seconds": imported["seconds"]}
+    gib = 2**30
+    row = {
+        "params": made["params"],
+        "checkpoint_gib": checkpoint_bytes / gib,
+        "model_fp32_gib": made["params"] * 4 / gib,
+        "build_only_peak_rss_gib": built["peak_rss_bytes"] / gib,
+        "import_peak_rss_gib": imported["peak_rss_bytes"] / gib,
+        "import_seconds": imported["seconds"],
+    }
     row["import_over_build_gib"] = row["import_peak_rss_gib"] - row["build_only_peak_rss_gib"]
     for key, value in row.items():
         print(f"{key:<26}{value:>14.3f}" if isinstance(value, float) else f"{key:<26}{value:>14,}")
     stamp = {**git_state(), "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "device": {**cpu_description(), "ranks": 1}}
-    write_result(REPO / "benchmarks" / "results" / "convert_import_cpu.json",
-                 {**stamp, "shapes": {"overrides": MID}, "rows": [row]})
+    write_result(
+        REPO / "benchmarks" / "results" / "convert_import_cpu.json",
+        {**stamp, "shapes": {"overrides": MID}, "rows": [row]},
+    )
 
 
 if __name__ == "__main__":

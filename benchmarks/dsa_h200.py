@@ -30,10 +30,18 @@ BUDGET = 4 << 30
 
 def inputs(length: int, seed: int):
     g = torch.Generator(device="cuda").manual_seed(seed)
+
     def rnd(*shape):
         return torch.randn(*shape, generator=g, device="cuda", dtype=torch.bfloat16)
-    return (rnd(length, HQ, D), rnd(length, HKV, D), rnd(length, HKV, D),
-            rnd(length, HI, DI).float(), rnd(length, HI).float(), rnd(length, DI).float())
+
+    return (
+        rnd(length, HQ, D),
+        rnd(length, HKV, D),
+        rnd(length, HKV, D),
+        rnd(length, HI, DI).float(),
+        rnd(length, HI).float(),
+        rnd(length, DI).float(),
+    )
 
 
 def rel(got: torch.Tensor, ref: torch.Tensor) -> float:
@@ -45,13 +53,13 @@ def rel(got: torch.Tensor, ref: torch.Tensor) -> float:
 def check_topk(length: int) -> dict:
     """The select kernel is exact on given scores; the Triton scores (tf32 dots) may move near-ties, so the
     end-to-end selection is reported as set overlap with the fp32 reference."""
-    from kernels.dsa_reference import _positions_of, causal_mask, indexer_logits, select_topk
+    from kernels.dsa_reference import causal_mask, indexer_logits, select_topk, selection_positions
     from kernels.triton_dsa.indexer import select_rows
 
     _, _, _, iq, iw, ik = inputs(length, seed=3)
     r0, r1 = length - 256, length
     scores = indexer_logits(iq[r0:r1], iw[r0:r1], ik[:r1])
-    want = _positions_of(select_topk(scores, causal_mask(0, r0, r1, iq.device), K), 0, K)
+    want = selection_positions(select_topk(scores, causal_mask(0, r0, r1, iq.device), K), 0, K)
     out = torch.full((length, K), -7, dtype=torch.int32, device="cuda")
     select_rows(scores, out, 0, r0, K)
     cu = torch.tensor([0, length], dtype=torch.int32, device="cuda")
@@ -60,8 +68,10 @@ def check_topk(length: int) -> dict:
     both = torch.sort(torch.cat([ref, got], 1), 1).values  # each list holds distinct keys: a repeat is shared
     same = (both.diff(dim=1) == 0) & (both[:, 1:] >= 0)
     visible = torch.clamp(torch.arange(length, device="cuda") + 1, max=K)
-    return {"select_exact_on_given_scores": bool(torch.equal(out[r0:r1], want)),
-            "selection_overlap_vs_fp32_reference": float(same.sum() / visible.sum())}
+    return {
+        "select_exact_on_given_scores": bool(torch.equal(out[r0:r1], want)),
+        "selection_overlap_vs_fp32_reference": float(same.sum() / visible.sum()),
+    }
 
 
 def check_kl(length: int) -> dict:
@@ -72,8 +82,7 @@ def check_kl(length: int) -> dict:
     results = {}
     for backend, (aq, ak) in (("triton", (q, k)), ("torch", (q.float(), k.float()))):
         leaves = [x.clone().requires_grad_() for x in (iq, iw, ik)]
-        kl = dsa.indexer_kl_loss(*leaves, aq, ak, cu, D ** -0.5, indices=indices, backend=backend,
-                                 budget_bytes=BUDGET)
+        kl = dsa.indexer_kl_loss(*leaves, aq, ak, cu, D**-0.5, indices=indices, backend=backend, budget_bytes=BUDGET)
         results[backend] = (kl.detach(), *torch.autograd.grad(kl, leaves))
     names = ("kl", "d_index_q", "d_index_w", "d_index_k")
     return {f"rel_err_{n}": rel(a, b) for n, a, b in zip(names, results["triton"], results["torch"])}
@@ -93,7 +102,7 @@ def check(length: int) -> dict:
     q, k, v, iq, iw, ik = inputs(length, seed=1)
     cu = torch.tensor([0, length], dtype=torch.int32, device="cuda")
     indices = dsa.indexer_topk(iq, iw, ik, cu, K, backend="torch", budget_bytes=BUDGET)
-    scale = D ** -0.5
+    scale = D**-0.5
     out = {}
     leaves = [x.clone().requires_grad_() for x in (q, k, v)]
     ref_leaves = [x.float().requires_grad_() for x in (q, k, v)]
@@ -133,6 +142,7 @@ def dense_step(q, k, v, backend):
         with sdpa_kernel(kind):
             o = F.scaled_dot_product_attention(qd, kd, vd, is_causal=True)
         o.backward(torch.ones_like(o))
+
     return step
 
 
@@ -141,13 +151,25 @@ def dsa_step(q, k, v, iq, iw, ik, cu, parts: dict):
     iqs, iws, iks = (x.clone().requires_grad_() for x in (iq, iw, ik))
 
     def step():
-        indices = dsa.indexer_topk(iqs.detach(), iws.detach(), iks.detach(), cu, K, backend=parts["topk"],
-                                   budget_bytes=BUDGET)
-        o, lse = dsa.sparse_gqa_attention(qs, ks, vs, indices, D ** -0.5, backend=parts["attention"],
-                                          budget_bytes=BUDGET)
-        kl = dsa.indexer_kl_loss(iqs, iws, iks, qs.detach(), ks.detach(), cu, D ** -0.5, indices=indices,
-                                 attn_lse=lse, backend=parts["kl"], budget_bytes=BUDGET)
+        indices = dsa.indexer_topk(
+            iqs.detach(), iws.detach(), iks.detach(), cu, K, backend=parts["topk"], budget_bytes=BUDGET
+        )
+        o, lse = dsa.sparse_gqa_attention(qs, ks, vs, indices, D**-0.5, backend=parts["attention"], budget_bytes=BUDGET)
+        kl = dsa.indexer_kl_loss(
+            iqs,
+            iws,
+            iks,
+            qs.detach(),
+            ks.detach(),
+            cu,
+            D**-0.5,
+            indices=indices,
+            attn_lse=lse,
+            backend=parts["kl"],
+            budget_bytes=BUDGET,
+        )
         (o.float().sum() + kl).backward()
+
     return step
 
 
@@ -160,16 +182,32 @@ def main() -> None:
     device = torch.cuda.get_device_name()
     stamp = {**git_state(), "device": device, "date": datetime.datetime.now(datetime.UTC).isoformat()}
     parts = {"topk": "triton", "attention": "triton", "kl": "triton"}
-    checks = {"L": args.check_length, **check(args.check_length), **check_topk(args.check_length),
-              **check_kl(args.check_length)}
-    print("check (bf16 triton vs fp32 reference):", {k: f"{v:.2e}" if isinstance(v, float) else v
-                                                     for k, v in checks.items()})
+    checks = {
+        "L": args.check_length,
+        **check(args.check_length),
+        **check_topk(args.check_length),
+        **check_kl(args.check_length),
+    }
+    print(
+        "check (bf16 triton vs fp32 reference):",
+        {k: f"{v:.2e}" if isinstance(v, float) else v for k, v in checks.items()},
+    )
     rows = []
     for length in args.lengths:
         q, k, v, iq, iw, ik = inputs(length, seed=length)
         cu = torch.tensor([0, length], dtype=torch.int32, device="cuda")
-        row = {"L": length, "k": K, "q_heads": HQ, "kv_heads": HKV, "head_dim": D, "indexer_heads": HI,
-               "indexer_dim": DI, "dense_backend": "cudnn", "backends": parts, **stamp}
+        row = {
+            "L": length,
+            "k": K,
+            "q_heads": HQ,
+            "kv_heads": HKV,
+            "head_dim": D,
+            "indexer_heads": HI,
+            "indexer_dim": DI,
+            "dense_backend": "cudnn",
+            "backends": parts,
+            **stamp,
+        }
         for backend in ("cudnn", "flash"):
             step = dense_step(q, k, v, backend)
             row[f"dense_{backend}_fwd_bwd_ms"] = timed(step)
@@ -181,19 +219,23 @@ def main() -> None:
         row["speedup"] = row["dense_cudnn_fwd_bwd_ms"] / row["dsa_fwd_bwd_ms"]
         row["speedup_vs_flash"] = row["dense_flash_fwd_bwd_ms"] / row["dsa_fwd_bwd_ms"]
         indices = dsa.indexer_topk(iq, iw, ik, cu, K, backend="triton", budget_bytes=BUDGET)
-        row["indexer_topk_ms"] = timed(lambda: dsa.indexer_topk(iq, iw, ik, cu, K, backend=parts["topk"],
-                                                                budget_bytes=BUDGET))
+        row["indexer_topk_ms"] = timed(
+            lambda: dsa.indexer_topk(iq, iw, ik, cu, K, backend=parts["topk"], budget_bytes=BUDGET)
+        )
         row["torch_topk_ms"] = timed(lambda: torch_scores_topk(iq, iw, ik, cu))  # scores + torch.topk
-        fwd_ms = timed(lambda: dsa.sparse_gqa_attention(q, k, v, indices, D ** -0.5, backend="triton"))
+        fwd_ms = timed(lambda: dsa.sparse_gqa_attention(q, k, v, indices, D**-0.5, backend="triton"))
         row["sparse_fwd_ms"] = fwd_ms
         useful = 4 * length * K * HQ * D  # causal rows before k select fewer: an upper bound on the useful work
         row["sparse_fwd_tflops_useful"] = useful / fwd_ms / 1e9
         rows.append(row)
-        print(f"L={length:>6}  dense cudnn {row['dense_cudnn_fwd_bwd_ms']:8.1f} ms  flash "
-              f"{row['dense_flash_fwd_bwd_ms']:8.1f} ms  DSA {row['dsa_fwd_bwd_ms']:8.1f} ms  "
-              f"speedup {row['speedup']:.2f}x  sparse fwd {fwd_ms:6.1f} ms ({row['sparse_fwd_tflops_useful']:.0f} TF/s)"
-              f"  indexer+topk {row['indexer_topk_ms']:.1f} ms  peak dense/DSA {row['dense_cudnn_peak_gib']:.1f}/"
-              f"{row['dsa_peak_gib']:.1f} GiB", flush=True)
+        print(
+            f"L={length:>6}  dense cudnn {row['dense_cudnn_fwd_bwd_ms']:8.1f} ms  flash "
+            f"{row['dense_flash_fwd_bwd_ms']:8.1f} ms  DSA {row['dsa_fwd_bwd_ms']:8.1f} ms  "
+            f"speedup {row['speedup']:.2f}x  sparse fwd {fwd_ms:6.1f} ms ({row['sparse_fwd_tflops_useful']:.0f} TF/s)"
+            f"  indexer+topk {row['indexer_topk_ms']:.1f} ms  peak dense/DSA {row['dense_cudnn_peak_gib']:.1f}/"
+            f"{row['dsa_peak_gib']:.1f} GiB",
+            flush=True,
+        )
         del q, k, v, iq, iw, ik, indices
         torch.cuda.empty_cache()
         write_result(args.out, {"checks": checks, "rows": rows})  # after every row: a timeout keeps what was measured

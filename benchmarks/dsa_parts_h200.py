@@ -46,14 +46,25 @@ def part_rows(length: int, kind: str, indices: torch.Tensor, q, k, v, configs) -
             qs, ks, vs = (x.clone().requires_grad_() for x in (q, k, v))
 
             def fwd_bwd():
-                o, _ = dsa.sparse_gqa_attention(qs, ks, vs, indices, D ** -0.5, backend="triton", **opts)
+                o, _ = dsa.sparse_gqa_attention(qs, ks, vs, indices, D**-0.5, backend="triton", **opts)
                 o.float().sum().backward()
-            row = {"L": length, "sets": kind, "block_queries": bq, "block_keys": bu, "num_warps": warps,
-                   "union_keys_per_query_over_k": union_ratio, "union_ms": union_ms}
+
+            row = {
+                "L": length,
+                "sets": kind,
+                "block_queries": bq,
+                "block_keys": bu,
+                "num_warps": warps,
+                "union_keys_per_query_over_k": union_ratio,
+                "union_ms": union_ms,
+            }
             try:
-                fwd = timed(lambda: dsa.sparse_gqa_attention(q, k, v, indices, D ** -0.5, backend="triton", **opts))
-                row.update(sparse_fwd_ms=fwd, sparse_fwd_bwd_ms=timed(fwd_bwd),
-                           sparse_fwd_tflops_useful=4 * length * K * HQ * D / fwd / 1e9)
+                fwd = timed(lambda: dsa.sparse_gqa_attention(q, k, v, indices, D**-0.5, backend="triton", **opts))
+                row.update(
+                    sparse_fwd_ms=fwd,
+                    sparse_fwd_bwd_ms=timed(fwd_bwd),
+                    sparse_fwd_tflops_useful=4 * length * K * HQ * D / fwd / 1e9,
+                )
             except triton.runtime.errors.OutOfResources as error:  # a tile too big for this GPU
                 row["error"] = str(error)
             print(row, flush=True)
@@ -69,32 +80,37 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "dsa_parts_h200.json")
     args = parser.parse_args()
     configs = [tuple(int(x) for x in c.split(":")) for c in args.configs.split(",")]
-    stamp = {**git_state(), "device": torch.cuda.get_device_name(),
-             "date": datetime.datetime.now(datetime.UTC).isoformat()}
+    stamp = {
+        **git_state(),
+        "device": torch.cuda.get_device_name(),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(),
+    }
     rows = []
     for length in args.lengths:
         q, k, v, iq, iw, ik = inputs(length, seed=length)
         cu = torch.tensor([0, length], dtype=torch.int32, device="cuda")
         indices = dsa.indexer_topk(iq, iw, ik, cu, K, backend="triton", budget_bytes=BUDGET)
-        _, lse = dsa.sparse_gqa_attention(q, k, v, indices, D ** -0.5, backend="triton")
+        _, lse = dsa.sparse_gqa_attention(q, k, v, indices, D**-0.5, backend="triton")
         common = {"L": length, **stamp}
-        common["indexer_topk_ms"] = timed(lambda: dsa.indexer_topk(iq, iw, ik, cu, K, backend="triton",
-                                                                   budget_bytes=BUDGET))
+        common["indexer_topk_ms"] = timed(
+            lambda: dsa.indexer_topk(iq, iw, ik, cu, K, backend="triton", budget_bytes=BUDGET)
+        )
         common["torch_topk_ms"] = timed(lambda: torch_scores_topk(iq, iw, ik, cu))
-        common["kl_target_ms"] = timed(lambda: sparse_attention_target(q, k, lse, indices, D ** -0.5))
+        common["kl_target_ms"] = timed(lambda: sparse_attention_target(q, k, lse, indices, D**-0.5))
         iqs, iws, iks = (x.clone().requires_grad_() for x in (iq, iw, ik))
 
         def kl_step():
-            dsa.indexer_kl_loss(iqs, iws, iks, q, k, cu, D ** -0.5, indices=indices, attn_lse=lse,
-                                backend="triton").backward()
+            dsa.indexer_kl_loss(
+                iqs, iws, iks, q, k, cu, D**-0.5, indices=indices, attn_lse=lse, backend="triton"
+            ).backward()
+
         common["kl_fwd_bwd_ms"] = timed(kl_step)
         print(common, flush=True)
         rows.append(common)
         for kind in args.sets:
             sets = indices if kind == "random" else local_indices(length)
             rows += part_rows(length, kind, sets, q, k, v, configs)
-            write_result(args.out, {"shapes": {"q_heads": HQ, "kv_heads": HKV, "head_dim": D, "k": K},
-                                    "rows": rows})
+            write_result(args.out, {"shapes": {"q_heads": HQ, "kv_heads": HKV, "head_dim": D, "k": K}, "rows": rows})
         del q, k, v, iq, iw, ik, indices
         torch.cuda.empty_cache()
     print(f"wrote {args.out}")

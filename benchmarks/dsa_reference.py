@@ -59,16 +59,26 @@ def _run(name: str, length: int, budget_mb: int, queue) -> None:
     if name == "indexer_topk":
         ref.indexer_topk(iq, iw, ik, cu, 2048, budget_bytes=budget)
     elif name == "sparse_attention_fwd":
-        ref.sparse_gqa_attention(q, k, v, indices, 128 ** -0.5, budget_bytes=budget)
+        ref.sparse_gqa_attention(q, k, v, indices, 128**-0.5, budget_bytes=budget)
     elif name == "indexer_kl_sparse":
-        ref.indexer_kl_loss(iq, iw, ik, q, k, cu, 128 ** -0.5, indices=indices, budget_bytes=budget).backward()
+        ref.indexer_kl_loss(iq, iw, ik, q, k, cu, 128**-0.5, indices=indices, budget_bytes=budget).backward()
     seconds = time.perf_counter() - started
     peak = _status_mib("VmHWM")
-    outputs = {"indexer_topk": length * 2048 * 4, "sparse_attention_fwd": length * 8 * (128 + 1) * 4,
-               "indexer_kl_sparse": length * (16 * 64 + 16 + 64) * 4}[name]  # indices / out + lse / saved grads
-    queue.put({"function": name, "seconds": seconds, "peak_above_inputs_mib": peak - base,
-               "of_which_outputs_mib": outputs / 2**20,
-               "inputs_rss_mib": base, "peak_reset_exact": exact})
+    outputs = {
+        "indexer_topk": length * 2048 * 4,
+        "sparse_attention_fwd": length * 8 * (128 + 1) * 4,
+        "indexer_kl_sparse": length * (16 * 64 + 16 + 64) * 4,
+    }[name]  # indices / out + lse / saved grads
+    queue.put(
+        {
+            "function": name,
+            "seconds": seconds,
+            "peak_above_inputs_mib": peak - base,
+            "of_which_outputs_mib": outputs / 2**20,
+            "inputs_rss_mib": base,
+            "peak_reset_exact": exact,
+        }
+    )
 
 
 def main() -> None:
@@ -87,16 +97,33 @@ def main() -> None:
         rows.append(queue.get())
         proc.join()
     full_logits_mib = args.length * args.length * 4 / 2**20
-    result = {"benchmark": "dsa_reference", "date": datetime.datetime.now(datetime.UTC).isoformat(),
-              **git_state(), "device": cpu_description(),
-              "shapes": {"length": args.length, "documents": 1, "index_heads": 16, "index_head_dim": 64,
-                         "topk": 2048, "q_heads": 8, "kv_heads": 1, "head_dim": 128, "dtype": "fp32",
-                         "memory_budget_mb": args.budget_mb},
-              "figures": {"functions": rows, "full_fp32_logits_mib": full_logits_mib}}
-    print(f"{'function':24}{'seconds':>10}{'peak MiB':>10}{'outputs MiB':>13}   "
-          f"(full L x L fp32 logits: {full_logits_mib:.0f} MiB)")
+    result = {
+        "benchmark": "dsa_reference",
+        "date": datetime.datetime.now(datetime.UTC).isoformat(),
+        **git_state(),
+        "device": cpu_description(),
+        "shapes": {
+            "length": args.length,
+            "documents": 1,
+            "index_heads": 16,
+            "index_head_dim": 64,
+            "topk": 2048,
+            "q_heads": 8,
+            "kv_heads": 1,
+            "head_dim": 128,
+            "dtype": "fp32",
+            "memory_budget_mb": args.budget_mb,
+        },
+        "figures": {"functions": rows, "full_fp32_logits_mib": full_logits_mib},
+    }
+    print(
+        f"{'function':24}{'seconds':>10}{'peak MiB':>10}{'outputs MiB':>13}   "
+        f"(full L x L fp32 logits: {full_logits_mib:.0f} MiB)"
+    )
     for r in rows:
-        print(f"{r['function']:24}{r['seconds']:>10.1f}{r['peak_above_inputs_mib']:>10.0f}{r['of_which_outputs_mib']:>13.0f}")
+        print(
+            f"{r['function']:24}{r['seconds']:>10.1f}{r['peak_above_inputs_mib']:>10.0f}{r['of_which_outputs_mib']:>13.0f}"
+        )
     write_result(args.out, result)
     print(f"wrote {args.out}")
 

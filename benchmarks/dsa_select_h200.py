@@ -29,12 +29,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--length", type=int, default=131072)
     parser.add_argument("--rows", type=int, default=4096)
-    parser.add_argument("--configs", default="1024:4:8,512:4:8,1024:4:11,512:4:11,2048:4:11,1024:8:11",
-                        help="block:num_warps:digit_bits,...")
+    parser.add_argument(
+        "--configs",
+        default="1024:4:8,512:4:8,1024:4:11,512:4:11,2048:4:11,1024:8:11",
+        help="block:num_warps:digit_bits,...",
+    )
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "dsa_select_h200.json")
     args = parser.parse_args()
-    stamp = {**git_state(), "device": torch.cuda.get_device_name(),
-             "date": datetime.datetime.now(datetime.UTC).isoformat()}
+    stamp = {
+        **git_state(),
+        "device": torch.cuda.get_device_name(),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(),
+    }
     _, _, _, iq, iw, ik = inputs(args.length, seed=11)
     r0, r1 = args.length - args.rows, args.length
     scores = indexer_scores(iq, iw, ik, 0, r0, r1)
@@ -48,20 +54,49 @@ def main() -> None:
         exact = bool(torch.equal(out, want))  # random scores: ties are measure-zero, so the sets are unique
         ms = timed(lambda: select_rows(scores, out, 0, r0, K, block, q_row0=r0, num_warps=warps, digit_bits=bits))
         passes = -(-32 // bits) + 1  # radix passes + the writing pass, each over the whole row
-        row = {"L": args.length, "rows": args.rows, "k": K, "block": block, "num_warps": warps, "digit_bits": bits,
-               "exact": exact, "select_ms": ms, "passes_gb_per_s": passes * streamed / ms / 1e6, **stamp}
-        print(f"block {block:5d} warps {warps:2d} bits {bits:2d}  {ms:8.2f} ms  exact={exact}  "
-              f"{passes} passes at {row['passes_gb_per_s']:.0f} GB/s", flush=True)
+        row = {
+            "L": args.length,
+            "rows": args.rows,
+            "k": K,
+            "block": block,
+            "num_warps": warps,
+            "digit_bits": bits,
+            "exact": exact,
+            "select_ms": ms,
+            "passes_gb_per_s": passes * streamed / ms / 1e6,
+            **stamp,
+        }
+        print(
+            f"block {block:5d} warps {warps:2d} bits {bits:2d}  {ms:8.2f} ms  exact={exact}  "
+            f"{passes} passes at {row['passes_gb_per_s']:.0f} GB/s",
+            flush=True,
+        )
         rows.append(row)
     for tiles in (1, 4, 8, 16):
         ms = timed(lambda: indexer_scores(iq, iw, ik, 0, r0, r1, key_tiles=tiles))
-        same = bool(torch.equal(indexer_scores(iq, iw, ik, 0, r0, r1, key_tiles=tiles).masked_fill(~visible, 0),
-                                scores.masked_fill(~visible, 0)))
+        same = bool(
+            torch.equal(
+                indexer_scores(iq, iw, ik, 0, r0, r1, key_tiles=tiles).masked_fill(~visible, 0),
+                scores.masked_fill(~visible, 0),
+            )
+        )
         written = float(visible.sum()) * 4
-        rows.append({"L": args.length, "rows": args.rows, "scores_key_tiles": tiles, "scores_ms": ms,
-                     "scores_same": same, "scores_write_gb_per_s": written / ms / 1e6, **stamp})
-        print(f"scores, {tiles:2d} key tiles per program: {ms:8.2f} ms  same={same}  "
-              f"writes at {rows[-1]['scores_write_gb_per_s']:.0f} GB/s", flush=True)
+        rows.append(
+            {
+                "L": args.length,
+                "rows": args.rows,
+                "scores_key_tiles": tiles,
+                "scores_ms": ms,
+                "scores_same": same,
+                "scores_write_gb_per_s": written / ms / 1e6,
+                **stamp,
+            }
+        )
+        print(
+            f"scores, {tiles:2d} key tiles per program: {ms:8.2f} ms  same={same}  "
+            f"writes at {rows[-1]['scores_write_gb_per_s']:.0f} GB/s",
+            flush=True,
+        )
     torch_ms = timed(lambda: torch.topk(scores.masked_fill(~visible, float("-inf")), K, dim=1))
     print(f"torch.topk on the same scores (mask included): {torch_ms:.2f} ms")
     write_result(args.out, {"rows": rows, "torch_topk_ms": torch_ms})

@@ -125,8 +125,13 @@ def measure(routing: str, rows: int, num_experts: int, modules: dict) -> list[di
     check = {f"rel_err_{n}": rel(a, b) for n, a, b in zip(names, results["grouped"], results["sequential"])}
     base = next(r["ms"] for r in out if r["impl"] == "sequential")
     for row in out:
-        row.update(speedup_vs_sequential=base / row["ms"], rows=rows, padded_rows=sum(padded_counts(counts, 8)),
-                   min_count=min(counts), max_count=max(counts))
+        row.update(
+            speedup_vs_sequential=base / row["ms"],
+            rows=rows,
+            padded_rows=sum(padded_counts(counts, 8)),
+            min_count=min(counts),
+            max_count=max(counts),
+        )
         if row["impl"] == "grouped":
             row["grouped_vs_sequential"] = check
     return out
@@ -135,8 +140,10 @@ def measure(routing: str, rows: int, num_experts: int, modules: dict) -> list[di
 def _per_expert(module, attr: str) -> tuple[torch.Tensor, torch.Tensor]:
     """[E, out, in] fc1 and fc2 values (attr 'data' or 'grad') of either experts module."""
     if hasattr(module, "local_experts"):
-        return tuple(torch.stack([getattr(getattr(e, fc).weight, attr) for e in module.local_experts])
-                     for fc in ("linear_fc1", "linear_fc2"))
+        return tuple(
+            torch.stack([getattr(getattr(e, fc).weight, attr) for e in module.local_experts])
+            for fc in ("linear_fc1", "linear_fc2")
+        )
     return tuple(getattr(getattr(module, fc).weight, attr) for fc in ("linear_fc1", "linear_fc2"))
 
 
@@ -158,8 +165,8 @@ def main() -> None:
     torch.manual_seed(0)
     modules = {impl: build_experts(impl, args.experts) for impl in ("sequential", "grouped")}
     with torch.no_grad():  # the same random weights in both
-        fc1 = torch.randn(args.experts, 2 * FFN, HIDDEN, device=DEVICE) * HIDDEN ** -0.5
-        fc2 = torch.randn(args.experts, HIDDEN, FFN, device=DEVICE) * FFN ** -0.5
+        fc1 = torch.randn(args.experts, 2 * FFN, HIDDEN, device=DEVICE) * HIDDEN**-0.5
+        fc2 = torch.randn(args.experts, HIDDEN, FFN, device=DEVICE) * FFN**-0.5
         modules["grouped"].linear_fc1.weight.copy_(fc1)
         modules["grouped"].linear_fc2.weight.copy_(fc2)
         for i, expert in enumerate(modules["sequential"].local_experts):
@@ -167,21 +174,37 @@ def main() -> None:
             expert.linear_fc2.weight.copy_(fc2[i])
 
     peak = matmul_tflops()
-    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, **git_state(),
-              "date": datetime.date.today().isoformat(), "matmul_bf16_tflops_measured": peak,
-              "shape": {"tokens": args.tokens, "topk": args.topk, "experts": args.experts, "hidden": HIDDEN,
-                        "ffn": FFN, "dtype": "bf16"}, "rows": []}
+    result = {
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        **git_state(),
+        "date": datetime.date.today().isoformat(),
+        "matmul_bf16_tflops_measured": peak,
+        "shape": {
+            "tokens": args.tokens,
+            "topk": args.topk,
+            "experts": args.experts,
+            "hidden": HIDDEN,
+            "ffn": FFN,
+            "dtype": "bf16",
+        },
+        "rows": [],
+    }
     rows = args.tokens * args.topk
     for routing in args.routing:
         result["rows"].extend(measure(routing, rows, args.experts, modules))
         write_result(args.out, result)
     print(f"{'routing':9s} {'impl':16s} {'ms':>8s} {'TFLOP/s':>8s} {'x seq':>6s} {'peak GiB':>8s}")
     for row in result["rows"]:
-        print(f"{row['routing']:9s} {row['impl']:16s} {row['ms']:8.2f} {row['tflops']:8.1f} "
-              f"{row['speedup_vs_sequential']:6.2f} {row.get('peak_gib', float('nan')):8.2f}")
+        print(
+            f"{row['routing']:9s} {row['impl']:16s} {row['ms']:8.2f} {row['tflops']:8.1f} "
+            f"{row['speedup_vs_sequential']:6.2f} {row.get('peak_gib', float('nan')):8.2f}"
+        )
         if "grouped_vs_sequential" in row:
-            print("    grouped vs sequential: " + ", ".join(f"{k[8:]} {v:.1e}"
-                                                           for k, v in row["grouped_vs_sequential"].items()))
+            print(
+                "    grouped vs sequential: "
+                + ", ".join(f"{k[8:]} {v:.1e}" for k, v in row["grouped_vs_sequential"].items())
+            )
     print(f"bf16 matmul 8192^3: {peak:.0f} TFLOP/s; written to {args.out}")
 
 

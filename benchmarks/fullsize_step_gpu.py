@@ -55,15 +55,32 @@ def main() -> None:
     device = torch.cuda.get_device_name()
     out = args.out or REPO / "benchmarks" / "results" / f"fullsize_step_{device.split()[-1].lower()}.json"
     if not (args.data / "shards" / "index.json").exists():
-        subprocess.run([sys.executable, "-m", "data_pipeline.cli", "demo", "--out", str(args.data)], check=True,
-                       capture_output=True)
+        subprocess.run(
+            [sys.executable, "-m", "data_pipeline.cli", "demo", "--out", str(args.data)],
+            check=True,
+            capture_output=True,
+        )
     run_dir = Path(tempfile.mkdtemp(prefix="fullsize_"))
-    overrides = ["recipe=stage1_pretrain", "launch=local", "parallel=ep8_node", f"parallel.nproc={args.gpus}",
-                 f"parallel.ep={args.gpus}", f"model.lm.num_layers={args.lm_layers}", f"attention={args.attention}",
-                 f"train.steps={args.steps}", f"train.global_batch={args.gpus}", f"train.seq_length={args.seq}",
-                 "optim.warmup_steps=1", f"data.shards={args.data / 'shards'}",
-                 f"data.tokenizer={args.data / 'tokenizer.json'}", "data.workers=4", "logging.wandb_mode=disabled",
-                 "logging.progress_bar=false", "checkpoint.interval=0", f"run_dir={run_dir}"]
+    overrides = [
+        "recipe=stage1_pretrain",
+        "launch=local",
+        "parallel=ep8_node",
+        f"parallel.nproc={args.gpus}",
+        f"parallel.ep={args.gpus}",
+        f"model.lm.num_layers={args.lm_layers}",
+        f"attention={args.attention}",
+        f"train.steps={args.steps}",
+        f"train.global_batch={args.gpus}",
+        f"train.seq_length={args.seq}",
+        "optim.warmup_steps=1",
+        f"data.shards={args.data / 'shards'}",
+        f"data.tokenizer={args.data / 'tokenizer.json'}",
+        "data.workers=4",
+        "logging.wandb_mode=disabled",
+        "logging.progress_bar=false",
+        "checkpoint.interval=0",
+        f"run_dir={run_dir}",
+    ]
     done = subprocess.run([sys.executable, "-m", "keye_train.cli", *overrides], capture_output=True, text=True)
     if done.returncode != 0:
         sys.exit(f"training failed:\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}")
@@ -83,15 +100,27 @@ def main() -> None:
     tokens_per_gpu = args.seq / step_s  # one packed sequence per GPU per step
     measured_peak = matmul_tflops()
     result = {
-        "device": device, "gpus": args.gpus, **git_state(),
+        "device": device,
+        "gpus": args.gpus,
+        **git_state(),
         "date": datetime.datetime.now(datetime.UTC).isoformat(),
-        "model": "keye_vl2_30b_a3b", "lm_layers": args.lm_layers, "vit_layers": model.vit.num_layers,
-        "experts": lm.num_experts, "ep": args.gpus, "seq_length": args.seq, "attention": args.attention,
-        "recompute": "full", "dtype": "bf16", "steps": len(rows), "timed_steps": len(timed),
-        "step_time_s": step_s, "tokens_per_s_per_gpu": tokens_per_gpu,
+        "model": "keye_vl2_30b_a3b",
+        "lm_layers": args.lm_layers,
+        "vit_layers": model.vit.num_layers,
+        "experts": lm.num_experts,
+        "ep": args.gpus,
+        "seq_length": args.seq,
+        "attention": args.attention,
+        "recompute": "full",
+        "dtype": "bf16",
+        "steps": len(rows),
+        "timed_steps": len(timed),
+        "step_time_s": step_s,
+        "tokens_per_s_per_gpu": tokens_per_gpu,
         "active_params_for_flops": flop_params,
         "mfu_params_only": 6 * flop_params * tokens_per_gpu / (DATASHEET_BF16_TFLOPS * 1e12),
-        "mfu_with_causal_attention": (6 * flop_params + causal_attention) * tokens_per_gpu
+        "mfu_with_causal_attention": (6 * flop_params + causal_attention)
+        * tokens_per_gpu
         / (DATASHEET_BF16_TFLOPS * 1e12),
         "matmul_bf16_tflops_measured": measured_peak,
         "peak_memory_gib": max(r.get("memory/peak_gib", float("nan")) for r in rows),

@@ -65,6 +65,7 @@ def chunked_step(chunk: int):
         total = (linear_cross_entropy(hidden, weight, target, chunk_tokens=chunk) * mask * SCALE).sum()
         total.backward()
         return total
+
     return step
 
 
@@ -108,8 +109,11 @@ def measure(name: str, step, tensors, reference, flops: float) -> dict:
     torch.cuda.reset_peak_memory_stats()
     total = step(*tensors)
     peak = (torch.cuda.max_memory_allocated() - base) / 2**30
-    errors = {"rel_err_loss": abs(float(total.detach()) - reference[0]) / abs(reference[0]),
-              "rel_err_d_hidden": rel(hidden.grad, reference[1]), "rel_err_d_weight": rel(weight.grad, reference[2])}
+    errors = {
+        "rel_err_loss": abs(float(total.detach()) - reference[0]) / abs(reference[0]),
+        "rel_err_d_hidden": rel(hidden.grad, reference[1]),
+        "rel_err_d_weight": rel(weight.grad, reference[2]),
+    }
     ms = timed_ms(lambda: step(*tensors), [hidden, weight])
     hidden.grad = weight.grad = None
     return {"impl": name, "ms": ms, "model_tflops": flops / ms / 1e9, "peak_gib_above_inputs": peak, **errors}
@@ -135,10 +139,15 @@ def main() -> None:
     liger = importlib.util.find_spec("liger_kernel") is not None
     if liger:
         steps.append(("liger_fused_linear_ce", liger_step))
-    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, **git_state(),
-              "date": datetime.date.today().isoformat(), "liger_kernel_importable": liger,
-              "shape": {"tokens": args.tokens, "hidden": HIDDEN, "vocab": VOCAB, "dtype": "bf16", "tp": 1},
-              "rows": []}
+    result = {
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        **git_state(),
+        "date": datetime.date.today().isoformat(),
+        "liger_kernel_importable": liger,
+        "shape": {"tokens": args.tokens, "hidden": HIDDEN, "vocab": VOCAB, "dtype": "bf16", "tp": 1},
+        "rows": [],
+    }
     for name, step in steps:
         try:
             result["rows"].append(measure(name, step, tensors, reference, flops))
@@ -152,12 +161,16 @@ def main() -> None:
         row["speedup_vs_megatron"] = base["ms"] / row["ms"]
         row["memory_vs_megatron"] = row["peak_gib_above_inputs"] / base["peak_gib_above_inputs"]
     write_result(args.out, result)
-    print(f"{'impl':24s} {'ms':>8s} {'TFLOP/s':>8s} {'x meg':>6s} {'peak GiB':>9s} {'err loss':>9s} "
-          f"{'err dh':>8s} {'err dW':>8s}")
+    print(
+        f"{'impl':24s} {'ms':>8s} {'TFLOP/s':>8s} {'x meg':>6s} {'peak GiB':>9s} {'err loss':>9s} "
+        f"{'err dh':>8s} {'err dW':>8s}"
+    )
     for row in result["rows"]:
-        print(f"{row['impl']:24s} {row['ms']:8.2f} {row['model_tflops']:8.1f} {row['speedup_vs_megatron']:6.2f} "
-              f"{row['peak_gib_above_inputs']:9.2f} {row['rel_err_loss']:9.1e} {row['rel_err_d_hidden']:8.1e} "
-              f"{row['rel_err_d_weight']:8.1e}")
+        print(
+            f"{row['impl']:24s} {row['ms']:8.2f} {row['model_tflops']:8.1f} {row['speedup_vs_megatron']:6.2f} "
+            f"{row['peak_gib_above_inputs']:9.2f} {row['rel_err_loss']:9.1e} {row['rel_err_d_hidden']:8.1e} "
+            f"{row['rel_err_d_weight']:8.1e}"
+        )
     print(f"liger-kernel importable: {liger}; written to {args.out}")
 
 

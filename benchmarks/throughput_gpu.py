@@ -39,13 +39,21 @@ sys.path.insert(0, str(REPO))
 from benchmarks.common import git_state, write_result  # noqa: E402
 
 DATASHEET_BF16_TFLOPS = 989.0
-BASELINE = ["model.lm.experts_impl=sequential", "model.lm.loss_impl=megatron", "model.lm.attention_backend=flash",
-            "parallel.recompute=full"]
+BASELINE = [
+    "model.lm.experts_impl=sequential",
+    "model.lm.loss_impl=megatron",
+    "model.lm.attention_backend=flash",
+    "parallel.recompute=full",
+]
 ROWS = {  # name -> overrides on top of the common ones
     "baseline": BASELINE,
     "grouped_full": ["model.lm.experts_impl=grouped", "parallel.recompute=full"],
-    "grouped_selective": ["model.lm.experts_impl=grouped", "parallel.recompute=selective",
-                          "parallel.recompute_modules=[moe,layernorm]", "parallel.vision.recompute=full"],
+    "grouped_selective": [
+        "model.lm.experts_impl=grouped",
+        "parallel.recompute=selective",
+        "parallel.recompute_modules=[moe,layernorm]",
+        "parallel.vision.recompute=full",
+    ],
     "grouped_lm_none": ["model.lm.experts_impl=grouped", "parallel.recompute=none", "parallel.vision.recompute=full"],
 }
 
@@ -80,8 +88,12 @@ def model_flops(cfg, batch, counts) -> dict:
         head_dim = vit.hidden_size // vit.num_heads
         vit_flops = 6 * (counts["vit"] * patches + counts["projector"] * patches / 4)
         vit_flops += sum(3 * 4 * f * f * vit.num_heads * head_dim * vit.num_layers for f in frames)
-    return {"lm_dense": lm_dense, "lm_attention": lm_attention, "vit": vit_flops,
-            "total": lm_dense + lm_attention + vit_flops}
+    return {
+        "lm_dense": lm_dense,
+        "lm_attention": lm_attention,
+        "vit": vit_flops,
+        "total": lm_dense + lm_attention + vit_flops,
+    }
 
 
 def breakdown(trainer, batch, optimizer_ms: float, step_ms: float, smoke: bool) -> tuple[dict, float]:
@@ -99,25 +111,39 @@ def breakdown(trainer, batch, optimizer_ms: float, step_ms: float, smoke: bool) 
         def run():
             outputs, grads = make()
             torch.autograd.backward(outputs, grads)
+
         return run
 
     if batch.visual is not None and batch.visual.num_frames:
+
         def vit_pass():
             embeds = parts.vision(batch.visual)
             return embeds, torch.ones_like(embeds)
+
         out["vit"] = timed_ms(fwd_bwd(vit_pass), smoke)
     else:
         out["vit"] = 0.0
 
     lengths = (batch.cu_seqlens[1:] - batch.cu_seqlens[:-1]).tolist()
     q = torch.randn(T, lm_cfg.num_heads, lm_cfg.head_dim, device=device, dtype=dtype, requires_grad=True)
-    k, v = (torch.randn(T, lm_cfg.num_kv_heads, lm_cfg.head_dim, device=device, dtype=dtype, requires_grad=True)
-            for _ in range(2))
+    k, v = (
+        torch.randn(T, lm_cfg.num_kv_heads, lm_cfg.head_dim, device=device, dtype=dtype, requires_grad=True)
+        for _ in range(2)
+    )
 
     def attend():
-        return dense_varlen_attention(q, k, v, batch.cu_seqlens, causal=True, scale=lm_cfg.head_dim ** -0.5,
-                                      max_seqlen=max(lengths), lengths=lengths,
-                                      backend=str(lm_cfg.attention_backend))
+        return dense_varlen_attention(
+            q,
+            k,
+            v,
+            batch.cu_seqlens,
+            causal=True,
+            scale=lm_cfg.head_dim**-0.5,
+            max_seqlen=max(lengths),
+            lengths=lengths,
+            backend=str(lm_cfg.attention_backend),
+        )
+
     attention = timed_ms(fwd_bwd(lambda: (attend(), torch.ones_like(q))), smoke)
     if full:
         with torch.no_grad():
@@ -126,14 +152,17 @@ def breakdown(trainer, batch, optimizer_ms: float, step_ms: float, smoke: bool) 
 
     moe = parts.lm.decoder.layers[0].mlp
     captured = {}
+
     def capture(_module, inputs, _outputs):
         captured.setdefault("args", inputs)  # returns None: the output stays
+
     hook = moe.experts.register_forward_hook(capture)
     x = torch.randn(T, 1, hidden, device=device, dtype=dtype, requires_grad=True)
 
     def moe_pass():
         y, _ = moe(x)
         return y, torch.ones_like(y)
+
     moe_ms = timed_ms(fwd_bwd(moe_pass), smoke)
     hook.remove()
     tokens, counts, probs = captured["args"]
@@ -143,6 +172,7 @@ def breakdown(trainer, batch, optimizer_ms: float, step_ms: float, smoke: bool) 
     def experts_pass():
         y, _ = moe.experts(tokens, counts, probs)
         return y, torch.ones_like(y)
+
     experts_ms = timed_ms(fwd_bwd(experts_pass), smoke)
     if full:
         with torch.no_grad():
@@ -163,6 +193,7 @@ def breakdown(trainer, batch, optimizer_ms: float, step_ms: float, smoke: bool) 
             logits, _ = head.output_layer(h)
             loss = head.compute_language_model_loss(labels, logits)
         return loss, torch.ones_like(loss)
+
     out["lm_head_ce"] = timed_ms(fwd_bwd(head_pass), smoke)
     out["optimizer"] = optimizer_ms
     out["other"] = step_ms - sum(out.values())
@@ -178,12 +209,26 @@ def measure(name: str, args) -> dict:
     from keye_train.training import build_trainer, loop
 
     smoke = not torch.cuda.is_available()
-    common = ["recipe=stage1_pretrain", "launch=local", "parallel=ep8_node", "parallel.nproc=1", "parallel.ep=1",
-              f"model.lm.num_layers={args.lm_layers}", f"train.steps={args.warmup + args.steps}",
-              "train.global_batch=1", f"train.seq_length={args.seq}", "optim.warmup_steps=1",
-              f"data.shards={args.data / 'shards'}", f"data.tokenizer={args.data / 'tokenizer.json'}",
-              "data.workers=4", "logging.wandb_mode=disabled", "logging.progress_bar=false",
-              "checkpoint.interval=0", "checkpoint.resume=false", f"run_dir={tempfile.mkdtemp(prefix='tput_')}"]
+    common = [
+        "recipe=stage1_pretrain",
+        "launch=local",
+        "parallel=ep8_node",
+        "parallel.nproc=1",
+        "parallel.ep=1",
+        f"model.lm.num_layers={args.lm_layers}",
+        f"train.steps={args.warmup + args.steps}",
+        "train.global_batch=1",
+        f"train.seq_length={args.seq}",
+        "optim.warmup_steps=1",
+        f"data.shards={args.data / 'shards'}",
+        f"data.tokenizer={args.data / 'tokenizer.json'}",
+        "data.workers=4",
+        "logging.wandb_mode=disabled",
+        "logging.progress_bar=false",
+        "checkpoint.interval=0",
+        "checkpoint.resume=false",
+        f"run_dir={tempfile.mkdtemp(prefix='tput_')}",
+    ]
     if smoke:
         common += ["model=tiny", "data.workers=0"]
     cfg, sizes = load_checked_config([*common, *ROWS[name]], world=1)
@@ -202,6 +247,7 @@ def measure(name: str, args) -> dict:
             torch.cuda.synchronize()
         optimizer_times.append((time.perf_counter() - started) * 1e3)
         return result
+
     loop.optimizer_step = optimizer_step
     trainer = build_trainer(cfg)
     batches, next_step = [], trainer.data.next_step
@@ -212,31 +258,45 @@ def measure(name: str, args) -> dict:
     metrics = [trainer.train_step() for _ in range(args.steps)]
     peak = torch.cuda.max_memory_allocated() / GIB if not smoke else float("nan")
     step_s = statistics.median(m["step_time_s"] for m in metrics)
-    timed = [b[0].to(trainer.device) for b in batches[args.warmup:]]
+    timed = [b[0].to(trainer.device) for b in batches[args.warmup :]]
     flops = [model_flops(cfg, b, counts) for b in timed]
     mean_flops = {key: statistics.mean(f[key] for f in flops) for key in flops[0]}
-    parts_ms, expert_tflops = breakdown(trainer, timed[-1], statistics.median(optimizer_times[args.warmup:]),
-                                        step_s * 1e3, smoke)
+    parts_ms, expert_tflops = breakdown(
+        trainer, timed[-1], statistics.median(optimizer_times[args.warmup :]), step_s * 1e3, smoke
+    )
     peak_tflops = matmul_tflops(smoke)
     achieved = mean_flops["total"] / step_s / 1e12
     trainer.data.close()
     visual = [int(b.visual.patches.shape[0]) if b.visual is not None else 0 for b in timed]
     return {
-        "row": name, "overrides": ROWS[name], "lm_layers": args.lm_layers, "vit_layers": cfg.model.vit.num_layers,
-        "seq_length": args.seq, "recompute": str(cfg.parallel.recompute),
+        "row": name,
+        "overrides": ROWS[name],
+        "lm_layers": args.lm_layers,
+        "vit_layers": cfg.model.vit.num_layers,
+        "seq_length": args.seq,
+        "recompute": str(cfg.parallel.recompute),
         "recompute_modules": [str(m) for m in cfg.parallel.recompute_modules],
         "vision_recompute": str(cfg.parallel.vision.recompute or cfg.parallel.recompute),
-        "experts_impl": str(cfg.model.lm.experts_impl), "loss_impl": str(cfg.model.lm.loss_impl),
-        "attention_backend": str(cfg.model.lm.attention_backend), "step_time_s": step_s,
-        "step_times_s": [m["step_time_s"] for m in metrics], "tokens_per_s_per_gpu": args.seq / step_s,
+        "experts_impl": str(cfg.model.lm.experts_impl),
+        "loss_impl": str(cfg.model.lm.loss_impl),
+        "attention_backend": str(cfg.model.lm.attention_backend),
+        "step_time_s": step_s,
+        "step_times_s": [m["step_time_s"] for m in metrics],
+        "tokens_per_s_per_gpu": args.seq / step_s,
         "model_tflops_per_step": mean_flops["total"] / 1e12,
         "flops_share": {k: v / mean_flops["total"] for k, v in mean_flops.items() if k != "total"},
-        "achieved_tflops": achieved, "mfu": achieved / DATASHEET_BF16_TFLOPS,
-        "mfu_vs_measured_peak": achieved / peak_tflops, "matmul_bf16_tflops_measured": peak_tflops,
-        "expert_gemm_tflops": expert_tflops, "breakdown_ms": parts_ms, "peak_memory_gib": peak,
-        "planned_memory_gib": planned, "vit_patches_per_step": visual,
+        "achieved_tflops": achieved,
+        "mfu": achieved / DATASHEET_BF16_TFLOPS,
+        "mfu_vs_measured_peak": achieved / peak_tflops,
+        "matmul_bf16_tflops_measured": peak_tflops,
+        "expert_gemm_tflops": expert_tflops,
+        "breakdown_ms": parts_ms,
+        "peak_memory_gib": peak,
+        "planned_memory_gib": planned,
+        "vit_patches_per_step": visual,
         "documents_per_step": [len(b.cu_seqlens) - 1 for b in timed],
-        "losses": [m["loss"] for m in metrics], "device": torch.cuda.get_device_name() if not smoke else "cpu",
+        "losses": [m["loss"] for m in metrics],
+        "device": torch.cuda.get_device_name() if not smoke else "cpu",
     }
 
 
@@ -255,17 +315,42 @@ def main() -> None:
         print("ROW " + json.dumps(measure(args.row, args)), flush=True)
         return
     if not (args.data / "shards" / "index.json").exists():
-        subprocess.run([sys.executable, "-m", "data_pipeline.cli", "demo", "--out", str(args.data)], check=True,
-                       capture_output=True)
+        subprocess.run(
+            [sys.executable, "-m", "data_pipeline.cli", "demo", "--out", str(args.data)],
+            check=True,
+            capture_output=True,
+        )
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     out = args.out or REPO / "benchmarks" / "results" / f"throughput_{device.split()[-1].lower()}.json"
-    result = {"device": device, **git_state(), "date": datetime.datetime.now(datetime.UTC).isoformat(),
-              "torch": torch.__version__, "rows": []}
+    result = {
+        "device": device,
+        **git_state(),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(),
+        "torch": torch.__version__,
+        "rows": [],
+    }
     for name in args.rows.split(","):
-        child = subprocess.run([sys.executable, __file__, "--row", name, "--lm-layers", str(args.lm_layers),
-                                "--seq", str(args.seq), "--warmup", str(args.warmup), "--steps", str(args.steps),
-                                "--data", str(args.data)], capture_output=True, text=True,
-                               env=dict(os.environ, PYTHONWARNINGS="ignore"))
+        child = subprocess.run(
+            [
+                sys.executable,
+                __file__,
+                "--row",
+                name,
+                "--lm-layers",
+                str(args.lm_layers),
+                "--seq",
+                str(args.seq),
+                "--warmup",
+                str(args.warmup),
+                "--steps",
+                str(args.steps),
+                "--data",
+                str(args.data),
+            ],
+            capture_output=True,
+            text=True,
+            env=dict(os.environ, PYTHONWARNINGS="ignore"),
+        )
         lines = [line for line in child.stdout.splitlines() if line.startswith("ROW ")]
         if child.returncode != 0 or not lines:
             result["rows"].append({"row": name, "error": (child.stdout[-1500:] + child.stderr[-3000:])})
@@ -278,11 +363,15 @@ def main() -> None:
         result["rows"].append(row)
         write_result(out, result)
         b = row["breakdown_ms"]
-        print(f"{name:<18} step {row['step_time_s']:.3f} s  {row['tokens_per_s_per_gpu']:>8.0f} tok/s  "
-              f"mfu {row['mfu']:.3f} ({row['mfu_vs_measured_peak']:.3f} of measured)  x{row['speedup_vs_baseline']:.2f}"
-              f"  experts {row['expert_gemm_tflops']:.0f} TF/s  peak {row['peak_memory_gib']:.1f} GiB"
-              f" (plan {row['planned_memory_gib']:.1f})\n    " + "  ".join(f"{k} {v:.0f}" for k, v in b.items())
-              + f" ms; flops {json.dumps({k: round(v, 3) for k, v in row['flops_share'].items()})}", flush=True)
+        print(
+            f"{name:<18} step {row['step_time_s']:.3f} s  {row['tokens_per_s_per_gpu']:>8.0f} tok/s  "
+            f"mfu {row['mfu']:.3f} ({row['mfu_vs_measured_peak']:.3f} of measured)  x{row['speedup_vs_baseline']:.2f}"
+            f"  experts {row['expert_gemm_tflops']:.0f} TF/s  peak {row['peak_memory_gib']:.1f} GiB"
+            f" (plan {row['planned_memory_gib']:.1f})\n    "
+            + "  ".join(f"{k} {v:.0f}" for k, v in b.items())
+            + f" ms; flops {json.dumps({k: round(v, 3) for k, v in row['flops_share'].items()})}",
+            flush=True,
+        )
     print(f"wrote {out}")
 
 

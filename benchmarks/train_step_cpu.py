@@ -1,6 +1,6 @@
 """Time the tiny model's training step on the CPU (one process, gloo) and record the figures as JSON.
 
-    .venv/bin/python benchmarks/train_step_cpu.py [--steps 5] [--warmup 2] [hydra overrides...]
+.venv/bin/python benchmarks/train_step_cpu.py [--steps 5] [--warmup 2] [hydra overrides...]
 """
 
 from __future__ import annotations
@@ -32,10 +32,21 @@ def run(steps: int, warmup: int, overrides: list[str], run_dir: str) -> dict:
 
     data = Path(run_dir) / "data"  # the demo corpus, built fresh (a few seconds)
     make_demo(data, log=lambda _: None)
-    cfg = load_config(["parallel.nproc=1", "parallel.ep=1", "logging.wandb_mode=disabled",
-                       "logging.progress_bar=false", "checkpoint.resume=false", f"run_dir={run_dir}",
-                       f"data.shards={data / 'shards'}", f"data.tokenizer={data / 'tokenizer.json'}", "data.workers=0",
-                       f"train.steps={warmup + steps}", *overrides])
+    cfg = load_config(
+        [
+            "parallel.nproc=1",
+            "parallel.ep=1",
+            "logging.wandb_mode=disabled",
+            "logging.progress_bar=false",
+            "checkpoint.resume=false",
+            f"run_dir={run_dir}",
+            f"data.shards={data / 'shards'}",
+            f"data.tokenizer={data / 'tokenizer.json'}",
+            "data.workers=0",
+            f"train.steps={warmup + steps}",
+            *overrides,
+        ]
+    )
     single_process_env()
     trainer = build_trainer(cfg)
     try:
@@ -52,13 +63,28 @@ def run(steps: int, warmup: int, overrides: list[str], run_dir: str) -> dict:
     tokens = cfg.train.global_batch * cfg.train.seq_length
     median = statistics.median(times)
     return {
-        "shapes": {"model": cfg.model.name, "seq_length": cfg.train.seq_length,
-                   "global_batch": cfg.train.global_batch, "tokens_per_step": tokens},
-        "settings": {"warmup_steps": warmup, "timed_steps": steps, "torch_threads": torch.get_num_threads(),
-                     "dtype": str(trainer.ctx.dtype), "overrides": overrides},
-        "figures": {"median_step_s": median, "min_step_s": min(times), "max_step_s": max(times),
-                    "step_times_s": times, "tokens_per_s": tokens / median, "peak_rss_mib": peak_rss_mib(),
-                    "last_loss": losses[-1]},
+        "shapes": {
+            "model": cfg.model.name,
+            "seq_length": cfg.train.seq_length,
+            "global_batch": cfg.train.global_batch,
+            "tokens_per_step": tokens,
+        },
+        "settings": {
+            "warmup_steps": warmup,
+            "timed_steps": steps,
+            "torch_threads": torch.get_num_threads(),
+            "dtype": str(trainer.ctx.dtype),
+            "overrides": overrides,
+        },
+        "figures": {
+            "median_step_s": median,
+            "min_step_s": min(times),
+            "max_step_s": max(times),
+            "step_times_s": times,
+            "tokens_per_s": tokens / median,
+            "peak_rss_mib": peak_rss_mib(),
+            "last_loss": losses[-1],
+        },
     }
 
 
@@ -86,8 +112,13 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="keye_bench_") as run_dir:
         measured = run(args.steps, args.warmup, args.overrides, run_dir)
-    result = {"benchmark": "train_step_cpu", "date": datetime.datetime.now(datetime.UTC).isoformat(),
-              **git_state(), "device": cpu_description(), **measured}
+    result = {
+        "benchmark": "train_step_cpu",
+        "date": datetime.datetime.now(datetime.UTC).isoformat(),
+        **git_state(),
+        "device": cpu_description(),
+        **measured,
+    }
     print_table(result)
     write_result(args.out, result)
     print(f"wrote {args.out}")

@@ -31,9 +31,16 @@ def _media_of(record: dict, media_root: Path) -> dict[str, bytes]:
     return media
 
 
-def build_shards(manifest: str | Path, media_root: str | Path, out: str | Path, tokenizer: KeyeTokenizer,
-                 samples_per_shard: int = 1000, max_shard_bytes: int = 1 << 30, log=print,
-                 dedup: bool = False) -> BuildReport:
+def build_shards(
+    manifest: str | Path,
+    media_root: str | Path,
+    out: str | Path,
+    tokenizer: KeyeTokenizer,
+    samples_per_shard: int = 1000,
+    max_shard_bytes: int = 1 << 30,
+    log=print,
+    dedup: bool = False,
+) -> BuildReport:
     """A record whose id an earlier line of the manifest already used is reported and counted (`duplicate_id`
     in the report's counts); with dedup it is dropped instead (the first one is kept; in the rejects)."""
     media_root = Path(media_root).resolve()

@@ -22,8 +22,11 @@ def main(argv: list[str] | None = None) -> int:
     index = sub.add_parser("index", help="index tar shards made elsewhere (webdataset layout), or --verify a corpus")
     index.add_argument("shards")
     index.add_argument("--tokenizer", help="needed to index (token counts go into the index)")
-    index.add_argument("--verify", action="store_true",
-                       help="check every sample of an indexed directory against its index; exit 1 on damage")
+    index.add_argument(
+        "--verify",
+        action="store_true",
+        help="check every sample of an indexed directory against its index; exit 1 on damage",
+    )
 
     demo = sub.add_parser("demo", help="generate the demo corpus and its shards")
     demo.add_argument("--out", default="runs/demo/data")
@@ -38,8 +41,15 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "build":
             from data_pipeline.build import build_shards
 
-            build_shards(args.manifest, args.media_root, args.out, KeyeTokenizer(args.tokenizer),
-                         args.samples_per_shard, args.max_shard_mb << 20, dedup=args.dedup)
+            build_shards(
+                args.manifest,
+                args.media_root,
+                args.out,
+                KeyeTokenizer(args.tokenizer),
+                args.samples_per_shard,
+                args.max_shard_mb << 20,
+                dedup=args.dedup,
+            )
         elif args.command == "index" and args.verify:
             from data_pipeline.verify import verify_corpus
 

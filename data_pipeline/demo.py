@@ -22,14 +22,21 @@ from data_pipeline.build import build_shards
 from data_pipeline.shards import BuildReport
 from data_pipeline.tokenizer import SPECIAL_NAMES, KeyeTokenizer
 
-COLOURS = {"red": (0.9, 0.1, 0.1), "green": (0.1, 0.8, 0.2), "blue": (0.1, 0.2, 0.9), "yellow": (0.95, 0.9, 0.1),
-           "white": (0.95, 0.95, 0.95), "black": (0.05, 0.05, 0.05)}
-BACKGROUNDS = {"dark": (0.15, 0.15, 0.2), "light": (0.8, 0.8, 0.75), "warm": (0.7, 0.4, 0.2),
-               "cool": (0.2, 0.45, 0.6)}
+COLOURS = {
+    "red": (0.9, 0.1, 0.1),
+    "green": (0.1, 0.8, 0.2),
+    "blue": (0.1, 0.2, 0.9),
+    "yellow": (0.95, 0.9, 0.1),
+    "white": (0.95, 0.95, 0.95),
+    "black": (0.05, 0.05, 0.05),
+}
+BACKGROUNDS = {"dark": (0.15, 0.15, 0.2), "light": (0.8, 0.8, 0.75), "warm": (0.7, 0.4, 0.2), "cool": (0.2, 0.45, 0.6)}
 DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
 VIDEO_EXTENSIONS = (".mp4", ".webm", ".avi", ".mov", ".mkv")
-WORDS = ("the scene shows a simple shape on a plain background and nothing else moves . a model learns to "
-         "describe colours , motion and time from pictures and short clips").split()
+WORDS = (
+    "the scene shows a simple shape on a plain background and nothing else moves . a model learns to "
+    "describe colours , motion and time from pictures and short clips"
+).split()
 
 
 class Scene:
@@ -97,30 +104,52 @@ def _records(rng: random.Random, media: Path, count: int, long_text_words: int):
         rid = f"demo-{n:05d}"
         if kind == "caption":
             write_image(media / f"{rid}.png", scene.render(rng.choice((56, 84)), rng.choice((56, 84, 112)), 0.0))
-            yield {"id": rid, "kind": kind, "image": "img.png", "text": scene.caption(), "media": {"img.png": f"{rid}.png"}}
+            yield {
+                "id": rid,
+                "kind": kind,
+                "image": "img.png",
+                "text": scene.caption(),
+                "media": {"img.png": f"{rid}.png"},
+            }
         elif kind == "interleaved":
             other = Scene(rng)
             write_image(media / f"{rid}-a.png", scene.render(56, 56, 0.0))
             write_image(media / f"{rid}-b.png", other.render(56, 84, 0.0))
-            yield {"id": rid, "kind": kind, "content": [
-                {"text": "first picture: "}, {"image": "a.png"}, {"text": f" {scene.caption()} . second picture: "},
-                {"image": "b.png"}, {"text": f" {other.caption()} ."}],
-                "media": {"a.png": f"{rid}-a.png", "b.png": f"{rid}-b.png"}}
+            yield {
+                "id": rid,
+                "kind": kind,
+                "content": [
+                    {"text": "first picture: "},
+                    {"image": "a.png"},
+                    {"text": f" {scene.caption()} . second picture: "},
+                    {"image": "b.png"},
+                    {"text": f" {other.caption()} ."},
+                ],
+                "media": {"a.png": f"{rid}-a.png", "b.png": f"{rid}-b.png"},
+            }
         elif kind in ("video_caption", "grounding", "chat"):
             seconds = rng.choice((2.0, 3.0, 4.0, 6.0))
             write_video(media / f"{rid}.mp4", scene, seconds)
             record = {"id": rid, "kind": kind, "video": "clip.mp4", "media": {"clip.mp4": f"{rid}.mp4"}}
             if kind == "video_caption":
                 half = seconds / 2
-                record["segments"] = [{"start": 0.0, "end": half, "text": scene.caption()},
-                                      {"start": half, "end": seconds, "text": f"the {scene.colour} disk keeps moving"}]
+                record["segments"] = [
+                    {"start": 0.0, "end": half, "text": scene.caption()},
+                    {"start": half, "end": seconds, "text": f"the {scene.colour} disk keeps moving"},
+                ]
             elif kind == "grounding":
                 start = round(rng.uniform(0, seconds / 2), 1)
                 record.update(query=f"the {scene.colour} disk", start=start, end=seconds)
             else:
-                record = {"id": rid, "kind": "chat", "media": record["media"], "messages": [
-                    {"role": "user", "content": [{"video": "clip.mp4"}, {"text": "\nwhat moves in this clip ?"}]},
-                    {"role": "assistant", "content": scene.caption() + " ."}]}
+                record = {
+                    "id": rid,
+                    "kind": "chat",
+                    "media": record["media"],
+                    "messages": [
+                        {"role": "user", "content": [{"video": "clip.mp4"}, {"text": "\nwhat moves in this clip ?"}]},
+                        {"role": "assistant", "content": scene.caption() + " ."},
+                    ],
+                }
             yield record
         else:
             words = long_text_words if n % (3 * len(kinds)) == len(kinds) - 1 else rng.randint(10, 40)
@@ -131,12 +160,17 @@ def train_tokenizer(texts: list[str], path: Path, vocab_size: int = 600) -> None
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
-                                                       pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+    )
     tokenizer.decoder = decoders.ByteLevel()
     specials = list(SPECIAL_NAMES.values())
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=specials,
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tokenizer.train_from_iterator(texts, trainer)
     tokenizer.save(str(path))
 
@@ -159,8 +193,15 @@ def _texts(record: dict) -> list[str]:
     return found
 
 
-def make_demo(out: str | Path, samples: int = 240, seed: int = 0, real_videos: str | Path | None = None,
-              samples_per_shard: int = 40, long_text_words: int = 400, log=print) -> BuildReport:
+def make_demo(
+    out: str | Path,
+    samples: int = 240,
+    seed: int = 0,
+    real_videos: str | Path | None = None,
+    samples_per_shard: int = 40,
+    long_text_words: int = 400,
+    log=print,
+) -> BuildReport:
     """Media, manifest.jsonl and tokenizer.json under `out`, shards under `out/shards`."""
     out = Path(out)
     media = out / "media"
@@ -172,14 +213,28 @@ def make_demo(out: str | Path, samples: int = 240, seed: int = 0, real_videos: s
             if path.suffix.lower() in VIDEO_EXTENSIONS:
                 name = "clip" + path.suffix.lower()
                 shutil.copyfile(path, media / f"real-{path.name}")
-                records.append({"id": f"real-{path.stem}", "kind": "chat", "media": {name: f"real-{path.name}"},
-                                "messages": [{"role": "user", "content": [{"video": name}, {"text": "\ndescribe the clip ."}]},
-                                             {"role": "assistant", "content": f"a real clip named {path.stem} ."}]})
+                records.append(
+                    {
+                        "id": f"real-{path.stem}",
+                        "kind": "chat",
+                        "media": {name: f"real-{path.name}"},
+                        "messages": [
+                            {"role": "user", "content": [{"video": name}, {"text": "\ndescribe the clip ."}]},
+                            {"role": "assistant", "content": f"a real clip named {path.stem} ."},
+                        ],
+                    }
+                )
         rng.shuffle(records)
     manifest = out / "manifest.jsonl"
     manifest.write_text("".join(json.dumps(r) + "\n" for r in records))
     texts = [t for r in records for t in _texts(r)] + ["0123456789 . - seconds", "system\nuser\nassistant\n"]
     train_tokenizer(texts, out / "tokenizer.json")
     log(f"keye-data demo: {len(records)} records, media in {media}")
-    return build_shards(manifest, media, out / "shards", KeyeTokenizer(out / "tokenizer.json"),
-                        samples_per_shard=samples_per_shard, log=log)
+    return build_shards(
+        manifest,
+        media,
+        out / "shards",
+        KeyeTokenizer(out / "tokenizer.json"),
+        samples_per_shard=samples_per_shard,
+        log=log,
+    )

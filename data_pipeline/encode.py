@@ -83,8 +83,9 @@ def media_tokens(meta: dict, budget: MediaBudget, tokenizer: KeyeTokenizer, vide
     return 2 + stamps + frames * plan.tokens_per_frame, frames * plan.tokens_per_frame * MERGE * MERGE
 
 
-def encode_sample(key: str, record: dict, media: dict[str, bytes], tokenizer: KeyeTokenizer,
-                  budget: MediaBudget) -> EncodedSample:
+def encode_sample(
+    key: str, record: dict, media: dict[str, bytes], tokenizer: KeyeTokenizer, budget: MediaBudget
+) -> EncodedSample:
     """Decode the media and lay out tokens; raises RejectedMedia on unusable media."""
     ids = tokenizer.ids
     tokens: list[int] = []
@@ -107,8 +108,10 @@ def encode_sample(key: str, record: dict, media: dict[str, bytes], tokenizer: Ke
                 pixels = decode_image(data, budget.image.resize)
                 height, width = pixels.shape[1], pixels.shape[2]
                 frame_patches, frame_grids = to_patches(pixels[None], height, width)
-                add([ids.vision_start] + [ids.image_pad] * (height // FACTOR) * (width // FACTOR) + [ids.vision_end],
-                    False)
+                add(
+                    [ids.vision_start] + [ids.image_pad] * (height // FACTOR) * (width // FACTOR) + [ids.vision_end],
+                    False,
+                )
             else:
                 video, plan = decode_video(data, budget.video, num_videos, resize=True)
                 frame_patches, frame_grids = to_patches(video.frames, plan.height, plan.width)
@@ -139,5 +142,10 @@ def split_part(sample: EncodedSample, part: int, length: int) -> EncodedSample:
     if sample.num_patches:
         raise ValueError("only text-only samples are split")
     window = slice(part * length, (part + 1) * length)
-    return EncodedSample(key=f"{sample.key}#{part}", input_ids=sample.input_ids[window],
-                         supervised=sample.supervised[window], patches=sample.patches, patch_grids=sample.patch_grids)
+    return EncodedSample(
+        key=f"{sample.key}#{part}",
+        input_ids=sample.input_ids[window],
+        supervised=sample.supervised[window],
+        patches=sample.patches,
+        patch_grids=sample.patch_grids,
+    )

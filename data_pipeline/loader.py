@@ -45,9 +45,15 @@ def media_budget(data) -> MediaBudget:
     """The stage's image and video budget from a `DataConfig`."""
     return MediaBudget(
         image=ImageBudget(min_tokens=data.image_min_tokens, max_tokens=data.image_max_tokens),
-        video=VideoBudget(fps=data.video_fps, max_frames=data.video_max_frames, frame_min_tokens=data.frame_min_tokens,
-                          frame_max_tokens=data.frame_max_tokens, video_total_tokens=data.video_total_tokens,
-                          adaptive=data.adaptive_video_budget))
+        video=VideoBudget(
+            fps=data.video_fps,
+            max_frames=data.video_max_frames,
+            frame_min_tokens=data.frame_min_tokens,
+            frame_max_tokens=data.frame_max_tokens,
+            video_total_tokens=data.video_total_tokens,
+            adaptive=data.adaptive_video_budget,
+        ),
+    )
 
 
 def _alone(obj) -> list:
@@ -69,14 +75,26 @@ class ShardLoader:
     over the data-parallel group, called once per step by every rank (default with one rank: [obj]).
     decoder_factory: what decodes a planned sample (see DecodePool; a stand-in for tests and benchmarks)."""
 
-    def __init__(self, data, seq_length: int, global_batch: int, seed: int, dp_rank: int = 0, dp_size: int = 1,
-                 log=print, exchange=None, decoder_factory=SampleDecoder):
+    def __init__(
+        self,
+        data,
+        seq_length: int,
+        global_batch: int,
+        seed: int,
+        dp_rank: int = 0,
+        dp_size: int = 1,
+        log=print,
+        exchange=None,
+        decoder_factory=SampleDecoder,
+    ):
         if not 0 <= dp_rank < dp_size or global_batch % dp_size:
             raise ValueError(f"dp_rank {dp_rank} / dp_size {dp_size} / global_batch {global_batch}")
         self.exchange = exchange if exchange is not None or dp_size > 1 else _alone
         if self.exchange is None and data.reserve_fraction > 0:
-            raise ValueError(f"data.reserve_fraction={data.reserve_fraction} with {dp_size} DP ranks needs an "
-                             "exchange between them (ShardLoader(exchange=...))")
+            raise ValueError(
+                f"data.reserve_fraction={data.reserve_fraction} with {dp_size} DP ranks needs an "
+                "exchange between them (ShardLoader(exchange=...))"
+            )
         self.tokenizer = KeyeTokenizer(data.tokenizer)
         roots, weights = data_sources(data)
         self.shards = ShardMixture(roots, self.tokenizer.fingerprint, verify=True)  # damaged tars: readable prefix
@@ -84,16 +102,23 @@ class ShardLoader:
             for damage in self.shards.damaged:
                 log(f"data: {damage.describe()}")
         budget = media_budget(data)
-        packing = PackingConfig(seq_length=seq_length, open_packs=data.open_packs,
-                                long_sample_tokens=data.long_sample_tokens,
-                                long_short_ratio=tuple(data.long_short_ratio), patch_cost=data.patch_cost,
-                                max_pack_age=data.max_pack_age, source_weights=weights if len(roots) > 1 else (),
-                                reserve_fraction=data.reserve_fraction)
+        packing = PackingConfig(
+            seq_length=seq_length,
+            open_packs=data.open_packs,
+            long_sample_tokens=data.long_sample_tokens,
+            long_short_ratio=tuple(data.long_short_ratio),
+            patch_cost=data.patch_cost,
+            max_pack_age=data.max_pack_age,
+            source_weights=weights if len(roots) > 1 else (),
+            reserve_fraction=data.reserve_fraction,
+        )
         # every rank plans the same packs; one of them reports the planner's skips
-        self.planner = PackPlanner(self.shards, self.tokenizer, budget, packing, seed,
-                                   log=log if dp_rank == 0 else (lambda line: None))
-        self.pool = DecodePool(roots, data.tokenizer, budget, seq_length, data.workers, data.decode_timeout_s,
-                               decoder_factory)
+        self.planner = PackPlanner(
+            self.shards, self.tokenizer, budget, packing, seed, log=log if dp_rank == 0 else (lambda line: None)
+        )
+        self.pool = DecodePool(
+            roots, data.tokenizer, budget, seq_length, data.workers, data.decode_timeout_s, decoder_factory
+        )
         self.seq_length, self.global_batch = seq_length, global_batch
         self.dp_rank, self.dp_size = dp_rank, dp_size
         self.prefetch_steps = max(1, data.prefetch_steps)
@@ -209,9 +234,16 @@ class ShardLoader:
 
     def state_dict(self) -> dict:
         pending = [step.before[1] for step in self.ahead] + list(self.due)
-        return {"planner": self.consumed_planner_state(), "events": pending,
-                "prefetch_steps": self.prefetch_steps, "rejects": dict(self.rejects), "stats": dict(self.stats),
-                "dp_rank": self.dp_rank, "dp_size": self.dp_size, "global_batch": self.global_batch}
+        return {
+            "planner": self.consumed_planner_state(),
+            "events": pending,
+            "prefetch_steps": self.prefetch_steps,
+            "rejects": dict(self.rejects),
+            "stats": dict(self.stats),
+            "dp_rank": self.dp_rank,
+            "dp_size": self.dp_size,
+            "global_batch": self.global_batch,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         missing = {"planner", "rejects", "stats", "dp_rank", "dp_size", "global_batch"} - set(state)
@@ -261,14 +293,23 @@ def check_data_config(data) -> None:
     keys = [f"data.mixture[{i}].shards" for i in range(len(data.mixture))] or ["data.shards"]
     for key, root, weight in zip(keys, roots, weights):
         if not (Path(root) / "index.json").is_file():
-            raise ValueError(f"{key}: {root} holds no index.json; build shards with `keye-data build` "
-                             "(or `keye-data demo` for the demo corpus)")
+            raise ValueError(
+                f"{key}: {root} holds no index.json; build shards with `keye-data build` "
+                "(or `keye-data demo` for the demo corpus)"
+            )
         if weight <= 0:
             raise ValueError(f"{key.replace('.shards', '.weight')}={weight} must be > 0")
     for key in ("workers",):
         if getattr(data, key) < 0:
             raise ValueError(f"data.{key} must be >= 0")
-    for key in ("prefetch_steps", "open_packs", "max_pack_age", "image_min_tokens", "video_max_frames", "video_total_tokens"):
+    for key in (
+        "prefetch_steps",
+        "open_packs",
+        "max_pack_age",
+        "image_min_tokens",
+        "video_max_frames",
+        "video_total_tokens",
+    ):
         if getattr(data, key) < 1:
             raise ValueError(f"data.{key} must be >= 1")
     if data.decode_timeout_s <= 0:

@@ -32,8 +32,9 @@ def assemble_pack(samples: list[EncodedSample], seq_length: int, ids: TokenIds) 
     with_pixels = [s for s in samples if s.num_patches]
     visual = None
     if with_pixels:
-        visual = VisualInput(patches=torch.cat([s.patches for s in with_pixels]),
-                             grids=torch.cat([s.patch_grids for s in with_pixels]))
+        visual = VisualInput(
+            patches=torch.cat([s.patches for s in with_pixels]), grids=torch.cat([s.patch_grids for s in with_pixels])
+        )
     return PackedBatch(
         input_ids=torch.cat(input_ids),
         labels=torch.cat(labels),

@@ -143,8 +143,12 @@ class _BestFit:
         self.opened_at.pop(k)
 
     def state_dict(self) -> dict:
-        return {"open": [p.as_list() for p in self.open], "opened_at": list(self.opened_at),
-                "closed": [p.as_list() for p in self.closed], "admitted": self.admitted}
+        return {
+            "open": [p.as_list() for p in self.open],
+            "opened_at": list(self.opened_at),
+            "closed": [p.as_list() for p in self.closed],
+            "admitted": self.admitted,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self.open = [PlannedPack.from_list(p) for p in state["open"]]
@@ -154,8 +158,15 @@ class _BestFit:
 
 
 class PackPlanner:
-    def __init__(self, shards: ShardSet, tokenizer: KeyeTokenizer, budget: MediaBudget, config: PackingConfig,
-                 seed: int, log=lambda line: None):
+    def __init__(
+        self,
+        shards: ShardSet,
+        tokenizer: KeyeTokenizer,
+        budget: MediaBudget,
+        config: PackingConfig,
+        seed: int,
+        log=lambda line: None,
+    ):
         self.shards, self.tokenizer, self.budget, self.config, self.seed = shards, tokenizer, budget, config, seed
         self.log = log
         self.packer = _BestFit(config.seq_length, config.open_packs, config.max_pack_age)
@@ -275,8 +286,9 @@ class PackPlanner:
         """The step's packs dealt to DP ranks, then each rank's reserve (rank 0's first)."""
         packs = self.next_step(global_batch, dp_size)
         share = self.config.reserve_fraction
-        return PlannedStep(packs, [self._plan_reserve(share * sum(p.tokens for p in mine)) if share > 0 else []
-                                   for mine in packs])
+        return PlannedStep(
+            packs, [self._plan_reserve(share * sum(p.tokens for p in mine)) if share > 0 else [] for mine in packs]
+        )
 
     def _plan_reserve(self, tokens: float) -> list[PlannedSample]:
         """Short samples (at most reserve_max_tokens) of about `tokens` in all, the first ones queued or read next.
@@ -349,20 +361,28 @@ class PackPlanner:
     # ---- state --------------------------------------------------------------------------------------------
 
     def state_dict(self) -> dict:
-        return copy.deepcopy({
-            "seed": self.seed, "epoch": self.epoch, "cursors": self.cursors, "source_tokens": self.source_tokens,
-            "counters": dict(self.counters), "admitted_tokens": self.admitted_tokens,
-            "waiting": [[s.as_list() for s in queue] for queue in self.waiting],
-            "packer": self.packer.state_dict(),
-            "unreadable": [[*key, at] for key, at in self.unreadable.items()], "applied": self.applied,
-        })
+        return copy.deepcopy(
+            {
+                "seed": self.seed,
+                "epoch": self.epoch,
+                "cursors": self.cursors,
+                "source_tokens": self.source_tokens,
+                "counters": dict(self.counters),
+                "admitted_tokens": self.admitted_tokens,
+                "waiting": [[s.as_list() for s in queue] for queue in self.waiting],
+                "packer": self.packer.state_dict(),
+                "unreadable": [[*key, at] for key, at in self.unreadable.items()],
+                "applied": self.applied,
+            }
+        )
 
     def load_state_dict(self, state: dict) -> None:
         if int(state["seed"]) != self.seed:
             raise ValueError(f"data state was saved with seed {state['seed']}, this run has {self.seed}")
         if len(state["cursors"]) != len(self.cursors):
-            raise ValueError(f"data state was saved for {len(state['cursors'])} mixture sources, this run has "
-                             f"{len(self.cursors)}")
+            raise ValueError(
+                f"data state was saved for {len(state['cursors'])} mixture sources, this run has {len(self.cursors)}"
+            )
         self.cursors = [list(c) for c in state["cursors"]]
         self.source_tokens = list(state["source_tokens"])
         self.counters = Counter(state["counters"])

@@ -41,8 +41,9 @@ def mrope_position_ids(
         )
 
     # Maximal runs of visual pad tokens as [start, end) pairs.
-    change = torch.diff(is_visual.to(torch.int8), prepend=torch.zeros(1, dtype=torch.int8),
-                        append=torch.zeros(1, dtype=torch.int8))
+    change = torch.diff(
+        is_visual.to(torch.int8), prepend=torch.zeros(1, dtype=torch.int8), append=torch.zeros(1, dtype=torch.int8)
+    )
     run_starts = (change == 1).nonzero().flatten().tolist()
     run_ends = (change == -1).nonzero().flatten().tolist()
 
@@ -64,9 +65,9 @@ def mrope_position_ids(
                     f"{run_end - run_start} visual pad tokens starting at index {run_start}"
                 )
             local = torch.arange(size)
-            positions[0, cursor:cursor + size] = next_pos
-            positions[1, cursor:cursor + size] = next_pos + local // cols
-            positions[2, cursor:cursor + size] = next_pos + local % cols
+            positions[0, cursor : cursor + size] = next_pos
+            positions[1, cursor : cursor + size] = next_pos + local // cols
+            positions[2, cursor : cursor + size] = next_pos + local % cols
             next_pos += max(rows, cols)
             cursor += size
             block += 1

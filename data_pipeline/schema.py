@@ -85,7 +85,9 @@ def parse_record(raw: bytes) -> dict:
 
 def _need(record: dict, key: str, kind: type | tuple):
     if key not in record:
-        raise BadRecord("missing_field", f"record {record.get('id', '?')!r} of kind {record.get('kind')!r} has no {key!r}")
+        raise BadRecord(
+            "missing_field", f"record {record.get('id', '?')!r} of kind {record.get('kind')!r} has no {key!r}"
+        )
     value = record[key]
     if isinstance(value, bool) or not isinstance(value, kind):
         raise BadRecord("bad_field", f"{key!r} of record {record.get('id', '?')!r} has type {type(value).__name__}")
@@ -109,7 +111,7 @@ def _check_content(content, record_id: str) -> None:
     for part in content:
         if not isinstance(part, dict) or len(part) != 1 or next(iter(part)) not in ("text", "image", "video"):
             raise BadRecord("bad_field", f"content part {part!r} of record {record_id!r}")
-        (key, value), = part.items()
+        ((key, value),) = part.items()
         if not isinstance(value, str):
             raise BadRecord("bad_field", f"content part {part!r} of record {record_id!r}")
         if key == "text":
@@ -174,8 +176,11 @@ def check_spans(record: dict, durations: dict[str, float]) -> tuple[dict, int]:
         elif start < duration:
             clipped.append({**span, "end": duration})
         else:
-            raise BadRecord("span_out_of_range", f"record {record['id']!r}: span {start:g}-{end:g} s starts at or "
-                            f"after the end of its {duration:g} s video")
+            raise BadRecord(
+                "span_out_of_range",
+                f"record {record['id']!r}: span {start:g}-{end:g} s starts at or "
+                f"after the end of its {duration:g} s video",
+            )
     count = sum(a is not b for a, b in zip(spans, clipped))
     if not count:
         return record, 0
@@ -192,7 +197,7 @@ def _content_segments(content, supervised: bool) -> list[Segment]:
         return [Segment("text", content, supervised)] if content else []
     out = []
     for part in content:
-        (key, value), = part.items()
+        ((key, value),) = part.items()
         out.append(Segment(key, value, supervised and key == "text"))
     return out
 
@@ -215,8 +220,10 @@ def render(record: dict) -> list[Segment]:
     if kind == "chat":
         return _chat(record["messages"])
     if kind == "grounding":
-        question = [{"video": record["video"]},
-                    {"text": f"\nGive the start and end time in seconds of: {record['query']}"}]
+        question = [
+            {"video": record["video"]},
+            {"text": f"\nGive the start and end time in seconds of: {record['query']}"},
+        ]
         answer = f"{float(record['start']):.1f} - {float(record['end']):.1f} seconds"
         return _chat([{"role": "user", "content": question}, {"role": "assistant", "content": answer}])
     if kind == "caption":

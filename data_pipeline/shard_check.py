@@ -37,8 +37,10 @@ class ShardDamage:
         return self.samples - self.readable
 
     def describe(self) -> str:
-        return (f"shard {self.shard} is damaged ({self.detail}): {self.lost} of {self.samples} samples lost, "
-                f"its first {self.readable} are used")
+        return (
+            f"shard {self.shard} is damaged ({self.detail}): {self.lost} of {self.samples} samples lost, "
+            f"its first {self.readable} are used"
+        )
 
 
 def sample_members(f, file_size: int, offset: int, key: str) -> tuple[list[tarfile.TarInfo], int]:
@@ -96,6 +98,9 @@ def check_shard(path: Path, shard: dict, load_entries) -> ShardDamage | None:
             return None
         entries = load_entries()
         readable = readable_prefix(f, size, entries)
-    detail = "its last sample does not match" if recorded is None or size == recorded else \
-        f"{size} bytes, its index says {recorded}"
+    detail = (
+        "its last sample does not match"
+        if recorded is None or size == recorded
+        else f"{size} bytes, its index says {recorded}"
+    )
     return ShardDamage(name, samples, readable, detail)

@@ -76,8 +76,13 @@ def probe_media(name: str, data: bytes) -> dict:
         meta = {"type": "image", "height": int(pixels.shape[1]), "width": int(pixels.shape[2])}
     else:
         info = probe_video(data)
-        meta = {"type": "video", "duration": info.duration_s, "fps": info.fps, "height": info.height,
-                "width": info.width}
+        meta = {
+            "type": "video",
+            "duration": info.duration_s,
+            "fps": info.fps,
+            "height": info.height,
+            "width": info.width,
+        }
     if max(meta["height"], meta["width"]) > MAX_ASPECT_RATIO * min(meta["height"], meta["width"]):
         raise RejectedMedia("aspect_ratio", f"{name}: {meta['height']}x{meta['width']} exceeds {MAX_ASPECT_RATIO}:1")
     return meta
@@ -93,8 +98,13 @@ def describe(key: str, record: dict, media: dict[str, bytes], tokenizer: KeyeTok
         if name not in metas:
             metas[name] = probe_media(name, media[name])
     record, clipped = check_spans(record, durations(metas))
-    entry = {"key": key, "id": record["id"], "kind": record["kind"],
-             "text_tokens": text_token_count(record, tokenizer), "media": metas}
+    entry = {
+        "key": key,
+        "id": record["id"],
+        "kind": record["kind"],
+        "text_tokens": text_token_count(record, tokenizer),
+        "media": metas,
+    }
     return entry, record, clipped
 
 
@@ -116,8 +126,13 @@ class BuildReport:
     counts: Counter = field(default_factory=Counter)  # kept but noted: clipped_span, duplicate_id (without dedup)
 
     def as_dict(self) -> dict:
-        return {"samples": self.samples, "shards": self.shards, "bytes": self.bytes, "rejects": dict(self.rejects),
-                "counts": dict(self.counts)}
+        return {
+            "samples": self.samples,
+            "shards": self.shards,
+            "bytes": self.bytes,
+            "rejects": dict(self.rejects),
+            "counts": dict(self.counts),
+        }
 
 
 def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
@@ -129,8 +144,9 @@ def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 class ShardWriter:
     """Appends valid samples to numbered shards and writes their indexes; atomic per file."""
 
-    def __init__(self, out: str | Path, tokenizer: KeyeTokenizer, samples_per_shard: int = 1000,
-                 max_shard_bytes: int = 1 << 30):
+    def __init__(
+        self, out: str | Path, tokenizer: KeyeTokenizer, samples_per_shard: int = 1000, max_shard_bytes: int = 1 << 30
+    ):
         self.out = Path(out)
         self.out.mkdir(parents=True, exist_ok=True)
         if (self.out / "index.json").exists():
@@ -179,8 +195,15 @@ class ShardWriter:
     def finish(self) -> BuildReport:
         if self._tar is not None:
             self._close()
-        _write_json(self.out / "index.json", {**self.report.as_dict(), "format": FORMAT,
-                                              "tokenizer": self.tokenizer.fingerprint, "shards": self._shards})
+        _write_json(
+            self.out / "index.json",
+            {
+                **self.report.as_dict(),
+                "format": FORMAT,
+                "tokenizer": self.tokenizer.fingerprint,
+                "shards": self._shards,
+            },
+        )
         return self.report
 
 
@@ -253,8 +276,10 @@ class ShardSet:
         if index.get("format") != FORMAT:
             raise ValueError(f"{index_path}: format {index.get('format')!r}, expected {FORMAT!r}")
         if tokenizer_fingerprint is not None and index["tokenizer"] != tokenizer_fingerprint:
-            raise ValueError(f"{self.root} was indexed with another tokenizer ({index['tokenizer']}); token counts "
-                             f"would be wrong. Re-index it: keye-data index {self.root} --tokenizer <file>")
+            raise ValueError(
+                f"{self.root} was indexed with another tokenizer ({index['tokenizer']}); token counts "
+                f"would be wrong. Re-index it: keye-data index {self.root} --tokenizer <file>"
+            )
         self.shards = [s["name"] for s in index["shards"]]
         self.sizes = [int(s["samples"]) for s in index["shards"]]
         self.build_rejects = index.get("rejects", {})
@@ -292,8 +317,10 @@ class ShardSet:
             f.seek(entry["offset"])
             for key, members, _ in iter_tar_samples(f, stop_after_key=entry["key"]):
                 if key != entry["key"]:
-                    raise BadRecord("index_mismatch", f"{self.shards[shard]} at {entry['offset']}: key {key}, "
-                                    f"index says {entry['key']}")
+                    raise BadRecord(
+                        "index_mismatch",
+                        f"{self.shards[shard]} at {entry['offset']}: key {key}, index says {entry['key']}",
+                    )
                 if isinstance(members, UnsafeMember):
                     raise members
                 if "json" not in members:
@@ -317,8 +344,11 @@ class ShardMixture:
         several = len(self.sources) > 1
         self.shards = [f"{src.root.name}/{name}" if several else name for src in self.sources for name in src.shards]
         self.sizes = [n for src in self.sources for n in src.sizes]
-        self.damaged = [replace(d, shard=f"{src.root.name}/{d.shard}") if several else d
-                        for src in self.sources for d in src.damaged]
+        self.damaged = [
+            replace(d, shard=f"{src.root.name}/{d.shard}") if several else d
+            for src in self.sources
+            for d in src.damaged
+        ]
 
     def locate(self, shard: int) -> tuple[ShardSet, int]:
         for source, start, end in zip(self.sources, self.offsets, self.offsets[1:]):
@@ -368,6 +398,8 @@ def index_shards(root: str | Path, tokenizer: KeyeTokenizer) -> BuildReport:
         report.samples += len(entries)
         report.bytes += path.stat().st_size
         report.shards += 1
-    _write_json(root / "index.json", {**report.as_dict(), "format": FORMAT, "tokenizer": tokenizer.fingerprint,
-                                      "shards": shards})
+    _write_json(
+        root / "index.json",
+        {**report.as_dict(), "format": FORMAT, "tokenizer": tokenizer.fingerprint, "shards": shards},
+    )
     return report

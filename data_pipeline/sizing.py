@@ -90,8 +90,9 @@ class FramePlan:
     tokens_per_frame: int
 
 
-def plan_video(duration_s: float, native_fps: float, height: int, width: int, budget: VideoBudget,
-               videos_in_sample: int = 1) -> FramePlan:
+def plan_video(
+    duration_s: float, native_fps: float, height: int, width: int, budget: VideoBudget, videos_in_sample: int = 1
+) -> FramePlan:
     """Frame count, target timestamps and frame size for a video under the stage budget."""
     if duration_s <= 0 or native_fps <= 0:
         raise RejectedMedia("empty_video", f"duration {duration_s}s at {native_fps} fps")

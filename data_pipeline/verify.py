@@ -81,6 +81,8 @@ def verify_corpus(root: str | Path, log=print) -> int:
         samples, problems, damaged = samples + count, problems + len(found), damaged + bool(found)
         for line in found:
             log(f"keye-data verify: {line}")
-    log(f"keye-data verify: {root}: {len(shards)} shards, {samples} samples, {damaged} damaged shard(s), "
-        f"{problems} problem(s)")
+    log(
+        f"keye-data verify: {root}: {len(shards)} shards, {samples} samples, {damaged} damaged shard(s), "
+        f"{problems} problem(s)"
+    )
     return problems

@@ -120,7 +120,7 @@ def decode_frames(container, stream, times, size: tuple | None = None) -> tuple[
     return picked, picked_times
 
 
-def _open_displayed(source):
+def open_displayed(source):
     """(container, stream, info) with rotation applied to info; the first frame is decoded to read rotation."""
     container = _open(source)
     try:
@@ -141,17 +141,18 @@ def _open_displayed(source):
 
 def probe_video(source) -> VideoInfo:
     """Duration, frame rate and displayed size; what `plan_video` needs, without decoding the frames."""
-    container, _, info = _open_displayed(source)
+    container, _, info = open_displayed(source)
     container.close()
     return info
 
 
-def decode_video(source, budget: VideoBudget, videos_in_sample: int = 1,
-                 resize: bool = False) -> tuple[DecodedVideo, FramePlan]:
+def decode_video(
+    source, budget: VideoBudget, videos_in_sample: int = 1, resize: bool = False
+) -> tuple[DecodedVideo, FramePlan]:
     """Plan and decode one video (path or bytes); with `resize` the frames come at the plan's size.
 
     Raises RejectedMedia with a counted reason."""
-    container, stream, info = _open_displayed(source)
+    container, stream, info = open_displayed(source)
     try:
         plan = plan_video(info.duration_s, info.fps, info.height, info.width, budget, videos_in_sample)
         try:

@@ -2,9 +2,10 @@
 
 Each job goes to the worker with the least planned work queued (tokens + visual patches, the planner's cost
 estimate), so a long video does not hold up short samples behind it; results are still taken in submission
-order. Each worker has its own queues, so the jobs a worker holds are known. When a sample is not back in time (a pathological file) or its worker dies, that worker is killed and restarted, the
-sample is counted as `decode_timeout` / `decode_crash`, and the worker's other jobs are resubmitted. With
-`workers=0` samples are decoded inline (no timeout).
+order. Each worker has its own queues, so the jobs a worker holds are known. When a sample is not back in time
+(a pathological file) or its worker dies, that worker is killed and restarted, the sample is counted as
+`decode_timeout` / `decode_crash`, and the worker's other jobs are resubmitted. With `workers=0` samples are
+decoded inline (no timeout).
 """
 
 from __future__ import annotations
@@ -101,8 +102,16 @@ class _Worker:
 
 
 class DecodePool:
-    def __init__(self, shard_roots: list[str], tokenizer_path: str, budget: MediaBudget, seq_length: int,
-                 workers: int = 0, timeout_s: float = 120.0, decoder_factory=SampleDecoder):
+    def __init__(
+        self,
+        shard_roots: list[str],
+        tokenizer_path: str,
+        budget: MediaBudget,
+        seq_length: int,
+        workers: int = 0,
+        timeout_s: float = 120.0,
+        decoder_factory=SampleDecoder,
+    ):
         """decoder_factory(*args) builds the per-process decoder (a module-level callable, for spawn)."""
         roots = [shard_roots] if isinstance(shard_roots, (str, Path)) else shard_roots
         self.args = ([str(root) for root in roots], str(tokenizer_path), budget, seq_length)

@@ -65,8 +65,17 @@ def _cudnn_document(q, k, v, causal: bool, scale: float | None):
     return out.squeeze(0).transpose(0, 1)
 
 
-def _cudnn_long_documents(q, k, v, cu_seqlens, causal: bool, scale: float | None, max_seqlen: int | None,
-                          lengths: list[int] | None = None, long_from: int = LONG_DOCUMENT):
+def _cudnn_long_documents(
+    q,
+    k,
+    v,
+    cu_seqlens,
+    causal: bool,
+    scale: float | None,
+    max_seqlen: int | None,
+    lengths: list[int] | None = None,
+    long_from: int = LONG_DOCUMENT,
+):
     """cuDNN's fused attention (about 1.7x FlashAttention-2 on Hopper at 32K+) for each long document, where the
     FLOPs are; each run of short documents between them in one flash varlen launch. (cuDNN's ragged mode would take
     the whole pack at once, but its backward in torch 2.11 returns wrong dq and dk.) `lengths`: the document lengths
@@ -80,7 +89,7 @@ def _cudnn_long_documents(q, k, v, cu_seqlens, causal: bool, scale: float | None
 
     def flush_short_run():
         first, last = run[0], run[-1] + 1
-        local = cu[first:last + 1] - cu[first]  # on the device: no host round trip
+        local = cu[first : last + 1] - cu[first]  # on the device: no host round trip
         span = slice(position - sum(lengths[first:last]), position)
         pieces.append(_flash_varlen(q[span], k[span], v[span], local, causal, scale, max(lengths[first:last])))
         run.clear()
@@ -126,7 +135,7 @@ def dense_varlen_attention(
     fails its check falls back to the loop).
     Returns [T, Hq, D]. Tokens never attend across document boundaries.
     """
-    for name in (PREFERENCE if backend == "auto" else (backend,) if backend in PREFERENCE else ()):
+    for name in PREFERENCE if backend == "auto" else (backend,) if backend in PREFERENCE else ():
         available, attend = _fast_path(name)
         if available(q) and _fast_path_verified(name, q, k, causal):
             extra = {"lengths": lengths} if name == "cudnn" else {}
@@ -162,18 +171,24 @@ def _check_fast_path(name, dtype, device, heads, kv_heads, dim, causal) -> bool:
     try:
         with torch.enable_grad():
             short = {"long_from": 64} if name == "cudnn" else {}  # both of its sub-paths on these documents
-            results = [run(dtype, lambda q, k, v: attend(q, k, v, cu, causal, scale, max(lengths), **short)),
-                       run(torch.float32, lambda q, k, v: dense_varlen_attention_loop(q, k, v, cu, causal, scale))]
+            results = [
+                run(dtype, lambda q, k, v: attend(q, k, v, cu, causal, scale, max(lengths), **short)),
+                run(torch.float32, lambda q, k, v: dense_varlen_attention_loop(q, k, v, cu, causal, scale)),
+            ]
     except Exception as err:  # any failure of the fast path means: use the next one
-        warnings.warn(f"dense varlen attention: the {name} path failed its self-check ({err!r}); skipping "
-                      "it (the next fast path serves, else using one SDPA call per document)",
-                      stacklevel=2)
+        warnings.warn(
+            f"dense varlen attention: the {name} path failed its self-check ({err!r}); skipping "
+            "it (the next fast path serves, else using one SDPA call per document)",
+            stacklevel=2,
+        )
         return False
     errors = [float((a.float() - b).norm() / b.norm()) for a, b in zip(*results)]
     if not all(e < 2e-2 for e in errors):  # bf16 / fp16 operands: errors near 1e-3 .. 1e-2; NaN fails
-        warnings.warn(f"dense varlen attention: the {name} path disagrees with the loop (relative errors "
-                      f"{errors}); skipping it (the next fast path serves, else using one SDPA call per document)",
-                      stacklevel=2)
+        warnings.warn(
+            f"dense varlen attention: the {name} path disagrees with the loop (relative errors "
+            f"{errors}); skipping it (the next fast path serves, else using one SDPA call per document)",
+            stacklevel=2,
+        )
         return False
     return True
 

@@ -46,14 +46,12 @@ def indexer_topk(index_q, index_w, index_k, cu_seqlens, topk: int, backend: str 
     return _backend(backend, index_q).indexer_topk(index_q, index_w, index_k, cu_seqlens, topk, **options)
 
 
-def indexer_topk_cached(index_q, index_w, index_k, first_position: int, topk: int, backend: str = "auto",
-                        **options):
+def indexer_topk_cached(index_q, index_w, index_k, first_position: int, topk: int, backend: str = "auto", **options):
     """Chunked prefill and decode over a cached key history (one sequence): index_q [n, H_I, D_I] and index_w
     [n, H_I] for positions first_position .. first_position + n - 1, index_k [>= first_position + n, D_I].
     -> [n, topk] int32, the same rows `indexer_topk` gives those positions. Chunks follow free memory unless
     `budget_bytes` is given."""
-    return _backend(backend, index_q).indexer_topk_cached(index_q, index_w, index_k, first_position, topk,
-                                                          **options)
+    return _backend(backend, index_q).indexer_topk_cached(index_q, index_w, index_k, first_position, topk, **options)
 
 
 def sparse_gqa_attention(q, k, v, indices, softmax_scale: float, backend: str = "auto", **options):
@@ -61,14 +59,36 @@ def sparse_gqa_attention(q, k, v, indices, softmax_scale: float, backend: str = 
     return _backend(backend, q).sparse_gqa_attention(q, k, v, indices, softmax_scale, **options)
 
 
-def indexer_kl_loss(index_q, index_w, index_k, attn_q, attn_k, cu_seqlens, softmax_scale: float, indices=None,
-                    tp_group=None, attn_lse=None, backend: str = "auto", **options):
+def indexer_kl_loss(
+    index_q,
+    index_w,
+    index_k,
+    attn_q,
+    attn_k,
+    cu_seqlens,
+    softmax_scale: float,
+    indices=None,
+    tp_group=None,
+    attn_lse=None,
+    backend: str = "auto",
+    **options,
+):
     """-> scalar: mean over tokens t of KL(p_t || softmax(I_t)).
 
     p_t is the dense attention of (attn_q, attn_k) summed over all heads (all-reduced over `tp_group` when the
     heads are split) and L1-normalised, over every causal in-document key (warm-up, indices=None) or over the
     selected set only, renormalised there (sparse stage). Gradients flow to index_q, index_w, index_k only.
     attn_lse [T, Hq]: the sparse attention's own LSE (sparse stage), which lets a backend skip recomputing it."""
-    return _backend(backend, index_q).indexer_kl_loss(index_q, index_w, index_k, attn_q, attn_k, cu_seqlens,
-                                                      softmax_scale, indices=indices, tp_group=tp_group,
-                                                      attn_lse=attn_lse, **options)
+    return _backend(backend, index_q).indexer_kl_loss(
+        index_q,
+        index_w,
+        index_k,
+        attn_q,
+        attn_k,
+        cu_seqlens,
+        softmax_scale,
+        indices=indices,
+        tp_group=tp_group,
+        attn_lse=attn_lse,
+        **options,
+    )

@@ -41,8 +41,10 @@ def row_chunks(cu_seqlens: torch.Tensor, bytes_per_row_key: int, budget_bytes: i
 
 def causal_mask(doc_start: int, row_start: int, row_end: int, device) -> torch.Tensor:
     """[rows, row_end - doc_start] bool: key s is visible to query row r (same document, s <= r)."""
-    return (torch.arange(doc_start, row_end, device=device)[None, :]
-            <= torch.arange(row_start, row_end, device=device)[:, None])
+    return (
+        torch.arange(doc_start, row_end, device=device)[None, :]
+        <= torch.arange(row_start, row_end, device=device)[:, None]
+    )
 
 
 def causal_span_indices(doc_start: int, row_start: int, row_end: int, device) -> torch.Tensor:
@@ -84,7 +86,7 @@ def select_topk(scores: torch.Tensor, valid: torch.Tensor, topk: int) -> torch.T
     return torch.where(few, valid, chosen)
 
 
-def _positions_of(selected: torch.Tensor, first_key: int, topk: int) -> torch.Tensor:
+def selection_positions(selected: torch.Tensor, first_key: int, topk: int) -> torch.Tensor:
     """Ascending key positions of the selected columns, [R, topk] int32, padded with -1."""
     span = selected.shape[1]
     cols = torch.arange(span, device=selected.device, dtype=torch.int32).expand_as(selected)
@@ -107,10 +109,10 @@ def indexer_topk(index_q, index_w, index_k, cu_seqlens, topk: int, budget_bytes:
     for doc_start, r0, r1 in row_chunks(cu_seqlens, per_key, budget_bytes or memory_budget(q.device)):
         valid = causal_mask(doc_start, r0, r1, q.device)
         if r1 - doc_start <= topk:  # every visible key is taken: no scores needed
-            out[r0:r1] = _positions_of(valid, doc_start, topk)
+            out[r0:r1] = selection_positions(valid, doc_start, topk)
             continue
         scores = indexer_logits(q[r0:r1], w[r0:r1], k[doc_start:r1])
-        out[r0:r1] = _positions_of(select_topk(scores, valid, topk), doc_start, topk)
+        out[r0:r1] = selection_positions(select_topk(scores, valid, topk), doc_start, topk)
     return out
 
 
@@ -126,9 +128,10 @@ def indexer_topk_cached(index_q, index_w, index_k, first_position: int, topk: in
     for r0 in range(first_position, end, step):
         r1 = min(end, r0 + step)
         valid = causal_mask(0, r0, r1, q.device)
-        scores = indexer_logits(q[r0 - first_position:r1 - first_position], w[r0 - first_position:r1 - first_position],
-                                k[:r1])
-        out[r0 - first_position:r1 - first_position] = _positions_of(select_topk(scores, valid, topk), 0, topk)
+        scores = indexer_logits(
+            q[r0 - first_position : r1 - first_position], w[r0 - first_position : r1 - first_position], k[:r1]
+        )
+        out[r0 - first_position : r1 - first_position] = selection_positions(select_topk(scores, valid, topk), 0, topk)
     return out
 
 
@@ -215,8 +218,9 @@ def sparse_gqa_attention(q, k, v, indices, softmax_scale: float, budget_bytes: i
 
 
 @torch.no_grad()
-def attention_target(attn_q, attn_k, doc_start: int, r0: int, r1: int, indices, softmax_scale: float,
-                     tp_group=None) -> torch.Tensor:
+def attention_target(
+    attn_q, attn_k, doc_start: int, r0: int, r1: int, indices, softmax_scale: float, tp_group=None
+) -> torch.Tensor:
     """Head-summed, L1-normalised attention probabilities of rows r0:r1 over their key set, [R, K].
 
     The key set is `indices[r0:r1]` (sparse stage; probabilities renormalised on it) or, when indices is None,
@@ -254,13 +258,14 @@ class _IndexerKL(torch.autograd.Function):
     (they need the same scores) and scaled in the backward, so no L x L tensor is ever held."""
 
     @staticmethod
-    def forward(ctx, index_q, index_w, index_k, attn_q, attn_k, cu_seqlens, indices, softmax_scale, tp_group,
-                budget_bytes):
+    def forward(
+        ctx, index_q, index_w, index_k, attn_q, attn_k, cu_seqlens, indices, softmax_scale, tp_group, budget_bytes
+    ):
         dtype = _compute_dtype(index_q)
         q, w, k = index_q.to(dtype), index_w.to(dtype), index_k.to(dtype)
         dq, dw, dk = torch.zeros_like(q), torch.zeros_like(w), torch.zeros_like(k)
         heads, d_index = q.shape[1], q.shape[2]
-        scale = d_index ** -0.5
+        scale = d_index**-0.5
         per_key = (attn_q.shape[1] * 3 + heads * 3 + d_index + 8) * 8
         max_keys = None if indices is None else indices.shape[1]
         total_kl = torch.zeros((), dtype=dtype, device=q.device)
@@ -294,9 +299,30 @@ class _IndexerKL(torch.autograd.Function):
         return (*grads, None, None, None, None, None, None, None)
 
 
-def indexer_kl_loss(index_q, index_w, index_k, attn_q, attn_k, cu_seqlens, softmax_scale: float, indices=None,
-                    tp_group=None, attn_lse=None, budget_bytes: int = DEFAULT_BUDGET_BYTES) -> torch.Tensor:
+def indexer_kl_loss(
+    index_q,
+    index_w,
+    index_k,
+    attn_q,
+    attn_k,
+    cu_seqlens,
+    softmax_scale: float,
+    indices=None,
+    tp_group=None,
+    attn_lse=None,
+    budget_bytes: int = DEFAULT_BUDGET_BYTES,
+) -> torch.Tensor:
     """Mean over query rows of KL(p_t || softmax(I_t)); differentiable in index_q, index_w, index_k only.
     attn_lse is not needed here: the softmax over the key set is recomputed exactly, chunk by chunk."""
-    return _IndexerKL.apply(index_q, index_w, index_k, attn_q.detach(), attn_k.detach(), cu_seqlens, indices,
-                            softmax_scale, tp_group, budget_bytes)
+    return _IndexerKL.apply(
+        index_q,
+        index_w,
+        index_k,
+        attn_q.detach(),
+        attn_k.detach(),
+        cu_seqlens,
+        indices,
+        softmax_scale,
+        tp_group,
+        budget_bytes,
+    )

@@ -58,8 +58,9 @@ def padded_rows(counts: list[int], padded: list[int], device) -> torch.Tensor:
 def grouped_matmul(x: torch.Tensor, weight: torch.Tensor, counts: list[int]) -> torch.Tensor:
     """x [M, K] with groups of `counts` rows (sum = M), weight [G, N, K] -> [M, N], differentiable in both."""
     if len(counts) != weight.shape[0] or sum(counts) != x.shape[0]:
-        raise ValueError(f"{len(counts)} groups of {sum(counts)} rows for weight {tuple(weight.shape)} and "
-                         f"x {tuple(x.shape)}")
+        raise ValueError(
+            f"{len(counts)} groups of {sum(counts)} rows for weight {tuple(weight.shape)} and x {tuple(x.shape)}"
+        )
     if uses_grouped_kernel(x, weight) and x.shape[0] > 0:
         offsets = _to_device(torch.tensor(list(itertools.accumulate(counts)), dtype=torch.int32), x.device)
         return _grouped_mm(x.contiguous(), weight.transpose(-2, -1), offs=offsets)

@@ -23,8 +23,15 @@ import torch
 import torch.distributed as dist
 
 
-def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, *,
-                         vocab_start: int = 0, group=None, chunk_tokens: int = 4096) -> torch.Tensor:
+def linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    vocab_start: int = 0,
+    group=None,
+    chunk_tokens: int = 4096,
+) -> torch.Tensor:
     """hidden [N, H], weight [V_local, H] (this rank's vocab rows), target [N] global ids -> loss [N] in fp32
     (float64 for float64 inputs)."""
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
@@ -87,8 +94,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
         n, chunk = hidden.shape[0], ctx.chunk_tokens
         grad_loss = grad_loss.to(row_max.dtype)
         grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
-        grad_weight = torch.zeros(weight.shape, dtype=row_max.dtype, device=weight.device) \
-            if ctx.needs_input_grad[1] else None
+        grad_weight = (
+            torch.zeros(weight.shape, dtype=row_max.dtype, device=weight.device) if ctx.needs_input_grad[1] else None
+        )
         for start in range(0, n, chunk):
             rows = slice(start, min(start + chunk, n))
             probs = _chunk_logits(hidden[rows], weight).sub_(row_max[rows, None]).exp_()

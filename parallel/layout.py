@@ -34,45 +34,58 @@ def check_layout(par, lm, vit, world_size: int) -> LayoutSizes:
     vision_ranks = _check_placement(par, vit, world_size)
     total, world_size = world_size, world_size - vision_ranks  # the LM's ranks
     if par.etp is not None and par.etp != par.tp and par.ep == 1:
-        raise LayoutError(f"parallel.etp={par.etp} differs from parallel.tp={par.tp} with parallel.ep=1: megatron "
-                          "then treats experts as dense parameters and never sums their gradients over the "
-                          "TP ranks; use parallel.ep>1 or leave parallel.etp unset")
+        raise LayoutError(
+            f"parallel.etp={par.etp} differs from parallel.tp={par.tp} with parallel.ep=1: megatron "
+            "then treats experts as dense parameters and never sums their gradients over the "
+            "TP ranks; use parallel.ep>1 or leave parallel.etp unset"
+        )
     for key in ("tp", "pp", "ep"):
         if getattr(par, key) < 1:
             raise LayoutError(f"parallel.{key}={getattr(par, key)} must be >= 1")
     model_parallel = par.tp * par.pp
     label = "LM ranks (world - parallel.vision.ranks)" if vision_ranks else "world size"
     if world_size % model_parallel:
-        raise LayoutError(f"{label} {world_size} is not divisible by parallel.tp*parallel.pp = "
-                          f"{par.tp}*{par.pp}; change parallel.nproc/nodes or the layout")
+        raise LayoutError(
+            f"{label} {world_size} is not divisible by parallel.tp*parallel.pp = "
+            f"{par.tp}*{par.pp}; change parallel.nproc/nodes or the layout"
+        )
     etp = expert_tp(par)
     expert_grid = etp * par.ep * par.pp
     if world_size % expert_grid:
-        raise LayoutError(f"{label} {world_size} is not divisible by parallel.etp*parallel.ep*parallel.pp = "
-                          f"{etp}*{par.ep}*{par.pp}")
+        raise LayoutError(
+            f"{label} {world_size} is not divisible by parallel.etp*parallel.ep*parallel.pp = {etp}*{par.ep}*{par.pp}"
+        )
     checks = [
         (lm.num_heads % par.tp, f"model.lm.num_heads={lm.num_heads} is not divisible by parallel.tp={par.tp}"),
-        (lm.num_kv_heads % par.tp,
-         f"model.lm.num_kv_heads={lm.num_kv_heads} is not divisible by parallel.tp={par.tp}"),
-        (lm.num_experts % par.ep,
-         f"model.lm.num_experts={lm.num_experts} is not divisible by parallel.ep={par.ep}"),
-        (lm.moe_ffn_hidden_size % etp,
-         f"model.lm.moe_ffn_hidden_size={lm.moe_ffn_hidden_size} is not divisible by expert TP {etp}"),
+        (lm.num_kv_heads % par.tp, f"model.lm.num_kv_heads={lm.num_kv_heads} is not divisible by parallel.tp={par.tp}"),
+        (lm.num_experts % par.ep, f"model.lm.num_experts={lm.num_experts} is not divisible by parallel.ep={par.ep}"),
+        (
+            lm.moe_ffn_hidden_size % etp,
+            f"model.lm.moe_ffn_hidden_size={lm.moe_ffn_hidden_size} is not divisible by expert TP {etp}",
+        ),
         (lm.num_layers % par.pp, f"model.lm.num_layers={lm.num_layers} is not divisible by parallel.pp={par.pp}"),
         (lm.vocab_size % par.tp, f"model.lm.vocab_size={lm.vocab_size} is not divisible by parallel.tp={par.tp}"),
-        (vit.hidden_size % vit.num_heads,
-         f"model.vit.hidden_size={vit.hidden_size} is not divisible by model.vit.num_heads={vit.num_heads}"),
-        ((vit.hidden_size // vit.num_heads) % 4,
-         f"model.vit head dim {vit.hidden_size // vit.num_heads} must be divisible by 4 for 2D RoPE"),
-        (sum(lm.mrope_section) * 2 != lm.head_dim,
-         f"model.lm.mrope_section={list(lm.mrope_section)} must sum to head_dim/2 = {lm.head_dim // 2}"),
+        (
+            vit.hidden_size % vit.num_heads,
+            f"model.vit.hidden_size={vit.hidden_size} is not divisible by model.vit.num_heads={vit.num_heads}",
+        ),
+        (
+            (vit.hidden_size // vit.num_heads) % 4,
+            f"model.vit head dim {vit.hidden_size // vit.num_heads} must be divisible by 4 for 2D RoPE",
+        ),
+        (
+            sum(lm.mrope_section) * 2 != lm.head_dim,
+            f"model.lm.mrope_section={list(lm.mrope_section)} must sum to head_dim/2 = {lm.head_dim // 2}",
+        ),
     ]
     for failed, message in checks:
         if failed:
             raise LayoutError(message)
     if par.tp > 1 and par.sequence_parallel is False:
-        raise LayoutError("parallel.sequence_parallel=false with parallel.tp>1: megatron MoE needs sequence "
-                          "parallelism under TP; leave it unset or true")
+        raise LayoutError(
+            "parallel.sequence_parallel=false with parallel.tp>1: megatron MoE needs sequence "
+            "parallelism under TP; leave it unset or true"
+        )
     dp = world_size // model_parallel
     return LayoutSizes(total, par.tp, par.pp, par.ep, etp, dp, world_size // expert_grid, vision_ranks)
 
@@ -82,27 +95,37 @@ def _check_placement(par, vit, world_size: int) -> int:
     vision = par.vision
     if par.placement == "colocated":
         if vision.tp != 1 or vision.ranks:
-            raise LayoutError("parallel.vision.tp / parallel.vision.ranks set with parallel.placement=colocated, "
-                              "which runs the ViT unsharded on the LM's first pipeline stage; use "
-                              "parallel.placement=split for a ViT layout of its own")
+            raise LayoutError(
+                "parallel.vision.tp / parallel.vision.ranks set with parallel.placement=colocated, "
+                "which runs the ViT unsharded on the LM's first pipeline stage; use "
+                "parallel.placement=split for a ViT layout of its own"
+            )
         return 0
     if not 0 < vision.ranks < world_size:
-        raise LayoutError(f"parallel.vision.ranks={vision.ranks} must be between 1 and world size - 1 "
-                          f"({world_size - 1}) with parallel.placement=split")
+        raise LayoutError(
+            f"parallel.vision.ranks={vision.ranks} must be between 1 and world size - 1 "
+            f"({world_size - 1}) with parallel.placement=split"
+        )
     if vision.tp < 1 or vision.ranks % vision.tp or vit.num_heads % vision.tp:
-        raise LayoutError(f"parallel.vision.tp={vision.tp} must divide parallel.vision.ranks={vision.ranks} and "
-                          f"model.vit.num_heads={vit.num_heads}")
+        raise LayoutError(
+            f"parallel.vision.tp={vision.tp} must divide parallel.vision.ranks={vision.ranks} and "
+            f"model.vit.num_heads={vit.num_heads}"
+        )
     return vision.ranks
 
 
 def check_batch(train, sizes: LayoutSizes) -> int:
     """Return micro-batches per DP rank per step."""
     if train.global_batch % sizes.dp:
-        raise LayoutError(f"train.global_batch={train.global_batch} is not divisible by the data-parallel "
-                          f"size {sizes.dp} (world / (tp*pp))")
+        raise LayoutError(
+            f"train.global_batch={train.global_batch} is not divisible by the data-parallel "
+            f"size {sizes.dp} (world / (tp*pp))"
+        )
     if sizes.tp > 1 and train.seq_length % sizes.tp:
-        raise LayoutError(f"train.seq_length={train.seq_length} is not divisible by parallel.tp={sizes.tp} "
-                          "(sequence parallelism splits the sequence)")
+        raise LayoutError(
+            f"train.seq_length={train.seq_length} is not divisible by parallel.tp={sizes.tp} "
+            "(sequence parallelism splits the sequence)"
+        )
     return train.global_batch // sizes.dp
 
 
@@ -118,16 +141,20 @@ def rank_roles(par, sizes: LayoutSizes) -> list[str]:
     if not sizes.vision_ranks:
         return [f"ranks 0-{sizes.world - 1}: {lm} with the ViT on pipeline stage 0 (colocated)"]
     vision_dp = sizes.vision_ranks // par.vision.tp
-    return [f"ranks 0-{sizes.vision_ranks - 1}: ViT + projector (tp {par.vision.tp} x dp {vision_dp})",
-            f"ranks {sizes.vision_ranks}-{sizes.world - 1}: {lm}"]
+    return [
+        f"ranks 0-{sizes.vision_ranks - 1}: ViT + projector (tp {par.vision.tp} x dp {vision_dp})",
+        f"ranks {sizes.vision_ranks}-{sizes.world - 1}: {lm}",
+    ]
 
 
 def require_colocated(par) -> None:
     """The trainer's placement today: split layouts are checked and rendered, not yet trained."""
     if par.placement != "colocated":
-        raise LayoutError("parallel.placement=split: the heterogeneous ViT/LM scheduler is not available yet "
-                          "(layouts and launch scripts are checked and rendered); train with "
-                          "parallel.placement=colocated")
+        raise LayoutError(
+            "parallel.placement=split: the heterogeneous ViT/LM scheduler is not available yet "
+            "(layouts and launch scripts are checked and rendered); train with "
+            "parallel.placement=colocated"
+        )
 
 
 def resolve_backend(par, on_gpu: bool) -> str:

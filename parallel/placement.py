@@ -47,8 +47,11 @@ class ColocatedPlacement:
 
     def is_metrics_owner(self) -> bool:
         """The one rank that logs: last pipeline stage, first TP and DP rank."""
-        return (self.is_last_stage() and parallel_state.get_tensor_model_parallel_rank() == 0
-                and parallel_state.get_data_parallel_rank() == 0)
+        return (
+            self.is_last_stage()
+            and parallel_state.get_tensor_model_parallel_rank() == 0
+            and parallel_state.get_data_parallel_rank() == 0
+        )
 
     @staticmethod
     def data_parallel_group():

@@ -20,9 +20,15 @@ def _data_version() -> str:
 
 # The generated corpus (keye-data demo, 140 samples) in a temp dir keyed by the data_pipeline sources.
 TEST_DATA = Path(tempfile.gettempdir()) / f"keye-test-data-{_data_version()}"
-DATA = [f"data.shards={TEST_DATA / 'shards'}", f"data.tokenizer={TEST_DATA / 'tokenizer.json'}",
-        "data.image_max_tokens=16", "data.video_fps=1.0", "data.frame_min_tokens=4", "data.frame_max_tokens=8",
-        "data.video_total_tokens=64"]
+DATA = [
+    f"data.shards={TEST_DATA / 'shards'}",
+    f"data.tokenizer={TEST_DATA / 'tokenizer.json'}",
+    "data.image_max_tokens=16",
+    "data.video_fps=1.0",
+    "data.frame_min_tokens=4",
+    "data.frame_max_tokens=8",
+    "data.video_total_tokens=64",
+]
 QUIET = ["~recipe", "model=tiny", "logging.wandb_mode=disabled", "logging.progress_bar=false", *DATA]
 
 
@@ -80,7 +86,7 @@ def corrupt_copy(source: Path, target: Path, per_shard: int = 3) -> dict:
             _, media = shards.read(number, k)
             blob = next(iter(media.values()))
             at = data.find(blob)
-            data[at:at + len(blob)] = random.Random(number * 1000 + k).randbytes(len(blob))
+            data[at : at + len(blob)] = random.Random(number * 1000 + k).randbytes(len(blob))
             damaged["corrupt_video"] += 1
         for k in records:
             record, _ = shards.read(number, k)

@@ -24,10 +24,29 @@ from kernels.triton_dsa.precision import INDEXER_DOT_PRECISION
 
 
 @triton.jit
-def _indexer_scores(IQ, IW, IK, S, r0, q_row0, doc_start, rows, span, scale,
-                    sq_t, sq_h, sw_t, sk_t, ss_r,
-                    H: tl.constexpr, DI: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr, KT: tl.constexpr,
-                    PREC: tl.constexpr):
+def _indexer_scores(
+    IQ,
+    IW,
+    IK,
+    S,
+    r0,
+    q_row0,
+    doc_start,
+    rows,
+    span,
+    scale,
+    sq_t,
+    sq_h,
+    sw_t,
+    sk_t,
+    ss_r,
+    H: tl.constexpr,
+    DI: tl.constexpr,
+    BQ: tl.constexpr,
+    BK: tl.constexpr,
+    KT: tl.constexpr,
+    PREC: tl.constexpr,
+):
     qb = tl.program_id(0)
     last_row = tl.minimum(qb * BQ + BQ - 1, rows - 1)
     last_key = last_row + (r0 - doc_start)  # key tiles wholly after it are in the causal future
@@ -37,20 +56,23 @@ def _indexer_scores(IQ, IW, IK, S, r0, q_row0, doc_start, rows, span, scale,
     token = r0 - q_row0 + local  # IQ / IW hold the queries from position q_row0 on
     head = m % H
     d = tl.arange(0, DI)
-    q = tl.load(IQ + token[:, None].to(tl.int64) * sq_t + head[:, None] * sq_h + d[None, :],
-                mask=row_ok[:, None], other=0.0)
+    q = tl.load(
+        IQ + token[:, None].to(tl.int64) * sq_t + head[:, None] * sq_h + d[None, :], mask=row_ok[:, None], other=0.0
+    )
     w = tl.load(IW + token.to(tl.int64) * sw_t + head, mask=row_ok, other=0.0)
     out_rows = qb * BQ + tl.arange(0, BQ)
     first = tl.program_id(1) * BK * KT
     for first_key in range(first, tl.minimum(first + BK * KT, last_key + 1), BK):  # KT tiles share q
         col = first_key + tl.arange(0, BK)
         col_ok = col < span
-        k = tl.load(IK + (doc_start + col)[:, None].to(tl.int64) * sk_t + d[None, :], mask=col_ok[:, None],
-                    other=0.0)
+        k = tl.load(IK + (doc_start + col)[:, None].to(tl.int64) * sk_t + d[None, :], mask=col_ok[:, None], other=0.0)
         z = tl.maximum(tl.dot(q, tl.trans(k), input_precision=PREC), 0.0) * w[:, None]
         scores = tl.sum(tl.reshape(z, (BQ, H, BK)), axis=1) * scale
-        tl.store(S + out_rows[:, None].to(tl.int64) * ss_r + col[None, :], scores,
-                 mask=(out_rows < rows)[:, None] & col_ok[None, :])
+        tl.store(
+            S + out_rows[:, None].to(tl.int64) * ss_r + col[None, :],
+            scores,
+            mask=(out_rows < rows)[:, None] & col_ok[None, :],
+        )
 
 
 @triton.jit
@@ -62,8 +84,7 @@ def _ordered_key(x):
 
 
 @triton.jit
-def _select_topk(S, OUT, r0, q_row0, doc_start, rows, ss_r, so_t, TOPK, BLOCK: tl.constexpr,
-                 BITS: tl.constexpr):
+def _select_topk(S, OUT, r0, q_row0, doc_start, rows, ss_r, so_t, TOPK, BLOCK: tl.constexpr, BITS: tl.constexpr):
     local = tl.program_id(0)
     visible = local + (r0 - doc_start) + 1  # keys doc_start .. r0 + local
     row = S + local.to(tl.int64) * ss_r
@@ -109,8 +130,9 @@ def _select_topk(S, OUT, r0, q_row0, doc_start, rows, ss_r, so_t, TOPK, BLOCK: t
         written += BLOCK
 
 
-def indexer_scores(index_q, index_w, index_k, doc_start: int, r0: int, r1: int, q_row0: int = 0,
-                   key_tiles: int = 16) -> torch.Tensor:
+def indexer_scores(
+    index_q, index_w, index_k, doc_start: int, r0: int, r1: int, q_row0: int = 0, key_tiles: int = 16
+) -> torch.Tensor:
     """[r1 - r0, r1 - doc_start] fp32 scores of query rows r0:r1 against their document's keys (entries in the
     causal future of a row are unspecified); index_q / index_w row i is position q_row0 + i."""
     heads, dim = index_q.shape[1], index_q.shape[2]
@@ -120,23 +142,64 @@ def indexer_scores(index_q, index_w, index_k, doc_start: int, r0: int, r1: int, 
     bq = max(bq, -(-16 // heads))
     bk = 64
     grid = (triton.cdiv(rows, bq), triton.cdiv(span, bk * key_tiles))
-    _indexer_scores[grid](index_q, index_w, index_k, scores, r0, q_row0, doc_start, rows, span, dim ** -0.5,
-                          index_q.stride(0), index_q.stride(1), index_w.stride(0), index_k.stride(0),
-                          scores.stride(0), H=heads, DI=dim, BQ=bq, BK=bk, KT=key_tiles,
-                          PREC=INDEXER_DOT_PRECISION)
+    _indexer_scores[grid](
+        index_q,
+        index_w,
+        index_k,
+        scores,
+        r0,
+        q_row0,
+        doc_start,
+        rows,
+        span,
+        dim**-0.5,
+        index_q.stride(0),
+        index_q.stride(1),
+        index_w.stride(0),
+        index_k.stride(0),
+        scores.stride(0),
+        H=heads,
+        DI=dim,
+        BQ=bq,
+        BK=bk,
+        KT=key_tiles,
+        PREC=INDEXER_DOT_PRECISION,
+    )
     return scores
 
 
-def select_rows(scores: torch.Tensor, out: torch.Tensor, doc_start: int, r0: int, topk: int,
-                block: int = 1024, q_row0: int = 0, num_warps: int = 4, digit_bits: int = 8) -> None:
+def select_rows(
+    scores: torch.Tensor,
+    out: torch.Tensor,
+    doc_start: int,
+    r0: int,
+    topk: int,
+    block: int = 1024,
+    q_row0: int = 0,
+    num_warps: int = 4,
+    digit_bits: int = 8,
+) -> None:
     """Exact top-k of each row of `scores` (row i sees its first r0 - doc_start + i + 1 columns) into
     out[r0 - q_row0:]."""
-    _select_topk[(scores.shape[0],)](scores, out, r0, q_row0, doc_start, scores.shape[0], scores.stride(0),
-                                     out.stride(0), topk, BLOCK=block, BITS=digit_bits, num_warps=num_warps)
+    _select_topk[(scores.shape[0],)](
+        scores,
+        out,
+        r0,
+        q_row0,
+        doc_start,
+        scores.shape[0],
+        scores.stride(0),
+        out.stride(0),
+        topk,
+        BLOCK=block,
+        BITS=digit_bits,
+        num_warps=num_warps,
+    )
 
 
-def indexer_topk_cached(index_q, index_w, index_k, first_position: int, topk: int, budget_bytes: int | None = None,
-                        select_block: int = 1024):
+def indexer_topk_cached(
+    index_q, index_w, index_k, first_position: int, topk: int, budget_bytes: int | None = None, select_block: int = 1024
+):
     """Chunked prefill / decode: queries at positions first_position .. first_position + n - 1 of one sequence,
     keys index_k [first_position + n, D_I] from the cache. -> [n, topk] int32, as `indexer_topk` rows."""
     _check(index_q, index_w, index_k[: index_q.shape[0]], topk)
@@ -154,14 +217,16 @@ def indexer_topk_cached(index_q, index_w, index_k, first_position: int, topk: in
 def _check(index_q, index_w, index_k, topk):
     heads, dim = index_q.shape[1], index_q.shape[2]
     if dim & (dim - 1) or dim < 16 or heads & (heads - 1):
-        raise ValueError(f"indexer_topk (triton): index heads {heads} and head dim {dim} must be powers of two, "
-                         "the dim >= 16")
+        raise ValueError(
+            f"indexer_topk (triton): index heads {heads} and head dim {dim} must be powers of two, the dim >= 16"
+        )
     if index_w.shape != index_q.shape[:2] or index_k.shape != (index_q.shape[0], dim):
         raise ValueError("indexer_topk: index_w must be [T, H_I] and index_k [T, D_I]")
 
 
-def indexer_topk(index_q, index_w, index_k, cu_seqlens, topk: int, budget_bytes: int | None = None,
-                 select_block: int = 1024):
+def indexer_topk(
+    index_q, index_w, index_k, cu_seqlens, topk: int, budget_bytes: int | None = None, select_block: int = 1024
+):
     """Triton twin of `kernels.dsa_reference.indexer_topk` (same shapes, masks, tie rule and padding);
     select_block is the top-k kernel's tile (elements per step along a row)."""
     _check(index_q, index_w, index_k, topk)

@@ -19,17 +19,36 @@ import triton.language as tl
 
 from kernels import dsa_reference
 from kernels.triton_dsa.precision import INDEXER_DOT_PRECISION, dot_precision
-from kernels.triton_dsa.sparse_attention import LOG2E, _tile_rows, _union_tile, block_queries_for
+from kernels.triton_dsa.sparse_attention import LOG2E, block_queries_for, tile_rows, union_tile
 from kernels.triton_dsa.union import block_union
 
 
 @triton.jit
-def _sparse_target(Q, K, LSE, TARGET, UKEYS, UBITS, UOFF, T, scale_log2, sq_t, sq_h, sk_t, sk_h, st_t,
-                   G: tl.constexpr, BQ: tl.constexpr, D: tl.constexpr, BU: tl.constexpr, PREC: tl.constexpr):
+def _sparse_target(
+    Q,
+    K,
+    LSE,
+    TARGET,
+    UKEYS,
+    UBITS,
+    UOFF,
+    T,
+    scale_log2,
+    sq_t,
+    sq_h,
+    sk_t,
+    sk_h,
+    st_t,
+    G: tl.constexpr,
+    BQ: tl.constexpr,
+    D: tl.constexpr,
+    BU: tl.constexpr,
+    PREC: tl.constexpr,
+):
     b = tl.program_id(0)
     h = tl.program_id(1)
     heads = G * tl.num_programs(1)
-    rows, query, head, row_ok, row_ptr = _tile_rows(T, sq_t, sq_h, G, BQ, D)
+    rows, query, head, row_ok, row_ptr = tile_rows(T, sq_t, sq_h, G, BQ, D)
     q = tl.load(Q + row_ptr, mask=row_ok[:, None], other=0.0)
     lse2 = tl.load(LSE + query.to(tl.int64) * heads + head, mask=row_ok, other=0.0) * 1.4426950408889634
     queries = b * BQ + tl.arange(0, BQ)
@@ -37,8 +56,9 @@ def _sparse_target(Q, K, LSE, TARGET, UKEYS, UBITS, UOFF, T, scale_log2, sq_t, s
     u_start = tl.load(UOFF + b)
     u_end = tl.load(UOFF + b + 1)
     for u0 in range(u_start, u_end, BU):
-        key, u_ok, kt, s, member = _union_tile(q, u0, u_end, UKEYS, UBITS, K, h, sk_t, sk_h, rows, row_ok,
-                                               scale_log2, G, D, BU, PREC)
+        key, u_ok, kt, s, member = union_tile(
+            q, u0, u_end, UKEYS, UBITS, K, h, sk_t, sk_h, rows, row_ok, scale_log2, G, D, BU, PREC
+        )
         p = tl.where(member, tl.exp2(s - lse2[:, None]), 0.0)
         p_sum = tl.sum(tl.reshape(p, (BQ, G, BU)), axis=1)
         bits = tl.load(UBITS + u0 + tl.arange(0, BU), mask=u_ok, other=0)
@@ -49,9 +69,30 @@ def _sparse_target(Q, K, LSE, TARGET, UKEYS, UBITS, UOFF, T, scale_log2, sq_t, s
 
 
 @triton.jit
-def _indexer_kl(IQ, IW, IK, IDX, TARGET, DQ, DW, DK, KL, scale, inv_rows, TOPK,
-                sq_t, sq_h, sw_t, sk_t, si_t,
-                H: tl.constexpr, HP: tl.constexpr, DI: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
+def _indexer_kl(
+    IQ,
+    IW,
+    IK,
+    IDX,
+    TARGET,
+    DQ,
+    DW,
+    DK,
+    KL,
+    scale,
+    inv_rows,
+    TOPK,
+    sq_t,
+    sq_h,
+    sw_t,
+    sk_t,
+    si_t,
+    H: tl.constexpr,
+    HP: tl.constexpr,
+    DI: tl.constexpr,
+    BK: tl.constexpr,
+    PREC: tl.constexpr,
+):
     t = tl.program_id(0).to(tl.int64)
     hr = tl.arange(0, HP)
     h_ok = hr < H
@@ -104,10 +145,27 @@ def sparse_attention_target(attn_q, attn_k, attn_lse, indices, softmax_scale: fl
     keys, bits, offsets = block_union(indices, bq)
     target = torch.zeros(indices.shape, dtype=torch.float32, device=attn_q.device)
     q, k, lse = attn_q.contiguous(), attn_k.contiguous(), attn_lse.float().contiguous()
-    _sparse_target[(offsets.shape[0] - 1, groups)](q, k, lse, target, keys, bits, offsets, total,
-                                                   softmax_scale * LOG2E, q.stride(0), q.stride(1), k.stride(0),
-                                                   k.stride(1), target.stride(0), G=heads // groups, BQ=bq, D=dim,
-                                                   BU=64, PREC=dot_precision(q.dtype))
+    _sparse_target[(offsets.shape[0] - 1, groups)](
+        q,
+        k,
+        lse,
+        target,
+        keys,
+        bits,
+        offsets,
+        total,
+        softmax_scale * LOG2E,
+        q.stride(0),
+        q.stride(1),
+        k.stride(0),
+        k.stride(1),
+        target.stride(0),
+        G=heads // groups,
+        BQ=bq,
+        D=dim,
+        BU=64,
+        PREC=dot_precision(q.dtype),
+    )
     if tp_group is not None and dist.get_world_size(tp_group) > 1:
         dist.all_reduce(target, group=tp_group)
     return target / target.sum(-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
@@ -122,10 +180,30 @@ class _TritonIndexerKL(torch.autograd.Function):
         dk = torch.zeros_like(k)
         kl = torch.empty(total, dtype=torch.float32, device=q.device)
         hp = max(16, 1 << (heads - 1).bit_length())
-        _indexer_kl[(total,)](q, w, k, indices, target.contiguous(), dq, dw, dk, kl, dim ** -0.5, 1.0 / max(1, total),
-                              indices.shape[1], q.stride(0), q.stride(1), w.stride(0), k.stride(0),
-                              indices.stride(0), H=heads, HP=hp, DI=dim, BK=64,
-                              PREC=INDEXER_DOT_PRECISION)
+        _indexer_kl[(total,)](
+            q,
+            w,
+            k,
+            indices,
+            target.contiguous(),
+            dq,
+            dw,
+            dk,
+            kl,
+            dim**-0.5,
+            1.0 / max(1, total),
+            indices.shape[1],
+            q.stride(0),
+            q.stride(1),
+            w.stride(0),
+            k.stride(0),
+            indices.stride(0),
+            H=heads,
+            HP=hp,
+            DI=dim,
+            BK=64,
+            PREC=INDEXER_DOT_PRECISION,
+        )
         ctx.save_for_backward(dq, dw, dk)
         ctx.dtypes = (index_q.dtype, index_w.dtype, index_k.dtype)
         return kl.sum() / max(1, total)
@@ -135,20 +213,39 @@ class _TritonIndexerKL(torch.autograd.Function):
         return (*[(g * grad).to(t) for g, t in zip(ctx.saved_tensors, ctx.dtypes)], None, None)
 
 
-def indexer_kl_loss(index_q, index_w, index_k, attn_q, attn_k, cu_seqlens, softmax_scale: float, indices=None,
-                    tp_group=None, attn_lse=None, **reference_options):
+def indexer_kl_loss(
+    index_q,
+    index_w,
+    index_k,
+    attn_q,
+    attn_k,
+    cu_seqlens,
+    softmax_scale: float,
+    indices=None,
+    tp_group=None,
+    attn_lse=None,
+    **reference_options,
+):
     """Triton twin of `kernels.dsa_reference.indexer_kl_loss`; the sparse stage runs here (the target from
     `attn_lse` when given, else from one more attention pass), the dense warm-up runs the reference."""
     dim = index_q.shape[-1]
     if indices is None or dim & (dim - 1) or dim < 16 or attn_q.shape[-1] & (attn_q.shape[-1] - 1):
-        return dsa_reference.indexer_kl_loss(index_q, index_w, index_k, attn_q, attn_k, cu_seqlens, softmax_scale,
-                                             indices=indices, tp_group=tp_group, **reference_options)
+        return dsa_reference.indexer_kl_loss(
+            index_q,
+            index_w,
+            index_k,
+            attn_q,
+            attn_k,
+            cu_seqlens,
+            softmax_scale,
+            indices=indices,
+            tp_group=tp_group,
+            **reference_options,
+        )
     with torch.no_grad():
         if attn_lse is None:
             from kernels.triton_dsa.sparse_attention import sparse_gqa_attention
 
             _, attn_lse = sparse_gqa_attention(attn_q, attn_k, attn_k, indices, softmax_scale)
-        target = sparse_attention_target(attn_q.detach(), attn_k.detach(), attn_lse, indices, softmax_scale,
-                                         tp_group)
+        target = sparse_attention_target(attn_q.detach(), attn_k.detach(), attn_lse, indices, softmax_scale, tp_group)
     return _TritonIndexerKL.apply(index_q, index_w, index_k, indices, target)
-

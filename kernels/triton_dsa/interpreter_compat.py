@@ -19,5 +19,6 @@ def apply() -> None:
     def patch(tensor, scope):
         original(tensor, scope)
         scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
     patch.keye_scalar_index = True
     interpreter._patch_lang_tensor = patch

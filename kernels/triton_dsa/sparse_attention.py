@@ -25,8 +25,24 @@ LOG2E = 1.0 / math.log(2.0)
 
 
 @triton.jit
-def _union_tile(q, u0, u_end, UKEYS, UBITS, K, h, sk_t, sk_h, rows, row_ok, scale_log2,
-                G: tl.constexpr, D: tl.constexpr, BU: tl.constexpr, PREC: tl.constexpr):
+def union_tile(
+    q,
+    u0,
+    u_end,
+    UKEYS,
+    UBITS,
+    K,
+    h,
+    sk_t,
+    sk_h,
+    rows,
+    row_ok,
+    scale_log2,
+    G: tl.constexpr,
+    D: tl.constexpr,
+    BU: tl.constexpr,
+    PREC: tl.constexpr,
+):
     """The union chunk at u0: its keys, their validity, the gathered K rows [BU, D], the tile's base-2 scores
     [M, BU] and each row's membership mask (its own query selected the key)."""
     u = u0 + tl.arange(0, BU)
@@ -41,7 +57,7 @@ def _union_tile(q, u0, u_end, UKEYS, UBITS, K, h, sk_t, sk_h, rows, row_ok, scal
 
 
 @triton.jit
-def _tile_rows(T, sq_t, sq_h, G: tl.constexpr, BQ: tl.constexpr, D: tl.constexpr):
+def tile_rows(T, sq_t, sq_h, G: tl.constexpr, BQ: tl.constexpr, D: tl.constexpr):
     """This program's rows: BQ queries x the G heads of KV group program_id(1); their offsets in a [T, Hq, D]
     tensor, query index, head index and validity."""
     rows = tl.arange(0, BQ * G)
@@ -52,13 +68,31 @@ def _tile_rows(T, sq_t, sq_h, G: tl.constexpr, BQ: tl.constexpr, D: tl.constexpr
 
 
 @triton.jit
-def _sparse_fwd(Q, K, V, OUT, LSE, UKEYS, UBITS, UOFF, T, scale_log2,
-                sq_t, sq_h, sk_t, sk_h,
-                G: tl.constexpr, BQ: tl.constexpr, D: tl.constexpr, BU: tl.constexpr, PREC: tl.constexpr):
+def _sparse_fwd(
+    Q,
+    K,
+    V,
+    OUT,
+    LSE,
+    UKEYS,
+    UBITS,
+    UOFF,
+    T,
+    scale_log2,
+    sq_t,
+    sq_h,
+    sk_t,
+    sk_h,
+    G: tl.constexpr,
+    BQ: tl.constexpr,
+    D: tl.constexpr,
+    BU: tl.constexpr,
+    PREC: tl.constexpr,
+):
     b = tl.program_id(0)
     h = tl.program_id(1)
     M: tl.constexpr = BQ * G
-    rows, query, head, row_ok, row_ptr = _tile_rows(T, sq_t, sq_h, G, BQ, D)
+    rows, query, head, row_ok, row_ptr = tile_rows(T, sq_t, sq_h, G, BQ, D)
     d = tl.arange(0, D)
     q = tl.load(Q + row_ptr, mask=row_ok[:, None], other=0.0)
     u_start = tl.load(UOFF + b)
@@ -67,8 +101,9 @@ def _sparse_fwd(Q, K, V, OUT, LSE, UKEYS, UBITS, UOFF, T, scale_log2,
     l_i = tl.zeros([M], tl.float32)
     acc = tl.zeros([M, D], tl.float32)
     for u0 in range(u_start, u_end, BU):  # a runtime-bounded walk over this block's union (pipelined)
-        key, u_ok, kt, s, member = _union_tile(q, u0, u_end, UKEYS, UBITS, K, h, sk_t, sk_h, rows, row_ok,
-                                               scale_log2, G, D, BU, PREC)
+        key, u_ok, kt, s, member = union_tile(
+            q, u0, u_end, UKEYS, UBITS, K, h, sk_t, sk_h, rows, row_ok, scale_log2, G, D, BU, PREC
+        )
         s = tl.where(member, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -87,14 +122,39 @@ def _sparse_fwd(Q, K, V, OUT, LSE, UKEYS, UBITS, UOFF, T, scale_log2,
 
 
 @triton.jit
-def _sparse_bwd(Q, K, V, DO, LSE, DELTA, DQ, DK, DV, UKEYS, UBITS, UOFF, T, scale, scale_log2,
-                sq_t, sq_h, sk_t, sk_h, sacc_t, sacc_h,
-                G: tl.constexpr, BQ: tl.constexpr, D: tl.constexpr, BU: tl.constexpr, PREC: tl.constexpr):
+def _sparse_bwd(
+    Q,
+    K,
+    V,
+    DO,
+    LSE,
+    DELTA,
+    DQ,
+    DK,
+    DV,
+    UKEYS,
+    UBITS,
+    UOFF,
+    T,
+    scale,
+    scale_log2,
+    sq_t,
+    sq_h,
+    sk_t,
+    sk_h,
+    sacc_t,
+    sacc_h,
+    G: tl.constexpr,
+    BQ: tl.constexpr,
+    D: tl.constexpr,
+    BU: tl.constexpr,
+    PREC: tl.constexpr,
+):
     b = tl.program_id(0)
     h = tl.program_id(1)
     heads = G * tl.num_programs(1)
     M: tl.constexpr = BQ * G
-    rows, query, head, row_ok, row_ptr = _tile_rows(T, sq_t, sq_h, G, BQ, D)
+    rows, query, head, row_ok, row_ptr = tile_rows(T, sq_t, sq_h, G, BQ, D)
     d = tl.arange(0, D)
     q = tl.load(Q + row_ptr, mask=row_ok[:, None], other=0.0)
     do = tl.load(DO + row_ptr, mask=row_ok[:, None], other=0.0)
@@ -104,8 +164,9 @@ def _sparse_bwd(Q, K, V, DO, LSE, DELTA, DQ, DK, DV, UKEYS, UBITS, UOFF, T, scal
     u_start = tl.load(UOFF + b)
     u_end = tl.load(UOFF + b + 1)
     for u0 in range(u_start, u_end, BU):  # a runtime-bounded walk over this block's union (pipelined)
-        key, u_ok, kt, s, member = _union_tile(q, u0, u_end, UKEYS, UBITS, K, h, sk_t, sk_h, rows, row_ok,
-                                               scale_log2, G, D, BU, PREC)
+        key, u_ok, kt, s, member = union_tile(
+            q, u0, u_end, UKEYS, UBITS, K, h, sk_t, sk_h, rows, row_ok, scale_log2, G, D, BU, PREC
+        )
         p = tl.where(member, tl.exp2(s - lse2[:, None]), 0.0)
         vt = tl.load(V + key[:, None].to(tl.int64) * sk_t + h * sk_h + d[None, :], mask=u_ok[:, None], other=0.0)
         acc_ptr = key[:, None].to(tl.int64) * sacc_t + h * sacc_h + d[None, :]
@@ -139,8 +200,10 @@ def _launch_options(rows: int, block_keys: int | None, num_warps: int | None) ->
 def _check(q, k, v, indices):
     total, heads, dim = q.shape
     if k.shape != v.shape or k.shape[0] != total or heads % k.shape[1]:
-        raise ValueError(f"sparse_gqa_attention: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} are "
-                         "not [T, Hq, D], [T, Hkv, D] with Hq % Hkv == 0")
+        raise ValueError(
+            f"sparse_gqa_attention: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} are "
+            "not [T, Hq, D], [T, Hkv, D] with Hq % Hkv == 0"
+        )
     if dim & (dim - 1) or dim < 16:
         raise ValueError(f"sparse_gqa_attention (triton): head dim {dim} must be a power of two >= 16")
     if indices.dtype != torch.int32 or indices.shape[0] != total:
@@ -161,9 +224,28 @@ class _TritonSparseGQA(torch.autograd.Function):
         out = torch.empty_like(q)
         lse = torch.empty(total, heads, dtype=torch.float32, device=q.device)
         grid = (offsets.shape[0] - 1, groups)
-        _sparse_fwd[grid](q, k, v, out, lse, keys, bits, offsets, total, softmax_scale * LOG2E,
-                          q.stride(0), q.stride(1), k.stride(0), k.stride(1),
-                          G=per_group, BQ=bq, D=dim, BU=fwd_keys, PREC=dot_precision(q.dtype), num_warps=fwd_warps)
+        _sparse_fwd[grid](
+            q,
+            k,
+            v,
+            out,
+            lse,
+            keys,
+            bits,
+            offsets,
+            total,
+            softmax_scale * LOG2E,
+            q.stride(0),
+            q.stride(1),
+            k.stride(0),
+            k.stride(1),
+            G=per_group,
+            BQ=bq,
+            D=dim,
+            BU=fwd_keys,
+            PREC=dot_precision(q.dtype),
+            num_warps=fwd_warps,
+        )
         ctx.save_for_backward(q, k, v, out, lse, keys, bits, offsets)
         ctx.scale, ctx.bq = softmax_scale, bq
         ctx.mark_non_differentiable(lse)
@@ -181,15 +263,49 @@ class _TritonSparseGQA(torch.autograd.Function):
         dv = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
         grid = (offsets.shape[0] - 1, groups)
         bwd_keys, bwd_warps = ctx.backward_options
-        _sparse_bwd[grid](q, k, v, grad_out, lse, delta, dq, dk, dv, keys, bits, offsets, total, ctx.scale,
-                          ctx.scale * LOG2E, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
-                          dk.stride(0), dk.stride(1), G=heads // groups, BQ=ctx.bq, D=dim, BU=bwd_keys,
-                          PREC=dot_precision(q.dtype), num_warps=bwd_warps)
+        _sparse_bwd[grid](
+            q,
+            k,
+            v,
+            grad_out,
+            lse,
+            delta,
+            dq,
+            dk,
+            dv,
+            keys,
+            bits,
+            offsets,
+            total,
+            ctx.scale,
+            ctx.scale * LOG2E,
+            q.stride(0),
+            q.stride(1),
+            k.stride(0),
+            k.stride(1),
+            dk.stride(0),
+            dk.stride(1),
+            G=heads // groups,
+            BQ=ctx.bq,
+            D=dim,
+            BU=bwd_keys,
+            PREC=dot_precision(q.dtype),
+            num_warps=bwd_warps,
+        )
         return dq, dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None
 
 
-def sparse_gqa_attention(q, k, v, indices, softmax_scale: float, block_keys: int | None = None,
-                         block_queries: int | None = None, num_warps: int | None = None, **_reference_options):
+def sparse_gqa_attention(
+    q,
+    k,
+    v,
+    indices,
+    softmax_scale: float,
+    block_keys: int | None = None,
+    block_queries: int | None = None,
+    num_warps: int | None = None,
+    **_reference_options,
+):
     """Triton twin of `kernels.dsa_reference.sparse_gqa_attention` (same shapes, dtypes and semantics).
     Tile overrides (default: block_queries from the sets' overlap, union.choose_block; the rest from
     `_launch_options`): block_keys and num_warps apply to forward and backward alike."""

@@ -114,8 +114,9 @@ def save(run_dir: Path, step: int, parts, optimizer, extra: dict, layout: dict, 
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir(parents=True)
     dist.barrier()
-    arrays = {k: _to_numpy(v) for k, v in {**_model_tensors(parts), **optimizer_tensors(optimizer),
-                                           **_rng_tensors()}.items()}
+    arrays = {
+        k: _to_numpy(v) for k, v in {**_model_tensors(parts), **optimizer_tensors(optimizer), **_rng_tensors()}.items()
+    }
     with open(partial / f"rank_{rank:05d}.npz", "wb") as f:
         np.savez(f, **arrays)
         f.flush()
@@ -123,8 +124,16 @@ def save(run_dir: Path, step: int, parts, optimizer, extra: dict, layout: dict, 
     (partial / f"rank_{rank:05d}.json").write_text(json.dumps({"step": step, **extra}))
     dist.barrier()
     if rank == 0:
-        (partial / "meta.json").write_text(json.dumps({"step": step, "world_size": dist.get_world_size(),
-                                                       "layout": layout, "experts_impl": experts_impl_of(parts.lm)}))
+        (partial / "meta.json").write_text(
+            json.dumps(
+                {
+                    "step": step,
+                    "world_size": dist.get_world_size(),
+                    "layout": layout,
+                    "experts_impl": experts_impl_of(parts.lm),
+                }
+            )
+        )
         shutil.rmtree(final, ignore_errors=True)
         os.replace(partial, final)
         _prune(root, keep_last)
@@ -150,8 +159,10 @@ def load_weights(source: str, parts, layout: dict) -> list[str]:
             raise FileNotFoundError(f"checkpoint.init_from={source}: no complete checkpoint there")
     meta = json.loads((path / "meta.json").read_text())
     if meta["layout"] != layout:
-        raise RuntimeError(f"checkpoint.init_from={source} was written with layout {meta['layout']}; this run uses "
-                           f"{layout}; weights-only starts need the same layout")
+        raise RuntimeError(
+            f"checkpoint.init_from={source} was written with layout {meta['layout']}; this run uses "
+            f"{layout}; weights-only starts need the same layout"
+        )
     fresh = []
     with np.load(path / f"rank_{dist.get_rank():05d}.npz", allow_pickle=False) as arrays:
         for key, tensor in _model_tensors(parts).items():
@@ -168,13 +179,17 @@ def load(path: Path, parts, optimizer, layout: dict) -> dict:
     """Restore this rank's state in place; return its JSON extras (step, data state, ...)."""
     meta = json.loads((path / "meta.json").read_text())
     if meta["layout"] != layout:
-        raise RuntimeError(f"checkpoint {path} was written with layout {meta['layout']} but this run uses "
-                           f"{layout}; resume with the same layout (use checkpoint.init_from for weights only)")
+        raise RuntimeError(
+            f"checkpoint {path} was written with layout {meta['layout']} but this run uses "
+            f"{layout}; resume with the same layout (use checkpoint.init_from for weights only)"
+        )
     written, ours = meta.get("experts_impl", "sequential"), experts_impl_of(parts.lm)
     if written != ours:
-        raise RuntimeError(f"checkpoint {path} was written with {written} MoE experts but this run builds {ours} "
-                           f"ones; the optimizer state does not carry over: resume with "
-                           f"model.lm.experts_impl={written} (or start from its weights with checkpoint.init_from)")
+        raise RuntimeError(
+            f"checkpoint {path} was written with {written} MoE experts but this run builds {ours} "
+            f"ones; the optimizer state does not carry over: resume with "
+            f"model.lm.experts_impl={written} (or start from its weights with checkpoint.init_from)"
+        )
     rank = dist.get_rank()
     with np.load(path / f"rank_{rank:05d}.npz", allow_pickle=False) as arrays:
         for key, tensor in _model_tensors(parts).items():
@@ -185,7 +200,9 @@ def load(path: Path, parts, optimizer, layout: dict) -> dict:
         if torch.cuda.is_available() and "rng.cuda" in arrays.files:
             torch.cuda.set_rng_state(torch.from_numpy(np.array(arrays["rng.cuda"])))
             prefix = "rng.tracker."
-            tracker = {k[len(prefix):]: torch.from_numpy(np.array(arrays[k])) for k in arrays.files if k.startswith(prefix)}
+            tracker = {
+                k[len(prefix) :]: torch.from_numpy(np.array(arrays[k])) for k in arrays.files if k.startswith(prefix)
+            }
             if tracker:
                 tensor_parallel.get_cuda_rng_tracker().set_states(tracker)
     return json.loads((path / f"rank_{rank:05d}.json").read_text())

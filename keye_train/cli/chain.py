@@ -48,8 +48,14 @@ def load_chain(name: str) -> ChainConfig:
 
 def stage_arguments(chain: ChainConfig, index: int, extra: list[str]) -> list[str]:
     stage = chain.stages[index]
-    args = [f"recipe={stage.recipe}", *chain.common, *stage.overrides, *extra,
-            f"run_dir={Path(chain.run_root) / stage.name}", f"logging.wandb_group={Path(chain.run_root).name}"]
+    args = [
+        f"recipe={stage.recipe}",
+        *chain.common,
+        *stage.overrides,
+        *extra,
+        f"run_dir={Path(chain.run_root) / stage.name}",
+        f"logging.wandb_group={Path(chain.run_root).name}",
+    ]
     if index > 0:
         args.append(f"checkpoint.init_from={Path(chain.run_root) / chain.stages[index - 1].name}")
     return args
@@ -87,12 +93,16 @@ def run(argv: list[str]) -> int:
         if finished(cfg):
             print(f"chain {name}: stage {stage.name} already finished ({cfg.run_dir}), skipped", flush=True)
             continue
-        print(f"chain {name}: stage {index + 1}/{len(chain.stages)} {stage.name} ({stage.recipe}) in {cfg.run_dir}",
-              flush=True)
+        print(
+            f"chain {name}: stage {index + 1}/{len(chain.stages)} {stage.name} ({stage.recipe}) in {cfg.run_dir}",
+            flush=True,
+        )
         code = run_forwarding_signals([sys.executable, "-m", "keye_train.cli", *stage_arguments(chain, index, extra)])
         if code != 0 or not finished(cfg):
-            print(f"chain {name}: stage {stage.name} stopped (exit code {code}); run the same command to continue",
-                  flush=True)
+            print(
+                f"chain {name}: stage {stage.name} stopped (exit code {code}); run the same command to continue",
+                flush=True,
+            )
             return code or 1
     print(f"chain {name}: all {len(chain.stages)} stages finished under {chain.run_root}", flush=True)
     return 0

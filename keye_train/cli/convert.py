@@ -26,8 +26,9 @@ PASSTHROUGH = "hf_passthrough.safetensors"  # in the run directory: HF tensors w
 
 
 def _parse(argv: list[str]):
-    parser = argparse.ArgumentParser(prog="keye-train convert", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="keye-train convert", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("mode", choices=["import", "export", "plan"])
     parser.add_argument("--src", required=True)
     parser.add_argument("--dst", help="import: the run directory to write; export: the HF folder to write")
@@ -85,8 +86,9 @@ def run(argv: list[str]) -> int:
         report = import_hf(parts, cfg.model, args.src, log=log, progress=True)
         print(f"[rank {dist.get_rank()}] {report['loaded']} tensors, sha256 {report['sha256']}", flush=True)
         _summary(report["sha256"], log)
-        path = checkpoint.save(Path(args.dst), 0, parts, None, {"run_id": "imported", "imported_from": str(args.src)},
-                               layout, keep_last=1)
+        path = checkpoint.save(
+            Path(args.dst), 0, parts, None, {"run_id": "imported", "imported_from": str(args.src)}, layout, keep_last=1
+        )
         extra = passthrough_tensors(args.src)
         if rank0 and extra:
             save_file(extra, str(Path(args.dst) / PASSTHROUGH))
@@ -100,8 +102,10 @@ def run(argv: list[str]) -> int:
         dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
         index = export_keye_hf(parts, cfg.model, args.dst, passthrough=extra, dtype=dtype)
         if index is not None:
-            log(f"wrote {len(index['weight_map'])} tensors, {index['metadata']['total_size'] / 2**30:.2f} GiB, "
-                f"to {args.dst}")
+            log(
+                f"wrote {len(index['weight_map'])} tensors, {index['metadata']['total_size'] / 2**30:.2f} GiB, "
+                f"to {args.dst}"
+            )
     destroy_process_groups()
     return 0
 
@@ -116,7 +120,8 @@ def _plan(cfg, sizes, src: str) -> int:
     for (stage, ep_rank), role in sorted(plan["roles"].items()):
         print(f"{stage:>15}{ep_rank:>9}{role['tensors']:>9}{role['bytes']:>22}{role['bytes'] / 2**30:>9.2f}")
     if plan["unused"]:
-        print(f"unused in the checkpoint ({len(plan['unused'])}): {', '.join(plan['unused'][:5])}"
-              + (" ..." if len(plan["unused"]) > 5 else ""))
+        print(
+            f"unused in the checkpoint ({len(plan['unused'])}): {', '.join(plan['unused'][:5])}"
+            + (" ..." if len(plan["unused"]) > 5 else "")
+        )
     return 0
-

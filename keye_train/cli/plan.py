@@ -12,12 +12,16 @@ def _print_layout(cfg, sizes) -> None:
     par = cfg.parallel
     sp = par.sequence_parallel if par.sequence_parallel is not None else sizes.tp > 1
     print(f"model {cfg.model.name}: seq_length {cfg.train.seq_length}, global_batch {cfg.train.global_batch}")
-    print(f"layout: world {sizes.world} = tp {sizes.tp} x pp {sizes.pp} x dp {sizes.dp}; "
-          f"ep {sizes.ep}, etp {sizes.etp}, expert_dp {sizes.expert_dp}; sequence_parallel {sp}; "
-          f"distributed_optimizer {par.distributed_optimizer}")
-    print(f"  {cfg.model.lm.num_layers // sizes.pp} LM layers per stage, "
-          f"{cfg.model.lm.num_experts // sizes.ep} experts per rank, "
-          f"{max(1, cfg.train.global_batch // sizes.dp)} micro-batches per DP rank; vision tower on stage 0")
+    print(
+        f"layout: world {sizes.world} = tp {sizes.tp} x pp {sizes.pp} x dp {sizes.dp}; "
+        f"ep {sizes.ep}, etp {sizes.etp}, expert_dp {sizes.expert_dp}; sequence_parallel {sp}; "
+        f"distributed_optimizer {par.distributed_optimizer}"
+    )
+    print(
+        f"  {cfg.model.lm.num_layers // sizes.pp} LM layers per stage, "
+        f"{cfg.model.lm.num_experts // sizes.ep} experts per rank, "
+        f"{max(1, cfg.train.global_batch // sizes.dp)} micro-batches per DP rank; vision tower on stage 0"
+    )
 
 
 def _print_parameters(counts: dict) -> None:
@@ -42,8 +46,10 @@ def print_chain_budget(names: list[str], configs: list) -> None:
     print(f"{'stage':<22}{'seq_length':>11}{'steps':>9}{'global_batch':>14}{'tokens':>28}")
     for name, cfg in zip(names, configs):
         t = cfg.train
-        print(f"{name:<22}{t.seq_length:>11,}{t.steps:>9,}{t.global_batch:>14,}"
-              f"{token_budget(t):>22,} {format_tokens(token_budget(t)):>5}")
+        print(
+            f"{name:<22}{t.seq_length:>11,}{t.steps:>9,}{t.global_batch:>14,}"
+            f"{token_budget(t):>22,} {format_tokens(token_budget(t)):>5}"
+        )
     total = sum(token_budget(c.train) for c in configs)
     print(f"{'total':<56}{total:>22,} {format_tokens(total):>5}")
 
@@ -55,7 +61,9 @@ def print_plan(cfg, sizes) -> None:
     counts = count_parameters(cfg.model)
     _print_layout(cfg, sizes)
     budget = token_budget(cfg.train)
-    print(f"token budget: {cfg.train.steps} steps x {cfg.train.global_batch} x {cfg.train.seq_length} = "
-          f"{budget:,} tokens ({format_tokens(budget)})")
+    print(
+        f"token budget: {cfg.train.steps} steps x {cfg.train.global_batch} x {cfg.train.seq_length} = "
+        f"{budget:,} tokens ({format_tokens(budget)})"
+    )
     _print_parameters(counts)
     _print_memory(memory_per_rank(cfg.model, cfg.parallel, cfg.train, sizes))

@@ -72,8 +72,16 @@ def _draw(ax, stages, title: str, keys: list[str]) -> bool:
     for index, ((name, _), offset) in enumerate(zip(stages, stage_starts(stages)) if len(stages) > 1 else []):
         if index:
             ax.axvline(offset, color="grey", linestyle="--", linewidth=0.8)
-        ax.annotate(name, (offset, 1.0), xycoords=("data", "axes fraction"), xytext=(2, -2),
-                    textcoords="offset points", fontsize=6, va="top", color="grey")
+        ax.annotate(
+            name,
+            (offset, 1.0),
+            xycoords=("data", "axes fraction"),
+            xytext=(2, -2),
+            textcoords="offset points",
+            fontsize=6,
+            va="top",
+            color="grey",
+        )
     ax.set_title(title)
     ax.set_xlabel("step")
     if len(data) > 1:
@@ -103,11 +111,12 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None) -> list
             drawn.append(name)
         plt.close(fig)
     cols = 2
-    fig, axes = plt.subplots(math.ceil(len(drawn) / cols), cols, figsize=(13, 3.6 * math.ceil(len(drawn) / cols)),
-                             squeeze=False)
+    fig, axes = plt.subplots(
+        math.ceil(len(drawn) / cols), cols, figsize=(13, 3.6 * math.ceil(len(drawn) / cols)), squeeze=False
+    )
     for ax, name in zip(axes.flat, drawn):
         _draw(ax, stages, *PANELS[name])
-    for ax in list(axes.flat)[len(drawn):]:
+    for ax in list(axes.flat)[len(drawn) :]:
         ax.axis("off")
     fig.suptitle(f"{run_dir.name}: " + " -> ".join(n for n, _ in stages))
     fig.tight_layout()

@@ -11,8 +11,9 @@ from launch.torchrun import torchrun_command
 
 def spawn_local(nproc: int, argv: list[str], command: str = "train") -> int:
     """Run `keye-train <command> <argv>` as nproc ranks under torchrun here, forwarding preemption signals."""
-    return run_forwarding_signals(torchrun_command(LaunchConfig(gpus_per_node=nproc), argv, rdzv_id="local",
-                                                   command=command))
+    return run_forwarding_signals(
+        torchrun_command(LaunchConfig(gpus_per_node=nproc), argv, rdzv_id="local", command=command)
+    )
 
 
 def single_process_env() -> None:

@@ -26,7 +26,10 @@ def run(cfg, argv: list[str]) -> int:
 
     trainer, history = train(cfg)
     if trainer.is_metrics_owner() and history:
-        print(f"done: step {trainer.step}, loss {history[0]['loss']:.4f} -> {history[-1]['loss']:.4f}, "
-              f"checkpoints in {trainer.run_dir / 'checkpoints'}", flush=True)
+        print(
+            f"done: step {trainer.step}, loss {history[0]['loss']:.4f} -> {history[-1]['loss']:.4f}, "
+            f"checkpoints in {trainer.run_dir / 'checkpoints'}",
+            flush=True,
+        )
     destroy_process_groups()
     return 0

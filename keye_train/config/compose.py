@@ -38,8 +38,9 @@ def load_config(overrides: list[str]):
     from omegaconf import OmegaConf
 
     if not RECIPES_DIR.is_dir():
-        raise FileNotFoundError(f"recipes folder not found at {RECIPES_DIR}; install keye-train from its repository "
-                                "with `pip install -e .`")
+        raise FileNotFoundError(
+            f"recipes folder not found at {RECIPES_DIR}; install keye-train from its repository with `pip install -e .`"
+        )
     _register()
     with initialize_config_dir(config_dir=str(RECIPES_DIR), version_base=None):
         cfg = compose(config_name="config", overrides=list(overrides))

@@ -27,7 +27,9 @@ class LossImpl(StrEnum):
 
 
 class AttentionBackend(StrEnum):
-    auto = "auto"  # cuDNN for long documents and FlashAttention varlen for the rest, on CUDA (kernels/dense_attention.py)
+    auto = (
+        "auto"  # cuDNN for long documents and FlashAttention varlen for the rest, on CUDA (kernels/dense_attention.py)
+    )
     cudnn = "cudnn"
     flash = "flash"  # FlashAttention varlen for every document
 
@@ -122,8 +124,10 @@ def indexer_mrope_section(lm: LMConfig) -> list[int]:
     dsa = lm.dsa
     scaled = [s * dsa.index_head_dim / lm.head_dim for s in lm.mrope_section]
     if any(v != int(v) for v in scaled) or sum(scaled) * 2 != dsa.index_head_dim:
-        raise ValueError(f"model.lm.dsa.index_head_dim={dsa.index_head_dim}: the M-RoPE sections "
-                         f"{list(lm.mrope_section)} do not scale to it evenly (head_dim {lm.head_dim})")
+        raise ValueError(
+            f"model.lm.dsa.index_head_dim={dsa.index_head_dim}: the M-RoPE sections "
+            f"{list(lm.mrope_section)} do not scale to it evenly (head_dim {lm.head_dim})"
+        )
     return [int(v) for v in scaled]
 
 

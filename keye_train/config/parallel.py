@@ -56,7 +56,8 @@ class ParallelConfig:
     distributed_optimizer: bool = True
     recompute: Recompute = Recompute.none
     recompute_modules: List[RecomputeModule] = field(
-        default_factory=lambda: [RecomputeModule.moe, RecomputeModule.layernorm])  # with recompute=selective
+        default_factory=lambda: [RecomputeModule.moe, RecomputeModule.layernorm]
+    )  # with recompute=selective
     nproc: int = 1  # processes started by `keye-train` itself when not under torchrun
     backend: CommBackend = CommBackend.auto
 

@@ -84,7 +84,8 @@ class TrainConfig:
 class StageConfig:
     name: str = "pretrain"
     trainable: List[TrainablePart] = field(
-        default_factory=lambda: [TrainablePart.vit, TrainablePart.projector, TrainablePart.lm])
+        default_factory=lambda: [TrainablePart.vit, TrainablePart.projector, TrainablePart.lm]
+    )
 
 
 @dataclass

@@ -1,4 +1,5 @@
-"""Our canonical tensors <-> Hugging Face checkpoint tensors (Keye-VL-2.0, Qwen3-MoE, SigLIP), as pure functions on full tensors.
+"""Our canonical tensors <-> Hugging Face checkpoint tensors (Keye-VL-2.0, Qwen3-MoE, SigLIP), as pure functions
+on full tensors.
 
 Canonical names are those of `keye_train.model.sharding` (global layer and expert numbers, "lm." / "vision."
 prefixes). Three HF layouts are read: Keye-VL-2.0 (`keye_vl`: visual / mlp_AR / model / lm_head, fused experts
@@ -36,16 +37,25 @@ _LM_LAYER = {
     "self_attention.core_attention.indexer.k_norm.weight": "self_attn.sa_indexer.k_norm.weight",
     "self_attention.core_attention.indexer.k_norm.bias": "self_attn.sa_indexer.k_norm.bias",
 }
-_LM_TOP = {"embedding.word_embeddings.weight": "model.embed_tokens.weight",
-           "decoder.final_layernorm.weight": "model.norm.weight", "output_layer.weight": "lm_head.weight"}
-_VIT_LAYER = {"input_layernorm": "layer_norm1", "pre_mlp_layernorm": "layer_norm2",
-              "self_attention.linear_proj": "self_attn.out_proj", "mlp.linear_fc1": "mlp.fc1",
-              "mlp.linear_fc2": "mlp.fc2"}
-_VIT_TOP = {"encoder.patch_weight": "embeddings.patch_embedding.weight",
-            "encoder.patch_bias": "embeddings.patch_embedding.bias",
-            "encoder.pos_table": "embeddings.position_embedding.weight",
-            "encoder.blocks.final_layernorm.weight": "post_layernorm.weight",
-            "encoder.blocks.final_layernorm.bias": "post_layernorm.bias"}
+_LM_TOP = {
+    "embedding.word_embeddings.weight": "model.embed_tokens.weight",
+    "decoder.final_layernorm.weight": "model.norm.weight",
+    "output_layer.weight": "lm_head.weight",
+}
+_VIT_LAYER = {
+    "input_layernorm": "layer_norm1",
+    "pre_mlp_layernorm": "layer_norm2",
+    "self_attention.linear_proj": "self_attn.out_proj",
+    "mlp.linear_fc1": "mlp.fc1",
+    "mlp.linear_fc2": "mlp.fc2",
+}
+_VIT_TOP = {
+    "encoder.patch_weight": "embeddings.patch_embedding.weight",
+    "encoder.patch_bias": "embeddings.patch_embedding.bias",
+    "encoder.pos_table": "embeddings.position_embedding.weight",
+    "encoder.blocks.final_layernorm.weight": "post_layernorm.weight",
+    "encoder.blocks.final_layernorm.bias": "post_layernorm.bias",
+}
 _PROJECTOR = {"norm": "pre_norm", "linear_1": "linear_1", "linear_2": "linear_2"}
 
 _LM_LAYER_RE = re.compile(r"^lm\.decoder\.layers\.(\d+)\.(.+)$")
@@ -69,14 +79,15 @@ def _qkv_fuse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, groups: int) ->
 def _qkv_split(qkv: torch.Tensor, groups: int, heads_per_group: int) -> tuple[torch.Tensor, ...]:
     per_group = qkv.chunk(groups)
     rows = per_group[0].shape[0] // (heads_per_group + 2)
-    q = torch.cat([g[:heads_per_group * rows] for g in per_group])
-    k = torch.cat([g[heads_per_group * rows:(heads_per_group + 1) * rows] for g in per_group])
-    v = torch.cat([g[(heads_per_group + 1) * rows:] for g in per_group])
+    q = torch.cat([g[: heads_per_group * rows] for g in per_group])
+    k = torch.cat([g[heads_per_group * rows : (heads_per_group + 1) * rows] for g in per_group])
+    v = torch.cat([g[(heads_per_group + 1) * rows :] for g in per_group])
     return q, k, v
 
 
-def source_of(name: str, model: ModelConfig, layout: str, expert_format: str = "fused_in_out",
-              vit_prefix: str | None = None) -> Source:
+def source_of(
+    name: str, model: ModelConfig, layout: str, expert_format: str = "fused_in_out", vit_prefix: str | None = None
+) -> Source:
     """Where canonical tensor `name` comes from in an HF checkpoint of this `layout`.
 
     expert_format: "fused_in_out" (Keye-VL, Qwen3-VL-MoE: [E, in, out]), "fused_out_in" (transformers 5's
@@ -93,8 +104,10 @@ def source_of(name: str, model: ModelConfig, layout: str, expert_format: str = "
         if rest in _LM_LAYER:
             return Source([base + _LM_LAYER[rest]], lambda t: t)
         if rest == "self_attention.linear_qkv.weight":
-            return Source([base + f"self_attn.{p}_proj.weight" for p in "qkv"],
-                          lambda q, k, v: _qkv_fuse(q, k, v, lm.num_kv_heads))
+            return Source(
+                [base + f"self_attn.{p}_proj.weight" for p in "qkv"],
+                lambda q, k, v: _qkv_fuse(q, k, v, lm.num_kv_heads),
+            )
         expert, fc = _EXPERT_RE.match(rest).groups()
         expert = int(expert)
         if expert_format == "per_expert":
@@ -109,19 +122,18 @@ def source_of(name: str, model: ModelConfig, layout: str, expert_format: str = "
         raise KeyError(f"{name}: a Qwen3-MoE checkpoint holds no vision tower")
     prefix = VIT_PREFIX[layout] if vit_prefix is None else vit_prefix
     if name.startswith("vision.projector."):
-        part, kind = name[len("vision.projector."):].split(".")
+        part, kind = name[len("vision.projector.") :].split(".")
         if layout == "siglip":
             raise KeyError(f"{name}: a SigLIP checkpoint holds no projector")
         return Source([f"mlp_AR.{_PROJECTOR[part]}.{kind}"], lambda t: t)
-    key = name[len("vision."):]
+    key = name[len("vision.") :]
     if key in _VIT_TOP:
         return Source([prefix + _VIT_TOP[key]], lambda t: t)
     layer, module, kind = _VIT_LAYER_RE.match(name).groups()
     base = f"{prefix}encoder.layers.{layer}."
     if module == "self_attention.linear_qkv":
         heads = model.vit.num_heads
-        return Source([base + f"self_attn.{p}_proj.{kind}" for p in "qkv"],
-                      lambda q, k, v: _qkv_fuse(q, k, v, heads))
+        return Source([base + f"self_attn.{p}_proj.{kind}" for p in "qkv"], lambda q, k, v: _qkv_fuse(q, k, v, heads))
     return Source([f"{base}{_VIT_LAYER[module]}.{kind}"], lambda t: t)
 
 

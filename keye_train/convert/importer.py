@@ -36,16 +36,20 @@ def import_hf(parts, model: ModelConfig, src: str | Path, log=lambda line: None,
         source = source_of(info.name, model, layout, experts, prefix)
         full = source.combine(*[ckpt.get(n, source.expert) for n in source.names])
         if tuple(full.shape) != tuple(info.full_shape):
-            raise ValueError(f"{info.name} from {source.names}: shape {tuple(full.shape)}, the model expects "
-                             f"{tuple(info.full_shape)}; is model.* the checkpoint's configuration?")
+            raise ValueError(
+                f"{info.name} from {source.names}: shape {tuple(full.shape)}, the model expects "
+                f"{tuple(info.full_shape)}; is model.* the checkpoint's configuration?"
+            )
         shard = info.cut(full).to(param.dtype)
         param.copy_(shard)
         digest.update(info.name.encode())
         digest.update(shard.contiguous().view(torch.uint8).numpy())  # the bytes in place, no copy
         loaded += 1
     unused = sorted(set(ckpt.files) - ckpt.read)
-    log(f"imported {loaded} tensors from {src} ({layout}, experts {experts}); kept {len(kept)}; "
-        f"unused in the checkpoint: {len(unused)}")
+    log(
+        f"imported {loaded} tensors from {src} ({layout}, experts {experts}); kept {len(kept)}; "
+        f"unused in the checkpoint: {len(unused)}"
+    )
     return {"loaded": loaded, "kept": kept, "unused": unused, "sha256": digest.hexdigest()}
 
 
@@ -84,11 +88,18 @@ def import_plan(model: ModelConfig, sizes, src: str | Path) -> dict:
             elements, nbytes = elements + count, nbytes + count * _BYTES.get(piece.get_dtype(), 4)
             ckpt.read.add(name)
         if elements != math.prod(info.full_shape):
-            raise ValueError(f"{info.name}: the checkpoint's {source.names} hold {elements} elements, the model "
-                             f"expects {tuple(info.full_shape)}; is model.* the checkpoint's configuration?")
+            raise ValueError(
+                f"{info.name}: the checkpoint's {source.names} hold {elements} elements, the model "
+                f"expects {tuple(info.full_shape)}; is model.* the checkpoint's configuration?"
+            )
         layer = re.match(r"lm\.decoder\.layers\.(\d+)\.", info.name)
-        stage = (int(layer.group(1)) // per_stage if layer else
-                 sizes.pp - 1 if info.name.startswith(("lm.output_layer", "lm.decoder.final_layernorm")) else 0)
+        stage = (
+            int(layer.group(1)) // per_stage
+            if layer
+            else sizes.pp - 1
+            if info.name.startswith(("lm.output_layer", "lm.decoder.final_layernorm"))
+            else 0
+        )
         expert = re.search(r"\.expert_(\d+)\.", info.name)
         for (s, r), role in roles.items():
             if s == stage and (expert is None or int(expert.group(1)) // per_expert == r):

@@ -44,8 +44,9 @@ class VarlenCoreAttention(MegatronModule):
         self.scale = softmax_scale or 1.0 / math.sqrt(config.kv_channels)
         self.backend = str(backend)  # kernels.dense_attention: auto, cudnn or flash on CUDA
 
-    def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
-                packed_seq_params=None):
+    def forward(
+        self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None, packed_seq_params=None
+    ):
         seq, batch, heads, dim = query.shape
         if packed_seq_params is not None:
             if batch != 1:
@@ -56,6 +57,7 @@ class VarlenCoreAttention(MegatronModule):
             cu = torch.arange(0, (batch + 1) * seq, seq, dtype=torch.int32, device=query.device)
             longest, lengths = seq, [seq] * batch
         q, k, v = (x.transpose(0, 1).reshape(batch * seq, x.shape[2], dim) for x in (query, key, value))
-        out = dense_varlen_attention(q, k, v, cu, causal=self.causal, scale=self.scale, max_seqlen=longest,
-                                     lengths=lengths, backend=self.backend)
+        out = dense_varlen_attention(
+            q, k, v, cu, causal=self.causal, scale=self.scale, max_seqlen=longest, lengths=lengths, backend=self.backend
+        )
         return out.view(batch, seq, heads * dim).transpose(0, 1).contiguous()

@@ -46,8 +46,13 @@ def build_model(model: ModelConfig, par: ParallelConfig, dtype: torch.dtype, on_
 
 
 def parameter_shards(parts: ModelParts):
-    yield from canonical_shards(parts.lm, "lm.", parallel_state.get_tensor_model_parallel_group(),
-                                parallel_state.get_expert_tensor_parallel_group(), gated_mlp=True)
+    yield from canonical_shards(
+        parts.lm,
+        "lm.",
+        parallel_state.get_tensor_model_parallel_group(),
+        parallel_state.get_expert_tensor_parallel_group(),
+        gated_mlp=True,
+    )
     if parts.vision is not None:
         yield from canonical_shards(parts.vision, "vision.", None)
 

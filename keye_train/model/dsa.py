@@ -38,8 +38,9 @@ class LightningIndexer(torch.nn.Module):
 
     def rope_angles(self, position_ids: torch.Tensor) -> torch.Tensor:
         """[T, D_I / 2]: chunked M-RoPE, the first sections[0] frequencies on t, then h, then w."""
-        axis = torch.repeat_interleave(torch.arange(3, device=position_ids.device),
-                                       torch.tensor(self.section, device=position_ids.device))
+        axis = torch.repeat_interleave(
+            torch.arange(3, device=position_ids.device), torch.tensor(self.section, device=position_ids.device)
+        )
         positions = position_ids.to(self.inv_freq.device).float()[axis]  # [D_I / 2, T]
         return (positions * self.inv_freq[:, None]).T
 
@@ -80,18 +81,36 @@ class IndexerLossInjector(torch.autograd.Function):
 class DSACoreAttention(VarlenCoreAttention):
     """Core attention with a lightning indexer: warm-up (dense attention) or sparse (shared top-k set)."""
 
-    def __init__(self, config, layer_number, attn_mask_type, attention_type="self", cp_comm_type=None,
-                 softmax_scale=None, pg_collection=None, lm: LMConfig = None):
-        super().__init__(config, layer_number, attn_mask_type, attention_type, cp_comm_type, softmax_scale,
-                         pg_collection, backend=lm.attention_backend)
+    def __init__(
+        self,
+        config,
+        layer_number,
+        attn_mask_type,
+        attention_type="self",
+        cp_comm_type=None,
+        softmax_scale=None,
+        pg_collection=None,
+        lm: LMConfig = None,
+    ):
+        super().__init__(
+            config,
+            layer_number,
+            attn_mask_type,
+            attention_type,
+            cp_comm_type,
+            softmax_scale,
+            pg_collection,
+            backend=lm.attention_backend,
+        )
         self.dsa: DSAConfig = lm.dsa
         self.indexer = LightningIndexer(lm, config.params_dtype)
         self.indexer_input = None  # (x [T, hidden], position_ids [3, T]), set by DSASelfAttention per call
         self.loss_scale = 1.0  # set per step: 1 / micro-batches (the schedule averages micro-batch losses)
         self.stats: list[dict[str, float]] = []  # per micro-batch, taken by DSAMetrics each step
 
-    def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
-                packed_seq_params=None):
+    def forward(
+        self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None, packed_seq_params=None
+    ):
         seq, batch, heads, dim = query.shape
         if batch != 1 or packed_seq_params is None or self.indexer_input is None:
             raise ValueError("DSA runs on packed sequences (micro-batch 1) inside DSASelfAttention")
@@ -104,24 +123,55 @@ class DSACoreAttention(VarlenCoreAttention):
         tp_group = parallel_state.get_tensor_model_parallel_group()
         indices = lse = None
         if self.dsa.mode == "sparse":
-            indices = dsa_ops.indexer_topk(index_q.detach(), index_w.detach(), index_k.detach(), cu, self.dsa.topk,
-                                           **opts)
+            indices = dsa_ops.indexer_topk(
+                index_q.detach(), index_w.detach(), index_k.detach(), cu, self.dsa.topk, **opts
+            )
             if self.dsa.verify_tp_topk:
                 _check_same_on_tp_ranks(indices, tp_group)
             out, lse = dsa_ops.sparse_gqa_attention(q, k, v, indices, self.scale, **opts)
         else:
-            out = dense_varlen_attention(q, k, v, cu, causal=True, scale=self.scale,
-                                         max_seqlen=packed_seq_params.max_seqlen_q,
-                                         lengths=packed_seq_params.document_lengths, backend=self.backend)
+            out = dense_varlen_attention(
+                q,
+                k,
+                v,
+                cu,
+                causal=True,
+                scale=self.scale,
+                max_seqlen=packed_seq_params.max_seqlen_q,
+                lengths=packed_seq_params.document_lengths,
+                backend=self.backend,
+            )
         out = out.view(seq, 1, heads * dim)
         if self.training and torch.is_grad_enabled():
-            loss = dsa_ops.indexer_kl_loss(index_q, index_w, index_k, q, k, cu, self.scale, indices=indices,
-                                           tp_group=tp_group, attn_lse=lse, **opts)
+            loss = dsa_ops.indexer_kl_loss(
+                index_q,
+                index_w,
+                index_k,
+                q,
+                k,
+                cu,
+                self.scale,
+                indices=indices,
+                tp_group=tp_group,
+                attn_lse=lse,
+                **opts,
+            )
             stats = {"kl": float(loss.detach())}
             if self.dsa.metric_rows > 0:
-                stats.update(selection_metrics(index_q.detach(), index_w.detach(), index_k.detach(), q.detach(),
-                                               k.detach(), cu, self.scale, self.dsa.topk, self.dsa.metric_rows,
-                                               tp_group))
+                stats.update(
+                    selection_metrics(
+                        index_q.detach(),
+                        index_w.detach(),
+                        index_k.detach(),
+                        q.detach(),
+                        k.detach(),
+                        cu,
+                        self.scale,
+                        self.dsa.topk,
+                        self.dsa.metric_rows,
+                        tp_group,
+                    )
+                )
             self.stats.append(stats)
             out = IndexerLossInjector.apply(out, loss, self.dsa.loss_coeff * self.loss_scale)
         return out
@@ -146,8 +196,9 @@ class DSASelfAttention(SelfAttention):
 def _check_same_on_tp_ranks(indices: torch.Tensor, tp_group) -> None:
     if tp_group is None or dist.get_world_size(tp_group) == 1:
         return
-    digest = torch.stack([indices.long().sum(), (indices.long() * torch.arange(
-        1, indices.shape[1] + 1, device=indices.device)).sum()]).double()
+    digest = torch.stack(
+        [indices.long().sum(), (indices.long() * torch.arange(1, indices.shape[1] + 1, device=indices.device)).sum()]
+    ).double()
     gathered = [torch.empty_like(digest) for _ in range(dist.get_world_size(tp_group))]
     dist.all_gather(gathered, digest, group=tp_group)
     if any(not torch.equal(g, gathered[0]) for g in gathered):
@@ -155,8 +206,9 @@ def _check_same_on_tp_ranks(indices: torch.Tensor, tp_group) -> None:
 
 
 @torch.no_grad()
-def selection_metrics(index_q, index_w, index_k, attn_q, attn_k, cu_seqlens, scale: float, topk: int, rows: int,
-                      tp_group) -> dict[str, float]:
+def selection_metrics(
+    index_q, index_w, index_k, attn_q, attn_k, cu_seqlens, scale: float, topk: int, rows: int, tp_group
+) -> dict[str, float]:
     """On `rows` sampled query rows of the pack's longest document (needs > topk visible keys to be informative):
     recall = dense attention mass inside the indexer's top-k set; overlap = |S_t & S_t+1| / |S_t| for adjacent
     queries; union16 = |union of 16 consecutive sets| / topk (the sparse kernel's gather cost)."""
@@ -170,7 +222,7 @@ def selection_metrics(index_q, index_w, index_k, attn_q, attn_k, cu_seqlens, sca
         valid = causal_mask(start, r, r1, index_q.device)
         chosen = select_topk(indexer_logits(index_q[r:r1], index_w[r:r1], index_k[start:r1]), valid, topk)
         target = attention_target(attn_q, attn_k, start, r, r + 1, None, scale, tp_group)
-        recall.append(float((target[0] * chosen[0, :target.shape[1]].to(target.dtype)).sum()))
+        recall.append(float((target[0] * chosen[0, : target.shape[1]].to(target.dtype)).sum()))
         if r1 - r > 1:
             overlap.append(float((chosen[0] & chosen[1]).sum()) / max(1, float(chosen[0].sum())))
         union.append(float(chosen.any(0).sum()) / topk)

@@ -30,9 +30,20 @@ class _GroupedExpertLinear(torch.nn.Module):
 
     partition_dim = 0  # of the stacked weight, split over expert TP: 1 (output rows) or 2 (input columns)
 
-    def __init__(self, num_gemms: int, input_size: int, output_size: int, *, config, init_method=None,
-                 bias: bool = False, skip_bias_add: bool = False, is_expert: bool = True,
-                 tp_comm_buffer_name=None, pg_collection=None):
+    def __init__(
+        self,
+        num_gemms: int,
+        input_size: int,
+        output_size: int,
+        *,
+        config,
+        init_method=None,
+        bias: bool = False,
+        skip_bias_add: bool = False,
+        is_expert: bool = True,
+        tp_comm_buffer_name=None,
+        pg_collection=None,
+    ):
         super().__init__()
         if bias:
             raise ValueError("grouped experts have no bias: megatron's add_bias_linear must be False")
@@ -103,8 +114,16 @@ def _per_expert_state(module: GroupedExperts, state_dict: dict, prefix: str, loc
             state_dict[f"{prefix}local_experts.{i}.{name}._extra_state"] = None
 
 
-def _stacked_state(module: GroupedExperts, state_dict: dict, prefix: str, local_metadata, strict, missing_keys,
-                   unexpected_keys, error_msgs) -> None:
+def _stacked_state(
+    module: GroupedExperts,
+    state_dict: dict,
+    prefix: str,
+    local_metadata,
+    strict,
+    missing_keys,
+    unexpected_keys,
+    error_msgs,
+) -> None:
     """Stack SequentialMLP-style per-expert entries into the weights before they load."""
     for name in _LINEARS:
         keys = [f"{prefix}local_experts.{i}.{name}.weight" for i in range(module.num_local_experts)]
@@ -115,8 +134,9 @@ def _stacked_state(module: GroupedExperts, state_dict: dict, prefix: str, local_
 
 
 def grouped_experts_spec() -> ModuleSpec:
-    return ModuleSpec(module=GroupedExperts,
-                      submodules=MLPSubmodules(linear_fc1=GroupedColumnLinear, linear_fc2=GroupedRowLinear))
+    return ModuleSpec(
+        module=GroupedExperts, submodules=MLPSubmodules(linear_fc1=GroupedColumnLinear, linear_fc2=GroupedRowLinear)
+    )
 
 
 def experts_impl_of(module: torch.nn.Module) -> str:

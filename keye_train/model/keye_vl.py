@@ -15,13 +15,14 @@ def visual_token_mask(input_ids: torch.Tensor, tokens: TokenIds) -> torch.Tensor
     return (input_ids == tokens.image_pad) | (input_ids == tokens.video_pad)
 
 
-def merge_visual_embeddings(text_embeds: torch.Tensor, visual_embeds: torch.Tensor,
-                            mask: torch.Tensor) -> torch.Tensor:
+def merge_visual_embeddings(text_embeds: torch.Tensor, visual_embeds: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """text_embeds [S, 1, H]; visual_embeds [N, H]; mask [S] bool with N true entries, in order."""
     count = int(mask.sum())
     if count != visual_embeds.shape[0]:
-        raise ValueError(f"{count} visual pad tokens but the vision tower produced {visual_embeds.shape[0]} "
-                         "embeddings; the pad count must equal the merged patch count")
+        raise ValueError(
+            f"{count} visual pad tokens but the vision tower produced {visual_embeds.shape[0]} "
+            "embeddings; the pad count must equal the merged patch count"
+        )
     merged = text_embeds.clone()
     merged[mask.view(-1), 0] = visual_embeds.to(merged.dtype)
     return merged
@@ -40,14 +41,25 @@ def embed_inputs(lm, vision, batch: PackedBatch, tokens: TokenIds, sequence_para
 def packed_params(batch: PackedBatch) -> KeyePackedSeqParams:
     cu = batch.cu_seqlens
     lengths = (cu[1:] - cu[:-1]).tolist()  # one host round trip per micro-batch, shared by every layer
-    return KeyePackedSeqParams(qkv_format="sbhd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=max(lengths),
-                               max_seqlen_kv=max(lengths), position_ids=batch.position_ids.view(3, -1),
-                               document_lengths=lengths)
+    return KeyePackedSeqParams(
+        qkv_format="sbhd",
+        cu_seqlens_q=cu,
+        cu_seqlens_kv=cu,
+        max_seqlen_q=max(lengths),
+        max_seqlen_kv=max(lengths),
+        position_ids=batch.position_ids.view(3, -1),
+        document_lengths=lengths,
+    )
 
 
 def lm_token_losses(lm_chunk, batch: PackedBatch, decoder_input: torch.Tensor | None) -> torch.Tensor:
     """One LM pipeline chunk over a packed batch: the next-token cross-entropy per token on the last stage
     ([1, S]), the hidden states for the next stage elsewhere."""
-    return lm_chunk(input_ids=batch.input_ids.view(1, -1), position_ids=batch.position_ids.view(3, 1, -1),
-                    attention_mask=None, decoder_input=decoder_input, labels=batch.labels.view(1, -1),
-                    packed_seq_params=packed_params(batch))
+    return lm_chunk(
+        input_ids=batch.input_ids.view(1, -1),
+        position_ids=batch.position_ids.view(3, 1, -1),
+        attention_mask=None,
+        decoder_input=decoder_input,
+        labels=batch.labels.view(1, -1),
+        packed_seq_params=packed_params(batch),
+    )

@@ -21,8 +21,13 @@ class ChunkedLossGPTModel(GPTModel):
     loss_chunk_tokens: int | None = None  # None: megatron's logits + cross-entropy
 
     def _postprocess(self, hidden_states, input_ids, position_ids, labels, *args, **kwargs):
-        chunked = (self.loss_chunk_tokens is not None and labels is not None and self.post_process
-                   and self.config.mtp_num_layers is None and kwargs.get("inference_context") is None)
+        chunked = (
+            self.loss_chunk_tokens is not None
+            and labels is not None
+            and self.post_process
+            and self.config.mtp_num_layers is None
+            and kwargs.get("inference_context") is None
+        )
         if not chunked:
             return super()._postprocess(hidden_states, input_ids, position_ids, labels, *args, **kwargs)
         return self.chunked_loss(hidden_states, labels)
@@ -35,10 +40,18 @@ class ChunkedLossGPTModel(GPTModel):
             hidden_states = gather_from_sequence_parallel_region(hidden_states, group=tp)
         elif tp_size > 1:
             hidden_states = copy_to_tensor_model_parallel_region(hidden_states, group=tp)
-        weight = (self.shared_embedding_or_output_weight() if self.share_embeddings_and_output_weights
-                  else self.output_layer.weight)
+        weight = (
+            self.shared_embedding_or_output_weight()
+            if self.share_embeddings_and_output_weights
+            else self.output_layer.weight
+        )
         s, b, h = hidden_states.shape
-        loss = linear_cross_entropy(hidden_states.reshape(s * b, h), weight, labels.t().reshape(s * b),
-                                    vocab_start=(tp.rank() if tp_size > 1 else 0) * weight.shape[0],
-                                    group=tp if tp_size > 1 else None, chunk_tokens=self.loss_chunk_tokens)
+        loss = linear_cross_entropy(
+            hidden_states.reshape(s * b, h),
+            weight,
+            labels.t().reshape(s * b),
+            vocab_start=(tp.rank() if tp_size > 1 else 0) * weight.shape[0],
+            group=tp if tp_size > 1 else None,
+            chunk_tokens=self.loss_chunk_tokens,
+        )
         return loss.view(s, b).t().contiguous()

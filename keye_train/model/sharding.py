@@ -37,8 +37,9 @@ def join_shards(shards: dict[int, torch.Tensor], dim: int, gated: bool) -> torch
     ordered = [shards[r] for r in sorted(shards)]
     if gated:  # each shard is [gate_r; up_r]
         halves = [s.chunk(2, dim=dim) for s in ordered]
-        return torch.cat([torch.cat([h[0] for h in halves], dim=dim), torch.cat([h[1] for h in halves], dim=dim)],
-                         dim=dim)
+        return torch.cat(
+            [torch.cat([h[0] for h in halves], dim=dim), torch.cat([h[1] for h in halves], dim=dim)], dim=dim
+        )
     return torch.cat(ordered, dim=dim)
 
 
@@ -66,19 +67,23 @@ def _group_rank_size(group) -> tuple[int, int]:
     return dist.get_rank(group), dist.get_world_size(group)
 
 
-def _shard_cut(shape: tuple[int, ...], parallel: bool, dim: int, rank: int, size: int,
-               gated: bool) -> tuple[tuple, Callable, tuple | None]:
+def _shard_cut(
+    shape: tuple[int, ...], parallel: bool, dim: int, rank: int, size: int, gated: bool
+) -> tuple[tuple, Callable, tuple | None]:
     if size == 1 or not parallel:
         return tuple(shape), lambda full: full, None
     full_shape = list(shape)
     full_shape[dim] *= size
     if gated:  # SwiGLU fc1 = [gate; up]; each rank holds [gate_r; up_r]
+
         def cut(full):
             gate, up = full.chunk(2, dim=dim)
             return torch.cat([gate.chunk(size, dim=dim)[rank], up.chunk(size, dim=dim)[rank]], dim=dim)
     else:
+
         def cut(full):
             return full.chunk(size, dim=dim)[rank]
+
     return tuple(full_shape), cut, (dim, rank, size, gated)
 
 
@@ -119,8 +124,9 @@ def _global_layer_name(name: str, layers: dict[str, int]) -> str:
     return name
 
 
-def canonical_shards(module: torch.nn.Module, prefix: str, tp_group, expert_tp_group=None,
-                     gated_mlp: bool = False) -> Iterator[tuple[torch.Tensor, ShardInfo]]:
+def canonical_shards(
+    module: torch.nn.Module, prefix: str, tp_group, expert_tp_group=None, gated_mlp: bool = False
+) -> Iterator[tuple[torch.Tensor, ShardInfo]]:
     """Yield (local parameter, ShardInfo) for every parameter of an unwrapped megatron module. Grouped experts
     yield one view of their stacked weights per local expert, named and ordered as SequentialMLP's experts."""
     layers, experts, stacked = _prefix_maps(module)
@@ -137,7 +143,7 @@ def canonical_shards(module: torch.nn.Module, prefix: str, tp_group, expert_tp_g
         is_expert = False
         for expert_prefix, indices in experts.items():
             if name.startswith(expert_prefix):
-                local = int(name[len(expert_prefix):].split(".", 1)[0])
+                local = int(name[len(expert_prefix) :].split(".", 1)[0])
                 canonical = canonical.replace(f"local_experts.{local}.", f"expert_{indices[local]}.", 1)
                 is_expert = True
                 break
@@ -155,7 +161,10 @@ def _grouped_expert_shards(experts, indices: list[int], name_prefix: str, expert
         for linear in ("linear_fc1", "linear_fc2"):
             weight = getattr(experts, linear).weight
             dim = weight.partition_dim - 1  # in one expert's [out, in]
-            full_shape, cut, split = _shard_cut(tuple(weight.shape[1:]), True, dim, rank, size,
-                                                gated_mlp and linear == "linear_fc1")
-            yield _expert_slice(weight, local), ShardInfo(f"{name_prefix}expert_{global_index}.{linear}.weight",
-                                                          full_shape, cut, split)
+            full_shape, cut, split = _shard_cut(
+                tuple(weight.shape[1:]), True, dim, rank, size, gated_mlp and linear == "linear_fc1"
+            )
+            yield (
+                _expert_slice(weight, local),
+                ShardInfo(f"{name_prefix}expert_{global_index}.{linear}.weight", full_shape, cut, split),
+            )

@@ -25,8 +25,9 @@ from keye_train.model.experts import grouped_experts_spec
 from keye_train.model.norms import LayerNorm, RMSNorm
 
 
-def _layer(norm, attn_mask_type: AttnMaskType, qk_norm, mlp, attention=SelfAttention,
-           core_attention=VarlenCoreAttention) -> ModuleSpec:
+def _layer(
+    norm, attn_mask_type: AttnMaskType, qk_norm, mlp, attention=SelfAttention, core_attention=VarlenCoreAttention
+) -> ModuleSpec:
     return ModuleSpec(
         module=TransformerLayer,
         submodules=TransformerLayerSubmodules(
@@ -51,8 +52,10 @@ def _layer(norm, attn_mask_type: AttnMaskType, qk_norm, mlp, attention=SelfAtten
 
 
 def _block(layer: ModuleSpec, final_norm, num_layers: int) -> ModuleSpec:
-    return ModuleSpec(module=TransformerBlock,
-                      submodules=TransformerBlockSubmodules(layer_specs=[layer] * num_layers, layer_norm=final_norm))
+    return ModuleSpec(
+        module=TransformerBlock,
+        submodules=TransformerBlockSubmodules(layer_specs=[layer] * num_layers, layer_norm=final_norm),
+    )
 
 
 def lm_block_spec(config, lm: LMConfig, pp_rank: int) -> ModuleSpec:
@@ -65,18 +68,30 @@ def lm_block_spec(config, lm: LMConfig, pp_rank: int) -> ModuleSpec:
     if config.moe_grouped_gemm:
         moe.submodules.experts = grouped_experts_spec()
     if lm.dsa.mode == "dense":
-        layer = _layer(RMSNorm, AttnMaskType.causal, RMSNorm, moe,
-                       core_attention=ModuleSpec(module=VarlenCoreAttention, params={"backend": lm.attention_backend}))
+        layer = _layer(
+            RMSNorm,
+            AttnMaskType.causal,
+            RMSNorm,
+            moe,
+            core_attention=ModuleSpec(module=VarlenCoreAttention, params={"backend": lm.attention_backend}),
+        )
     else:
-        layer = _layer(RMSNorm, AttnMaskType.causal, RMSNorm, moe, attention=DSASelfAttention,
-                       core_attention=ModuleSpec(module=DSACoreAttention, params={"lm": lm}))
+        layer = _layer(
+            RMSNorm,
+            AttnMaskType.causal,
+            RMSNorm,
+            moe,
+            attention=DSASelfAttention,
+            core_attention=ModuleSpec(module=DSACoreAttention, params={"lm": lm}),
+        )
     return _block(layer, RMSNorm, get_num_layers_to_build(config, pp_rank=pp_rank))
 
 
 def vit_block_spec(config) -> ModuleSpec:
     """SigLIP encoder: pre-LN layers with biases, bidirectional attention, tanh-GELU MLP; post-LayerNorm."""
-    mlp = ModuleSpec(module=MLP, submodules=MLPSubmodules(linear_fc1=ColumnParallelLinear,
-                                                          linear_fc2=RowParallelLinear))
+    mlp = ModuleSpec(
+        module=MLP, submodules=MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear)
+    )
     layer = _layer(LayerNorm, AttnMaskType.no_mask, IdentityOp, mlp)
     return _block(layer, LayerNorm, config.num_layers)
 

@@ -25,8 +25,9 @@ def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
     return F.gelu(x, approximate="tanh")
 
 
-def vit_transformer_config(vit: ViTConfig, dtype: torch.dtype, on_gpu: bool, recompute: str = "none",
-                           recompute_modules=()) -> TransformerConfig:
+def vit_transformer_config(
+    vit: ViTConfig, dtype: torch.dtype, on_gpu: bool, recompute: str = "none", recompute_modules=()
+) -> TransformerConfig:
     return TransformerConfig(
         num_layers=vit.num_layers,
         hidden_size=vit.hidden_size,
@@ -65,7 +66,7 @@ def merge_2x2(features: torch.Tensor, grids: torch.Tensor) -> torch.Tensor:
     """Concatenate each 2x2 block of patches: (2i,2j),(2i,2j+1),(2i+1,2j),(2i+1,2j+1); raster over (i, j)."""
     out, start = [], 0
     for rows, cols in grids.tolist():
-        frame = features[start:start + rows * cols].view(rows // 2, 2, cols // 2, 2, -1)
+        frame = features[start : start + rows * cols].view(rows // 2, 2, cols // 2, 2, -1)
         out.append(frame.permute(0, 2, 1, 3, 4).reshape((rows // 2) * (cols // 2), -1))
         start += rows * cols
     return torch.cat(out, dim=0)
@@ -76,30 +77,42 @@ class VisionEncoder(MegatronModule):
         super().__init__(config=config)
         self.vit = vit
         patch_dim = 3 * vit.patch_size * vit.patch_size
-        self.patch_weight = torch.nn.Parameter(torch.empty(vit.hidden_size, 3, vit.patch_size, vit.patch_size,
-                                                           dtype=config.params_dtype))
+        self.patch_weight = torch.nn.Parameter(
+            torch.empty(vit.hidden_size, 3, vit.patch_size, vit.patch_size, dtype=config.params_dtype)
+        )
         self.patch_bias = torch.nn.Parameter(torch.empty(vit.hidden_size, dtype=config.params_dtype))
-        self.pos_table = torch.nn.Parameter(torch.empty(vit.pos_grid ** 2, vit.hidden_size,
-                                                        dtype=config.params_dtype))
+        self.pos_table = torch.nn.Parameter(torch.empty(vit.pos_grid**2, vit.hidden_size, dtype=config.params_dtype))
         self.patch_dim = patch_dim
-        self.blocks = TransformerBlock(config, vit_block_spec(config), post_layer_norm=True,
-                                       pg_collection=pg_collection)
+        self.blocks = TransformerBlock(
+            config, vit_block_spec(config), post_layer_norm=True, pg_collection=pg_collection
+        )
 
     def forward(self, visual: VisualInput) -> torch.Tensor:
         """[N, patch_dim] patches -> [N, hidden] post-LayerNorm features."""
-        x = F.linear(visual.patches.to(self.patch_weight.dtype), self.patch_weight.view(-1, self.patch_dim),
-                     self.patch_bias)
-        x = x + torch.cat([interpolate_pos_table(self.pos_table, self.vit.pos_grid, r, c)
-                           for r, c in visual.grids.tolist()])
+        x = F.linear(
+            visual.patches.to(self.patch_weight.dtype), self.patch_weight.view(-1, self.patch_dim), self.patch_bias
+        )
+        x = x + torch.cat(
+            [interpolate_pos_table(self.pos_table, self.vit.pos_grid, r, c) for r, c in visual.grids.tolist()]
+        )
         head_dim = self.vit.hidden_size // self.vit.num_heads
         angles = vit_rope_angles(visual.grids, head_dim, self.vit.rope_theta).to(x.device)
         cu = visual.frame_cu_seqlens().to(x.device)
         lengths = visual.grids.prod(dim=1).tolist()  # one host round trip, shared by every layer
-        packed = KeyePackedSeqParams(qkv_format="sbhd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
-                                     max_seqlen_q=max(lengths, default=0), max_seqlen_kv=max(lengths, default=0),
-                                     document_lengths=lengths)
-        hidden = self.blocks(hidden_states=x.unsqueeze(1), attention_mask=None,
-                             rotary_pos_emb=angles[:, None, None, :], packed_seq_params=packed)
+        packed = KeyePackedSeqParams(
+            qkv_format="sbhd",
+            cu_seqlens_q=cu,
+            cu_seqlens_kv=cu,
+            max_seqlen_q=max(lengths, default=0),
+            max_seqlen_kv=max(lengths, default=0),
+            document_lengths=lengths,
+        )
+        hidden = self.blocks(
+            hidden_states=x.unsqueeze(1),
+            attention_mask=None,
+            rotary_pos_emb=angles[:, None, None, :],
+            packed_seq_params=packed,
+        )
         return hidden.squeeze(1)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from keye_train.config import ModelConfig, ParallelConfig, TrainConfig, loss_chunk_tokens
 from keye_train.planning.parameters import count_parameters
 
-GIB = 1024 ** 3
+GIB = 1024**3
 
 # Bytes per parameter element (bf16 weights on GPU, fp32 main grads, Adam: fp32 master + 2 fp32 moments).
 PARAM_BYTES = 2
@@ -70,8 +70,9 @@ def vit_patch_bytes(vit, recompute: str, modules=()) -> tuple[float, float]:
     return per_layer, 0.0
 
 
-def activation_bytes(model: ModelConfig, train: TrainConfig, sizes, first: bool, last: bool,
-                     parallel: ParallelConfig | None = None) -> float:
+def activation_bytes(
+    model: ModelConfig, train: TrainConfig, sizes, first: bool, last: bool, parallel: ParallelConfig | None = None
+) -> float:
     """Rough activation memory kept for backward on one rank (flash-style attention).
 
     One micro-batch is one packed sequence of s = seq_length tokens (per layer: `lm_layer_bytes`); sequence + tensor

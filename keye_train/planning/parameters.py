@@ -19,8 +19,10 @@ def single_rank_megatron():
     from megatron.core import parallel_state
 
     if dist.is_initialized():
-        raise RuntimeError("count_parameters builds its own 1-rank process group; call it before "
-                           "torch.distributed is initialised (e.g. from `keye-train plan`)")
+        raise RuntimeError(
+            "count_parameters builds its own 1-rank process group; call it before "
+            "torch.distributed is initialised (e.g. from `keye-train plan`)"
+        )
     from parallel import cpu_compat
 
     cpu_compat.install_if_needed()  # megatron asks torch.cuda for a device while building
@@ -43,11 +45,18 @@ def build_on_meta(model: ModelConfig):
     from keye_train.model.vision import VisionTower, vit_transformer_config
 
     with single_rank_megatron(), torch.device("meta"):
-        lm = build_lm(model.lm, lm_transformer_config(model.lm, ParallelConfig(), torch.bfloat16, on_gpu=False),
-                      pre_process=True, post_process=True)
+        lm = build_lm(
+            model.lm,
+            lm_transformer_config(model.lm, ParallelConfig(), torch.bfloat16, on_gpu=False),
+            pre_process=True,
+            post_process=True,
+        )
         # In a 1-rank world megatron's own groups are the singleton groups the tower expects.
-        vision = VisionTower(model, vit_transformer_config(model.vit, torch.bfloat16, on_gpu=False),
-                             ProcessGroupCollection.use_mpu_process_groups())
+        vision = VisionTower(
+            model,
+            vit_transformer_config(model.vit, torch.bfloat16, on_gpu=False),
+            ProcessGroupCollection.use_mpu_process_groups(),
+        )
     return lm, vision
 
 

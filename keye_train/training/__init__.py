@@ -21,10 +21,16 @@ def build_trainer(cfg, objective_factory=None, schedule_factory=None):
 
     ctx = start_rank(cfg)
     group = ctx.placement.data_parallel_group()
-    data = ShardLoader(cfg.data, cfg.train.seq_length, cfg.train.global_batch, cfg.train.seed,
-                       dist.get_rank(group), dist.get_world_size(group),
-                       log=lambda line: print(f"[rank {dist.get_rank()}] {line}", flush=True),
-                       exchange=ctx.placement.gather_over_data_parallel)  # rejects and spare samples, per step
+    data = ShardLoader(
+        cfg.data,
+        cfg.train.seq_length,
+        cfg.train.global_batch,
+        cfg.train.seed,
+        dist.get_rank(group),
+        dist.get_world_size(group),
+        log=lambda line: print(f"[rank {dist.get_rank()}] {line}", flush=True),
+        exchange=ctx.placement.gather_over_data_parallel,
+    )  # rejects and spare samples, per step
     cfg.model.tokens = data.tokenizer.ids  # the data's special ids drive the visual-token scatter
     model = build_train_model(cfg, ctx)
     objective = (objective_factory or objective_for)(cfg, ctx.placement, ctx.device)

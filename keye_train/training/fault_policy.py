@@ -82,8 +82,10 @@ class BadStepPolicy:
         if gradients_nonfinite(ddp_chunks, step_loss.local_sum, self.device):
             reason = "non-finite gradients or loss"
         elif self.spikes.is_spike(step_loss.loss):
-            reason = (f"loss spike ({step_loss.loss:.4g} > train.loss_spike_factor={self.train.loss_spike_factor}"
-                      f" x the mean of the last {len(self.spikes.recent)} steps)")
+            reason = (
+                f"loss spike ({step_loss.loss:.4g} > train.loss_spike_factor={self.train.loss_spike_factor}"
+                f" x the mean of the last {len(self.spikes.recent)} steps)"
+            )
         else:
             self.streak = 0
             return None
@@ -95,9 +97,11 @@ class BadStepPolicy:
         self.streak += 1
         train = self.train
         if train.nonfinite_policy == BadStepAction.abort or self.streak > train.max_nonfinite_skips:
-            raise RuntimeError(f"{reason} at step {step + 1} ({self.streak} bad steps in a row, "
-                               f"train.nonfinite_policy={train.nonfinite_policy}, train.max_nonfinite_skips="
-                               f"{train.max_nonfinite_skips}); the last good checkpoint is untouched")
+            raise RuntimeError(
+                f"{reason} at step {step + 1} ({self.streak} bad steps in a row, "
+                f"train.nonfinite_policy={train.nonfinite_policy}, train.max_nonfinite_skips="
+                f"{train.max_nonfinite_skips}); the last good checkpoint is untouched"
+            )
         self.log(f"step {step + 1}: {reason}, update skipped ({self.streak} in a row)")
 
     def state_dict(self) -> dict:

@@ -52,8 +52,10 @@ class Trainer:
         if self.step == 0 and cfg.checkpoint.init_from:
             fresh = checkpoint.load_weights(cfg.checkpoint.init_from, model.parts, ctx.layout)
             model.optimizer.reload_model_params()  # mixed precision keeps fp32 main copies of the weights
-            self._owner_print(f"initialised from {cfg.checkpoint.init_from}"
-                              + (f"; {len(fresh)} indexer tensors start fresh" if fresh else ""))
+            self._owner_print(
+                f"initialised from {cfg.checkpoint.init_from}"
+                + (f"; {len(fresh)} indexer tensors start fresh" if fresh else "")
+            )
 
     def is_metrics_owner(self) -> bool:
         return self.placement.is_metrics_owner()
@@ -75,10 +77,21 @@ class Trainer:
         self._owner_print(f"resumed from {latest} at step {self.step}")
 
     def save(self) -> Path:
-        extra = {"data": self.data.state_dict(), "run_id": self.run_id, "updates": self.updates,
-                 **self.policy.state_dict()}
-        return checkpoint.save(self.run_dir, self.step, self.model.parts, self.model.optimizer, extra,
-                               self.ctx.layout, self.cfg.checkpoint.keep_last)
+        extra = {
+            "data": self.data.state_dict(),
+            "run_id": self.run_id,
+            "updates": self.updates,
+            **self.policy.state_dict(),
+        }
+        return checkpoint.save(
+            self.run_dir,
+            self.step,
+            self.model.parts,
+            self.model.optimizer,
+            extra,
+            self.ctx.layout,
+            self.cfg.checkpoint.keep_last,
+        )
 
     def train_step(self) -> dict:
         """One optimizer step over a global batch; returns the step's metrics (meaningful on the owner rank).
@@ -103,14 +116,25 @@ class Trainer:
             if self.policy.judge(self.step, result, self.model.ddp_chunks) is None:
                 updated, grad_norm = optimizer_step(self.model.optimizer, self.model.ddp_chunks)
                 self.updates += int(updated)
-        metrics = {"loss": result.loss, "lr": lr, "grad_norm": grad_norm, "update_skipped": float(not updated),
-                   "nonfinite_skips": float(self.policy.streak), **result.metrics,
-                   "train/empty_steps": float(self.policy.empty_steps)}
+        metrics = {
+            "loss": result.loss,
+            "lr": lr,
+            "grad_norm": grad_norm,
+            "update_skipped": float(not updated),
+            "nonfinite_skips": float(self.policy.streak),
+            **result.metrics,
+            "train/empty_steps": float(self.policy.empty_steps),
+        }
         metrics.update(self.collector.collect(self.step))
         elapsed = time.perf_counter() - started
         tokens = self.cfg.train.global_batch * self.cfg.train.seq_length
-        metrics.update({"step_time_s": elapsed, "tokens_per_s": tokens / elapsed,
-                        "tokens_per_s_per_rank": tokens / elapsed / dist.get_world_size()})
+        metrics.update(
+            {
+                "step_time_s": elapsed,
+                "tokens_per_s": tokens / elapsed,
+                "tokens_per_s_per_rank": tokens / elapsed / dist.get_world_size(),
+            }
+        )
         self.step += 1
         return metrics
 
@@ -119,8 +143,9 @@ class Trainer:
         logger = None
         if self.is_metrics_owner():
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            logger = MetricsLogger(self.run_dir, cfg.logging, dataclasses.asdict(cfg), cfg.train.steps, self.step,
-                                   self.run_id)
+            logger = MetricsLogger(
+                self.run_dir, cfg.logging, dataclasses.asdict(cfg), cfg.train.steps, self.step, self.run_id
+            )
         history = []
         try:
             while self.step < cfg.train.steps:
@@ -133,8 +158,10 @@ class Trainer:
                 if preempted or (every > 0 and (self.step % every == 0 or self.step == cfg.train.steps)):
                     path = self.save()
                 if preempted:
-                    self._owner_print(f"preempted ({self.preemption.signal_name or 'another rank was signalled'}): "
-                                      f"checkpoint {path} written at step {self.step}; run again to resume")
+                    self._owner_print(
+                        f"preempted ({self.preemption.signal_name or 'another rank was signalled'}): "
+                        f"checkpoint {path} written at step {self.step}; run again to resume"
+                    )
                     break
         finally:
             self.data.close()

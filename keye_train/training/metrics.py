@@ -75,19 +75,21 @@ class MoEBalanceTracker:
             if self.counts is None:
                 self.counts = torch.zeros(self.shape, dtype=torch.float64, device=routing_map.device)
             self.counts[layer] += routing_map.sum(0)
+
         return record
 
     def collect(self, num_microbatches: int, device) -> dict[str, float]:
         """Collective over all ranks. Returns aux loss and load-imbalance metrics, then resets."""
-        counts = self.counts if self.counts is not None else torch.zeros(self.shape, dtype=torch.float64,
-                                                                           device=device)
+        counts = self.counts if self.counts is not None else torch.zeros(self.shape, dtype=torch.float64, device=device)
         dist.all_reduce(counts)
         self.counts = None
         per_layer = counts.max(dim=1).values / counts.mean(dim=1).clamp_min(1e-9)
         moe_utils.reduce_aux_losses_tracker_across_ranks()
         tracker = moe_utils.get_moe_layer_wise_logging_tracker()
-        metrics = {"moe/max_over_mean_load": float(per_layer.mean()),
-                   "moe/worst_layer_max_over_mean_load": float(per_layer.max())}
+        metrics = {
+            "moe/max_over_mean_load": float(per_layer.mean()),
+            "moe/worst_layer_max_over_mean_load": float(per_layer.max()),
+        }
         if "load_balancing_loss" in tracker:
             values = tracker["load_balancing_loss"]["values"] / num_microbatches
             metrics["moe/aux_loss"] = float(values.mean())
@@ -117,17 +119,23 @@ class StepMetrics:
 class MetricsLogger:
     """Console progress bar + JSONL + W&B (offline by default). Only instantiate on the metrics-owning rank."""
 
-    def __init__(self, run_dir: Path, logging_cfg, config_dict: dict, total_steps: int, start_step: int,
-                 run_id: str):
+    def __init__(self, run_dir: Path, logging_cfg, config_dict: dict, total_steps: int, start_step: int, run_id: str):
         self.path = run_dir / "metrics.jsonl"
         self.wandb = None
         if logging_cfg.wandb_mode != "disabled":
             import wandb
 
             os.environ.setdefault("WANDB_SILENT", "true")
-            self.wandb = wandb.init(project=logging_cfg.wandb_project, dir=str(run_dir), mode=logging_cfg.wandb_mode,
-                                    id=run_id, resume="allow", config=config_dict, name=run_dir.name,
-                                    group=logging_cfg.wandb_group)
+            self.wandb = wandb.init(
+                project=logging_cfg.wandb_project,
+                dir=str(run_dir),
+                mode=logging_cfg.wandb_mode,
+                id=run_id,
+                resume="allow",
+                config=config_dict,
+                name=run_dir.name,
+                group=logging_cfg.wandb_group,
+            )
         self.bar = None
         if logging_cfg.progress_bar:
             from tqdm import tqdm
@@ -141,8 +149,12 @@ class MetricsLogger:
             self.wandb.log(metrics, step=step)
         if self.bar is not None:
             self.bar.update(1)
-            self.bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}",
-                                 gnorm=f"{metrics['grad_norm']:.3f}", refresh=False)
+            self.bar.set_postfix(
+                loss=f"{metrics['loss']:.4f}",
+                lr=f"{metrics['lr']:.2e}",
+                gnorm=f"{metrics['grad_norm']:.3f}",
+                refresh=False,
+            )
         else:
             print(f"step {step} " + " ".join(f"{k}={v:.4g}" for k, v in metrics.items()), flush=True)
 

@@ -50,8 +50,13 @@ def start_rank(cfg) -> RankContext:
     torch.manual_seed(cfg.train.seed)
     if on_gpu:  # megatron's model-parallel CUDA RNG streams (TP-aware dropout and init)
         tensor_parallel.model_parallel_cuda_manual_seed(cfg.train.seed)
-    return RankContext(device, resolve_dtype(cfg.train.dtype, on_gpu), dataclasses.asdict(sizes), num_microbatches,
-                       ColocatedPlacement())
+    return RankContext(
+        device,
+        resolve_dtype(cfg.train.dtype, on_gpu),
+        dataclasses.asdict(sizes),
+        num_microbatches,
+        ColocatedPlacement(),
+    )
 
 
 @dataclass

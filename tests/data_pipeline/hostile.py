@@ -19,16 +19,23 @@ def text_corpus(root: Path, shards: int = 3, per_shard: int = 10, long_at: int =
     and `root/tokenizer.json`. Returns root."""
     root.mkdir(parents=True, exist_ok=True)
     tokenizer = root / "tokenizer.json"
-    train_tokenizer([PHRASE + " over a dark background", "0123456789 . seconds", "user\nassistant\n"], tokenizer,
-                    vocab_size=300)
+    train_tokenizer(
+        [PHRASE + " over a dark background", "0123456789 . seconds", "user\nassistant\n"], tokenizer, vocab_size=300
+    )
     rng = random.Random(0)
     lines = []
     for k in range(shards * per_shard):
         rid, phrases = (LONG_ID, long_phrases) if k == long_at else (f"t{k}", rng.randint(3, 8))
         lines.append(json.dumps({"id": rid, "kind": "text", "text": " ".join([PHRASE] * phrases)}))
     (root / "manifest.jsonl").write_text("\n".join(lines) + "\n")
-    build_shards(root / "manifest.jsonl", root, root / "shards", KeyeTokenizer(tokenizer), samples_per_shard=per_shard,
-                 log=lambda _: None)
+    build_shards(
+        root / "manifest.jsonl",
+        root,
+        root / "shards",
+        KeyeTokenizer(tokenizer),
+        samples_per_shard=per_shard,
+        log=lambda _: None,
+    )
     return root
 
 

@@ -53,7 +53,8 @@ def _write_tar(path, entries) -> int:
 class FlakyDecoder:
     """Stands in for SampleDecoder: a text sample of the planned length, all supervised, or a `decode_error`
     for a fixed share of the samples and for the ids in fail_ids (the same ones every epoch). With tars, the
-    record is read first, so a damaged shard fails as it would (`index_mismatch`). `calls` counts reads by (id, epoch)."""
+    record is read first, so a damaged shard fails as it would (`index_mismatch`). `calls` counts reads by
+    (id, epoch)."""
 
     def __init__(self, shard_roots, tokenizer_path, budget, seq_length, reject_rate=0.1, read=True, fail_ids=()):
         self.shards = ShardMixture([shard_roots] if isinstance(shard_roots, str) else shard_roots)
@@ -76,9 +77,13 @@ class FlakyDecoder:
         if injected or entry["id"] in self.fail_ids:
             return Rejected("decode_error", f"injected failure of {entry['id']!r}")
         ids = torch.full((planned.tokens,), 7, dtype=torch.int64)
-        return EncodedSample(key=sample_id(entry["id"], planned), input_ids=ids,
-                             supervised=torch.ones(planned.tokens, dtype=torch.bool),
-                             patches=torch.zeros(0, 3 * 14 * 14), patch_grids=torch.zeros(0, 2, dtype=torch.int64))
+        return EncodedSample(
+            key=sample_id(entry["id"], planned),
+            input_ids=ids,
+            supervised=torch.ones(planned.tokens, dtype=torch.bool),
+            patches=torch.zeros(0, 3 * 14 * 14),
+            patch_grids=torch.zeros(0, 2, dtype=torch.int64),
+        )
 
 
 class ThreadedRanks:
@@ -131,11 +136,20 @@ def realistic_mix(count, seed):
         entry = {"key": f"{i:09d}", "id": str(i), "offset": 0, "media": {}}
         if kind == "caption":
             entry.update(kind="caption", text_tokens=rng.randint(10, 120))
-            entry["media"]["p.jpg"] = {"type": "image", "height": rng.randint(200, 1600), "width": rng.randint(200, 1600)}
+            entry["media"]["p.jpg"] = {
+                "type": "image",
+                "height": rng.randint(200, 1600),
+                "width": rng.randint(200, 1600),
+            }
         elif kind == "video":
             entry.update(kind="chat", text_tokens=rng.randint(30, 400))
-            entry["media"]["v.mp4"] = {"type": "video", "duration": min(600.0, rng.lognormvariate(3.5, 1.0) + 5),
-                                       "fps": 30.0, "height": 720, "width": 1280}
+            entry["media"]["v.mp4"] = {
+                "type": "video",
+                "duration": min(600.0, rng.lognormvariate(3.5, 1.0) + 5),
+                "fps": 30.0,
+                "height": 720,
+                "width": 1280,
+            }
         else:
             entry.update(kind="text", text_tokens=min(30000, int(rng.lognormvariate(6.5, 1.2)) + 20))
         entries.append(entry)

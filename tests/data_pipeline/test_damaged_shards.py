@@ -7,7 +7,13 @@ from data_pipeline.cli import main as keye_data
 from data_pipeline.loader import ShardLoader
 from data_pipeline.shards import ShardSet
 from tests.data_pipeline.hostile import (
-    LONG_ID, damaged_copy, entries, overwrite_from, text_corpus, text_data_config, truncate,
+    LONG_ID,
+    damaged_copy,
+    entries,
+    overwrite_from,
+    text_corpus,
+    text_data_config,
+    truncate,
 )
 
 
@@ -68,8 +74,11 @@ def test_the_loader_reports_a_damaged_shard_once_and_never_plans_its_lost_sample
     counters = loader.counters()
     loader.close()
     assert [line for line in lines if "damaged" in line] == [
-        ("data: shard shard-000001.tar is damaged (7868 bytes, its index says 20480): 3 of 10 samples lost, "
-         "its first 7 are used")]
+        (
+            "data: shard shard-000001.tar is damaged (7868 bytes, its index says 20480): 3 of 10 samples lost, "
+            "its first 7 are used"
+        )
+    ]
     assert counters["plan/damaged_shards"] == 1 and counters["plan/lost_samples"] == 3
     assert not any(key.startswith("rejected/") for key in counters)
     assert LONG_ID in lost and not lost & set(trained)
@@ -87,8 +96,13 @@ def test_verify_reports_every_broken_sample_and_exits_non_zero(corpus, tmp_path,
     assert keye_data(["index", "--verify", str(copy / "shards")]) == 1
     out = capsys.readouterr().out.splitlines()
     assert out[-1].endswith("3 shards, 30 samples, 2 damaged shard(s), 5 problem(s)")
-    assert [line.split(": ")[1] for line in out[:-1]] == ["shard-000000.tar", "shard-000001.tar",
-                                                          "shard-000001.tar", "shard-000001.tar", "shard-000001.tar"]
+    assert [line.split(": ")[1] for line in out[:-1]] == [
+        "shard-000000.tar",
+        "shard-000001.tar",
+        "shard-000001.tar",
+        "shard-000001.tar",
+        "shard-000001.tar",
+    ]
     assert "sample 2 (key 000000002, id 't2'): record: non_utf8" in out[0]
     assert "sample 7 (key 000000017, id 'long-text'): member 000000017.json ends past the end of the file" in out[2]
     with pytest.raises(SystemExit):  # indexing needs --tokenizer

@@ -17,15 +17,20 @@ from tests.helpers import SHARED, needs_shared_reason
 
 QWEN = SHARED / "tokenizers" / "qwen3_vl"
 needs_qwen = pytest.mark.skipif(not QWEN.is_dir(), reason=needs_shared_reason)
-BUDGET = MediaBudget(ImageBudget(min_tokens=4, max_tokens=16),
-                     VideoBudget(fps=2.0, frame_min_tokens=4, frame_max_tokens=8, video_total_tokens=64, adaptive=False))
+BUDGET = MediaBudget(
+    ImageBudget(min_tokens=4, max_tokens=16),
+    VideoBudget(fps=2.0, frame_min_tokens=4, frame_max_tokens=8, video_total_tokens=64, adaptive=False),
+)
 
 
 @pytest.fixture(scope="module")
 def small_tokenizer(tmp_path_factory):
     path = tmp_path_factory.mktemp("tok") / "tokenizer.json"
-    train_tokenizer(["a red disk moves left", "what moves in this clip ?", "0123456789 . - seconds",
-                     "system\nuser\nassistant\n"], path, vocab_size=300)
+    train_tokenizer(
+        ["a red disk moves left", "what moves in this clip ?", "0123456789 . - seconds", "system\nuser\nassistant\n"],
+        path,
+        vocab_size=300,
+    )
     return KeyeTokenizer(path)
 
 
@@ -48,31 +53,51 @@ def test_qwen_special_ids_and_frame_timestamp():
 
 def test_small_tokenizer_has_every_special_and_splits_digits(small_tokenizer):
     ids = small_tokenizer.ids
-    assert len({ids.pad, ids.im_start, ids.im_end, ids.vision_start, ids.vision_end, ids.image_pad,
-                ids.video_pad, ids.frame}) == 8
+    assert (
+        len(
+            {
+                ids.pad,
+                ids.im_start,
+                ids.im_end,
+                ids.vision_start,
+                ids.vision_end,
+                ids.image_pad,
+                ids.video_pad,
+                ids.frame,
+            }
+        )
+        == 8
+    )
     assert len(small_tokenizer.encode("10.5")) == 4
 
 
 @needs_qwen
 def test_chat_matches_the_qwen_template_and_supervises_assistant_turns_only(clip):
     tok = KeyeTokenizer(QWEN / "tokenizer.json")
-    record = {"id": "q", "kind": "chat", "messages": [
-        {"role": "system", "content": "be brief"},
-        {"role": "user", "content": [{"video": "clip.mp4"}, {"text": "what moves?"}]},
-        {"role": "assistant", "content": "a red disk."}]}
+    record = {
+        "id": "q",
+        "kind": "chat",
+        "messages": [
+            {"role": "system", "content": "be brief"},
+            {"role": "user", "content": [{"video": "clip.mp4"}, {"text": "what moves?"}]},
+            {"role": "assistant", "content": "a red disk."},
+        ],
+    }
     sample = encode_sample("q", record, {"clip.mp4": clip}, tok, BUDGET)
 
     config = json.loads((QWEN / "tokenizer_config.json").read_text())
-    hf_messages = [record["messages"][0],
-                   {"role": "user", "content": [{"type": "video", "video": "x"}, {"type": "text", "text": "what moves?"}]},
-                   record["messages"][2]]
+    hf_messages = [
+        record["messages"][0],
+        {"role": "user", "content": [{"type": "video", "video": "x"}, {"type": "text", "text": "what moves?"}]},
+        record["messages"][2],
+    ]
     text = jinja2.Environment().from_string(config["chat_template"]).render(messages=hf_messages)
     from tokenizers import Tokenizer
 
     expected = Tokenizer.from_file(str(QWEN / "tokenizer.json")).encode(text, add_special_tokens=False).ids
     ids = sample.input_ids.tolist()
     start, end = ids.index(tok.ids.vision_start), ids.index(tok.ids.vision_end)
-    collapsed = ids[:start + 1] + [tok.ids.video_pad] + ids[end:]
+    collapsed = ids[: start + 1] + [tok.ids.video_pad] + ids[end:]
     assert collapsed == expected
 
     answer = tok.encode("a red disk.")
@@ -83,13 +108,21 @@ def test_chat_matches_the_qwen_template_and_supervises_assistant_turns_only(clip
 
 def test_video_frames_carry_true_timestamps_and_planned_length_is_exact(small_tokenizer, clip):
     tok = small_tokenizer
-    record = parse_record(json.dumps({"id": "v", "kind": "video_caption", "video": "clip.mp4",
-                                      "segments": [{"start": 0, "end": 3, "text": "a red disk moves left"}]}).encode())
+    record = parse_record(
+        json.dumps(
+            {
+                "id": "v",
+                "kind": "video_caption",
+                "video": "clip.mp4",
+                "segments": [{"start": 0, "end": 3, "text": "a red disk moves left"}],
+            }
+        ).encode()
+    )
     sample = encode_sample("v", record, {"clip.mp4": clip}, tok, BUDGET)
     ids = sample.input_ids.tolist()
     frames = [k for k, t in enumerate(ids) if t == tok.ids.frame]
     assert len(frames) == sample.patch_grids.shape[0] == 6  # 3 s at 2 fps
-    stamps = [tok.decode(ids[k + 1:k + 4]) for k in frames]
+    stamps = [tok.decode(ids[k + 1 : k + 4]) for k in frames]
     plan = plan_video(3.0, 8.0, 84, 112, BUDGET.video)
     source_times = [k / 8 for k in range(24)]  # the clip has 24 frames at 8 fps
     nearest = [min(source_times, key=lambda s: abs(s - t)) for t in plan.times]
@@ -107,10 +140,20 @@ def test_video_frames_carry_true_timestamps_and_planned_length_is_exact(small_to
 def test_pack_positions_restart_per_sample_and_frames_get_grid_offsets(small_tokenizer, clip, tmp_path):
     tok = small_tokenizer
     write_image(tmp_path / "p.png", Scene(__import__("random").Random(1)).render(56, 84, 0.0))
-    caption = encode_sample("c", {"id": "c", "kind": "caption", "image": "p.png", "text": "a red disk"},
-                            {"p.png": (tmp_path / "p.png").read_bytes()}, tok, BUDGET)
-    video = encode_sample("v", {"id": "v", "kind": "grounding", "video": "clip.mp4", "query": "the disk",
-                                "start": 0.5, "end": 2.0}, {"clip.mp4": clip}, tok, BUDGET)
+    caption = encode_sample(
+        "c",
+        {"id": "c", "kind": "caption", "image": "p.png", "text": "a red disk"},
+        {"p.png": (tmp_path / "p.png").read_bytes()},
+        tok,
+        BUDGET,
+    )
+    video = encode_sample(
+        "v",
+        {"id": "v", "kind": "grounding", "video": "clip.mp4", "query": "the disk", "start": 0.5, "end": 2.0},
+        {"clip.mp4": clip},
+        tok,
+        BUDGET,
+    )
     pack = assemble_pack([caption, video], 256, tok.ids)
     assert pack.cu_seqlens.tolist() == [0, caption.length, caption.length + video.length, 256]
     pos = pack.position_ids
@@ -122,20 +165,24 @@ def test_pack_positions_restart_per_sample_and_frames_get_grid_offsets(small_tok
     labels_ok = pack.labels[: start - 1] == pack.input_ids[1:start]
     assert bool(labels_ok.all()) and pack.loss_mask[start - 1] == 0  # no target across the sample boundary
     assert pack.visual.grids.tolist()[0] == [4, 6] and pack.visual.num_merged_tokens() == int(
-        ((pack.input_ids == tok.ids.image_pad) | (pack.input_ids == tok.ids.video_pad)).sum())
+        ((pack.input_ids == tok.ids.image_pad) | (pack.input_ids == tok.ids.video_pad)).sum()
+    )
 
 
-@pytest.mark.parametrize("raw, reason", [
-    (b'{"id": "x", "kind": "caption", "text": "no image"}', "missing_field"),
-    (b'{"kind": "text", "text": "no id"}', "missing_field"),
-    (b'{"id": "x", "kind": "text", "text": "caf\xe9"}', "non_utf8"),
-    (b'{"id": "x", "kind": "text", "text": "\\ud800"}', "non_utf8"),
-    (b'{"id": "x", "kind": "chat", "messages": [{"role": "user", "content": "hi"}]}', "missing_field"),
-    (b'{"id": "x", "kind": "poem", "text": "?"}', "bad_field"),
-    (b'{"id": "x", "kind": "caption", "image": "../etc/passwd", "text": "t"}', "bad_media_name"),
-    (b"[1, 2]", "bad_json"),
-    (b"{not json", "bad_json"),
-])
+@pytest.mark.parametrize(
+    "raw, reason",
+    [
+        (b'{"id": "x", "kind": "caption", "text": "no image"}', "missing_field"),
+        (b'{"kind": "text", "text": "no id"}', "missing_field"),
+        (b'{"id": "x", "kind": "text", "text": "caf\xe9"}', "non_utf8"),
+        (b'{"id": "x", "kind": "text", "text": "\\ud800"}', "non_utf8"),
+        (b'{"id": "x", "kind": "chat", "messages": [{"role": "user", "content": "hi"}]}', "missing_field"),
+        (b'{"id": "x", "kind": "poem", "text": "?"}', "bad_field"),
+        (b'{"id": "x", "kind": "caption", "image": "../etc/passwd", "text": "t"}', "bad_media_name"),
+        (b"[1, 2]", "bad_json"),
+        (b"{not json", "bad_json"),
+    ],
+)
 def test_bad_records_are_named(raw, reason):
     with pytest.raises(BadRecord) as err:
         parse_record(raw)

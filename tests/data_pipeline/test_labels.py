@@ -23,19 +23,32 @@ TINY = MediaBudget(video=VideoBudget(fps=1.0, frame_min_tokens=4, frame_max_toke
 def media(tmp_path_factory):
     root = tmp_path_factory.mktemp("label-media")
     write_video(root / "clip.mp4", Scene(random.Random(0)), seconds=2.0)  # probed duration 2.0 s
-    train_tokenizer(["a red disk moves left", "0123456789 . seconds", "user\nassistant\n"], root / "tok.json",
-                    vocab_size=300)
+    train_tokenizer(
+        ["a red disk moves left", "0123456789 . seconds", "user\nassistant\n"], root / "tok.json", vocab_size=300
+    )
     return root
 
 
 def grounding(rid, start, end):
-    return {"id": rid, "kind": "grounding", "video": "v.mp4", "query": "the disk", "start": start, "end": end,
-            "media": {"v.mp4": "clip.mp4"}}
+    return {
+        "id": rid,
+        "kind": "grounding",
+        "video": "v.mp4",
+        "query": "the disk",
+        "start": start,
+        "end": end,
+        "media": {"v.mp4": "clip.mp4"},
+    }
 
 
 def captions(rid, *spans):
-    return {"id": rid, "kind": "video_caption", "video": "v.mp4", "media": {"v.mp4": "clip.mp4"},
-            "segments": [{"start": s, "end": e, "text": "a red disk"} for s, e in spans]}
+    return {
+        "id": rid,
+        "kind": "video_caption",
+        "video": "v.mp4",
+        "media": {"v.mp4": "clip.mp4"},
+        "segments": [{"start": s, "end": e, "text": "a red disk"} for s, e in spans],
+    }
 
 
 def build(media, tmp_path, records, **kwargs):
@@ -43,8 +56,9 @@ def build(media, tmp_path, records, **kwargs):
     manifest = tmp_path / "manifest.jsonl"
     manifest.write_text("".join(json.dumps(r) + "\n" for r in records))
     lines = []
-    report = build_shards(manifest, media, tmp_path / "shards", KeyeTokenizer(media / "tok.json"), log=lines.append,
-                          **kwargs)
+    report = build_shards(
+        manifest, media, tmp_path / "shards", KeyeTokenizer(media / "tok.json"), log=lines.append, **kwargs
+    )
     return report, ShardSet(tmp_path / "shards"), lines
 
 
@@ -53,10 +67,15 @@ def stored(shards):
 
 
 def test_spans_beyond_the_video_are_rejected_and_spans_over_its_end_clipped(media, tmp_path):
-    records = [grounding("inside", 0.5, 1.5), grounding("rounding", 0.0, 2.0 + SPAN_TOLERANCE_S),
-               grounding("over-the-end", 1.5, 5.0), grounding("beyond", 50.0, 70.0),
-               captions("captions-ok", (0, 1), (1, 2)), captions("captions-over", (0, 1), (1.5, 3.0)),
-               captions("captions-beyond", (0, 1), (2.5, 3.0))]
+    records = [
+        grounding("inside", 0.5, 1.5),
+        grounding("rounding", 0.0, 2.0 + SPAN_TOLERANCE_S),
+        grounding("over-the-end", 1.5, 5.0),
+        grounding("beyond", 50.0, 70.0),
+        captions("captions-ok", (0, 1), (1, 2)),
+        captions("captions-over", (0, 1), (1.5, 3.0)),
+        captions("captions-beyond", (0, 1), (2.5, 3.0)),
+    ]
     report, shards, lines = build(media, tmp_path, records)
     assert report.samples == 5 and report.rejects == {"span_out_of_range": 2}
     assert report.counts == {"clipped_span": 2}
@@ -101,8 +120,23 @@ def test_duplicate_ids_are_reported_and_dropped_under_dedup(media, tmp_path):
 
     manifest = tmp_path / "kept" / "manifest.jsonl"
     out = tmp_path / "dedup"
-    assert keye_data(["build", "--manifest", str(manifest), "--media-root", str(media), "--out", str(out),
-                      "--tokenizer", str(media / "tok.json"), "--dedup"]) == 0
+    assert (
+        keye_data(
+            [
+                "build",
+                "--manifest",
+                str(manifest),
+                "--media-root",
+                str(media),
+                "--out",
+                str(out),
+                "--tokenizer",
+                str(media / "tok.json"),
+                "--dedup",
+            ]
+        )
+        == 0
+    )
     index = json.loads((out / "index.json").read_text())
     assert index["samples"] == 2 and index["rejects"] == {"duplicate_id": 1} and index["counts"] == {}
     deduped = ShardSet(out)

@@ -16,8 +16,16 @@ from tests.helpers import TEST_DATA, corrupt_copy, ensure_test_data
 
 
 def data_config(**overrides) -> DataConfig:
-    base = dict(shards=str(TEST_DATA / "shards"), tokenizer=str(TEST_DATA / "tokenizer.json"), image_max_tokens=16,
-                video_fps=1.0, frame_min_tokens=4, frame_max_tokens=8, video_total_tokens=64, open_packs=4)
+    base = dict(
+        shards=str(TEST_DATA / "shards"),
+        tokenizer=str(TEST_DATA / "tokenizer.json"),
+        image_max_tokens=16,
+        video_fps=1.0,
+        frame_min_tokens=4,
+        frame_max_tokens=8,
+        video_total_tokens=64,
+        open_packs=4,
+    )
     return DataConfig(**(base | overrides))
 
 
@@ -87,8 +95,9 @@ def test_a_hanging_or_crashing_sample_is_counted_and_the_rest_continue():
     cfg = data_config()
     from data_pipeline.loader import media_budget
 
-    pool = DecodePool(cfg.shards, cfg.tokenizer, media_budget(cfg), 128, workers=2, timeout_s=3,
-                      decoder_factory=SlowOrCrashingDecoder)
+    pool = DecodePool(
+        cfg.shards, cfg.tokenizer, media_budget(cfg), 128, workers=2, timeout_s=3, decoder_factory=SlowOrCrashingDecoder
+    )
     try:
         jobs = [pool.submit(PlannedSample(0, 0, k, -1, 0, 0)) for k in range(8)]
         started = time.monotonic()
@@ -109,6 +118,7 @@ def test_damaged_samples_at_read_time_are_skipped_counted_and_logged_once_per_ep
     lines = []
     cfg = data_config(shards=str(tmp_path / "shards"), max_pack_age=16)
     loader = ShardLoader(cfg, 128, 2, seed=0, log=lines.append)
+
     def epoch0_pending():
         planner = loader.planner
         packs = planner.packer.open + planner.packer.closed + [p for _, mine, _ in loader.ahead for p in mine]

@@ -17,7 +17,7 @@ def test_patch_layout_and_scaling_against_a_direct_float64_slice():
     for f in range(2):
         for row in range(2):
             for col in range(4):
-                block = scaled[f, :, row * 14:(row + 1) * 14, col * 14:(col + 1) * 14].reshape(-1)
+                block = scaled[f, :, row * 14 : (row + 1) * 14, col * 14 : (col + 1) * 14].reshape(-1)
                 torch.testing.assert_close(patches[k].double(), block, rtol=0, atol=1e-6)
                 k += 1
     assert patches.min() >= -1 and patches.max() <= 1

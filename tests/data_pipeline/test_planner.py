@@ -21,7 +21,7 @@ def _planner(shards, seq_length, **packing):
 
 def test_packs_fit_and_every_sample_of_an_epoch_is_planned_once(tmp_path):
     entries = realistic_mix(600, 1)
-    shards = write_index(tmp_path, [entries[i:i + 50] for i in range(0, 600, 50)])
+    shards = write_index(tmp_path, [entries[i : i + 50] for i in range(0, 600, 50)])
     planner = _planner(shards, 32768, max_pack_age=64)
     seen = []
     while planner.epoch < 3:
@@ -44,9 +44,17 @@ def test_packing_efficiency_at_32k_on_a_realistic_mix(tmp_path):
 
 def test_long_and_short_tokens_are_one_to_one(tmp_path):
     rng = random.Random(3)
-    entries = [{"key": f"{i:09d}", "id": str(i), "offset": 0, "media": {}, "kind": "text",
-                "text_tokens": rng.randint(9000, 30000) if rng.random() < 0.2 else rng.randint(50, 3000)}
-               for i in range(3000)]
+    entries = [
+        {
+            "key": f"{i:09d}",
+            "id": str(i),
+            "offset": 0,
+            "media": {},
+            "kind": "text",
+            "text_tokens": rng.randint(9000, 30000) if rng.random() < 0.2 else rng.randint(50, 3000),
+        }
+        for i in range(3000)
+    ]
     planner = _planner(write_index(tmp_path, [entries]), 32768, long_sample_tokens=8192, long_short_ratio=(1, 1))
     long_tokens = short_tokens = 0
     for _ in range(100):
@@ -102,25 +110,35 @@ def test_state_round_trip_continues_the_same_plan():
 
 
 def test_over_long_samples_are_split_when_text_and_skipped_otherwise(tmp_path):
-    entries = [{"key": "0", "id": "long-text", "offset": 0, "media": {}, "kind": "text", "text_tokens": 250},
-               {"key": "1", "id": "long-chat", "offset": 0, "media": {}, "kind": "chat", "text_tokens": 101},
-               {"key": "2", "id": "short", "offset": 0, "media": {}, "kind": "chat", "text_tokens": 30}]
+    entries = [
+        {"key": "0", "id": "long-text", "offset": 0, "media": {}, "kind": "text", "text_tokens": 250},
+        {"key": "1", "id": "long-chat", "offset": 0, "media": {}, "kind": "chat", "text_tokens": 101},
+        {"key": "2", "id": "short", "offset": 0, "media": {}, "kind": "chat", "text_tokens": 30},
+    ]
     lines = []
-    planner = PackPlanner(write_index(tmp_path, [entries]), DigitTokenizer(), STAGE1,
-                          PackingConfig(seq_length=100, open_packs=1), seed=0, log=lines.append)
+    planner = PackPlanner(
+        write_index(tmp_path, [entries]),
+        DigitTokenizer(),
+        STAGE1,
+        PackingConfig(seq_length=100, open_packs=1),
+        seed=0,
+        log=lines.append,
+    )
     parts = []
     while planner.epoch < 3:  # epoch-0 packs are all closed long before
         parts += [(s.sample, s.part, s.tokens) for s in planner.next_pack().samples if s.epoch == 0]
     assert sorted(parts) == [(0, 0, 100), (0, 1, 100), (0, 2, 50), (2, -1, 30)]
     assert planner.counters["too_long"] == 3 and planner.counters["split_samples"] == 3  # once per epoch read
-    assert lines == 3 * ["data: skipped sample 'long-chat' (too_long): 101 tokens > seq_length 100 and a chat is not split"]
+    assert lines == 3 * [
+        "data: skipped sample 'long-chat' (too_long): 101 tokens > seq_length 100 and a chat is not split"
+    ]
 
 
 def test_a_mixture_draws_tokens_in_its_weights_and_resumes_exactly(tmp_path):
     from data_pipeline.shards import ShardMixture
 
-    write_index(tmp_path / "captions", [realistic_mix(300, 3)[i:i + 60] for i in range(0, 300, 60)])
-    write_index(tmp_path / "videos", [realistic_mix(200, 4)[i:i + 50] for i in range(0, 200, 50)])
+    write_index(tmp_path / "captions", [realistic_mix(300, 3)[i : i + 60] for i in range(0, 300, 60)])
+    write_index(tmp_path / "videos", [realistic_mix(200, 4)[i : i + 50] for i in range(0, 200, 50)])
     mixture = ShardMixture([tmp_path / "captions", tmp_path / "videos"])
     assert mixture.shards[:1] == ["captions/shard-000000.tar"] and len(mixture.shards) == 9
     make = lambda: _planner(mixture, 32768, source_weights=(3.0, 1.0))
@@ -145,7 +163,7 @@ def test_a_mixture_draws_tokens_in_its_weights_and_resumes_exactly(tmp_path):
 def test_one_source_mixture_plans_exactly_like_its_shard_set(tmp_path):
     from data_pipeline.shards import ShardMixture
 
-    shards = write_index(tmp_path / "one", [realistic_mix(200, 5)[i:i + 40] for i in range(0, 200, 40)])
+    shards = write_index(tmp_path / "one", [realistic_mix(200, 5)[i : i + 40] for i in range(0, 200, 40)])
     plain, mixed = _planner(shards, 8192), _planner(ShardMixture([tmp_path / "one"]), 8192)
     for _ in range(30):
         assert plain.next_pack().as_list() == mixed.next_pack().as_list()

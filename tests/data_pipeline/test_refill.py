@@ -19,8 +19,12 @@ REJECTED = re.compile(r"\(decode_error\): injected failure of '([^']+)' \[.*epoc
 
 
 def corpus(root, entries, per_shard):
-    write_index(root, [entries[i:i + per_shard] for i in range(0, len(entries), per_shard)],
-                tokenizer=KeyeTokenizer(TOKENIZER).fingerprint, tars=True)
+    write_index(
+        root,
+        [entries[i : i + per_shard] for i in range(0, len(entries), per_shard)],
+        tokenizer=KeyeTokenizer(TOKENIZER).fingerprint,
+        tars=True,
+    )
     return root
 
 
@@ -35,9 +39,20 @@ def loaders(root, seq_length, global_batch, dp_size, reject_rate=0.1, fail_ids=(
     ranks = ThreadedRanks(dp_size)
     cfg = DataConfig(shards=str(root), tokenizer=str(TOKENIZER), **data)
     factory = functools.partial(FlakyDecoder, reject_rate=reject_rate, fail_ids=fail_ids)
-    return ranks, [ShardLoader(cfg, seq_length, global_batch, seed=0, dp_rank=r, dp_size=dp_size,
-                               log=log or (lambda _: None), exchange=ranks.exchange(r), decoder_factory=factory)
-                   for r in range(dp_size)]
+    return ranks, [
+        ShardLoader(
+            cfg,
+            seq_length,
+            global_batch,
+            seed=0,
+            dp_rank=r,
+            dp_size=dp_size,
+            log=log or (lambda _: None),
+            exchange=ranks.exchange(r),
+            decoder_factory=factory,
+        )
+        for r in range(dp_size)
+    ]
 
 
 def ids_and_tokens(loader, batches):
@@ -91,8 +106,17 @@ def test_every_sample_of_an_epoch_is_trained_once_or_rejected_once(tmp_path):
 
 def split_text_corpus(root, seq_length):
     """120 short texts and one text of 10 full sequences (split into 10 parts), in 3 shards."""
-    entries = [{"key": f"{i:09d}", "id": f"t{i}", "offset": 0, "media": {}, "kind": "text",
-                "text_tokens": 10 * seq_length if i == 13 else 20 + 7 * (i % 9)} for i in range(121)]
+    entries = [
+        {
+            "key": f"{i:09d}",
+            "id": f"t{i}",
+            "offset": 0,
+            "media": {},
+            "kind": "text",
+            "text_tokens": 10 * seq_length if i == 13 else 20 + 7 * (i % 9),
+        }
+        for i in range(121)
+    ]
     return corpus(root, entries, 41)
 
 
@@ -100,8 +124,19 @@ def split_text_corpus(root, seq_length):
 def test_an_unreadable_split_sample_is_read_once_per_epoch_and_its_other_parts_never(tmp_path, fraction):
     root = split_text_corpus(tmp_path, 512)
     lines = []
-    _, (loader,) = loaders(root, 512, 2, 1, reject_rate=0.0, fail_ids=("t13",), log=lines.append,
-                           reserve_fraction=fraction, prefetch_steps=3, open_packs=2, max_pack_age=8)
+    _, (loader,) = loaders(
+        root,
+        512,
+        2,
+        1,
+        reject_rate=0.0,
+        fail_ids=("t13",),
+        log=lines.append,
+        reserve_fraction=fraction,
+        prefetch_steps=3,
+        open_packs=2,
+        max_pack_age=8,
+    )
     decoder = loader.pool.inline
     reads, empty_steps = [], 0
     while loader.consumed_planner_state()["epoch"] < 1:
@@ -126,8 +161,18 @@ def test_an_unreadable_split_sample_is_read_once_per_epoch_and_its_other_parts_n
 
 def test_a_resumed_run_skips_what_failed_before_the_checkpoint(tmp_path):
     root = split_text_corpus(tmp_path, 512)
-    make = lambda: loaders(root, 512, 2, 1, reject_rate=0.0, fail_ids=("t13",), reserve_fraction=0.25,
-                           prefetch_steps=3, open_packs=2, max_pack_age=8)[1][0]
+    make = lambda: loaders(
+        root,
+        512,
+        2,
+        1,
+        reject_rate=0.0,
+        fail_ids=("t13",),
+        reserve_fraction=0.25,
+        prefetch_steps=3,
+        open_packs=2,
+        max_pack_age=8,
+    )[1][0]
     reference, first = make(), make()
     expected = [[b.sample_ids for b in reference.next_step()] for _ in range(30)]
     got = []

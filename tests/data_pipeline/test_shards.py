@@ -55,32 +55,47 @@ def _caption(rid, image):
 
 
 def _video(rid, video):
-    return {"id": rid, "kind": "video_caption", "video": "v.mp4", "media": {"v.mp4": video},
-            "segments": [{"start": 0, "end": 2, "text": "a red disk moves left"}]}
+    return {
+        "id": rid,
+        "kind": "video_caption",
+        "video": "v.mp4",
+        "media": {"v.mp4": video},
+        "segments": [{"start": 0, "end": 2, "text": "a red disk moves left"}],
+    }
 
 
 def test_build_counts_every_reject_and_indexes_the_rest(tmp_path, media, tokenizer):
-    lines = [json.dumps(_caption("ok-image", "good.png")).encode(),
-             json.dumps(_video("ok-video", "good.mp4")).encode(),
-             json.dumps({"id": "ok-text", "kind": "text", "text": "plain words"}).encode(),
-             json.dumps(_video("truncated", "truncated.mp4")).encode(),
-             json.dumps(_video("garbage", "garbage.mp4")).encode(),
-             json.dumps(_video("zero-length", "empty.mp4")).encode(),
-             json.dumps(_video("audio-only", "tone.mp4")).encode(),
-             json.dumps(_caption("bad-image", "broken.png")).encode(),
-             json.dumps(_caption("sliver", "sliver.png")).encode(),
-             json.dumps(_caption("no-file", "missing.png")).encode(),
-             json.dumps(_caption("escape", "../../etc/hosts")).encode(),
-             json.dumps({"id": "no-text", "kind": "caption", "image": "p.png", "media": {"p.png": "good.png"}}).encode(),
-             b'{"id": "latin1", "kind": "text", "text": "caf\xe9"}',
-             b"{oops"]
+    lines = [
+        json.dumps(_caption("ok-image", "good.png")).encode(),
+        json.dumps(_video("ok-video", "good.mp4")).encode(),
+        json.dumps({"id": "ok-text", "kind": "text", "text": "plain words"}).encode(),
+        json.dumps(_video("truncated", "truncated.mp4")).encode(),
+        json.dumps(_video("garbage", "garbage.mp4")).encode(),
+        json.dumps(_video("zero-length", "empty.mp4")).encode(),
+        json.dumps(_video("audio-only", "tone.mp4")).encode(),
+        json.dumps(_caption("bad-image", "broken.png")).encode(),
+        json.dumps(_caption("sliver", "sliver.png")).encode(),
+        json.dumps(_caption("no-file", "missing.png")).encode(),
+        json.dumps(_caption("escape", "../../etc/hosts")).encode(),
+        json.dumps({"id": "no-text", "kind": "caption", "image": "p.png", "media": {"p.png": "good.png"}}).encode(),
+        b'{"id": "latin1", "kind": "text", "text": "caf\xe9"}',
+        b"{oops",
+    ]
     manifest = tmp_path / "manifest.jsonl"
     manifest.write_bytes(b"\n".join(lines) + b"\n")
     report = build_shards(manifest, media, tmp_path / "shards", tokenizer, samples_per_shard=2, log=lambda _: None)
     assert report.samples == 3 and report.shards == 2
-    assert report.rejects == {"corrupt_video": report.rejects["corrupt_video"], "no_video_stream": 1,
-                              "unreadable_image": 1, "aspect_ratio": 1, "missing_media": 1, "unsafe_path": 1, "missing_field": 1,
-                              "non_utf8": 1, "bad_json": 1}
+    assert report.rejects == {
+        "corrupt_video": report.rejects["corrupt_video"],
+        "no_video_stream": 1,
+        "unreadable_image": 1,
+        "aspect_ratio": 1,
+        "missing_media": 1,
+        "unsafe_path": 1,
+        "missing_field": 1,
+        "non_utf8": 1,
+        "bad_json": 1,
+    }
     assert report.rejects["corrupt_video"] == 3  # truncated, garbage and zero-length bytes
     index = json.loads((tmp_path / "shards" / "index.json").read_text())
     assert index["samples"] == 3 and index["rejects"] == dict(report.rejects)
@@ -103,14 +118,42 @@ def test_build_counts_every_reject_and_indexes_the_rest(tmp_path, media, tokeniz
 def test_cli_reports_a_wrong_tokenizer(tmp_path, media, tokenizer, capsys):
     manifest = tmp_path / "m.jsonl"
     manifest.write_text(json.dumps(_caption("a", "good.png")) + "\n")
-    assert keye_data(["build", "--manifest", str(manifest), "--media-root", str(media), "--out",
-                      str(tmp_path / "s"), "--tokenizer", str(tokenizer.path)]) == 0
+    assert (
+        keye_data(
+            [
+                "build",
+                "--manifest",
+                str(manifest),
+                "--media-root",
+                str(media),
+                "--out",
+                str(tmp_path / "s"),
+                "--tokenizer",
+                str(tokenizer.path),
+            ]
+        )
+        == 0
+    )
     other = tmp_path / "other.json"
     train_tokenizer(["something else entirely"], other, vocab_size=280)
     with pytest.raises(ValueError, match="another tokenizer"):
         ShardSet(tmp_path / "s", KeyeTokenizer(other).fingerprint)
-    assert keye_data(["build", "--manifest", str(manifest), "--media-root", str(media), "--out",
-                      str(tmp_path / "s"), "--tokenizer", str(tokenizer.path)]) == 2  # never overwrites shards
+    assert (
+        keye_data(
+            [
+                "build",
+                "--manifest",
+                str(manifest),
+                "--media-root",
+                str(media),
+                "--out",
+                str(tmp_path / "s"),
+                "--tokenizer",
+                str(tokenizer.path),
+            ]
+        )
+        == 2
+    )  # never overwrites shards
     assert "already holds shards" in capsys.readouterr().err
 
 
@@ -153,8 +196,18 @@ def test_foreign_shards_refuse_pickles_and_path_traversal(tmp_path, tokenizer):
 @pytest.mark.skipif(not (SHARED / "videos").is_dir(), reason="real test videos live in ../shared/testdata")
 def test_real_videos_are_indexed_with_their_probed_metadata(tmp_path, tokenizer):
     videos = SHARED / "videos"
-    records = [{"id": p.stem, "kind": "grounding", "video": "v" + p.suffix, "query": "a red disk", "start": 0,
-                "end": 1, "media": {"v" + p.suffix: p.name}} for p in sorted(videos.iterdir())]
+    records = [
+        {
+            "id": p.stem,
+            "kind": "grounding",
+            "video": "v" + p.suffix,
+            "query": "a red disk",
+            "start": 0,
+            "end": 1,
+            "media": {"v" + p.suffix: p.name},
+        }
+        for p in sorted(videos.iterdir())
+    ]
     manifest = tmp_path / "m.jsonl"
     manifest.write_text("".join(json.dumps(r) + "\n" for r in records))
     report = build_shards(manifest, videos, tmp_path / "s", tokenizer, log=lambda _: None)

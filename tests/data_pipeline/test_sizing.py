@@ -39,8 +39,15 @@ def test_extreme_aspect_ratio_is_rejected_with_a_reason():
 
 
 def test_adaptive_schedules():
-    assert [duration_factor(d, PAPER_ADAPTIVE_SCHEDULE) for d in (10, 256, 257, 600, 1500, 2048, 7200)] == \
-        [0.125, 0.125, 0.25, 0.5, 1.0, 1.0, 1.0]
+    assert [duration_factor(d, PAPER_ADAPTIVE_SCHEDULE) for d in (10, 256, 257, 600, 1500, 2048, 7200)] == [
+        0.125,
+        0.125,
+        0.25,
+        0.5,
+        1.0,
+        1.0,
+        1.0,
+    ]
     assert duration_factor(300, RELEASED_INFERENCE_SCHEDULE) == 0.18
 
 

@@ -11,8 +11,9 @@ from data_pipeline.sizing import RejectedMedia, VideoBudget
 from data_pipeline.video import decode_video
 
 VIDEOS = Path(__file__).resolve().parents[3] / "shared" / "testdata" / "videos"
-needs_shared = pytest.mark.skipif(not VIDEOS.is_dir(), reason="real test videos live in ../shared/testdata, "
-                                  "which a fresh clone does not have")
+needs_shared = pytest.mark.skipif(
+    not VIDEOS.is_dir(), reason="real test videos live in ../shared/testdata, which a fresh clone does not have"
+)
 BUDGET = VideoBudget(fps=2.0, adaptive=False, video_total_tokens=8192, frame_max_tokens=256)
 
 
@@ -27,8 +28,9 @@ SPARSE = VideoBudget(fps=0.25, adaptive=False, video_total_tokens=8192, frame_ma
 
 @needs_shared
 @pytest.mark.parametrize("budget", [BUDGET, SPARSE], ids=["2fps", "seeking"])
-@pytest.mark.parametrize("name", ["var_fps_video.mp4", "nasa_13013.mp4", "mmaction2_test.avi",
-                                  "big_buck_bunny_0_30.webm"])
+@pytest.mark.parametrize(
+    "name", ["var_fps_video.mp4", "nasa_13013.mp4", "mmaction2_test.avi", "big_buck_bunny_0_30.webm"]
+)
 def test_frames_are_the_nearest_true_frames(name, budget):
     video, plan = decode_video(VIDEOS / name, budget)
     reference = _all_frames(VIDEOS / name)
@@ -93,7 +95,7 @@ def test_damaged_files_decode_or_are_rejected_never_crash(name, tmp_path):
     rng = np.random.default_rng(0)
     damaged = {
         "head_cut": bytes(data[: len(data) // 3]),
-        "tail_cut": bytes(data[len(data) // 3:]),
+        "tail_cut": bytes(data[len(data) // 3 :]),
         "noise": bytes(data[:4096]) + rng.integers(0, 256, len(data) - 4096, dtype=np.uint8).tobytes(),
     }
     outcomes = {}

@@ -29,11 +29,13 @@ def stand_in(monkeypatch):
         def counted(*args, **kwargs):
             calls.append(kwargs)
             return kernel(*args, **kwargs)
+
         monkeypatch.setattr(dense_attention, "_varlen_attn", counted)
         monkeypatch.setattr(dense_attention, "_VARLEN_ARGS", {"return_aux", "scale", "window_size"})
         monkeypatch.setattr(dense_attention, "flash_varlen_available", lambda q: True)
         monkeypatch.setattr(dense_attention, "_VERIFIED", {})
         return calls
+
     return install
 
 
@@ -43,8 +45,11 @@ def packed(seed=1):
     return [torch.randn(100, h, 16, generator=g) for h in (8, 2, 2)], cu
 
 
-@pytest.mark.parametrize("kernel, used", [(faithful, True), (never_causal, False), (failing, False)],
-                         ids=["faithful", "wrong_mask", "raises"])
+@pytest.mark.parametrize(
+    "kernel, used",
+    [(faithful, True), (never_causal, False), (failing, False)],
+    ids=["faithful", "wrong_mask", "raises"],
+)
 def test_the_fast_path_is_used_only_after_it_matches_the_loop(stand_in, kernel, used):
     calls = stand_in(kernel)
     (q, k, v), cu = packed()

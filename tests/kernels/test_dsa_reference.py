@@ -37,14 +37,20 @@ def brute_topk(scores, mask, topk):
 
 def indexer_inputs(seed, total=47, heads=3, dim=8, dtype=F64):
     g = torch.Generator().manual_seed(seed)
-    return (torch.randn(total, heads, dim, generator=g, dtype=dtype), torch.randn(total, heads, generator=g, dtype=dtype),
-            torch.randn(total, dim, generator=g, dtype=dtype))
+    return (
+        torch.randn(total, heads, dim, generator=g, dtype=dtype),
+        torch.randn(total, heads, generator=g, dtype=dtype),
+        torch.randn(total, dim, generator=g, dtype=dtype),
+    )
 
 
 def attention_inputs(seed, total=47, heads=4, groups=2, dim=8, dtype=F64):
     g = torch.Generator().manual_seed(seed)
-    return (torch.randn(total, heads, dim, generator=g, dtype=dtype), torch.randn(total, groups, dim, generator=g, dtype=dtype),
-            torch.randn(total, groups, dim, generator=g, dtype=dtype))
+    return (
+        torch.randn(total, heads, dim, generator=g, dtype=dtype),
+        torch.randn(total, groups, dim, generator=g, dtype=dtype),
+        torch.randn(total, groups, dim, generator=g, dtype=dtype),
+    )
 
 
 def set_mask(indices, total):
@@ -127,8 +133,9 @@ def test_with_k_at_least_the_length_sparse_equals_dense():
     iq, iw, ik = indexer_inputs(7)
     indices = dsa.indexer_topk(iq, iw, ik, CU, topk=47)
     out, _ = dsa.sparse_gqa_attention(q, k, v, indices, 0.35)
-    torch.testing.assert_close(out, dense_varlen_attention(q, k, v, CU, causal=True, scale=0.35),
-                               rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(
+        out, dense_varlen_attention(q, k, v, CU, causal=True, scale=0.35), rtol=1e-10, atol=1e-12
+    )
 
 
 def test_kl_gradient_in_the_logits_is_softmax_minus_target():

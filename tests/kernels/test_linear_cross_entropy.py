@@ -42,11 +42,14 @@ def test_chunked_head_and_ce_match_the_float64_definition(chunk):
         assert rel(a, ref) < 1e-13, (what, rel(a, ref))  # the same algebra in float64: only rounding
         # in fp32 about as accurate as the unchunked fp32 computation (full logits, autograd)
         assert rel(b, ref) <= max(2 * rel(c, ref), 1e-6), (what, rel(b, ref), rel(c, ref))
-        print(f"chunk {chunk} {what}: float64 {rel(a, ref):.1e}, fp32 {rel(b, ref):.1e} "
-              f"(unchunked fp32 {rel(c, ref):.1e})")
+        print(
+            f"chunk {chunk} {what}: float64 {rel(a, ref):.1e}, fp32 {rel(b, ref):.1e} "
+            f"(unchunked fp32 {rel(c, ref):.1e})"
+        )
     ignored = torch.tensor([4, 9])
-    torch.testing.assert_close(fp32[0][ignored].double(),
-                               torch.logsumexp(inputs(torch.float64)[0][ignored] @ inputs(torch.float64)[1].t(), 1))
+    torch.testing.assert_close(
+        fp32[0][ignored].double(), torch.logsumexp(inputs(torch.float64)[0][ignored] @ inputs(torch.float64)[1].t(), 1)
+    )
 
 
 def test_bad_arguments_are_refused():

@@ -13,15 +13,22 @@ def case(seed, lengths, heads=2, dim=16):
     g = torch.Generator().manual_seed(seed)
     total = sum(lengths)
     cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32)
-    return (torch.randn(total, heads, dim, generator=g), torch.randn(total, heads, generator=g),
-            torch.randn(total, dim, generator=g), cu)
+    return (
+        torch.randn(total, heads, dim, generator=g),
+        torch.randn(total, heads, generator=g),
+        torch.randn(total, dim, generator=g),
+        cu,
+    )
 
 
-@pytest.mark.parametrize("lengths, heads, topk", [
-    ([37, 5, 70], 2, 7),      # ragged, a document shorter than k, k odd
-    ([90], 4, 16),
-    ([3, 40, 25], 2, 33),     # k larger than some documents, not a power of two
-])
+@pytest.mark.parametrize(
+    "lengths, heads, topk",
+    [
+        ([37, 5, 70], 2, 7),  # ragged, a document shorter than k, k odd
+        ([90], 4, 16),
+        ([3, 40, 25], 2, 33),  # k larger than some documents, not a power of two
+    ],
+)
 def test_topk_equals_the_reference(lengths, heads, topk):
     iq, iw, ik, cu = case(len(lengths) + topk, lengths, heads)
     want = dsa.indexer_topk(iq, iw, ik, cu, topk, backend="torch")
@@ -66,6 +73,7 @@ def test_cached_prefill_and_decode_rows_equal_the_full_selection(backend, first,
     iq, iw, ik, cu = case(first + rows, [64])
     whole = dsa.indexer_topk(iq, iw, ik, cu, 9, backend="torch")
     end = first + rows
-    got = dsa.indexer_topk_cached(iq[first:end], iw[first:end], ik[:end], first, 9, backend=backend,
-                                  budget_bytes=1500)  # a few rows per chunk
+    got = dsa.indexer_topk_cached(
+        iq[first:end], iw[first:end], ik[:end], first, 9, backend=backend, budget_bytes=1500
+    )  # a few rows per chunk
     assert torch.equal(got, whole[first:end])

@@ -15,8 +15,11 @@ def case(seed, lengths, heads=4, groups=2, dim=16, index_heads=2, topk=7):
     g = torch.Generator().manual_seed(seed)
     total = sum(lengths)
     cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32)
-    iq, iw, ik = (torch.randn(total, index_heads, 16, generator=g), torch.randn(total, index_heads, generator=g),
-                  torch.randn(total, 16, generator=g))
+    iq, iw, ik = (
+        torch.randn(total, index_heads, 16, generator=g),
+        torch.randn(total, index_heads, generator=g),
+        torch.randn(total, 16, generator=g),
+    )
     q, k = torch.randn(total, heads, dim, generator=g), torch.randn(total, groups, dim, generator=g)
     indices = dsa.indexer_topk(iq, iw, ik, cu, topk, backend="torch")
     return iq, iw, ik, q, k, cu, indices

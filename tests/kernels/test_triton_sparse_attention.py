@@ -17,8 +17,11 @@ def random_case(seed, lengths, heads, groups, dim, topk, dtype=torch.float32):
     q = torch.randn(total, heads, dim, generator=g, dtype=dtype)
     k = torch.randn(total, groups, dim, generator=g, dtype=dtype)
     v = torch.randn(total, groups, dim, generator=g, dtype=dtype)
-    iq, iw, ik = (torch.randn(total, 2, 16, generator=g), torch.randn(total, 2, generator=g),
-                  torch.randn(total, 16, generator=g))
+    iq, iw, ik = (
+        torch.randn(total, 2, 16, generator=g),
+        torch.randn(total, 2, generator=g),
+        torch.randn(total, 16, generator=g),
+    )
     indices = dsa.indexer_topk(iq, iw, ik, cu, topk, backend="torch")
     return q, k, v, indices
 
@@ -41,40 +44,48 @@ def test_choose_block_takes_big_tiles_only_when_neighbours_share_keys():
     t = torch.arange(total)[:, None]
     recent = (t - topk + 1).clamp_min(0) + torch.arange(topk)[None, :]
     local = torch.where(recent <= t, recent, -1).to(torch.int32)
-    spread = torch.stack([torch.randperm(total, generator=torch.Generator().manual_seed(int(r)))[:topk].sort().values
-                          for r in range(total)]).to(torch.int32)  # unrelated sets (causality aside)
+    spread = torch.stack(
+        [
+            torch.randperm(total, generator=torch.Generator().manual_seed(int(r)))[:topk].sort().values
+            for r in range(total)
+        ]
+    ).to(torch.int32)  # unrelated sets (causality aside)
     assert choose_block(local, smallest=2, largest=16) == 16
     assert choose_block(spread, smallest=2, largest=16) == 2
 
 
 def test_block_union_of_many_random_rows_matches_a_plain_rebuild():
     g = torch.Generator().manual_seed(5)
-    rows = [torch.randperm(200, generator=g)[:int(n)].sort().values for n in torch.randint(0, 30, (37,), generator=g)]
+    rows = [torch.randperm(200, generator=g)[: int(n)].sort().values for n in torch.randint(0, 30, (37,), generator=g)]
     indices = torch.full((37, 30), -1, dtype=torch.int32)
     for r, keys in enumerate(rows):
-        indices[r, :len(keys)] = keys.to(torch.int32)
+        indices[r, : len(keys)] = keys.to(torch.int32)
     keys, bits, offsets = block_union(indices, block=5)
     for b in range(8):
         union = sorted({int(x) for r in range(b * 5, min(37, b * 5 + 5)) for x in rows[r]})
-        assert keys[offsets[b]:offsets[b + 1]].tolist() == union
+        assert keys[offsets[b] : offsets[b + 1]].tolist() == union
         for u in range(offsets[b], offsets[b + 1]):
             owners = [r - b * 5 for r in range(b * 5, min(37, b * 5 + 5)) if int(keys[u]) in rows[r].tolist()]
             assert int(bits[u]) == sum(1 << i for i in owners)
 
 
-@pytest.mark.parametrize("lengths, heads, groups, dim, topk", [
-    ([23, 9, 31], 4, 2, 16, 7),     # ragged documents, one shorter than k, k odd
-    ([40], 8, 2, 32, 12),           # 4 heads per group
-    ([5, 3, 50], 2, 2, 16, 20),     # one head per group: 16 queries per tile
-])
+@pytest.mark.parametrize(
+    "lengths, heads, groups, dim, topk",
+    [
+        ([23, 9, 31], 4, 2, 16, 7),  # ragged documents, one shorter than k, k odd
+        ([40], 8, 2, 32, 12),  # 4 heads per group
+        ([5, 3, 50], 2, 2, 16, 20),  # one head per group: 16 queries per tile
+    ],
+)
 @pytest.mark.parametrize("block_queries", [None, 8])  # chosen from the overlap, or forced
 def test_forward_and_backward_match_the_reference(lengths, heads, groups, dim, topk, block_queries):
     q, k, v, indices = random_case(sum(lengths) + topk, lengths, heads, groups, dim, topk)
-    scale = dim ** -0.5
+    scale = dim**-0.5
     leaves = [x.clone().requires_grad_() for x in (q, k, v)]
     ref_leaves = [x.clone().requires_grad_() for x in (q, k, v)]
-    out, lse = dsa.sparse_gqa_attention(*leaves, indices, scale, backend="triton", block_keys=16,
-                                        block_queries=block_queries)
+    out, lse = dsa.sparse_gqa_attention(
+        *leaves, indices, scale, backend="triton", block_keys=16, block_queries=block_queries
+    )
     ref_out, ref_lse = dsa.sparse_gqa_attention(*ref_leaves, indices, scale, backend="torch")
     assert not out.isnan().any() and not lse.isnan().any()
     torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-5)
@@ -90,5 +101,11 @@ def test_forward_and_backward_match_the_reference(lengths, heads, groups, dim, t
 def test_a_bad_head_dim_is_rejected_with_its_value():
     q, k, v, indices = random_case(0, [10], 2, 1, 16, 4)
     with pytest.raises(ValueError, match="head dim 24"):
-        dsa.sparse_gqa_attention(q[..., :8].repeat(1, 1, 3), k[..., :8].repeat(1, 1, 3), v[..., :8].repeat(1, 1, 3),
-                                 indices, 0.2, backend="triton")
+        dsa.sparse_gqa_attention(
+            q[..., :8].repeat(1, 1, 3),
+            k[..., :8].repeat(1, 1, 3),
+            v[..., :8].repeat(1, 1, 3),
+            indices,
+            0.2,
+            backend="triton",
+        )

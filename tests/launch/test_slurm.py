@@ -12,10 +12,20 @@ def test_hostlists_expand_like_slurm():
 
 
 def test_the_rendezvous_comes_from_the_allocation():
-    env = {"SLURM_JOB_ID": "777", "SLURM_JOB_NODELIST": "dgx[010-011]", "SLURM_NODEID": "1",
-           "SLURM_JOB_NUM_NODES": "2", "SLURM_RESTART_COUNT": "3"}
-    assert rendezvous_from_env(env, 2) == {"master_addr": "dgx010", "nodes": 2, "node_rank": 1, "job_id": "777",
-                                           "restarts": 3}
+    env = {
+        "SLURM_JOB_ID": "777",
+        "SLURM_JOB_NODELIST": "dgx[010-011]",
+        "SLURM_NODEID": "1",
+        "SLURM_JOB_NUM_NODES": "2",
+        "SLURM_RESTART_COUNT": "3",
+    }
+    assert rendezvous_from_env(env, 2) == {
+        "master_addr": "dgx010",
+        "nodes": 2,
+        "node_rank": 1,
+        "job_id": "777",
+        "restarts": 3,
+    }
     with pytest.raises(ValueError, match="launch.nodes=4 but the allocation has 2 nodes"):
         rendezvous_from_env(env, 4)
     with pytest.raises(ValueError, match="SLURM_NODEID unset"):

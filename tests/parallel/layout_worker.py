@@ -31,12 +31,21 @@ from keye_train.training.setup import TrainModel  # noqa: E402
 from parallel.layout import check_batch, check_layout, init_process_groups  # noqa: E402
 from parallel.placement import ColocatedPlacement  # noqa: E402
 
-SAMPLED = ("layers.0.self_attention.linear_qkv.weight", "layers.3.self_attention.linear_proj.weight",
-           "layers.1.self_attention.q_layernorm.weight", "layers.2.mlp.router.weight",
-           "layers.0.mlp.experts.expert_1.linear_fc1.weight", "layers.3.mlp.experts.expert_6.linear_fc2.weight",
-           "layers.2.input_layernorm.weight", "final_layernorm.weight", "output_layer.weight",
-           "embedding.word_embeddings.weight", "vision.encoder.blocks.layers.1.self_attention.linear_qkv.weight",
-           "vision.encoder.pos_table", "vision.projector.linear_2.weight")
+SAMPLED = (
+    "layers.0.self_attention.linear_qkv.weight",
+    "layers.3.self_attention.linear_proj.weight",
+    "layers.1.self_attention.q_layernorm.weight",
+    "layers.2.mlp.router.weight",
+    "layers.0.mlp.experts.expert_1.linear_fc1.weight",
+    "layers.3.mlp.experts.expert_6.linear_fc2.weight",
+    "layers.2.input_layernorm.weight",
+    "final_layernorm.weight",
+    "output_layer.weight",
+    "embedding.word_embeddings.weight",
+    "vision.encoder.blocks.layers.1.self_attention.linear_qkv.weight",
+    "vision.encoder.pos_table",
+    "vision.projector.linear_2.weight",
+)
 
 
 def sampled(name: str) -> bool:
@@ -64,7 +73,8 @@ def run_phase(cfg, mine, placement, distributed_optimizer: bool):
     objective = NextTokenObjective(placement, torch.device("cpu"))
     objective.begin_step(mine)
     outputs = ColocatedSchedule(TrainModel(parts, lm, vision, optimizer), cfg.model.tokens, placement).run(
-        mine, objective)
+        mine, objective
+    )
     result = objective.end_step(outputs)
     return parts, chunks, optimizer, result.loss if placement.is_last_stage() else None
 
@@ -92,11 +102,21 @@ def main(out_dir: str, overrides: list[str]):
     updated, grad_norm = optimizer_step(optimizer, chunks)
     weights = {info.name: p.detach().clone() for p, info in parameter_shards(parts) if sampled(info.name)}
 
-    report = {"rank": rank, "loss_a": loss_a, "loss_b": loss_b, "grad_norm": grad_norm, "updated": updated,
-              "grad_rel_err": {}, "weight_rel_err": {}}
+    report = {
+        "rank": rank,
+        "loss_a": loss_a,
+        "loss_b": loss_b,
+        "grad_norm": grad_norm,
+        "updated": updated,
+        "grad_rel_err": {},
+        "weight_rel_err": {},
+    }
     if is_reference:
-        np.savez(reference, **{f"grad/{k}": v.numpy() for k, v in grads.items()},
-                 **{f"weight/{k}": v.numpy() for k, v in weights.items()})
+        np.savez(
+            reference,
+            **{f"grad/{k}": v.numpy() for k, v in grads.items()},
+            **{f"weight/{k}": v.numpy() for k, v in weights.items()},
+        )
     else:
         with np.load(reference, allow_pickle=False) as ref:
             for kind, tensors, field in (("grad", grads, "grad_rel_err"), ("weight", weights, "weight_rel_err")):

@@ -9,20 +9,23 @@ from tests.helpers import QUIET, keye_train
 MODEL = tiny()
 
 
-@pytest.mark.parametrize("par,world,key", [
-    (ParallelConfig(tp=2), 3, "parallel.tp"),
-    (ParallelConfig(tp=3), 3, "parallel.tp"),  # 4 heads not divisible by 3
-    (ParallelConfig(ep=3), 3, "parallel.ep"),  # 8 experts not divisible by 3
-    (ParallelConfig(pp=3), 3, "parallel.pp"),  # 4 layers not divisible by 3
-    (ParallelConfig(tp=2, etp=1), 2, "parallel.etp"),  # ETP != TP needs EP > 1
-    (ParallelConfig(tp=2, sequence_parallel=False), 2, "parallel.sequence_parallel"),
-    (ParallelConfig(vision=VisionParallelConfig(ranks=2)), 4, "parallel.placement=split"),  # colocated
-    (ParallelConfig(placement="mpmd"), 4, "parallel.placement"),
-    (ParallelConfig(placement="split"), 4, "parallel.vision.ranks"),  # split needs ViT ranks
-    (ParallelConfig(placement="split", vision=VisionParallelConfig(ranks=4)), 4, "parallel.vision.ranks"),
-    (ParallelConfig(placement="split", vision=VisionParallelConfig(tp=3, ranks=3)), 6, "parallel.vision.tp"),
-    (ParallelConfig(placement="split", tp=2, vision=VisionParallelConfig(ranks=1)), 4, "LM ranks"),  # 3 LM ranks
-])
+@pytest.mark.parametrize(
+    "par,world,key",
+    [
+        (ParallelConfig(tp=2), 3, "parallel.tp"),
+        (ParallelConfig(tp=3), 3, "parallel.tp"),  # 4 heads not divisible by 3
+        (ParallelConfig(ep=3), 3, "parallel.ep"),  # 8 experts not divisible by 3
+        (ParallelConfig(pp=3), 3, "parallel.pp"),  # 4 layers not divisible by 3
+        (ParallelConfig(tp=2, etp=1), 2, "parallel.etp"),  # ETP != TP needs EP > 1
+        (ParallelConfig(tp=2, sequence_parallel=False), 2, "parallel.sequence_parallel"),
+        (ParallelConfig(vision=VisionParallelConfig(ranks=2)), 4, "parallel.placement=split"),  # colocated
+        (ParallelConfig(placement="mpmd"), 4, "parallel.placement"),
+        (ParallelConfig(placement="split"), 4, "parallel.vision.ranks"),  # split needs ViT ranks
+        (ParallelConfig(placement="split", vision=VisionParallelConfig(ranks=4)), 4, "parallel.vision.ranks"),
+        (ParallelConfig(placement="split", vision=VisionParallelConfig(tp=3, ranks=3)), 6, "parallel.vision.tp"),
+        (ParallelConfig(placement="split", tp=2, vision=VisionParallelConfig(ranks=1)), 4, "LM ranks"),  # 3 LM ranks
+    ],
+)
 def test_check_layout_names_the_key(par, world, key):
     with pytest.raises(LayoutError, match=key.replace(".", r"\.")):
         check_layout(par, MODEL.lm, MODEL.vit, world)
@@ -35,11 +38,14 @@ def test_valid_layout_sizes():
         check_batch(TrainConfig(global_batch=3), sizes)
 
 
-@pytest.mark.parametrize("override,needle", [
-    ("parallel.tp=3", "parallel.tp"),
-    ("parallel.tensor=2", "tensor"),
-    ("train.steps=many", "train.steps"),
-])
+@pytest.mark.parametrize(
+    "override,needle",
+    [
+        ("parallel.tp=3", "parallel.tp"),
+        ("parallel.tensor=2", "tensor"),
+        ("train.steps=many", "train.steps"),
+    ],
+)
 def test_cli_rejects_before_starting_ranks(tmp_path, override, needle):
     done = keye_train(*QUIET, "parallel.nproc=3", f"run_dir={tmp_path}", override, timeout=120)
     assert done.returncode == 2, done.stderr[-2000:]
@@ -51,12 +57,15 @@ def test_split_placement_gives_the_vit_the_first_ranks_and_the_lm_the_rest():
     par = ParallelConfig(placement="split", tp=2, ep=2, vision=VisionParallelConfig(tp=2, ranks=4))
     sizes = check_layout(par, MODEL.lm, MODEL.vit, 12)
     assert (sizes.world, sizes.vision_ranks, sizes.dp, sizes.expert_dp) == (12, 4, 4, 2)
-    assert rank_roles(par, sizes) == ["ranks 0-3: ViT + projector (tp 2 x dp 2)",
-                                      "ranks 4-11: LM (tp 2 x pp 1 x dp 4, ep 2)"]
+    assert rank_roles(par, sizes) == [
+        "ranks 0-3: ViT + projector (tp 2 x dp 2)",
+        "ranks 4-11: LM (tp 2 x pp 1 x dp 4, ep 2)",
+    ]
 
 
 def test_training_a_split_layout_is_refused_before_any_rank_starts(tmp_path):
-    done = keye_train(*QUIET, "parallel.placement=split", "parallel.vision.ranks=1", "parallel.nproc=3",
-                      f"run_dir={tmp_path}")
+    done = keye_train(
+        *QUIET, "parallel.placement=split", "parallel.vision.ranks=1", "parallel.nproc=3", f"run_dir={tmp_path}"
+    )
     assert done.returncode == 2 and "parallel.placement=split" in done.stderr
     assert not (tmp_path / "checkpoints").exists()

@@ -18,8 +18,17 @@ import pytest
 from tests.helpers import DATA
 
 WORKER = Path(__file__).with_name("layout_worker.py")
-BASE = ["~recipe", "model=tiny", *DATA, "train.seq_length=128", "train.global_batch=4", "train.seed=7", "optim.lr=1e-3",
-        "optim.clip_grad=1.0", "model.lm.loss_impl=megatron"]  # today's logits + CE, the reference of tp2_grouped_chunked
+BASE = [
+    "~recipe",
+    "model=tiny",
+    *DATA,
+    "train.seq_length=128",
+    "train.global_batch=4",
+    "train.seed=7",
+    "optim.lr=1e-3",
+    "optim.clip_grad=1.0",
+    "model.lm.loss_impl=megatron",
+]  # today's logits + CE, the reference of tp2_grouped_chunked
 LAYOUTS = {
     "tp2": (2, ["parallel.tp=2"]),
     "pp2": (2, ["parallel.pp=2"]),
@@ -32,8 +41,15 @@ LAYOUTS = {
     "ep2_grouped": (2, ["parallel.ep=2", "model.lm.experts_impl=grouped"]),
     # the chunked vocab-parallel head + CE (chunks of 48, 48, 32 tokens) against megatron's on one rank, with
     # grouped experts split over expert TP = 2
-    "tp2_grouped_chunked": (2, ["parallel.tp=2", "model.lm.experts_impl=grouped", "model.lm.loss_impl=chunked",
-                                "model.lm.loss_chunk_tokens=48"]),
+    "tp2_grouped_chunked": (
+        2,
+        [
+            "parallel.tp=2",
+            "model.lm.experts_impl=grouped",
+            "model.lm.loss_impl=chunked",
+            "model.lm.loss_chunk_tokens=48",
+        ],
+    ),
 }
 LOSS_TOL = 2e-6  # relative, fp32
 GRAD_TOL = 1e-4  # relative L2 error of a gradient or updated weight, fp32 with a different reduction order
@@ -41,8 +57,17 @@ GRAD_TOL = 1e-4  # relative L2 error of a gradient or updated weight, fp32 with 
 
 def run_layout(nproc: int, overrides, out: Path) -> list[dict]:
     env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           str(WORKER), str(out), *BASE, *overrides]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        str(WORKER),
+        str(out),
+        *BASE,
+        *overrides,
+    ]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
     return [json.loads((out / f"report_{nproc}_{r}.json").read_text()) for r in range(nproc)]
@@ -75,8 +100,10 @@ def test_layout_matches_single_rank(reference, layout):
                 compared.add(name)
                 worst[field] = max(worst[field], err)
     loss_diff = max(abs(r[k] - ref[k]) / abs(ref[k]) for r in reports for k in ("loss_a", "loss_b") if r[k] is not None)
-    print(f"{layout}: loss rel diff {loss_diff:.1e}, worst grad rel err {worst['grad_rel_err']:.1e}, "
-          f"worst updated-weight rel err {worst['weight_rel_err']:.1e}")
+    print(
+        f"{layout}: loss rel diff {loss_diff:.1e}, worst grad rel err {worst['grad_rel_err']:.1e}, "
+        f"worst updated-weight rel err {worst['weight_rel_err']:.1e}"
+    )
     # every sampled parameter of the reference was held and checked by some rank
     with np.load(out / "reference.npz") as ref_arrays:
         expected = {key.split("/", 1)[1] for key in ref_arrays.files}

@@ -23,8 +23,9 @@ class ColocatedSchedule:
         def forward_step(data_iterator, chunk):
             batch = next(data_iterator)
             lm = unwrap_model(chunk)
-            decoder_input = embed_inputs(lm, vision, batch, self.tokens, self.sequence_parallel) \
-                if lm.pre_process else None
+            decoder_input = (
+                embed_inputs(lm, vision, batch, self.tokens, self.sequence_parallel) if lm.pre_process else None
+            )
             if decoder_input is not None and not decoder_input.requires_grad and not forward_only:
                 # Stage 0 on a text-only pack: nothing upstream trains, but the backward must still run through
                 # the LM, whose TP/EP collectives every rank of the group has to join.

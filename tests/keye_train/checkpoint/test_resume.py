@@ -8,13 +8,25 @@ import time
 from keye_train import checkpoint
 from tests.helpers import QUIET, cli_env, logged_losses
 
-ARGS = [*QUIET, "parallel.nproc=1", "train.steps=6", "train.global_batch=2", "train.seq_length=128",
-        "checkpoint.interval=3", "optim.warmup_steps=2"]
+ARGS = [
+    *QUIET,
+    "parallel.nproc=1",
+    "train.steps=6",
+    "train.global_batch=2",
+    "train.seq_length=128",
+    "checkpoint.interval=3",
+    "optim.warmup_steps=2",
+]
 
 
 def start(run_dir) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "keye_train.cli", *ARGS, f"run_dir={run_dir}"], env=cli_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "keye_train.cli", *ARGS, f"run_dir={run_dir}"],
+        env=cli_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def test_kill_and_resume_is_bit_identical(tmp_path):

@@ -10,16 +10,35 @@ import yaml
 
 from tests.helpers import DATA, cli_env, ensure_test_data, keye_train
 
-COMMON = ["model=tiny", "logging.wandb_mode=disabled", "logging.progress_bar=false", *DATA, "parallel.nproc=1",
-          "parallel.tp=1", "parallel.pp=1", "parallel.ep=1", "train.global_batch=2", "train.seq_length=128", "optim.warmup_steps=0",
-          "checkpoint.interval=1000"]
+COMMON = [
+    "model=tiny",
+    "logging.wandb_mode=disabled",
+    "logging.progress_bar=false",
+    *DATA,
+    "parallel.nproc=1",
+    "parallel.tp=1",
+    "parallel.pp=1",
+    "parallel.ep=1",
+    "train.global_batch=2",
+    "train.seq_length=128",
+    "optim.warmup_steps=0",
+    "checkpoint.interval=1000",
+]
 
 
 def write_chain(path, run_root, second_steps: int, second_extra=()) -> str:
-    chain = {"run_root": str(run_root), "common": COMMON,
-             "stages": [{"name": "first", "recipe": "stage0_projector", "overrides": ["train.steps=2"]},
-                        {"name": "second", "recipe": "stage1_pretrain",
-                         "overrides": [f"train.steps={second_steps}", *second_extra]}]}
+    chain = {
+        "run_root": str(run_root),
+        "common": COMMON,
+        "stages": [
+            {"name": "first", "recipe": "stage0_projector", "overrides": ["train.steps=2"]},
+            {
+                "name": "second",
+                "recipe": "stage1_pretrain",
+                "overrides": [f"train.steps={second_steps}", *second_extra],
+            },
+        ],
+    }
     path.write_text(yaml.safe_dump(chain))
     return str(path)
 
@@ -47,8 +66,13 @@ def test_a_chain_inits_each_stage_from_the_last_survives_preemption_and_continue
     ensure_test_data()
     runs = tmp_path / "runs"
     chain = write_chain(tmp_path / "chain.yaml", runs, 500)
-    run = subprocess.Popen([sys.executable, "-m", "keye_train.cli", "chain", chain], env=cli_env(),
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    run = subprocess.Popen(
+        [sys.executable, "-m", "keye_train.cli", "chain", chain],
+        env=cli_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.monotonic() + 400
     while len(rows(runs / "second")) < 2 and time.monotonic() < deadline and run.poll() is None:
         time.sleep(0.2)

@@ -30,12 +30,24 @@ def metric_rows(run_dir) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
-@pytest.mark.parametrize("nodes, args", [
-    (1, [*TINY, "launch.gpus_per_node=2"]),
-    (2, [*TINY, "launch.nodes=2", "launch.gpus_per_node=2"]),
-    (16, ["recipe=stage1_pretrain", "launch.nodes=16", "launch.slurm.partition=h200", "launch.slurm.account=vl",
-          "+launch.env.NCCL_DEBUG=WARN", "launch.slurm.setup=[source /opt/venv/bin/activate]"]),
-])
+@pytest.mark.parametrize(
+    "nodes, args",
+    [
+        (1, [*TINY, "launch.gpus_per_node=2"]),
+        (2, [*TINY, "launch.nodes=2", "launch.gpus_per_node=2"]),
+        (
+            16,
+            [
+                "recipe=stage1_pretrain",
+                "launch.nodes=16",
+                "launch.slurm.partition=h200",
+                "launch.slurm.account=vl",
+                "+launch.env.NCCL_DEBUG=WARN",
+                "launch.slurm.setup=[source /opt/venv/bin/activate]",
+            ],
+        ),
+    ],
+)
 def test_sbatch_scripts_for_1_2_and_16_nodes(nodes, args, tmp_path, capsys):
     run_dir = tmp_path / "job"
     assert launch_main(["slurm", "--dry-run", *args, f"run_dir={run_dir}"]) == 0
@@ -43,13 +55,20 @@ def test_sbatch_scripts_for_1_2_and_16_nodes(nodes, args, tmp_path, capsys):
     script = printed.split("\n# each node's step")[0]
     options = re.findall(r"^#SBATCH (\S+)$", script, re.M)
     gpus = 8 if nodes == 16 else 2
-    for want in (f"--nodes={nodes}", "--ntasks-per-node=1", f"--gpus-per-node={gpus}", "--signal=B:USR1@300",
-                 "--requeue", f"--output={run_dir}/logs/%x-%j.out", "--job-name=job"):
+    for want in (
+        f"--nodes={nodes}",
+        "--ntasks-per-node=1",
+        f"--gpus-per-node={gpus}",
+        "--signal=B:USR1@300",
+        "--requeue",
+        f"--output={run_dir}/logs/%x-%j.out",
+        "--job-name=job",
+    ):
         assert want in options, (want, options)
     step = next(line for line in script.splitlines() if line.startswith("srun "))
     assert f"--output={run_dir}/logs/%x-%j-node%n.out" in step
     assert "-m keye_train.cli launch slurm-node " in step and f"run_dir={run_dir}" in step
-    assert f'REQUEST={run_dir / ".preempt_request"}' in script and 'scontrol requeue "$SLURM_JOB_ID"' in script
+    assert f"REQUEST={run_dir / '.preempt_request'}" in script and 'scontrol requeue "$SLURM_JOB_ID"' in script
     node = printed.split("\n# each node's step")[1]
     assert f"--nnodes={nodes} --nproc-per-node={gpus}" in node and "--rdzv-backend=c10d" in node
     if nodes == 16:
@@ -67,11 +86,24 @@ def test_a_layout_that_does_not_fit_the_nodes_is_refused_before_rendering(capsys
 def test_torchrun_two_nodes_rendezvous_over_c10d_and_train(tmp_path):
     ensure_test_data()
     run_dir = tmp_path / "run"
-    args = [sys.executable, "-m", "keye_train.cli", "launch", "torchrun", *TINY, "train.steps=2",
-            "launch.nodes=2", "launch.gpus_per_node=1", "launch.master_addr=127.0.0.1",
-            f"launch.master_port={free_port()}", f"run_dir={run_dir}"]
-    nodes = [subprocess.Popen(args, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for _ in range(2)]
+    args = [
+        sys.executable,
+        "-m",
+        "keye_train.cli",
+        "launch",
+        "torchrun",
+        *TINY,
+        "train.steps=2",
+        "launch.nodes=2",
+        "launch.gpus_per_node=1",
+        "launch.master_addr=127.0.0.1",
+        f"launch.master_port={free_port()}",
+        f"run_dir={run_dir}",
+    ]
+    nodes = [
+        subprocess.Popen(args, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for _ in range(2)
+    ]
     outs = [node.communicate(timeout=400) for node in nodes]
     for node, (_, err) in zip(nodes, outs):
         assert node.returncode == 0, err[-3000:]
@@ -83,9 +115,11 @@ def test_torchrun_two_nodes_rendezvous_over_c10d_and_train(tmp_path):
 
 def fake_slurm(bin_dir, log):
     bin_dir.mkdir()
-    stubs = {"srun": 'while [[ "$1" == --* ]]; do shift; done\nexec "$@"',
-             "scontrol": f'echo "scontrol $*" >> {log}',
-             "sbatch": f'echo "sbatch $*" >> {log}'}
+    stubs = {
+        "srun": 'while [[ "$1" == --* ]]; do shift; done\nexec "$@"',
+        "scontrol": f'echo "scontrol $*" >> {log}',
+        "sbatch": f'echo "sbatch $*" >> {log}',
+    }
     for name, body in stubs.items():
         (bin_dir / name).write_text(f"#!/bin/bash\n{body}\n")
         (bin_dir / name).chmod(0o755)
@@ -96,11 +130,32 @@ def test_slurm_job_checkpoints_on_usr1_requeues_and_resumes(tmp_path):
     log = tmp_path / "slurm.log"
     fake_slurm(tmp_path / "bin", log)
     run_dir = tmp_path / "run"
-    env = dict(cli_env(), PATH=f"{tmp_path / 'bin'}:{os.environ['PATH']}", SLURM_JOB_ID="42",
-               SLURM_JOB_NODELIST="localhost", SLURM_NODEID="0", SLURM_JOB_NUM_NODES="1")
-    submit = subprocess.run([sys.executable, "-m", "keye_train.cli", "launch", "slurm", *TINY, "train.steps=400",
-                             "launch.gpus_per_node=2", f"launch.master_port={free_port()}", f"run_dir={run_dir}"],
-                            env=env, capture_output=True, text=True, timeout=120)
+    env = dict(
+        cli_env(),
+        PATH=f"{tmp_path / 'bin'}:{os.environ['PATH']}",
+        SLURM_JOB_ID="42",
+        SLURM_JOB_NODELIST="localhost",
+        SLURM_NODEID="0",
+        SLURM_JOB_NUM_NODES="1",
+    )
+    submit = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "keye_train.cli",
+            "launch",
+            "slurm",
+            *TINY,
+            "train.steps=400",
+            "launch.gpus_per_node=2",
+            f"launch.master_port={free_port()}",
+            f"run_dir={run_dir}",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert submit.returncode == 0, submit.stderr[-3000:]
     script = run_dir / "launch" / "run.sbatch"
     assert log.read_text() == f"sbatch {script}\n"
@@ -127,8 +182,13 @@ def test_slurm_job_checkpoints_on_usr1_requeues_and_resumes(tmp_path):
 
 
 def test_a_split_placement_script_lists_the_rank_roles_and_is_not_submitted(tmp_path, capsys):
-    args = ["recipe=stage1_pretrain", "launch.nodes=18", "parallel.placement=split", "parallel.vision.ranks=16",
-            f"run_dir={tmp_path}"]
+    args = [
+        "recipe=stage1_pretrain",
+        "launch.nodes=18",
+        "parallel.placement=split",
+        "parallel.vision.ranks=16",
+        f"run_dir={tmp_path}",
+    ]
     assert launch_main(["slurm", "--dry-run", *args]) == 0
     script = capsys.readouterr().out
     assert "#   ranks 0-15: ViT + projector (tp 1 x dp 16)" in script

@@ -14,14 +14,30 @@ def write_metrics(run_dir, rows):
 
 
 def row(step, loss, **more):
-    return {"step": step, "loss": loss, "lr": 1e-3, "grad_norm": 1.0, "tokens_per_s": 100.0 + step,
-            "moe/max_over_mean_load": 1.5, **more}
+    return {
+        "step": step,
+        "loss": loss,
+        "lr": 1e-3,
+        "grad_norm": 1.0,
+        "tokens_per_s": 100.0 + step,
+        "moe/max_over_mean_load": 1.5,
+        **more,
+    }
 
 
 def test_a_resumed_step_keeps_its_last_row_and_every_panel_is_written(tmp_path):
     run = tmp_path / "run"
-    write_metrics(run, [row(1, 5.0), row(2, 4.0), row(3, 9.9), row(2, 4.5), row(3, 3.5),  # resumed from step 1
-                        row(4, float("nan"), **{"dsa/kl": 0.2})])
+    write_metrics(
+        run,
+        [
+            row(1, 5.0),
+            row(2, 4.0),
+            row(3, 9.9),
+            row(2, 4.5),
+            row(3, 3.5),  # resumed from step 1
+            row(4, float("nan"), **{"dsa/kl": 0.2}),
+        ],
+    )
     assert [(r["step"], r["loss"]) for r in read_rows(run / "metrics.jsonl")][:3] == [(1, 5.0), (2, 4.5), (3, 3.5)]
     xs, ys = series(stage_runs(run), ["loss"])["loss"]
     assert (xs, ys) == ([1, 2, 3], [5.0, 4.5, 3.5])  # the non-finite loss is left out of the plot

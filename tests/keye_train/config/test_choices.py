@@ -31,9 +31,20 @@ CHOICES = list(choice_fields())
 
 def test_the_walk_finds_the_choice_fields_the_issue_names():
     keys = {key for key, _, _ in CHOICES}
-    assert {"stage.trainable", "optim.decay_style", "train.dtype", "parallel.backend", "parallel.placement",
-            "parallel.recompute", "model.lm.dsa.mode", "model.lm.dsa.backend", "train.nonfinite_policy",
-            "logging.wandb_mode", "model.lm.experts_impl", "model.lm.loss_impl"} <= keys
+    assert {
+        "stage.trainable",
+        "optim.decay_style",
+        "train.dtype",
+        "parallel.backend",
+        "parallel.placement",
+        "parallel.recompute",
+        "model.lm.dsa.mode",
+        "model.lm.dsa.backend",
+        "train.nonfinite_policy",
+        "logging.wandb_mode",
+        "model.lm.experts_impl",
+        "model.lm.loss_impl",
+    } <= keys
 
 
 @pytest.mark.parametrize("key, choices, is_list", CHOICES, ids=[key for key, _, _ in CHOICES])
@@ -48,18 +59,21 @@ def test_a_value_outside_the_choices_is_refused_naming_the_key(key, choices, is_
     load_checked_config([*QUIET, f"{key}={good}"], world=1, check_data=False)  # each choice composes
 
 
-@pytest.mark.parametrize("override, message", [
-    ("model.lm.dsa.topk=0", "model.lm.dsa.topk=0"),
-    ("model.lm.loss_chunk_tokens=0", "model.lm.loss_chunk_tokens=0"),
-    ("model.lm.dsa.index_head_dim=12", "model.lm.dsa.index_head_dim=12"),
-    ("train.steps=0", "train.steps=0"),
-    ("train.loss_spike_window=0", "train.loss_spike_window=0"),
-    ("optim.warmup_steps=-1", "optim.warmup_steps"),
-    ("checkpoint.interval=-1", "checkpoint.interval=-1"),
-    ("logging.log_interval=0", "logging.log_interval=0"),
-    ("parallel.nproc=0", "parallel.nproc=0"),
-    ("launch.nodes=0", "launch.nodes=0"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("model.lm.dsa.topk=0", "model.lm.dsa.topk=0"),
+        ("model.lm.loss_chunk_tokens=0", "model.lm.loss_chunk_tokens=0"),
+        ("model.lm.dsa.index_head_dim=12", "model.lm.dsa.index_head_dim=12"),
+        ("train.steps=0", "train.steps=0"),
+        ("train.loss_spike_window=0", "train.loss_spike_window=0"),
+        ("optim.warmup_steps=-1", "optim.warmup_steps"),
+        ("checkpoint.interval=-1", "checkpoint.interval=-1"),
+        ("logging.log_interval=0", "logging.log_interval=0"),
+        ("parallel.nproc=0", "parallel.nproc=0"),
+        ("launch.nodes=0", "launch.nodes=0"),
+    ],
+)
 def test_a_bad_value_is_refused_naming_its_key(override, message):
     with pytest.raises(ValueError, match=message.replace("[", r"\[")):
         load_checked_config([*QUIET, "attention=sparse", override], world=1, check_data=False)
@@ -67,7 +81,8 @@ def test_a_bad_value_is_refused_naming_its_key(override, message):
 
 
 def test_the_command_line_refuses_a_bad_choice_before_any_rank_starts(tmp_path):
-    done = keye_train(*QUIET, "parallel.nproc=2", "parallel.ep=2", "train.dtype=fp16", f"run_dir={tmp_path}",
-                      timeout=120)
+    done = keye_train(
+        *QUIET, "parallel.nproc=2", "parallel.ep=2", "train.dtype=fp16", f"run_dir={tmp_path}", timeout=120
+    )
     assert done.returncode == 2 and "train.dtype='fp16'" in done.stderr and "bf16" in done.stderr
     assert "torch.distributed.run" not in done.stderr + done.stdout and not (tmp_path / "metrics.jsonl").exists()

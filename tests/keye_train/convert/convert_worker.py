@@ -59,12 +59,28 @@ def main(lm_dir: str, vit_dir: str, out: str, overrides: list[str]) -> None:
     ids, target, image = fixed_inputs(cfg.model)
     pos = torch.arange(TOKENS).expand(3, -1).clone()
     cu = torch.tensor([0, TOKENS], dtype=torch.int32)
-    params = KeyePackedSeqParams(qkv_format="sbhd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=TOKENS,
-                                 max_seqlen_kv=TOKENS, position_ids=pos)
-    decoder_input = embed_inputs(parts.lm, None, types.SimpleNamespace(input_ids=ids, visual=None), cfg.model.tokens,
-                                 parts.lm.config.sequence_parallel)
-    logits = lm(input_ids=ids, position_ids=pos[:, None, :], attention_mask=None, decoder_input=decoder_input,
-                packed_seq_params=params)
+    params = KeyePackedSeqParams(
+        qkv_format="sbhd",
+        cu_seqlens_q=cu,
+        cu_seqlens_kv=cu,
+        max_seqlen_q=TOKENS,
+        max_seqlen_kv=TOKENS,
+        position_ids=pos,
+    )
+    decoder_input = embed_inputs(
+        parts.lm,
+        None,
+        types.SimpleNamespace(input_ids=ids, visual=None),
+        cfg.model.tokens,
+        parts.lm.config.sequence_parallel,
+    )
+    logits = lm(
+        input_ids=ids,
+        position_ids=pos[:, None, :],
+        attention_mask=None,
+        decoder_input=decoder_input,
+        packed_seq_params=params,
+    )
     logits = tensor_parallel.gather_from_tensor_model_parallel_region(logits)  # vocab shards -> full
 
     vision.vit_rope_angles = lambda grids, dim, theta: torch.zeros(int(grids.prod(1).sum()), dim)
@@ -77,8 +93,14 @@ def main(lm_dir: str, vit_dir: str, out: str, overrides: list[str]) -> None:
 
     grads = gather_full_tensors(parts, torch.float32, grad_of)
     if dist.get_rank() == 0:
-        named = keye_hf_tensors({name: grad for name, grad in grads.items()
-                                 if name.startswith("lm.") or name.startswith("vision.encoder.")}, cfg.model)
+        named = keye_hf_tensors(
+            {
+                name: grad
+                for name, grad in grads.items()
+                if name.startswith("lm.") or name.startswith("vision.encoder.")
+            },
+            cfg.model,
+        )
         save_file({k: v.contiguous() for k, v in named.items()}, str(Path(out) / "grads.safetensors"))
         np.save(Path(out) / "logits.npy", logits.detach().numpy(), allow_pickle=False)
         np.save(Path(out) / "features.npy", features.detach().numpy(), allow_pickle=False)

@@ -1,6 +1,6 @@
 """HF interop: a tiny transformers Qwen3-MoE imported into our LM gives the same logits and gradients (ours in
-fp32 against transformers in float64, plain 1D positions, where M-RoPE with equal t/h/w ids is RoPE); Keye-VL-2.0 export -> import -> export is the
-identity, the unused ViT packing table included."""
+fp32 against transformers in float64, plain 1D positions, where M-RoPE with equal t/h/w ids is RoPE); Keye-VL-2.0
+export -> import -> export is the identity, the unused ViT packing table included."""
 
 import dataclasses
 import subprocess
@@ -32,10 +32,21 @@ def lm_logits(lm, ids):
     length = ids.shape[1]
     cu = torch.tensor([0, length], dtype=torch.int32)
     pos = torch.arange(length).expand(3, -1).clone()  # text: t = h = w = position
-    params = KeyePackedSeqParams(qkv_format="sbhd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=length,
-                                 max_seqlen_kv=length, position_ids=pos)
-    return lm(input_ids=ids, position_ids=pos[:, None, :], attention_mask=None,
-              decoder_input=lm.embedding(input_ids=ids, position_ids=None), packed_seq_params=params)
+    params = KeyePackedSeqParams(
+        qkv_format="sbhd",
+        cu_seqlens_q=cu,
+        cu_seqlens_kv=cu,
+        max_seqlen_q=length,
+        max_seqlen_kv=length,
+        position_ids=pos,
+    )
+    return lm(
+        input_ids=ids,
+        position_ids=pos[:, None, :],
+        attention_mask=None,
+        decoder_input=lm.embedding(input_ids=ids, position_ids=None),
+        packed_seq_params=params,
+    )
 
 
 def grads_in_keye_names(parts, model, prefix):
@@ -43,22 +54,36 @@ def grads_in_keye_names(parts, model, prefix):
     from keye_train.convert.hf_names import keye_hf_tensors
     from keye_train.model.builder import parameter_shards
 
-    return keye_hf_tensors({info.name: param.grad for param, info in parameter_shards(parts)
-                            if info.name.startswith(prefix)}, model)
+    return keye_hf_tensors(
+        {info.name: param.grad for param, info in parameter_shards(parts) if info.name.startswith(prefix)}, model
+    )
 
 
 def tiny_qwen3_moe(model, seed=0):
     from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
     lm = model.lm
-    config = Qwen3MoeConfig(vocab_size=lm.vocab_size, hidden_size=lm.hidden_size, num_hidden_layers=lm.num_layers,
-                            num_attention_heads=lm.num_heads, num_key_value_heads=lm.num_kv_heads,
-                            head_dim=lm.head_dim, intermediate_size=4 * lm.hidden_size,
-                            moe_intermediate_size=lm.moe_ffn_hidden_size, num_experts=lm.num_experts,
-                            num_experts_per_tok=lm.moe_topk, norm_topk_prob=True, rms_norm_eps=lm.norm_eps,
-                            rope_theta=lm.rope_theta, max_position_embeddings=lm.max_position_embeddings,
-                            decoder_sparse_step=1, mlp_only_layers=[], tie_word_embeddings=False,
-                            attention_bias=False, experts_implementation="eager")  # float64 needs the loop
+    config = Qwen3MoeConfig(
+        vocab_size=lm.vocab_size,
+        hidden_size=lm.hidden_size,
+        num_hidden_layers=lm.num_layers,
+        num_attention_heads=lm.num_heads,
+        num_key_value_heads=lm.num_kv_heads,
+        head_dim=lm.head_dim,
+        intermediate_size=4 * lm.hidden_size,
+        moe_intermediate_size=lm.moe_ffn_hidden_size,
+        num_experts=lm.num_experts,
+        num_experts_per_tok=lm.moe_topk,
+        norm_topk_prob=True,
+        rms_norm_eps=lm.norm_eps,
+        rope_theta=lm.rope_theta,
+        max_position_embeddings=lm.max_position_embeddings,
+        decoder_sparse_step=1,
+        mlp_only_layers=[],
+        tie_word_embeddings=False,
+        attention_bias=False,
+        experts_implementation="eager",
+    )  # float64 needs the loop
     torch.manual_seed(seed)
     hf = Qwen3MoeForCausalLM(config).double().eval()
     with torch.no_grad():  # random everything, norms around 1, a decisive router
@@ -74,16 +99,26 @@ def tiny_siglip(model, seed=5):
     from transformers import SiglipVisionConfig, SiglipVisionModel
 
     vit = model.vit
-    config = SiglipVisionConfig(hidden_size=vit.hidden_size, intermediate_size=vit.ffn_hidden_size,
-                                num_hidden_layers=vit.num_layers, num_attention_heads=vit.num_heads,
-                                image_size=vit.patch_size * vit.pos_grid, patch_size=vit.patch_size,
-                                layer_norm_eps=vit.norm_eps, hidden_act="gelu_pytorch_tanh", vision_use_head=False)
+    config = SiglipVisionConfig(
+        hidden_size=vit.hidden_size,
+        intermediate_size=vit.ffn_hidden_size,
+        num_hidden_layers=vit.num_layers,
+        num_attention_heads=vit.num_heads,
+        image_size=vit.patch_size * vit.pos_grid,
+        patch_size=vit.patch_size,
+        layer_norm_eps=vit.norm_eps,
+        hidden_act="gelu_pytorch_tanh",
+        vision_use_head=False,
+    )
     torch.manual_seed(seed)
     hf = SiglipVisionModel(config).double().eval()
     with torch.no_grad():
         for name, p in hf.named_parameters():
-            p.copy_(1 + 0.2 * torch.randn_like(p) if "norm" in name and name.endswith("weight")
-                    else 0.05 * torch.randn_like(p))
+            p.copy_(
+                1 + 0.2 * torch.randn_like(p)
+                if "norm" in name and name.endswith("weight")
+                else 0.05 * torch.randn_like(p)
+            )
     return hf
 
 
@@ -181,8 +216,14 @@ def test_keye_export_import_export_is_the_identity(single_rank, tmp_path):
     assert report["unused"] == [PACKING_TABLE]
     for (p1, info), (p2, _) in zip(parameter_shards(first), parameter_shards(second)):
         assert torch.equal(p1, p2), info.name
-    export_keye_hf(second, model, tmp_path / "b", passthrough=passthrough_tensors(tmp_path / "a"),
-                   dtype=torch.float32, max_shard_bytes=20 << 20)
+    export_keye_hf(
+        second,
+        model,
+        tmp_path / "b",
+        passthrough=passthrough_tensors(tmp_path / "a"),
+        dtype=torch.float32,
+        max_shard_bytes=20 << 20,
+    )
     a = {k: v for f in sorted((tmp_path / "a").glob("*.safetensors")) for k, v in load_file(f).items()}
     b = {k: v for f in sorted((tmp_path / "b").glob("*.safetensors")) for k, v in load_file(f).items()}
     assert a.keys() == b.keys() and PACKING_TABLE in b
@@ -228,10 +269,12 @@ def test_the_cli_imports_and_exports_sharded_layouts_exactly(layout, tmp_path):
     from tests.helpers import keye_train
 
     source = tmp_path / "hf"
-    script = ("import torch, dataclasses\n"
-              "from keye_train.config import tiny\n"
-              "from tests.keye_train.convert.test_convert import build, export_source\n"
-              f"export_source({str(source)!r})\n")
+    script = (
+        "import torch, dataclasses\n"
+        "from keye_train.config import tiny\n"
+        "from tests.keye_train.convert.test_convert import build, export_source\n"
+        f"export_source({str(source)!r})\n"
+    )
     made = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, timeout=300)
     assert made.returncode == 0, made.stderr[-3000:]
     common = ["~recipe", "model=tiny", "attention=sparse", "parallel.nproc=2", *layout]
@@ -239,8 +282,9 @@ def test_the_cli_imports_and_exports_sharded_layouts_exactly(layout, tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert "combined sha256" in done.stdout and "checkpoint.init_from=" in done.stdout
     assert (tmp_path / "run" / "checkpoints" / "step_00000000" / "meta.json").is_file()
-    done = keye_train("convert", "export", "--src", str(tmp_path / "run"), "--dst", str(tmp_path / "back"),
-                      "--dtype", "fp32", *common)
+    done = keye_train(
+        "convert", "export", "--src", str(tmp_path / "run"), "--dst", str(tmp_path / "back"), "--dtype", "fp32", *common
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     a = {k: v for f in sorted(source.glob("*.safetensors")) for k, v in load_file(f).items()}
     b = {k: v for f in sorted((tmp_path / "back").glob("*.safetensors")) for k, v in load_file(f).items()}
@@ -261,8 +305,9 @@ def export_source(path):
     model.lm.dsa = dataclasses.replace(model.lm.dsa, mode="sparse")
     init_process_groups(ParallelConfig(), check_layout(ParallelConfig(), model.lm, model.vit, 1), "gloo")
     parts = build(model, seed=8)
-    export_keye_hf(parts, model, path, passthrough={PACKING_TABLE: torch.randn(32, model.vit.hidden_size)},
-                   dtype=torch.float32)
+    export_keye_hf(
+        parts, model, path, passthrough={PACKING_TABLE: torch.randn(32, model.vit.hidden_size)}, dtype=torch.float32
+    )
 
 
 @pytest.mark.parametrize("layout", [["parallel.tp=2"], ["parallel.ep=2"]])
@@ -281,11 +326,23 @@ def test_checkpoints_imported_under_tp2_or_ep2_give_the_same_outputs_and_gradien
     lm_hf.save_pretrained(tmp_path / "lm")
     vit_hf.save_pretrained(tmp_path / "vit")
     worker = REPO / "tests" / "keye_train" / "convert" / "convert_worker.py"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(worker),
-           str(tmp_path / "lm"), str(tmp_path / "vit"), str(tmp_path), "~recipe", "model=tiny", "parallel.nproc=2",
-           "model.lm.moe_aux_loss_coeff=0", *layout]
-    done = subprocess.run(cmd, env=dict(cli_env(), PYTHONPATH=str(REPO)), capture_output=True, text=True,
-                          timeout=600)
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        str(worker),
+        str(tmp_path / "lm"),
+        str(tmp_path / "vit"),
+        str(tmp_path),
+        "~recipe",
+        "model=tiny",
+        "parallel.nproc=2",
+        "model.lm.moe_aux_loss_coeff=0",
+        *layout,
+    ]
+    done = subprocess.run(cmd, env=dict(cli_env(), PYTHONPATH=str(REPO)), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
     ids, target, image = fixed_inputs(model)
     logits = torch.from_numpy(np.load(tmp_path / "logits.npy", allow_pickle=False))
@@ -308,8 +365,19 @@ def test_an_import_plan_splits_the_reads_by_stage_and_expert_rank_without_loadin
     model.lm.dsa = dataclasses.replace(model.lm.dsa, mode="sparse")
     table = {PACKING_TABLE: torch.randn(32, model.vit.hidden_size)}
     export_keye_hf(build(model, seed=9), model, tmp_path, passthrough=table, dtype=torch.float32)
-    done = keye_train("convert", "plan", "--src", str(tmp_path), "~recipe", "model=tiny", "attention=sparse",
-                      "parallel.nproc=8", "parallel.tp=2", "parallel.pp=2", "parallel.ep=2")
+    done = keye_train(
+        "convert",
+        "plan",
+        "--src",
+        str(tmp_path),
+        "~recipe",
+        "model=tiny",
+        "attention=sparse",
+        "parallel.nproc=8",
+        "parallel.tp=2",
+        "parallel.pp=2",
+        "parallel.ep=2",
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert f"unused in the checkpoint (1): {PACKING_TABLE}" in done.stdout
     rows = {}

@@ -32,8 +32,9 @@ def layer_inputs(lm, total=96):
     pos = torch.cat([torch.arange(40), torch.arange(total - 40)]).expand(3, -1).clone()
     pos[1, 50:70] += torch.arange(20) % 5  # a picture's rows and columns
     pos[2, 50:70] += torch.arange(20) // 5
-    params = KeyePackedSeqParams(qkv_format="sbhd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=56,
-                                 max_seqlen_kv=56, position_ids=pos)
+    params = KeyePackedSeqParams(
+        qkv_format="sbhd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=56, max_seqlen_kv=56, position_ids=pos
+    )
     hidden = torch.randn(total, 1, lm.config.hidden_size, generator=g, requires_grad=True)
     return hidden, lm.rotary_pos_emb(pos[:, None, :], lm.mrope_section), params
 
@@ -70,8 +71,9 @@ def test_the_lm_loss_never_reaches_the_indexer_and_the_kl_never_reaches_the_back
     assert indexer and all(g is None or not g.any() for g in indexer.values())
     assert grads["linear_qkv.weight"].abs().sum() > 0
     grads, hidden_grad, stats = run_layer(lm, coeff_scale=1.0, lm_grad=0.0)  # indexer loss only
-    assert all(g is not None and g.abs().sum() > 0 for n, g in grads.items() if n.endswith("proj.weight")
-               and ".indexer." in n)
+    assert all(
+        g is not None and g.abs().sum() > 0 for n, g in grads.items() if n.endswith("proj.weight") and ".indexer." in n
+    )
     backbone = {n: g for n, g in grads.items() if ".indexer." not in n}
     assert all(g is None or not g.any() for g in backbone.values()) and not hidden_grad.any()
     assert stats["kl"] > 0 and 0 < stats["recall"] <= 1 + 1e-6
@@ -81,10 +83,12 @@ def test_sparse_with_k_at_least_the_document_equals_dense(single_rank):
     dense, sparse = build_lm(dsa_model("warmup")), build_lm(dsa_model("sparse", topk=64))
     hidden, rotary, params = layer_inputs(dense)
     with torch.no_grad():
-        a, _ = dense.decoder.layers[0](hidden_states=hidden, attention_mask=None, rotary_pos_emb=rotary,
-                                        packed_seq_params=params)
-        b, _ = sparse.decoder.layers[0](hidden_states=hidden, attention_mask=None, rotary_pos_emb=rotary,
-                                         packed_seq_params=params)
+        a, _ = dense.decoder.layers[0](
+            hidden_states=hidden, attention_mask=None, rotary_pos_emb=rotary, packed_seq_params=params
+        )
+        b, _ = sparse.decoder.layers[0](
+            hidden_states=hidden, attention_mask=None, rotary_pos_emb=rotary, packed_seq_params=params
+        )
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)  # fp32: SDPA vs the gathered softmax
 
 

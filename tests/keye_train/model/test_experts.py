@@ -2,7 +2,6 @@
 experts alone (forward and every gradient, with and without row padding), the whole LM's loss and gradients,
 the shared canonical names and state-dict keys, and checkpoints written by one implementation loaded by the other."""
 
-
 import pytest
 import torch
 
@@ -90,12 +89,17 @@ def test_grouped_experts_match_sequential_mlp_and_float64(single_rank, align):
         if ref.norm() == 0:  # an expert without tokens: its gradient is exactly zero in both
             assert a.abs().max() == 0 and b.abs().max() == 0, name
             continue
-        errors = {"sequential_vs_f64": rel(a, ref), "grouped_vs_f64": rel(b, ref),
-                  "grouped_vs_sequential": rel(b, a.double())}
+        errors = {
+            "sequential_vs_f64": rel(a, ref),
+            "grouped_vs_f64": rel(b, ref),
+            "grouped_vs_sequential": rel(b, a.double()),
+        }
         worst = {k: max(v, errors[k]) for k, v in worst.items()}
         assert all(err < 1e-6 for err in errors.values()), (name, errors)  # fp32: ~1e-7
-    print(f"group_align={align}: worst relative L2 errors over out and all gradients: "
-          + ", ".join(f"{k} {v:.2e}" for k, v in worst.items()))
+    print(
+        f"group_align={align}: worst relative L2 errors over out and all gradients: "
+        + ", ".join(f"{k} {v:.2e}" for k, v in worst.items())
+    )
 
 
 def lm_loss_and_grads(parts, model):
@@ -105,8 +109,11 @@ def lm_loss_and_grads(parts, model):
     tokens = torch.randint(0, model.lm.vocab_size, (1, 49), generator=torch.Generator().manual_seed(1))
     loss = lm_token_losses(parts.lm, tokens[:, :-1], tokens[:, 1:]).sum()
     loss.backward()
-    return loss.detach(), {info.name: p.grad.clone() for p, info in parameter_shards(parts)
-                           if info.name.startswith("lm.") and p.grad is not None}
+    return loss.detach(), {
+        info.name: p.grad.clone()
+        for p, info in parameter_shards(parts)
+        if info.name.startswith("lm.") and p.grad is not None
+    }
 
 
 def test_the_lm_trains_alike_with_either_experts_impl(single_rank):
@@ -142,8 +149,11 @@ def test_both_impls_share_canonical_names_and_state_dict_keys(single_rank):
     # a state dict of one loads into the other with strict key checking
     _, other = build("grouped", seed=4)
     other.lm.load_state_dict(seq_state, strict=True)
-    loaded = [(info.name, a, b) for (a, info), (b, _) in zip(seq_shards, parameter_shards(other))
-              if info.name.startswith("lm.")]
+    loaded = [
+        (info.name, a, b)
+        for (a, info), (b, _) in zip(seq_shards, parameter_shards(other))
+        if info.name.startswith("lm.")
+    ]
     assert all(torch.equal(a, b) for _, a, b in loaded) and any(".expert_7." in name for name, _, _ in loaded)
 
 

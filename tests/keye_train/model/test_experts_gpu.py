@@ -15,8 +15,10 @@ from kernels.grouped_matmul import (
 )
 
 if not torch.cuda.is_available():
-    pytest.skip("needs a CUDA GPU (torch's grouped GEMM kernel is CUDA-only; the CPU tests cover the rest)",
-                allow_module_level=True)
+    pytest.skip(
+        "needs a CUDA GPU (torch's grouped GEMM kernel is CUDA-only; the CPU tests cover the rest)",
+        allow_module_level=True,
+    )
 
 BF16_BAND = 1e-2  # relative L2 error of bf16 operands against float32 (typically 1e-3 .. 1e-2); NaN fails
 
@@ -36,8 +38,8 @@ def test_grouped_mm_matches_the_fp32_loop_at_full_expert_shapes():
     g = torch.Generator(device="cuda").manual_seed(0)
     counts = torch.randint(0, 700, (experts,), generator=g, device="cuda").tolist()
     counts[3] = counts[11] = 0  # experts without tokens
-    fc1 = torch.randn(experts, 2 * ffn, hidden, generator=g, device="cuda") * hidden ** -0.5
-    fc2 = torch.randn(experts, hidden, ffn, generator=g, device="cuda") * ffn ** -0.5
+    fc1 = torch.randn(experts, 2 * ffn, hidden, generator=g, device="cuda") * hidden**-0.5
+    fc2 = torch.randn(experts, hidden, ffn, generator=g, device="cuda") * ffn**-0.5
     x = torch.randn(sum(counts), hidden, generator=g, device="cuda")
     probs = torch.rand(sum(counts), generator=g, device="cuda")
     upstream = torch.randn(sum(counts), hidden, generator=g, device="cuda")
@@ -98,8 +100,10 @@ def test_grouped_experts_match_sequential_mlp_on_the_gpu(single_rank):
         if name == "grouped":
             weights = [module.linear_fc1.weight.grad, module.linear_fc2.weight.grad]
         else:
-            weights = [torch.stack([e.linear_fc1.weight.grad for e in module.local_experts]),
-                       torch.stack([e.linear_fc2.weight.grad for e in module.local_experts])]
+            weights = [
+                torch.stack([e.linear_fc1.weight.grad for e in module.local_experts]),
+                torch.stack([e.linear_fc2.weight.grad for e in module.local_experts]),
+            ]
         results[name] = (out, xs.grad, ps.grad, *weights)
     for what, got, want in zip(("out", "dx", "dprobs", "dfc1", "dfc2"), results["grouped"], results["sequential"]):
         err = rel(got, want)

@@ -71,12 +71,17 @@ def test_chunked_head_matches_megatron_and_float64(runs):
     assert torch.equal(hidden_m, hidden_c)  # the same model up to the head
     weight = parts_m.lm.output_layer.weight
     want_loss, want_dhidden, want_dweight = float64_head(hidden_m, weight, labels, upstream)
-    checks = {"loss": (loss_m[0], loss_c[0], want_loss), "d_hidden": (dhidden_m, dhidden_c, want_dhidden),
-              "d_output_layer": (grads_m["lm.output_layer.weight"], grads_c["lm.output_layer.weight"], want_dweight)}
+    checks = {
+        "loss": (loss_m[0], loss_c[0], want_loss),
+        "d_hidden": (dhidden_m, dhidden_c, want_dhidden),
+        "d_output_layer": (grads_m["lm.output_layer.weight"], grads_c["lm.output_layer.weight"], want_dweight),
+    }
     for what, (megatron, chunked, want) in checks.items():
         err_m, err_c, between = rel(megatron, want), rel(chunked, want), rel(chunked, megatron.double())
-        print(f"{what}: megatron vs float64 {err_m:.1e}, chunked vs float64 {err_c:.1e}, chunked vs megatron "
-              f"{between:.1e}")
+        print(
+            f"{what}: megatron vs float64 {err_m:.1e}, chunked vs float64 {err_c:.1e}, chunked vs megatron "
+            f"{between:.1e}"
+        )
         assert err_c <= max(2 * err_m, 1e-6) and between < 1e-6, (what, err_m, err_c, between)
 
 

@@ -22,7 +22,7 @@ def test_frames_do_not_attend_to_each_other(single_rank):
     sizes = grids.prod(1).tolist()
     patches = torch.randn(sum(sizes), 3 * 14 * 14, generator=torch.Generator().manual_seed(0))
     changed = patches.clone()
-    changed[sizes[0]:sizes[0] + sizes[1]] += torch.randn(sizes[1], 3 * 14 * 14)
+    changed[sizes[0] : sizes[0] + sizes[1]] += torch.randn(sizes[1], 3 * 14 * 14)
     with torch.no_grad():
         before = tower.encoder(VisualInput(patches, grids))
         after = tower.encoder(VisualInput(changed, grids))
@@ -53,6 +53,12 @@ def test_merge_2x2_raster_order():
     expected = []
     for i in range(rows // 2):
         for j in range(cols // 2):
-            expected.append([(2 * i) * cols + 2 * j, (2 * i) * cols + 2 * j + 1,
-                             (2 * i + 1) * cols + 2 * j, (2 * i + 1) * cols + 2 * j + 1])
+            expected.append(
+                [
+                    (2 * i) * cols + 2 * j,
+                    (2 * i) * cols + 2 * j + 1,
+                    (2 * i + 1) * cols + 2 * j,
+                    (2 * i + 1) * cols + 2 * j + 1,
+                ]
+            )
     assert merged.tolist() == [[float(x) for x in row] for row in expected]

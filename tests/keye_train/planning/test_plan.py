@@ -47,10 +47,17 @@ def test_tiny_meta_counts_equal_a_real_build():
     model = tiny()
     counts = count_parameters(model)
     with single_rank_megatron():
-        lm = build_lm(model.lm, lm_transformer_config(model.lm, ParallelConfig(), torch.float32, on_gpu=False),
-                      pre_process=True, post_process=True)
-        vision = VisionTower(model, vit_transformer_config(model.vit, torch.float32, on_gpu=False),
-                             ProcessGroupCollection.use_mpu_process_groups())
+        lm = build_lm(
+            model.lm,
+            lm_transformer_config(model.lm, ParallelConfig(), torch.float32, on_gpu=False),
+            pre_process=True,
+            post_process=True,
+        )
+        vision = VisionTower(
+            model,
+            vit_transformer_config(model.vit, torch.float32, on_gpu=False),
+            ProcessGroupCollection.use_mpu_process_groups(),
+        )
     assert all(p.device.type == "cpu" for p in lm.parameters())
     assert counts["lm"] == sum(p.numel() for p in lm.parameters())
     assert counts["vit"] == sum(p.numel() for p in vision.encoder.parameters())
@@ -58,8 +65,9 @@ def test_tiny_meta_counts_equal_a_real_build():
 
 
 def _sizes(tp: int, pp: int = 2, ep: int = 8, world: int = 64) -> LayoutSizes:
-    return LayoutSizes(world=world, tp=tp, pp=pp, ep=ep, etp=tp, dp=world // (tp * pp),
-                       expert_dp=world // (tp * ep * pp))
+    return LayoutSizes(
+        world=world, tp=tp, pp=pp, ep=ep, etp=tp, dp=world // (tp * pp), expert_dp=world // (tp * ep * pp)
+    )
 
 
 def test_tensor_parallelism_shrinks_the_sharded_parts():
@@ -74,19 +82,27 @@ def test_tensor_parallelism_shrinks_the_sharded_parts():
 
 
 def test_plan_cli_prints_totals_quickly_without_allocating_the_model():
-    args = ["plan", "model=keye_vl2_30b_a3b", "parallel.tp=2", "parallel.pp=4", "parallel.ep=8",
-            "parallel.nproc=64", "train.global_batch=64"]  # the demo recipe's batch of 4 does not split over DP 8
+    args = [
+        "plan",
+        "model=keye_vl2_30b_a3b",
+        "parallel.tp=2",
+        "parallel.pp=4",
+        "parallel.ep=8",
+        "parallel.nproc=64",
+        "train.global_batch=64",
+    ]  # the demo recipe's batch of 4 does not split over DP 8
     # VmHWM is the peak of this process's own memory map. ru_maxrss is not: Linux carries the parent's
     # (pytest's) peak across exec into it.
-    script = ("import sys; from keye_train.cli.main import main; rc = main(sys.argv[1:]); "
-              "hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM:')][0]; "
-              "print('maxrss_kb', hwm.split()[1]); sys.exit(rc)")
+    script = (
+        "import sys; from keye_train.cli.main import main; rc = main(sys.argv[1:]); "
+        "hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM:')][0]; "
+        "print('maxrss_kb', hwm.split()[1]); sys.exit(rc)"
+    )
     env = cli_env()
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
         env.pop(key, None)
     started = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-c", script, *args], env=env, capture_output=True, text=True,
-                          timeout=120)
+    proc = subprocess.run([sys.executable, "-c", script, *args], env=env, capture_output=True, text=True, timeout=120)
     elapsed = time.perf_counter() - started
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"{FULL_LM:,}" in proc.stdout and f"{FULL_VIT:,}" in proc.stdout and f"{FULL_PROJECTOR:,}" in proc.stdout
@@ -102,9 +118,14 @@ def test_plan_chain_prints_each_stages_token_budget():
     done = keye_train("plan", "chain", "keye_vl2")
     assert done.returncode == 0, done.stderr
     rows = {line.split()[0]: line.split() for line in done.stdout.splitlines()[1:]}
-    expected = {"stage0_projector": (8192, 1000, 512), "stage1_pretrain": (32768, 30000, 1024),
-                "stage2_multitask": (65536, 60000, 512), "dsa_warmup": (65536, 1000, 32),
-                "stage3_longcontext": (262144, 15000, 128), "sft": (65536, 4000, 256)}
+    expected = {
+        "stage0_projector": (8192, 1000, 512),
+        "stage1_pretrain": (32768, 30000, 1024),
+        "stage2_multitask": (65536, 60000, 512),
+        "dsa_warmup": (65536, 1000, 32),
+        "stage3_longcontext": (262144, 15000, 128),
+        "sft": (65536, 4000, 256),
+    }
     for stage, (seq, steps, batch) in expected.items():
         assert [int(x.replace(",", "")) for x in rows[stage][1:5]] == [seq, steps, batch, seq * steps * batch]
     assert int(rows["total"][1].replace(",", "")) == sum(s * n * b for s, n, b in expected.values())
@@ -139,8 +160,12 @@ def test_selective_recompute_and_the_chunked_head_in_the_plan():
     selective = activations(recompute="selective", vision=VisionParallelConfig(recompute="full"))
     assert full < selective < none
     assert activations(recompute="selective") > selective  # a ViT that keeps everything costs more
-    megatron_head = memory_per_rank(dataclasses.replace(model, lm=dataclasses.replace(model.lm, loss_impl="megatron")),
-                                    ParallelConfig(ep=8, recompute="full"), train, sizes)["first_stage"]
+    megatron_head = memory_per_rank(
+        dataclasses.replace(model, lm=dataclasses.replace(model.lm, loss_impl="megatron")),
+        ParallelConfig(ep=8, recompute="full"),
+        train,
+        sizes,
+    )["first_stage"]
     saved = megatron_head["activations"] - full
     assert 0.9 * 6 * 32768 * 151936 < saved < 6 * 32768 * 151936
 
@@ -149,8 +174,9 @@ def test_the_full_model_fits_one_node_at_32k_with_its_recipe():
     """The 48-layer model at 32K on 8 H200s (parallel=ep8_node): at most 120 GiB per rank."""
     from keye_train.config.compose import load_checked_config
 
-    cfg, sizes = load_checked_config(["recipe=stage1_pretrain", "parallel=ep8_node", "launch.nodes=1"],
-                                     world="launch", check_data=False)
+    cfg, sizes = load_checked_config(
+        ["recipe=stage1_pretrain", "parallel=ep8_node", "launch.nodes=1"], world="launch", check_data=False
+    )
     assert cfg.model.lm.num_layers == 48 and cfg.train.seq_length == 32768
     total = memory_per_rank(cfg.model, cfg.parallel, cfg.train, sizes)["first_stage"]["total"]
     assert total <= 120 * 2**30, total / 2**30

@@ -7,8 +7,15 @@ from tests.helpers import QUIET, TEST_DATA, corrupt_copy, keye_train
 
 def test_training_skips_counts_and_logs_bad_samples(tmp_path):
     damaged = corrupt_copy(TEST_DATA / "shards", tmp_path / "shards")
-    done = keye_train(*QUIET, f"data.shards={tmp_path / 'shards'}", "parallel.nproc=1", "train.steps=4",
-                      "train.global_batch=4", "train.seq_length=128", f"run_dir={tmp_path / 'run'}")
+    done = keye_train(
+        *QUIET,
+        f"data.shards={tmp_path / 'shards'}",
+        "parallel.nproc=1",
+        "train.steps=4",
+        "train.global_batch=4",
+        "train.seq_length=128",
+        f"run_dir={tmp_path / 'run'}",
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 4 and all(r["loss"] == r["loss"] for r in rows)

@@ -17,8 +17,15 @@ def metrics(run_dir) -> list[dict]:
 
 def test_warmup_lowers_the_indexer_kl_then_sparse_training_continues(tmp_path):
     warm = tmp_path / "warmup"
-    done = keye_train(*BASE, "train.steps=12", "model.lm.dsa.mode=warmup", "stage.trainable=[indexer]",
-                      "optim.lr=1e-2", "optim.decay_style=constant", f"run_dir={warm}")
+    done = keye_train(
+        *BASE,
+        "train.steps=12",
+        "model.lm.dsa.mode=warmup",
+        "stage.trainable=[indexer]",
+        "optim.lr=1e-2",
+        "optim.decay_style=constant",
+        f"run_dir={warm}",
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     rows = metrics(warm)
     kl = [r["dsa/kl"] for r in rows]
@@ -28,8 +35,14 @@ def test_warmup_lowers_the_indexer_kl_then_sparse_training_continues(tmp_path):
     assert max(abs(r["loss"] - rows[0]["loss"]) for r in rows) < 0.1  # the frozen backbone does not learn
 
     sparse = tmp_path / "sparse"
-    done = keye_train(*BASE, "train.steps=6", "model.lm.dsa.mode=sparse", "optim.lr=5e-3",
-                      f"checkpoint.init_from={warm}", f"run_dir={sparse}")
+    done = keye_train(
+        *BASE,
+        "train.steps=6",
+        "model.lm.dsa.mode=sparse",
+        "optim.lr=5e-3",
+        f"checkpoint.init_from={warm}",
+        f"run_dir={sparse}",
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert f"initialised from {warm}" in done.stdout
     rows = metrics(sparse)
@@ -37,8 +50,14 @@ def test_warmup_lowers_the_indexer_kl_then_sparse_training_continues(tmp_path):
     assert all(0 < r["dsa/recall"] <= 1 and r["dsa/kl"] > 0 for r in rows)
 
 
-SPARSE = [*BASE, "train.steps=3", "optim.lr=5e-3", "model.lm.dsa.mode=sparse", "model.lm.dsa.verify_tp_topk=true",
-          "checkpoint.interval=3"]
+SPARSE = [
+    *BASE,
+    "train.steps=3",
+    "optim.lr=5e-3",
+    "model.lm.dsa.mode=sparse",
+    "model.lm.dsa.verify_tp_topk=true",
+    "checkpoint.interval=3",
+]
 
 
 @pytest.fixture(scope="module")

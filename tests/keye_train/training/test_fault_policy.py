@@ -20,8 +20,13 @@ def logged_steps(run_dir) -> list[dict]:
 
 def test_sigterm_checkpoints_at_the_next_step_and_the_rerun_resumes(tmp_path):
     args = [*FAST, "parallel.nproc=2", "parallel.ep=2", "checkpoint.interval=1000", f"run_dir={tmp_path}"]
-    run = subprocess.Popen([sys.executable, "-m", "keye_train.cli", *args, "train.steps=500"], env=cli_env(),
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    run = subprocess.Popen(
+        [sys.executable, "-m", "keye_train.cli", *args, "train.steps=500"],
+        env=cli_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.monotonic() + 300
     while len(logged_steps(tmp_path)) < 2 and time.monotonic() < deadline and run.poll() is None:
         time.sleep(0.2)
@@ -70,8 +75,15 @@ def test_the_spike_guard_judges_against_the_mean_of_accepted_losses():
 
 def test_a_loss_spike_skips_the_update_then_aborts_after_the_allowed_streak(tmp_path):
     # factor 0.01: once two steps fill the window every later loss counts as a spike
-    args = [*FAST, "parallel.nproc=1", "train.steps=6", "train.loss_spike_factor=0.01", "train.loss_spike_window=2",
-            "train.max_nonfinite_skips=1", f"run_dir={tmp_path}"]
+    args = [
+        *FAST,
+        "parallel.nproc=1",
+        "train.steps=6",
+        "train.loss_spike_factor=0.01",
+        "train.loss_spike_window=2",
+        "train.max_nonfinite_skips=1",
+        f"run_dir={tmp_path}",
+    ]
     done = keye_train(*args)
     assert done.returncode != 0
     assert [r["update_skipped"] for r in logged_steps(tmp_path)] == [0.0, 0.0, 1.0]
@@ -82,8 +94,13 @@ def test_a_loss_spike_skips_the_update_then_aborts_after_the_allowed_streak(tmp_
 
 
 def test_a_resumed_run_continues_the_same_offline_wandb_run(tmp_path):
-    args = [*FAST, "parallel.nproc=1", "logging.wandb_mode=offline", "logging.wandb_group=chain_x",
-            f"run_dir={tmp_path}"]
+    args = [
+        *FAST,
+        "parallel.nproc=1",
+        "logging.wandb_mode=offline",
+        "logging.wandb_group=chain_x",
+        f"run_dir={tmp_path}",
+    ]
     first = keye_train(*args, "train.steps=2")
     assert first.returncode == 0, first.stderr[-3000:]
     second = keye_train(*args, "train.steps=3")
@@ -101,8 +118,13 @@ def test_an_empty_global_batch_never_updates_and_counts_under_the_bad_step_polic
 
     from keye_train.training.fault_policy import BadStepPolicy
 
-    train = SimpleNamespace(loss_spike_factor=0.0, loss_spike_window=4, nonfinite_policy="skip",
-                            max_nonfinite_skips=2, inject_nonfinite_at_step=-1)
+    train = SimpleNamespace(
+        loss_spike_factor=0.0,
+        loss_spike_window=4,
+        nonfinite_policy="skip",
+        max_nonfinite_skips=2,
+        inject_nonfinite_at_step=-1,
+    )
     lines = []
     policy = BadStepPolicy(train, device=None, log=lines.append)
     assert "no supervised tokens" in policy.empty(0) and "no supervised tokens" in policy.empty(1)
@@ -123,8 +145,14 @@ def test_a_run_on_nothing_but_rejected_samples_never_updates_the_weights(tmp_pat
     from tests.helpers import TEST_DATA, corrupt_copy
 
     corrupt_copy(TEST_DATA / "shards", tmp_path / "shards", per_shard=1000)  # every video and every record
-    args = [*FAST, "parallel.nproc=1", f"data.shards={tmp_path / 'shards'}", "train.max_nonfinite_skips=10",
-            f"run_dir={tmp_path / 'run'}", "checkpoint.interval=1"]
+    args = [
+        *FAST,
+        "parallel.nproc=1",
+        f"data.shards={tmp_path / 'shards'}",
+        "train.max_nonfinite_skips=10",
+        f"run_dir={tmp_path / 'run'}",
+        "checkpoint.interval=1",
+    ]
     done = keye_train(*args, "train.steps=2")
     assert done.returncode == 0, done.stderr[-3000:]
     done = keye_train(*args, "train.steps=3")  # resumed: the count and the LR schedule carry on
@@ -135,8 +163,12 @@ def test_a_run_on_nothing_but_rejected_samples_never_updates_the_weights(tmp_pat
     assert len({r["lr"] for r in rows}) == 1  # the schedule follows applied updates: none
     assert "no supervised tokens in the global batch" in done.stdout
     ckpt = tmp_path / "run" / "checkpoints"
-    with np.load(ckpt / "step_00000002" / "rank_00000.npz") as a, np.load(ckpt / "step_00000003" / "rank_00000.npz") as b:
+    with (
+        np.load(ckpt / "step_00000002" / "rank_00000.npz") as a,
+        np.load(ckpt / "step_00000003" / "rank_00000.npz") as b,
+    ):
         assert all(np.array_equal(a[k], b[k]) for k in a.files if k.startswith("model."))
-    done = keye_train(*[a for a in args if "max_nonfinite" not in a], "train.steps=8",
-                      f"run_dir={tmp_path / 'abort'}")  # the default streak limit of 3
+    done = keye_train(
+        *[a for a in args if "max_nonfinite" not in a], "train.steps=8", f"run_dir={tmp_path / 'abort'}"
+    )  # the default streak limit of 3
     assert done.returncode != 0 and "at step 4 (4 bad steps in a row" in done.stderr

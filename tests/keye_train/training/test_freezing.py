@@ -6,12 +6,23 @@ from tests.helpers import QUIET, keye_train, logged_losses
 
 
 def test_stage0_changes_only_the_projector(tmp_path):
-    done = keye_train(*QUIET, "parallel.nproc=1", "train.steps=2", "train.global_batch=2", "train.seq_length=128",
-                      "checkpoint.interval=1", "stage.trainable=[projector]", "optim.warmup_steps=0",
-                      f"run_dir={tmp_path}")
+    done = keye_train(
+        *QUIET,
+        "parallel.nproc=1",
+        "train.steps=2",
+        "train.global_batch=2",
+        "train.seq_length=128",
+        "checkpoint.interval=1",
+        "stage.trainable=[projector]",
+        "optim.warmup_steps=0",
+        f"run_dir={tmp_path}",
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     ckpt = tmp_path / "checkpoints"
-    with np.load(ckpt / "step_00000001" / "rank_00000.npz") as a, np.load(ckpt / "step_00000002" / "rank_00000.npz") as b:
+    with (
+        np.load(ckpt / "step_00000001" / "rank_00000.npz") as a,
+        np.load(ckpt / "step_00000002" / "rank_00000.npz") as b,
+    ):
         model_keys = [k for k in a.files if k.startswith("model.")]
         changed = {k for k in model_keys if not np.array_equal(a[k], b[k])}
         projector = {k for k in model_keys if k.startswith("model.vision.projector.")}
@@ -22,8 +33,15 @@ def test_stage0_changes_only_the_projector(tmp_path):
 
 def run_projector_only(tmp_path, shape: list[str], layout: list[str]):
     """Three projector-only steps on one rank and on two ranks with `layout`; returns both run dirs."""
-    args = [*QUIET, "train.steps=3", *shape, "stage.trainable=[projector]", "optim.warmup_steps=0", "optim.lr=1e-2",
-            "checkpoint.interval=3"]
+    args = [
+        *QUIET,
+        "train.steps=3",
+        *shape,
+        "stage.trainable=[projector]",
+        "optim.warmup_steps=0",
+        "optim.lr=1e-2",
+        "checkpoint.interval=3",
+    ]
     one, two = tmp_path / "one", tmp_path / "two"
     for run_dir, extra in ((one, ["parallel.nproc=1"]), (two, ["parallel.nproc=2", *layout])):
         done = keye_train(*args, *extra, f"run_dir={run_dir}")

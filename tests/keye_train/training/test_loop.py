@@ -5,8 +5,15 @@ import pytest
 
 from tests.helpers import QUIET, keye_train, logged_losses
 
-ARGS = [*QUIET, "train.steps=3", "train.global_batch=4", "train.seq_length=128", "optim.warmup_steps=0",
-        "optim.lr=5e-3", "checkpoint.interval=3"]
+ARGS = [
+    *QUIET,
+    "train.steps=3",
+    "train.global_batch=4",
+    "train.seq_length=128",
+    "optim.warmup_steps=0",
+    "optim.lr=5e-3",
+    "checkpoint.interval=3",
+]
 
 
 @pytest.fixture(scope="module")
