@@ -30,13 +30,13 @@ from keye_train.convert.exporter import gather_full_tensors  # noqa: E402
 from keye_train.convert.hf_names import keye_hf_tensors  # noqa: E402
 from keye_train.convert.importer import import_hf  # noqa: E402
 from keye_train.model import vision  # noqa: E402
-from keye_train.model.attention import KeyePackedSeqParams  # noqa: E402
 from keye_train.model.builder import build_model  # noqa: E402
 from keye_train.model.keye_vl import embed_inputs  # noqa: E402
 from keye_train.training.optim import wrap_ddp  # noqa: E402
 from parallel.layout import check_layout, init_process_groups  # noqa: E402
 from parallel.placement import ColocatedPlacement  # noqa: E402
 from tests.keye_train.convert.parity_inputs import TOKENS, feature_weights, fixed_inputs  # noqa: E402
+from tests.keye_train.model.lm_loss import one_document_params  # noqa: E402
 
 
 def grad_of(param):
@@ -57,16 +57,8 @@ def main(lm_dir: str, vit_dir: str, out: str, overrides: list[str]) -> None:
     lm = wrap_ddp(parts.lm, distributed_optimizer=False)
 
     ids, target, image = fixed_inputs(cfg.model)
-    pos = torch.arange(TOKENS).expand(3, -1).clone()
-    cu = torch.tensor([0, TOKENS], dtype=torch.int32)
-    params = KeyePackedSeqParams(
-        qkv_format="sbhd",
-        cu_seqlens_q=cu,
-        cu_seqlens_kv=cu,
-        max_seqlen_q=TOKENS,
-        max_seqlen_kv=TOKENS,
-        position_ids=pos,
-    )
+    params = one_document_params(TOKENS)
+    pos = params.position_ids
     decoder_input = embed_inputs(
         parts.lm,
         None,

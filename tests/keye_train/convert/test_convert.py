@@ -27,26 +27,9 @@ def build(model, seed=None, dtype=torch.float32):
 
 
 def lm_logits(lm, ids):
-    from keye_train.model.attention import KeyePackedSeqParams
+    from tests.keye_train.model.lm_loss import lm_token_losses
 
-    length = ids.shape[1]
-    cu = torch.tensor([0, length], dtype=torch.int32)
-    pos = torch.arange(length).expand(3, -1).clone()  # text: t = h = w = position
-    params = KeyePackedSeqParams(
-        qkv_format="sbhd",
-        cu_seqlens_q=cu,
-        cu_seqlens_kv=cu,
-        max_seqlen_q=length,
-        max_seqlen_kv=length,
-        position_ids=pos,
-    )
-    return lm(
-        input_ids=ids,
-        position_ids=pos[:, None, :],
-        attention_mask=None,
-        decoder_input=lm.embedding(input_ids=ids, position_ids=None),
-        packed_seq_params=params,
-    )
+    return lm_token_losses(lm, ids)
 
 
 def grads_in_keye_names(parts, model, prefix):

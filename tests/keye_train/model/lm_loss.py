@@ -1,16 +1,14 @@
-"""Run the LM on one packed text document as train_step does."""
+"""Run the LM on one packed text document as the training schedule does (text: t = h = w = position)."""
 
 import torch
 
 
-def lm_token_losses(lm, ids, labels):
-    """Per-token next-token CE of one packed document, the way train_step runs the LM."""
+def one_document_params(length: int):
     from keye_train.model.attention import KeyePackedSeqParams
 
-    length = ids.shape[1]
     cu = torch.tensor([0, length], dtype=torch.int32)
     pos = torch.arange(length).expand(3, -1).clone()
-    params = KeyePackedSeqParams(
+    return KeyePackedSeqParams(
         qkv_format="sbhd",
         cu_seqlens_q=cu,
         cu_seqlens_kv=cu,
@@ -18,9 +16,14 @@ def lm_token_losses(lm, ids, labels):
         max_seqlen_kv=length,
         position_ids=pos,
     )
+
+
+def lm_token_losses(lm, ids, labels=None):
+    """Per-token next-token CE of one packed document, or its logits when `labels` is None."""
+    params = one_document_params(ids.shape[1])
     return lm(
         input_ids=ids,
-        position_ids=pos[:, None, :],
+        position_ids=params.position_ids[:, None, :],
         attention_mask=None,
         decoder_input=lm.embedding(input_ids=ids, position_ids=None),
         labels=labels,
