@@ -219,7 +219,8 @@ class ShardLoader:
 
     def counters(self) -> dict:
         """Per-rank counts (rejects by reason, planned / trained / carried-over samples, pack tokens) and the
-        planner's global counts (plan/...)."""
+        global ones: the planner's (plan/...) and what the shards' build rejected or noted, by reason (build/...:
+        those samples never reach a pack)."""
         out = {f"rejected/{k}": v for k, v in self.rejects.items()}
         out.update({k: v for k, v in self.stats.items()})
         for key, value in self.consumed_planner_state()["counters"].items():
@@ -227,6 +228,7 @@ class ShardLoader:
         out["epoch"] = self.consumed_planner_state()["epoch"]
         out["plan/damaged_shards"] = len(self.shards.damaged)
         out["plan/lost_samples"] = sum(d.lost for d in self.shards.damaged)
+        out.update({f"build/{reason}": count for reason, count in self.shards.build_report.items()})
         return out
 
     def consumed_planner_state(self) -> dict:

@@ -283,6 +283,7 @@ class ShardSet:
         self.shards = [s["name"] for s in index["shards"]]
         self.sizes = [int(s["samples"]) for s in index["shards"]]
         self.build_rejects = index.get("rejects", {})
+        self.build_counts = index.get("counts", {})  # kept but noted at build: clipped_span, duplicate_id
         self._entries: dict[int, list] = {}
         self.damaged: list[ShardDamage] = []
         if not self.shards or not sum(self.sizes):
@@ -344,6 +345,10 @@ class ShardMixture:
         several = len(self.sources) > 1
         self.shards = [f"{src.root.name}/{name}" if several else name for src in self.sources for name in src.shards]
         self.sizes = [n for src in self.sources for n in src.sizes]
+        self.build_report = Counter()  # every source's build-time rejects and noted counts, by reason
+        for source in self.sources:
+            self.build_report.update(source.build_rejects)
+            self.build_report.update(source.build_counts)
         self.damaged = [
             replace(d, shard=f"{src.root.name}/{d.shard}") if several else d
             for src in self.sources

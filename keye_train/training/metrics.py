@@ -41,7 +41,7 @@ def data_metrics(loader, placement) -> dict:
     total: dict = {}
     for rank_counters in placement.gather_over_data_parallel(loader.counters()):
         for key, value in rank_counters.items():
-            if key.startswith("plan/") or key == "epoch":  # the plan is global: the same on every rank
+            if key.startswith(("plan/", "build/")) or key == "epoch":  # global: the same on every rank
                 total[key] = value
             else:
                 total[key] = total.get(key, 0) + value

@@ -88,6 +88,10 @@ def test_spans_beyond_the_video_are_rejected_and_spans_over_its_end_clipped(medi
     assert kept["rounding"]["end"] == 2.0 + SPAN_TOLERANCE_S  # within the tolerance: left as labelled
     assert kept["captions-over"]["segments"][1] == {"start": 1.5, "end": 2.0, "text": "a red disk"}
     assert kept["inside"] == {k: v for k, v in grounding("inside", 0.5, 1.5).items() if k != "media"}
+    from data_pipeline.shards import ShardMixture
+
+    corpus = ShardMixture([tmp_path / "shards"])  # what training reports as data/build/<reason>
+    assert corpus.build_report == {"span_out_of_range": 2, "clipped_span": 2}
 
 
 def _patch_record(tar, old: bytes, new: bytes) -> None:
