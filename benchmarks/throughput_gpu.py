@@ -253,10 +253,9 @@ def measure(name: str, args) -> dict:
     batches, next_step = [], trainer.data.next_step
     trainer.data.next_step = lambda: batches.append(next_step()) or batches[-1]
     metrics = [trainer.train_step() for _ in range(args.warmup)]
-    if not smoke:
-        torch.cuda.reset_peak_memory_stats()
     metrics = [trainer.train_step() for _ in range(args.steps)]
-    peak = torch.cuda.max_memory_allocated() / GIB if not smoke else float("nan")
+    # the trainer's own per-step peak (it resets the counter after reading it, at the end of every step)
+    peak = max(m.get("memory/peak_gib", float("nan")) for m in metrics)
     step_s = statistics.median(m["step_time_s"] for m in metrics)
     timed = [b[0].to(trainer.device) for b in batches[args.warmup :]]
     flops = [model_flops(cfg, b, counts) for b in timed]
