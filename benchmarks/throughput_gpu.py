@@ -44,9 +44,11 @@ BASELINE = [
     "model.lm.loss_impl=megatron",
     "model.lm.attention_backend=flash",
     "parallel.recompute=full",
+    "model.fusion=off",
 ]
 ROWS = {  # name -> overrides on top of the common ones
     "baseline": BASELINE,
+    "grouped_full_unfused": ["model.lm.experts_impl=grouped", "parallel.recompute=full", "model.fusion=off"],
     "grouped_full": ["model.lm.experts_impl=grouped", "parallel.recompute=full"],
     "grouped_selective": [
         "model.lm.experts_impl=grouped",

@@ -1,0 +1,143 @@
+"""Rotary position embedding in one pass (forward and backward), for megatron's `apply_rope_fusion` slot.
+
+    out = t * cos(f) + rotate_half(t) * sin(f),   rotate_half([x1, x2]) = [-x2, x1]
+
+t: [S, B, H, D] in any strides with unit stride on D (megatron's q/k views of the fused QKV output);
+freqs: [S, 1 or B, 1, R] float32 angles in the rotate-half layout, R <= D (the last D - R channels pass through).
+The angles, their cos/sin and the product are fp32 and the result is cast once to t's dtype, as Transformer
+Engine's fused RoPE does (megatron's unfused path rounds cos/sin to t's dtype first). `rope_reference` is the
+same formula in torch; the Triton kernel runs on CUDA tensors (and on CPU under TRITON_INTERPRET=1).
+"""
+
+from __future__ import annotations
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # the torch reference still works
+    triton = None
+
+
+def rope_reference(t: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
+    """The formula in fp32."""
+    rot = freqs.shape[-1]
+    x = t[..., :rot].float()
+    half = rot // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    cos, sin = torch.cos(freqs.float()), torch.sin(freqs.float())
+    rotated = torch.cat([-x2, x1], dim=-1)
+    out = (x * cos + rotated * sin).to(t.dtype)
+    return torch.cat([out, t[..., rot:]], dim=-1) if rot < t.shape[-1] else out
+
+
+if triton is not None:
+
+    @triton.jit
+    def _rope_kernel(
+        t_ptr,
+        f_ptr,
+        out_ptr,
+        B,
+        H,
+        stride_ts,
+        stride_tb,
+        stride_th,
+        stride_fs,
+        stride_fb,
+        HALF: tl.constexpr,
+        D: tl.constexpr,
+        BLOCK_H: tl.constexpr,
+        BLOCK_HALF: tl.constexpr,
+        BLOCK_PASS: tl.constexpr,
+        BACKWARD: tl.constexpr,  # multiply by the rotation's transpose
+    ):
+        row = tl.program_id(0)  # one (s, b) row
+        s, b = row // B, row % B
+        heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+        cols = tl.arange(0, BLOCK_HALF)
+        col_ok = cols < HALF
+        f_row = f_ptr + s * stride_fs + b * stride_fb
+        f1 = tl.load(f_row + cols, mask=col_ok, other=0.0)
+        f2 = tl.load(f_row + HALF + cols, mask=col_ok, other=0.0)
+        cos1, sin1 = tl.cos(f1), tl.sin(f1)
+        cos2, sin2 = tl.cos(f2), tl.sin(f2)
+        ok = (heads[:, None] < H) & col_ok[None, :]
+        src = t_ptr + s * stride_ts + b * stride_tb + heads[:, None] * stride_th + cols[None, :]
+        x1 = tl.load(src, mask=ok, other=0.0).to(tl.float32)
+        x2 = tl.load(src + HALF, mask=ok, other=0.0).to(tl.float32)
+        if BACKWARD:  # [[cos1, -sin1], [sin2, cos2]] transposed
+            y1 = x1 * cos1[None, :] + x2 * sin2[None, :]
+            y2 = x2 * cos2[None, :] - x1 * sin1[None, :]
+        else:
+            y1 = x1 * cos1[None, :] - x2 * sin1[None, :]
+            y2 = x2 * cos2[None, :] + x1 * sin2[None, :]
+        dst = out_ptr + (row * H + heads[:, None]) * D + cols[None, :]
+        tl.store(dst, y1.to(out_ptr.dtype.element_ty), mask=ok)
+        tl.store(dst + HALF, y2.to(out_ptr.dtype.element_ty), mask=ok)
+        if BLOCK_PASS > 0:  # channels past the rotated ones are copied
+            extra = tl.arange(0, BLOCK_PASS)
+            pass_ok = (heads[:, None] < H) & (extra[None, :] < D - 2 * HALF)
+            pass_src = t_ptr + s * stride_ts + b * stride_tb + heads[:, None] * stride_th + 2 * HALF + extra[None, :]
+            values = tl.load(pass_src, mask=pass_ok, other=0.0)
+            tl.store(out_ptr + (row * H + heads[:, None]) * D + 2 * HALF + extra[None, :], values, mask=pass_ok)
+
+
+def _rope_triton(t: torch.Tensor, freqs: torch.Tensor, backward: bool) -> torch.Tensor:
+    S, B, H, D = t.shape
+    rot = freqs.shape[-1]
+    if t.stride(-1) != 1:
+        t = t.contiguous()
+    f = freqs.float().expand(S, B, 1, rot)
+    if f.stride(-1) != 1:
+        f = f.contiguous()
+    out = torch.empty((S, B, H, D), dtype=t.dtype, device=t.device)
+    block_h = min(triton.next_power_of_2(H), 16)
+    rest = D - rot
+    grid = (S * B, triton.cdiv(H, block_h))
+    _rope_kernel[grid](
+        t,
+        f,
+        out,
+        B,
+        H,
+        t.stride(0),
+        t.stride(1),
+        t.stride(2),
+        f.stride(0),
+        f.stride(1),
+        HALF=rot // 2,
+        D=D,
+        BLOCK_H=block_h,
+        BLOCK_HALF=triton.next_power_of_2(rot // 2),
+        BLOCK_PASS=triton.next_power_of_2(rest) if rest else 0,
+        BACKWARD=backward,
+    )
+    return out
+
+
+class _FusedRope(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, t, freqs):
+        ctx.save_for_backward(freqs)
+        return _rope_triton(t, freqs, False)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (freqs,) = ctx.saved_tensors
+        return _rope_triton(grad, freqs, True), None
+
+
+def fused_rope(t: torch.Tensor, freqs: torch.Tensor, interleaved: bool = False, **_unused) -> torch.Tensor:
+    """megatron's `fused_apply_rotary_pos_emb(t, freqs, interleaved=...)` slot: [S, B, H, D] -> contiguous
+    [S, B, H, D]. The angles take no gradient (megatron's rotary embeddings are not learned)."""
+    if interleaved:
+        raise ValueError("the fused RoPE implements the rotate-half layout only (rotary_interleaved=False)")
+    if t.dim() != 4 or freqs.dim() != 4 or freqs.shape[-1] > t.shape[-1] or freqs.shape[-1] % 2:
+        raise ValueError(
+            f"fused RoPE needs t [S, B, H, D] and freqs [S, B|1, 1, R<=D even]; got {t.shape}, {freqs.shape}"
+        )
+    if triton is None:
+        return rope_reference(t, freqs)
+    return _FusedRope.apply(t, freqs.detach())
