@@ -27,6 +27,7 @@ import datetime
 import json
 import math
 import os
+import re
 import sys
 import tempfile
 import time
@@ -69,9 +70,12 @@ def _mixed(total: int) -> list[int]:
 
 
 def device_tag() -> str:
+    """ "NVIDIA H200" -> h200, "NVIDIA H100 80GB HBM3" -> h100 (the calibration file's name)."""
     if not torch.cuda.is_available():
         return "cpu"
-    return torch.cuda.get_device_name().split()[-1].lower()
+    name = torch.cuda.get_device_name().lower()
+    found = re.search(r"\b([a-z]{1,2}\d{2,4}[a-z]?)\b", name)
+    return found.group(1) if found else re.sub(r"[^a-z0-9]+", "_", name).strip("_")
 
 
 def timer(smoke: bool):
@@ -321,7 +325,7 @@ def main() -> None:
     parser.add_argument("--calibration", type=Path, help="fitted rates (default parallel/calibration/<dev>.json)")
     args = parser.parse_args()
     if args.smoke:
-        args.vit_frames, args.vit_totals, args.lm_tokens, args.lm_mixes = "16,64", "256,1024", "256,512", "one,mixed"
+        args.vit_frames, args.vit_totals, args.lm_tokens, args.lm_mixes = "16,64", "256,1024", "128,256", "one,mixed"
     args.vit_frames = [int(x) for x in args.vit_frames.split(",")]
     args.vit_totals = [int(x) for x in args.vit_totals.split(",")]
     args.lm_tokens = [int(x) for x in args.lm_tokens.split(",")]
@@ -377,6 +381,10 @@ def main() -> None:
     result["elapsed_s"] = time.perf_counter() - started
     write_result(out, result)
 
+    good = {k: sum("error" not in p for p in result[k]) for k in ("vit", "lm")}
+    if min(good.values()) < 4:  # too few points to fit four coefficients: keep the existing calibration
+        print(f"only {good} good points: {calibration} left as it was; raw points in {out}")
+        sys.exit(1)
     previous = {}
     if calibration.exists():
         previous = json.loads(calibration.read_text())
