@@ -1,14 +1,14 @@
 """Rewards for RL: one protocol (`Reward`: response, reference -> float), a registry by name, and the built-in
 rewards, registered on import: `format`, `exact_match`, `numeric_match`, `mcq_letter`, `temporal_iou`,
-`temporal_iou_multi`, `context_judge`. `build_weighted` turns the config's `rl.rewards` / `rl.reward_gates`
-into one reward."""
+`temporal_iou_multi`, `outcome` (one of those by the sample's answer type) and `context_judge`.
+`build_weighted` turns the config's `rl.rewards` / `rl.reward_gates` into one reward."""
 
 from __future__ import annotations
 
 import inspect
 from collections.abc import Sequence
 
-from keye_train.posttrain.rewards import context_rl, formatting, match, temporal  # noqa: F401  (registers)
+from keye_train.posttrain.rewards import context_rl, formatting, match, outcome, temporal  # noqa: F401  (registers)
 from keye_train.posttrain.rewards.base import (
     REGISTRY,
     Reward,

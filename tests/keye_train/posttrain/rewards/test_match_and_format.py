@@ -135,3 +135,29 @@ def test_the_mcq_reward_reads_letter_or_index_answers_and_the_option_count():
     assert mcq("H", {"answer": "H"}) == 1.0  # A-H by default (Video-MME-v2)
     with pytest.raises(KeyError, match="answer"):
         mcq("A", {})
+
+
+@pytest.mark.parametrize(
+    "response, reference, expected",
+    [
+        ("<answer>B</answer>", {"answer": "B", "options": ["x", "y"]}, 1.0),  # choice, from the options
+        ("<answer>B</answer>", {"correct_choice": 1, "candidates": ["x", "y"]}, 1.0),  # LongVideoBench
+        ("<answer>1,000</answer>", {"answer": 1000}, 1.0),  # number, from the answer's type
+        ("<answer>The cat</answer>", {"answer": "cat"}, 1.0),  # text
+        ("<answer>12</answer>", {"answer": "12.0", "answer_type": "number"}, 1.0),  # declared
+        ("<answer>12</answer>", {"answer": "12.0"}, 0.0),  # as text it differs
+        ("<answer>2 to 6</answer>", {"windows": [[4, 10]]}, 0.25),  # segment
+        ("<answer>[[0, 10], [20, 30]]</answer>", {"windows": [[0, 10], [20, 30]], "answer_type": "segments"}, 1.0),
+    ],
+)
+def test_the_outcome_reward_picks_the_reward_of_the_answer_type(response, reference, expected):
+    assert build_reward("outcome")(response, reference) == pytest.approx(expected)
+
+
+def test_the_outcome_reward_passes_options_per_type_and_refuses_unknown_types():
+    loose = build_reward("outcome", number={"rel_tol": 0.1})
+    assert loose("<answer>105</answer>", {"answer": 100}) == 1.0
+    with pytest.raises(ValueError, match="unknown answer types"):
+        build_reward("outcome", numbers={})
+    with pytest.raises(ValueError, match="answer_type='date'"):
+        build_reward("outcome")("x", {"answer": "x", "answer_type": "date"})
