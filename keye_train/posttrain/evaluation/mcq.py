@@ -9,7 +9,9 @@ number); the video from `video` / `video_path` / `videoID`; any other string fie
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import json
+import re
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -52,7 +54,11 @@ def mcq_item(record: dict, where: str, number: int) -> MCQItem:
     ident = record.get("id", record.get("question_id", record.get("qid", number)))
     video = record.get("video", record.get("video_path", record.get("videoID")))
     skip = {"question", "options", "candidates", "answer", "correct_choice", "id", "question_id", "qid"}
-    extra = {k: v for k, v in record.items() if isinstance(v, str) and k not in skip}
+    extra = {
+        k: v if isinstance(v, str) else json.dumps(v)
+        for k, v in record.items()
+        if k not in skip and isinstance(v, (str, int, float, list))
+    }
     return MCQItem(str(ident), str(question), options, answer, video, extra)
 
 
@@ -70,17 +76,49 @@ def mcq_prompt(item: MCQItem, reasoning: bool = False) -> str:
 
 
 def chosen_letter(response: str, item: MCQItem) -> str | None:
+    """Our extraction (rewards.match.extract_letter), over this question's letters and option texts."""
     return extract_letter(response, LETTERS[: len(item.options)], item.options)
 
 
-def mcq_metrics(responses: Sequence[str], items: Sequence[MCQItem], by: Sequence[str] = ()) -> dict:
+_V2_PREFIXES = (
+    "Final Answer:",
+    "The best answer is",
+    "The correct answer is",
+    "The answer is",
+    "The answer",
+    "The best option is",
+    "The correct option is",
+    "Best answer:",
+    "Best option:",
+    "Answer:",
+    "Option:",
+)
+
+
+def video_mme_v2_letter(response: str, item: MCQItem | None = None) -> str | None:
+    """Video-MME-v2's official extraction (evaluation/test_video_mme_v2.py): drop the answer prefixes, then the
+    first capital A-H anywhere in the text (so `Because ...` reads as B, as it does there); None without one."""
+    text = response.strip()
+    for prefix in _V2_PREFIXES:
+        text = text.replace(prefix, "")
+    found = re.search(r"[A-H]", text)
+    return found.group(0) if found else None
+
+
+Extractor = Callable[[str, MCQItem], str | None]
+
+
+def mcq_metrics(
+    responses: Sequence[str], items: Sequence[MCQItem], by: Sequence[str] = (), extract: Extractor = chosen_letter
+) -> dict:
     """Accuracy in percent (an unparsed answer is wrong), the counts, and `accuracy/<field>=<value>` for each
-    field in `by` (a question without the field counts under `<field>=?`)."""
+    field in `by` (a question without the field counts under `<field>=?`). `extract`: chosen_letter, or
+    video_mme_v2_letter to reproduce Video-MME-v2's numbers."""
     if len(responses) != len(items):
         raise ValueError(f"{len(responses)} responses for {len(items)} questions")
     if not items:
         raise ValueError("no questions to evaluate")
-    letters = [chosen_letter(r, item) for r, item in zip(responses, items)]
+    letters = [extract(r, item) for r, item in zip(responses, items)]
     correct = [letter == item.answer for letter, item in zip(letters, items)]
     metrics = {
         "accuracy": 100.0 * sum(correct) / len(correct),
@@ -114,3 +152,55 @@ def evaluate_mcq(
         for item, response in zip(items, responses)
     ]
     return {**metrics, "settings": settings, "reasoning": reasoning}, records
+
+
+# Video-MME-v2 Non-Lin (training_recipe.md §8): per group of 4 questions, the score of k "counted" correct answers.
+_QUADRATIC = (0.0, 100 / 16, 400 / 16, 900 / 16, 100.0)
+_LOGIC_MAPS = {
+    "[1, 2, 3, 4]": _QUADRATIC,
+    "[1, [2, 3], 4]": (0.0, 100 / 12, 400 / 12, 700 / 12, 100.0),
+    "[[1, 2], 3, 4]": (0.0, 10.0, 20.0, 50.0, 100.0),
+}
+
+
+def group_score(correct: Sequence[bool], group_type: str, structure: str | None = None) -> float:
+    """One group's Non-Lin score. `relevance` (consistency): (k/4)^2 * 100 for k correct. `logic` (coherence):
+    the correct answers counted from question 1 up to the first error, where parallel questions of the structure
+    count together ([1,[2,3],4]: 1 right, 2 wrong, 3 right counts 2; [[1,2],3,4]: 1 wrong, 2 right counts 1)."""
+    if len(correct) != 4:
+        raise ValueError(f"a Video-MME-v2 group has 4 questions, got {len(correct)}")
+    if group_type == "relevance":
+        return _QUADRATIC[sum(bool(c) for c in correct)]
+    if group_type != "logic":
+        raise ValueError(f"group_type={group_type!r}, expected relevance or logic")
+    key = json.dumps(json.loads(structure)) if structure is not None else None
+    if key not in _LOGIC_MAPS:
+        raise ValueError(f"group_structure={structure!r}, expected one of {list(_LOGIC_MAPS)}")
+    counted = 0
+    while counted < 4 and correct[counted]:
+        counted += 1
+    if key == "[1, [2, 3], 4]" and counted == 1 and correct[2]:
+        counted = 2
+    if key == "[[1, 2], 3, 4]" and counted == 0 and correct[1]:
+        counted = 1
+    return _LOGIC_MAPS[key][counted]
+
+
+def video_mme_v2_nonlin(responses: Sequence[str], items: Sequence[MCQItem], extract: Extractor = video_mme_v2_letter):
+    """Non-Lin over consecutive groups of 4 questions, each with the fields `group_type` and (logic groups)
+    `group_structure`: the mean group score, and the means over relevance and logic groups. An unparsed answer
+    is wrong (the official script scores it -1, which its logic count reads as right; we do not copy that)."""
+    if len(responses) != len(items) or len(items) % 4:
+        raise ValueError(f"{len(responses)} responses for {len(items)} questions, in groups of 4")
+    scores: dict[str, list[float]] = {"relevance": [], "logic": []}
+    for start in range(0, len(items), 4):
+        group = items[start : start + 4]
+        correct = [extract(r, item) == item.answer for r, item in zip(responses[start : start + 4], group)]
+        kind = group[-1].fields.get("group_type")
+        if kind is None:
+            raise ValueError(f"question {group[-1].id}: no group_type")
+        scores.setdefault(kind, []).append(group_score(correct, kind, group[-1].fields.get("group_structure")))
+    every = [s for values in scores.values() for s in values]
+    out = {"non_lin": sum(every) / len(every)}
+    out.update({f"non_lin/{k}": sum(v) / len(v) for k, v in scores.items() if v})
+    return out

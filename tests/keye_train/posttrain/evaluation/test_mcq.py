@@ -83,3 +83,63 @@ def test_bad_questions_are_refused_naming_the_line(tmp_path, row, message):
     path.write_text(json.dumps(row) + "\n")
     with pytest.raises(ValueError, match=f"bad.jsonl:1: .*{message}"):
         read_mcq(path)
+
+
+@pytest.mark.parametrize(
+    "response, expected",
+    [
+        ("The answer is C", "C"),
+        ("Final Answer: (B).", "B"),
+        ("because it is d", None),
+        ("Because of the dog, D", "B"),  # the official rule: the first capital A-H, whatever the word
+    ],
+)
+def test_the_video_mme_v2_extraction_is_the_official_one(response, expected):
+    from keye_train.posttrain.evaluation.mcq import video_mme_v2_letter
+
+    assert video_mme_v2_letter(response) == expected
+
+
+@pytest.mark.parametrize(
+    "correct, group_type, structure, expected",
+    [
+        ([1, 1, 0, 1], "relevance", None, 900 / 16),  # 3 right, order irrelevant
+        ([0, 0, 0, 1], "relevance", None, 100 / 16),
+        ([1, 1, 0, 1], "logic", "[1, 2, 3, 4]", 400 / 16),  # truncated at the first error: 2
+        ([0, 1, 1, 1], "logic", "[1, 2, 3, 4]", 0.0),
+        ([1, 0, 1, 1], "logic", "[1, [2, 3], 4]", 400 / 12),  # 2 and 3 are parallel: 1 + 3 count 2
+        ([1, 1, 1, 0], "logic", [1, [2, 3], 4], 700 / 12),
+        ([0, 1, 0, 0], "logic", "[[1,2],3,4]", 10.0),  # 1 and 2 are parallel: 2 alone counts 1
+        ([1, 1, 1, 1], "logic", "[[1, 2], 3, 4]", 100.0),
+    ],
+)
+def test_video_mme_v2_group_scores_by_hand(correct, group_type, structure, expected):
+    import json as _json
+
+    from keye_train.posttrain.evaluation.mcq import group_score
+
+    structure = _json.dumps(structure) if isinstance(structure, list) else structure
+    assert group_score([bool(c) for c in correct], group_type, structure) == pytest.approx(expected)
+
+
+def test_video_mme_v2_nonlin_over_groups_of_four(tmp_path):
+    from keye_train.posttrain.evaluation.mcq import video_mme_v2_nonlin
+
+    rows = []
+    for g, (kind, structure) in enumerate([("relevance", None), ("logic", [1, [2, 3], 4])]):
+        for q in range(4):
+            row = {"id": f"{g}-{q}", "question": "q", "options": [f"o{k}" for k in range(8)], "answer": "A"}
+            row["group_type"] = kind
+            if structure is not None:
+                row["group_structure"] = structure
+            rows.append(row)
+    path = tmp_path / "v2.jsonl"
+    write_jsonl(path, rows)
+    items = read_mcq(path)
+    responses = ["A", "B", "A", "A"] + ["Final Answer: A", "C", "A", "E"]
+    metrics = video_mme_v2_nonlin(responses, items)
+    assert metrics["non_lin/relevance"] == pytest.approx(900 / 16)
+    assert metrics["non_lin/logic"] == pytest.approx(400 / 12)
+    assert metrics["non_lin"] == pytest.approx((900 / 16 + 400 / 12) / 2)
+    with pytest.raises(ValueError, match="groups of 4"):
+        video_mme_v2_nonlin(responses[:3], items[:3])
