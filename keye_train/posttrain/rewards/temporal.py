@@ -5,8 +5,9 @@ Two parsers (training_recipe.md §8):
   first rule that finds anything wins: (1) `HH:MM:SS(.x)` / `MM:SS(.x)` clock times, paired in order; (2) `a - b`
   pairs, else `a to b` pairs; (3) the numbers of the text, paired in order.
 - `parse_segments`: the RL reward's parser, on the final answer (`<answer>...</answer>` when present) and broader:
-  clock times, then `a - b`, `a to b`, `from a to b`, `between a and b` (Time-R1's `number (to|and) number`),
-  `[a, b]` lists and `a ~ b`, each number optionally followed by `s` / `sec` / `seconds`; then the first two numbers.
+  clock times become seconds, then every `a - b`, `a to b`, `from a to b`, `between a and b` (Time-R1's
+  `number (to|and) number`), `[a, b]` list item and `a ~ b` pair, each number optionally followed by `s` / `sec` /
+  `seconds`; else the first two numbers.
 Times are seconds. Reward: tIoU, 0 when unparsable or start >= end.
 """
 
@@ -56,11 +57,9 @@ _PAIR = re.compile(_NUM + _UNIT + r"\s*(?:-|\u2013|\u2014|~|to|and|,)\s*" + _NUM
 
 
 def parse_segments(response: str) -> list[Segment]:
-    """All segments of a response's final answer, in order (see the module docstring). Empty when unparsable."""
-    text = answer_text(response).lower()
-    clocks = _CLOCK.findall(text)
-    if len(clocks) >= 2:
-        return _pairs([clock_seconds(c) for c in clocks])
+    """All segments of a response's final answer, in order (see the module docstring). Clock times are turned
+    into seconds first, so mixed answers (`from 1:05 to 90 s`) read right. Empty when unparsable."""
+    text = _CLOCK.sub(lambda m: f"{clock_seconds(m.group(1)):.6f}", answer_text(response).lower())
     found = _PAIR.findall(text)
     if found:
         return [(float(a), float(b)) for a, b in found]

@@ -46,6 +46,10 @@ def test_the_timelens_parser_follows_the_official_rules(text, expected):
         ("<answer>[[1, 2.5], [30, 41]]</answer>", [(1.0, 2.5), (30.0, 41.0)]),  # the SFT interval list
         ("<answer>12.5s-30s and 40 ~ 50</answer>", [(12.5, 30.0), (40.0, 50.0)]),
         ("<answer>it is at 7, the dog 9</answer>", [(7.0, 9.0)]),  # the first two numbers
+        ("<answer>from 1:05 to 90 s</answer>", [(65.0, 90.0)]),  # mixed clock and seconds
+        ("<answer>starts 00:05, ends 00:09.5</answer>", [(5.0, 9.5)]),
+        ("<answer>3:25:45.75 - 3:25:50.25</answer>", [(12345.75, 12350.25)]),  # no rounding of long clocks
+        ("<answer>[[00:01, 00:05], [1:00:10, 1:00:12]]</answer>", [(1.0, 5.0), (3610.0, 3612.0)]),
         ("<answer>at 7</answer>", []),
         ("<answer>never</answer>", []),
     ],
