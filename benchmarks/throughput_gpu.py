@@ -203,8 +203,8 @@ def breakdown(trainer, batch, optimizer_ms: float, step_ms: float, smoke: bool) 
 
 
 KERNEL_KINDS = (  # (kind, substrings of a CUDA kernel's name), first match wins
-    ("gemm", ("gemm", "nvjet", "xmma", "cutlass", "cublas", "sm90_")),
     ("attention", ("flash", "fmha", "cudnn", "attn")),
+    ("gemm", ("gemm", "nvjet", "xmma", "cutlass", "cublas", "sm90_")),
     ("norm", ("layer_norm", "layernorm", "rms")),
     ("softmax_ce", ("softmax", "cross_entropy", "nll")),
     ("copy_index", ("copy", "cat", "index", "gather", "scatter", "fill", "memset", "memcpy")),
@@ -257,6 +257,40 @@ def profiled(fn, wall_label: str, table_path: Path | None) -> dict:
             for e in top
         ],
     }
+
+
+def sync_sites(fn, top: int = 15) -> list[dict]:
+    """Run fn once with CUDA's sync debug mode on: where the host waited for the GPU (the innermost frames of
+    ours or megatron's), by count."""
+    import collections
+    import traceback
+    import warnings
+
+    sites = collections.Counter()
+
+    def record(message, category, filename, lineno, file=None, line=None):
+        frames = [
+            f
+            for f in traceback.extract_stack()[:-1]
+            if "/keye_train/" in f.filename
+            or "/megatron/" in f.filename
+            or "/kernels/" in f.filename
+            or "/data_pipeline/" in f.filename
+        ]
+        where = " <- ".join(f"{Path(f.filename).name}:{f.lineno} {f.name}" for f in reversed(frames[-3:]))
+        sites[where or f"{filename}:{lineno}"] += 1
+
+    torch.cuda.synchronize()
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        shown, warnings.showwarning = warnings.showwarning, record
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+            warnings.showwarning = shown
+    return [{"site": site, "count": count} for site, count in sites.most_common(top)]
 
 
 def measure(name: str, args) -> dict:
@@ -322,7 +356,7 @@ def measure(name: str, args) -> dict:
     parts_ms, expert_tflops = breakdown(
         trainer, timed[-1], statistics.median(optimizer_times[args.warmup :]), step_s * 1e3, smoke
     )
-    profiles = []
+    profiles, syncs = [], []
     if args.profile and not smoke:
         args.profile.mkdir(parents=True, exist_ok=True)
         profiles.append(profiled(trainer.train_step, "train_step", args.profile / f"profile_{name}_step.txt"))
@@ -334,6 +368,7 @@ def measure(name: str, args) -> dict:
                 embeds.backward(torch.ones_like(embeds))
 
             profiles.append(profiled(vit_fwd_bwd, "vit_fwd_bwd", args.profile / f"profile_{name}_vit.txt"))
+        syncs = sync_sites(trainer.train_step)
     peak_tflops = matmul_tflops(smoke)
     achieved = mean_flops["total"] / step_s / 1e12
     trainer.data.close()
@@ -367,7 +402,7 @@ def measure(name: str, args) -> dict:
         "documents_per_step": [len(b.cu_seqlens) - 1 for b in timed],
         "losses": [m["loss"] for m in metrics],
         "device": torch.cuda.get_device_name() if not smoke else "cpu",
-        **({"profiles": profiles} if profiles else {}),
+        **({"profiles": profiles, "sync_sites": syncs} if profiles else {}),
     }
 
 
@@ -382,6 +417,7 @@ def main() -> None:
     parser.add_argument("--row", help=argparse.SUPPRESS)  # a child process measuring one row
     parser.add_argument("--out", type=Path)
     parser.add_argument("--profile", type=Path, help="profile one extra step (and the ViT) per row into this folder")
+    parser.add_argument("--profile-rows", help="the rows to profile (default: every row)")
     args = parser.parse_args()
     if args.row:
         print("ROW " + json.dumps(measure(args.row, args)), flush=True)
@@ -401,6 +437,7 @@ def main() -> None:
         "torch": torch.__version__,
         "rows": [],
     }
+    profile_rows = (args.profile_rows or args.rows).split(",")
     for name in args.rows.split(","):
         child = subprocess.run(
             [
@@ -418,7 +455,7 @@ def main() -> None:
                 str(args.steps),
                 "--data",
                 str(args.data),
-                *(["--profile", str(args.profile)] if args.profile else []),
+                *(["--profile", str(args.profile)] if args.profile and name in profile_rows else []),
             ],
             capture_output=True,
             text=True,
@@ -452,6 +489,8 @@ def main() -> None:
                 + "  ".join(f"{k} {v:.0f}" for k, v in prof["kernel_ms_by_kind"].items()),
                 flush=True,
             )
+        for site in row.get("sync_sites", []):
+            print(f"    sync x{site['count']}: {site['site']}", flush=True)
     print(f"wrote {out}")
 
 

@@ -41,6 +41,7 @@ if triton is not None:
         out_ptr,
         B,
         H,
+        rows_heads,  # S * B * H
         stride_ts,
         stride_tb,
         stride_th,
@@ -48,40 +49,40 @@ if triton is not None:
         stride_fb,
         HALF: tl.constexpr,
         D: tl.constexpr,
-        BLOCK_H: tl.constexpr,
+        BLOCK: tl.constexpr,  # (row, head) pairs per program
         BLOCK_HALF: tl.constexpr,
         BLOCK_PASS: tl.constexpr,
         BACKWARD: tl.constexpr,  # multiply by the rotation's transpose
     ):
-        row = tl.program_id(0)  # one (s, b) row
+        pairs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        pair_ok = pairs < rows_heads
+        row, head = pairs // H, pairs % H
         s, b = row // B, row % B
-        heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
         cols = tl.arange(0, BLOCK_HALF)
-        col_ok = cols < HALF
-        f_row = f_ptr + s * stride_fs + b * stride_fb
-        f1 = tl.load(f_row + cols, mask=col_ok, other=0.0)
-        f2 = tl.load(f_row + HALF + cols, mask=col_ok, other=0.0)
+        ok = pair_ok[:, None] & (cols < HALF)[None, :]
+        f_row = (f_ptr + s * stride_fs + b * stride_fb)[:, None] + cols[None, :]  # the heads of a row share it
+        f1 = tl.load(f_row, mask=ok, other=0.0)
+        f2 = tl.load(f_row + HALF, mask=ok, other=0.0)
         cos1, sin1 = tl.cos(f1), tl.sin(f1)
         cos2, sin2 = tl.cos(f2), tl.sin(f2)
-        ok = (heads[:, None] < H) & col_ok[None, :]
-        src = t_ptr + s * stride_ts + b * stride_tb + heads[:, None] * stride_th + cols[None, :]
+        src_row = t_ptr + s * stride_ts + b * stride_tb + head * stride_th
+        src = src_row[:, None] + cols[None, :]
         x1 = tl.load(src, mask=ok, other=0.0).to(tl.float32)
         x2 = tl.load(src + HALF, mask=ok, other=0.0).to(tl.float32)
         if BACKWARD:  # [[cos1, -sin1], [sin2, cos2]] transposed
-            y1 = x1 * cos1[None, :] + x2 * sin2[None, :]
-            y2 = x2 * cos2[None, :] - x1 * sin1[None, :]
+            y1 = x1 * cos1 + x2 * sin2
+            y2 = x2 * cos2 - x1 * sin1
         else:
-            y1 = x1 * cos1[None, :] - x2 * sin1[None, :]
-            y2 = x2 * cos2[None, :] + x1 * sin2[None, :]
-        dst = out_ptr + (row * H + heads[:, None]) * D + cols[None, :]
+            y1 = x1 * cos1 - x2 * sin1
+            y2 = x2 * cos2 + x1 * sin2
+        dst = out_ptr + pairs[:, None] * D + cols[None, :]
         tl.store(dst, y1.to(out_ptr.dtype.element_ty), mask=ok)
         tl.store(dst + HALF, y2.to(out_ptr.dtype.element_ty), mask=ok)
         if BLOCK_PASS > 0:  # channels past the rotated ones are copied
             extra = tl.arange(0, BLOCK_PASS)
-            pass_ok = (heads[:, None] < H) & (extra[None, :] < D - 2 * HALF)
-            pass_src = t_ptr + s * stride_ts + b * stride_tb + heads[:, None] * stride_th + 2 * HALF + extra[None, :]
-            values = tl.load(pass_src, mask=pass_ok, other=0.0)
-            tl.store(out_ptr + (row * H + heads[:, None]) * D + 2 * HALF + extra[None, :], values, mask=pass_ok)
+            pass_ok = pair_ok[:, None] & (extra[None, :] < D - 2 * HALF)
+            values = tl.load(src_row[:, None] + 2 * HALF + extra[None, :], mask=pass_ok, other=0.0)
+            tl.store(out_ptr + pairs[:, None] * D + 2 * HALF + extra[None, :], values, mask=pass_ok)
 
 
 def _rope_triton(t: torch.Tensor, freqs: torch.Tensor, backward: bool) -> torch.Tensor:
@@ -93,15 +94,15 @@ def _rope_triton(t: torch.Tensor, freqs: torch.Tensor, backward: bool) -> torch.
     if f.stride(-1) != 1:
         f = f.contiguous()
     out = torch.empty((S, B, H, D), dtype=t.dtype, device=t.device)
-    block_h = min(triton.next_power_of_2(H), 16)
     rest = D - rot
-    grid = (S * B, triton.cdiv(H, block_h))
-    _rope_kernel[grid](
+    block = 64  # 64 (row, head) pairs x D/2 columns, twice, per program
+    _rope_kernel[(triton.cdiv(S * B * H, block),)](
         t,
         f,
         out,
         B,
         H,
+        S * B * H,
         t.stride(0),
         t.stride(1),
         t.stride(2),
@@ -109,10 +110,11 @@ def _rope_triton(t: torch.Tensor, freqs: torch.Tensor, backward: bool) -> torch.
         f.stride(1),
         HALF=rot // 2,
         D=D,
-        BLOCK_H=block_h,
+        BLOCK=block,
         BLOCK_HALF=triton.next_power_of_2(rot // 2),
         BLOCK_PASS=triton.next_power_of_2(rest) if rest else 0,
         BACKWARD=backward,
+        num_warps=4,
     )
     return out
 
