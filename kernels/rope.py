@@ -37,7 +37,8 @@ if triton is not None:
     @triton.jit
     def _rope_kernel(
         t_ptr,
-        f_ptr,
+        cos_ptr,
+        sin_ptr,
         out_ptr,
         B,
         H,
@@ -60,11 +61,11 @@ if triton is not None:
         s, b = row // B, row % B
         cols = tl.arange(0, BLOCK_HALF)
         ok = pair_ok[:, None] & (cols < HALF)[None, :]
-        f_row = (f_ptr + s * stride_fs + b * stride_fb)[:, None] + cols[None, :]  # the heads of a row share it
-        f1 = tl.load(f_row, mask=ok, other=0.0)
-        f2 = tl.load(f_row + HALF, mask=ok, other=0.0)
-        cos1, sin1 = tl.cos(f1), tl.sin(f1)
-        cos2, sin2 = tl.cos(f2), tl.sin(f2)
+        f_row = (s * stride_fs + b * stride_fb)[:, None] + cols[None, :]  # the heads of a row share it (cached)
+        cos1 = tl.load(cos_ptr + f_row, mask=ok, other=0.0)
+        sin1 = tl.load(sin_ptr + f_row, mask=ok, other=0.0)
+        cos2 = tl.load(cos_ptr + f_row + HALF, mask=ok, other=0.0)
+        sin2 = tl.load(sin_ptr + f_row + HALF, mask=ok, other=0.0)
         src_row = t_ptr + s * stride_ts + b * stride_tb + head * stride_th
         src = src_row[:, None] + cols[None, :]
         x1 = tl.load(src, mask=ok, other=0.0).to(tl.float32)
@@ -90,15 +91,15 @@ def _rope_triton(t: torch.Tensor, freqs: torch.Tensor, backward: bool) -> torch.
     rot = freqs.shape[-1]
     if t.stride(-1) != 1:
         t = t.contiguous()
-    f = freqs.float().expand(S, B, 1, rot)
-    if f.stride(-1) != 1:
-        f = f.contiguous()
+    f = freqs.float()  # cos and sin once per row here: per (row, head) in the kernel they cost more than the bytes
+    cos, sin = (x.contiguous().expand(S, B, 1, rot) for x in (torch.cos(f), torch.sin(f)))
     out = torch.empty((S, B, H, D), dtype=t.dtype, device=t.device)
     rest = D - rot
     block = 64  # 64 (row, head) pairs x D/2 columns, twice, per program
     _rope_kernel[(triton.cdiv(S * B * H, block),)](
         t,
-        f,
+        cos,
+        sin,
         out,
         B,
         H,
@@ -106,8 +107,8 @@ def _rope_triton(t: torch.Tensor, freqs: torch.Tensor, backward: bool) -> torch.
         t.stride(0),
         t.stride(1),
         t.stride(2),
-        f.stride(0),
-        f.stride(1),
+        cos.stride(0),
+        cos.stride(1),
         HALF=rot // 2,
         D=D,
         BLOCK=block,
