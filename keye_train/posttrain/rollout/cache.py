@@ -1,0 +1,210 @@
+"""The rollout's KV cache and the attention over it, called from our core-attention slot.
+
+Megatron rotates q and k with the pack's M-RoPE ids before the core-attention slot, so the cache stores keys
+after RoPE and never re-rotates them. One `KVCache` holds, per LM layer (megatron's global 1-based
+`layer_number`), keys and values [slots, capacity, Hkv_local, D] in the model's dtype and, for DSA, the
+indexer keys [slots, capacity, D_I] in fp32. A sequence owns one slot; its cached length lives on the host.
+
+Each forward of the engine is one ragged pack of segments (a prompt chunk, or one decode token per running
+sequence). `CacheStep`, carried on `KeyePackedSeqParams.kv_cache`, tells the core attention where each
+segment's rows go: segment i writes its n_i new rows at [slot_i, start_i : start_i + n_i] and its query j
+attends to the slot's rows 0 .. start_i + j (causal over the whole cached history). Segments with slot -1
+are padding (EP/SP lockstep): nothing is written and their output is zero.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from kernels import dsa as dsa_ops
+
+PAD_SLOT = -1
+
+
+class KVCache:
+    def __init__(
+        self,
+        layers: list[int],
+        slots: int,
+        capacity: int,
+        kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device,
+        index_dim: int | None = None,
+    ):
+        self.slots, self.capacity = slots, capacity
+        shape = (slots, capacity, kv_heads, head_dim)
+        self.k = {n: torch.zeros(shape, dtype=dtype, device=device) for n in layers}
+        self.v = {n: torch.zeros(shape, dtype=dtype, device=device) for n in layers}
+        self.index_k = {}
+        if index_dim is not None:
+            self.index_k = {
+                n: torch.zeros(slots, capacity, index_dim, dtype=torch.float32, device=device) for n in layers
+            }
+        self.lengths = [0] * slots
+
+    def nbytes(self) -> int:
+        tensors = [*self.k.values(), *self.v.values(), *self.index_k.values()]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    def reset(self, slot: int) -> None:
+        self.lengths[slot] = 0
+
+    def fork(self, source: int, targets: list[int]) -> None:
+        """Copy the source slot's cached rows into each target slot (a group's G samples share one prefill)."""
+        if not targets:
+            return
+        length = self.lengths[source]
+        index = torch.tensor(targets, device=next(iter(self.k.values())).device)
+        for table in (self.k, self.v, self.index_k):
+            for rows in table.values():
+                rows[index, :length] = rows[source, :length]
+        for slot in targets:
+            self.lengths[slot] = length
+
+    def step(self, slots: list[int], counts: list[int]) -> CacheStep:
+        starts = [self.lengths[s] if s != PAD_SLOT else 0 for s in slots]
+        for slot, start, count in zip(slots, starts, counts):
+            if slot != PAD_SLOT and start + count > self.capacity:
+                raise ValueError(
+                    f"slot {slot} would hold {start + count} tokens, over rollout.capacity={self.capacity}"
+                )
+        return CacheStep(self, slots, starts, counts)
+
+    def commit(self, step: CacheStep) -> None:
+        """After the forward: the pack's rows are now part of each slot's history."""
+        for slot, start, count in zip(step.slots, step.starts, step.counts):
+            if slot != PAD_SLOT:
+                self.lengths[slot] = start + count
+
+
+@dataclass
+class _Segment:
+    slot: int
+    start: int  # cached rows before this pack
+    count: int  # new rows in this pack
+    offset: int  # first row of the segment in the pack
+
+
+class CacheStep:
+    """One pack's view of the cache: written and attended by every layer's core attention."""
+
+    def __init__(self, cache: KVCache, slots: list[int], starts: list[int], counts: list[int]):
+        self.cache, self.slots, self.starts, self.counts = cache, slots, starts, counts
+        offsets = [0]
+        for count in counts:
+            offsets.append(offsets[-1] + count)
+        self.total = offsets[-1]
+        segments = [_Segment(s, p, n, o) for s, p, n, o in zip(slots, starts, counts, offsets)]
+        self.single = [g for g in segments if g.slot != PAD_SLOT and g.count == 1]  # batched (decode)
+        self.chunks = [g for g in segments if g.slot != PAD_SLOT and g.count > 1]  # one at a time (prefill)
+        device = next(iter(cache.k.values())).device
+        self._single_rows = torch.tensor([g.offset for g in self.single], dtype=torch.long, device=device)
+        self._single_slots = torch.tensor([g.slot for g in self.single], dtype=torch.long, device=device)
+        self._single_pos = torch.tensor([g.start for g in self.single], dtype=torch.long, device=device)
+        self._single_len = max((g.start + 1 for g in self.single), default=0)
+        first = self.single[0].slot if self.single else 0
+        # consecutive slots: read the cache through a view instead of a gather
+        self._single_range = [g.slot for g in self.single] == list(range(first, first + len(self.single)))
+        visible = torch.arange(self._single_len, device=device)[None, :] <= self._single_pos[:, None]
+        self._single_mask = visible[:, None, None, :]  # [B, 1, 1, L]
+
+    # ---- writes -----------------------------------------------------------------------------------------------
+
+    def _write(self, table: torch.Tensor, rows: torch.Tensor) -> None:
+        if self.single:
+            table[self._single_slots, self._single_pos] = rows[self._single_rows].to(table.dtype)
+        for g in self.chunks:
+            table[g.slot, g.start : g.start + g.count] = rows[g.offset : g.offset + g.count].to(table.dtype)
+
+    def _history(self, table: torch.Tensor) -> torch.Tensor:
+        """[B, L, ...] cached rows of the single-token segments (a view when their slots are consecutive)."""
+        if self._single_range:
+            first = self.single[0].slot
+            return table[first : first + len(self.single), : self._single_len]
+        return table[self._single_slots, : self._single_len]
+
+    # ---- dense attention --------------------------------------------------------------------------------------
+
+    def _dense(self, layer: int, q, k, v, scale: float) -> torch.Tensor:
+        """q [T, Hq, D], k, v [T, Hkv, D] of the pack -> [T, Hq, D]; writes k, v into the cache first."""
+        keys, values = self.cache.k[layer], self.cache.v[layer]
+        self._write(keys, k)
+        self._write(values, v)
+        out = torch.zeros_like(q)
+        if self.single:
+            self._dense_single(out, q, keys, values, scale)
+        for g in self.chunks:
+            self._dense_chunk(out, q, keys, values, g, scale)
+        return out
+
+    def _dense_single(self, out, q, keys, values, scale, rows=None, mask=None):
+        rows = self._single_rows if rows is None else rows
+        qs = q[rows][:, :, None, :]  # [B, Hq, 1, D]
+        ks, vs = (self._history(t).transpose(1, 2) for t in (keys, values))  # [B, Hkv, L, D]
+        if mask is None:
+            mask = self._single_mask
+        o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=scale, enable_gqa=True)
+        out[rows] = o[:, :, 0, :]
+
+    @staticmethod
+    def _dense_chunk(out, q, keys, values, g: _Segment, scale):
+        end = g.start + g.count
+        qs = q[g.offset : g.offset + g.count].transpose(0, 1)[None]  # [1, Hq, n, D]
+        ks, vs = (t[g.slot, :end].transpose(0, 1)[None] for t in (keys, values))  # [1, Hkv, end, D]
+        if g.start == 0:
+            o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale, enable_gqa=True)
+        else:
+            query_pos = torch.arange(g.start, end, device=q.device)
+            mask = torch.arange(end, device=q.device)[None, :] <= query_pos[:, None]
+            o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=scale, enable_gqa=True)
+        out[g.offset : g.offset + g.count] = o[0].transpose(0, 1)
+
+    def attend(self, layer: int, query, key, value, scale: float) -> torch.Tensor:
+        """VarlenCoreAttention's cache path: sbhd [T, 1, H, D] inputs -> [T, 1, Hq * D]."""
+        seq, batch, heads, dim = query.shape
+        if batch != 1 or seq != self.total:
+            raise ValueError(f"the KV cache expects one packed sequence of {self.total} rows, got {tuple(query.shape)}")
+        q, k, v = (x.reshape(seq, x.shape[2], dim) for x in (query, key, value))
+        return self._dense(layer, q, k, v, scale).view(seq, 1, heads * dim)
+
+    # ---- DSA --------------------------------------------------------------------------------------------------
+
+    def attend_dsa(self, layer: int, q, k, v, index, scale: float, dsa) -> torch.Tensor:
+        """DSACoreAttention's cache path: q [T, Hq, D], k, v [T, Hkv, D], index = (index_q, index_w, index_k) of
+        the pack -> [T, Hq, D]. Warm-up and dense modes attend densely; sparse mode attends densely while a
+        sequence's context is at most `dsa.topk` rows, else over the indexer's top-k of the cached rows."""
+        index_q, index_w, index_k = index
+        self._write(self.cache.index_k[layer], index_k)
+        if dsa.mode != "sparse":
+            return self._dense(layer, q, k, v, scale)
+        keys, values = self.cache.k[layer], self.cache.v[layer]
+        self._write(keys, k)
+        self._write(values, v)
+        out = torch.zeros_like(q)
+        capacity, topk = self.cache.capacity, dsa.topk
+        opts = {"backend": dsa.backend, "budget_bytes": dsa.memory_budget_mb << 20}
+        if self.single and self._single_len <= topk:
+            self._dense_single(out, q, keys, values, scale)
+        sparse_rows, sparse_sets = [], []
+        segments = self.chunks + (self.single if self._single_len > topk else [])
+        for g in segments:
+            if g.start + g.count <= topk:
+                self._dense_chunk(out, q, keys, values, g, scale)
+                continue
+            rows = slice(g.offset, g.offset + g.count)
+            local = dsa_ops.indexer_topk_cached(
+                index_q[rows], index_w[rows], self.cache.index_k[layer][g.slot], g.start, topk, **opts
+            )
+            sparse_rows.append(torch.arange(g.offset, g.offset + g.count, device=q.device))
+            sparse_sets.append(torch.where(local >= 0, local + g.slot * capacity, local))
+        if sparse_rows:
+            rows, sets = torch.cat(sparse_rows), torch.cat(sparse_sets)
+            flat_k, flat_v = (t.view(-1, *t.shape[2:]) for t in (keys, values))
+            o, _ = dsa_ops.sparse_gqa_attention(q[rows], flat_k, flat_v, sets, scale, **opts)
+            out[rows] = o.to(out.dtype)
+        return out

@@ -1,0 +1,80 @@
+"""Next-token sampling: greedy, temperature, top-k, top-p, one torch.Generator per sequence.
+
+The log-prob of a sampled token is taken under the temperature-scaled, unfiltered distribution
+log_softmax(logits / T): the one the trainer recomputes from the same logits (top-k / top-p only choose which
+tokens may be drawn). Greedy (temperature 0) picks the argmax and reports log_softmax(logits) (T = 1).
+Filtering order: top-k on the scaled logits, then top-p on the renormalised survivors (the smallest prefix of
+the descending order whose mass reaches top_p; the most likely token always stays).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class SamplingParams:
+    """temperature: 0 = greedy. top_k: 0 = off. top_p: 1 = off. max_new_tokens: response budget. stop_ids: a
+    sampled stop id ends the response (it is kept as its last token). seed: member g of a group draws from
+    torch.Generator seeded with seed * 1_000_003 + g."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    max_new_tokens: int = 128
+    stop_ids: tuple[int, ...] = field(default_factory=tuple)
+    seed: int = 0
+
+    def __post_init__(self):
+        if not self.temperature >= 0:
+            raise ValueError(f"sampling.temperature={self.temperature}: must be >= 0 (0 = greedy)")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"sampling.top_p={self.top_p}: must be in (0, 1]")
+        if self.top_k < 0:
+            raise ValueError(f"sampling.top_k={self.top_k}: must be >= 0 (0 = off)")
+        if self.max_new_tokens < 0:
+            raise ValueError(f"sampling.max_new_tokens={self.max_new_tokens}: must be >= 0")
+        self.stop_ids = tuple(int(t) for t in self.stop_ids)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    def generator(self, member: int, device) -> torch.Generator:
+        return torch.Generator(device=device).manual_seed(self.seed * 1_000_003 + member)
+
+
+def filtered_probs(scaled: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """scaled [..., V] fp32 logits / T -> the probabilities that are sampled from (zeros outside the filter)."""
+    logits = scaled
+    if 0 < top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if top_p < 1:
+        sorted_probs, order = torch.sort(probs, dim=-1, descending=True)
+        before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs  # mass of the more likely tokens
+        keep_sorted = before < top_p
+        keep = torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
+        probs = torch.where(keep, probs, 0.0)
+        probs = probs / probs.sum(-1, keepdim=True)
+    return probs
+
+
+def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]):
+    """logits [B, V] (any float dtype; computed in fp32) -> tokens [B] int64, log-probs [B] fp32."""
+    logits = logits.float()
+    tokens = torch.empty(logits.shape[0], dtype=torch.long, device=logits.device)
+    logprobs = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
+    for row, (p, gen) in enumerate(zip(params, generators)):
+        if p.greedy:
+            tokens[row] = torch.argmax(logits[row])
+            logprobs[row] = torch.log_softmax(logits[row], dim=-1)[tokens[row]]
+            continue
+        scaled = logits[row] / p.temperature
+        probs = filtered_probs(scaled, p.top_k, p.top_p)
+        tokens[row] = torch.multinomial(probs, 1, generator=gen)[0]
+        logprobs[row] = torch.log_softmax(scaled, dim=-1)[tokens[row]]
+    return tokens, logprobs
