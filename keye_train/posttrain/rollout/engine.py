@@ -109,6 +109,12 @@ class StepTimes:
     steps: int = 0
     decode_tokens: int = 0
     prefill_tokens: int = 0
+    step_log: list = field(default_factory=list)  # per step: a dict of its start, seconds, tokens and parts
+
+    PARTS = ("embed", "forward", "logits", "sample", "host")
+
+    def snapshot(self) -> dict:
+        return {name: getattr(self, name) for name in self.PARTS}
 
 
 class RolloutEngine:
@@ -201,6 +207,7 @@ class RolloutEngine:
         running: list[_Sequence] = []
         while True:
             clock = _Clock(self.device, self.sync_timing)
+            started, parts_before = clock.now(), self.times.snapshot()
             while waiting and len(free) >= waiting[0].size:
                 group = waiting.popleft()
                 group.slots, free = free[: group.size], free[group.size :]
@@ -227,6 +234,11 @@ class RolloutEngine:
             clock.lap()
             self._advance(segments, logits, routes, results, running, prefilling, free, clock)
             self.times.steps += 1
+            decoded = sum(1 for s in segments if isinstance(s.owner, _Sequence))
+            prefilled = sum(s.count for s in segments if isinstance(s.owner, _Group))
+            entry = {"start": started, "seconds": clock.now() - started, "decode": decoded, "prefill": prefilled}
+            entry.update({k: v - parts_before[k] for k, v in self.times.snapshot().items()})
+            self.times.step_log.append(entry)
         return [results[g.index, m] for g in groups for m in range(g.size)]
 
     def _agree(self, has_work: bool, tokens: int) -> tuple[bool, int]:
@@ -399,6 +411,9 @@ class _Clock:
 
         self._time, self._sync = time.perf_counter, sync and device.type == "cuda"
         self._last = self._time()
+
+    def now(self) -> float:
+        return self._time()
 
     def lap(self) -> float:
         if self._sync:

@@ -64,17 +64,26 @@ def filtered_probs(scaled: torch.Tensor, top_k: int, top_p: float) -> torch.Tens
 
 
 def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]):
-    """logits [B, V] (any float dtype; computed in fp32) -> tokens [B] int64, log-probs [B] fp32."""
+    """logits [B, V] (any float dtype; computed in fp32) -> tokens [B] int64, log-probs [B] fp32.
+
+    Batched inverse-CDF draws: each sampled row takes one uniform from its own generator and the token whose
+    float64 cumulative-probability interval holds it; only the uniforms (and top-k / top-p filters) loop over rows."""
     logits = logits.float()
-    tokens = torch.empty(logits.shape[0], dtype=torch.long, device=logits.device)
-    logprobs = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
-    for row, (p, gen) in enumerate(zip(params, generators)):
-        if p.greedy:
-            tokens[row] = torch.argmax(logits[row])
-            logprobs[row] = torch.log_softmax(logits[row], dim=-1)[tokens[row]]
-            continue
-        scaled = logits[row] / p.temperature
-        probs = filtered_probs(scaled, p.top_k, p.top_p)
-        tokens[row] = torch.multinomial(probs, 1, generator=gen)[0]
-        logprobs[row] = torch.log_softmax(scaled, dim=-1)[tokens[row]]
-    return tokens, logprobs
+    temperature = torch.tensor([p.temperature if not p.greedy else 1.0 for p in params], device=logits.device)
+    scaled = logits / temperature[:, None]
+    logp = torch.log_softmax(scaled, dim=-1)
+    tokens = torch.argmax(logits, dim=-1)
+    drawn = [row for row, p in enumerate(params) if not p.greedy]
+    if drawn:
+        rows = torch.tensor(drawn, device=logits.device)
+        probs = logp[rows].double().exp()
+        for i, row in enumerate(drawn):
+            p = params[row]
+            if p.top_k or p.top_p < 1:
+                probs[i] = filtered_probs(scaled[row], p.top_k, p.top_p).double()
+        uniforms = torch.cat([torch.rand(1, generator=generators[row], device=logits.device) for row in drawn])
+        cdf = torch.cumsum(probs, dim=-1)
+        target = (uniforms.double() * cdf[:, -1])[:, None]
+        picks = torch.searchsorted(cdf, target, right=True)[:, 0].clamp_(max=logits.shape[-1] - 1)
+        tokens[rows] = picks
+    return tokens, logp.gather(1, tokens[:, None])[:, 0]
