@@ -107,11 +107,19 @@ class CacheStep:
         self._single_slots = torch.tensor([g.slot for g in self.single], dtype=torch.long, device=device)
         self._single_pos = torch.tensor([g.start for g in self.single], dtype=torch.long, device=device)
         self._single_len = max((g.start + 1 for g in self.single), default=0)
-        first = self.single[0].slot if self.single else 0
-        # consecutive slots: read the cache through a view instead of a gather
-        self._single_range = [g.slot for g in self.single] == list(range(first, first + len(self.single)))
-        visible = torch.arange(self._single_len, device=device)[None, :] <= self._single_pos[:, None]
-        self._single_mask = visible[:, None, None, :]  # [B, 1, 1, L]
+        # The decode batch reads the cache through a view of the slot range it spans, not a gather (a gather
+        # copies B x L rows per layer); slots in the range that do not decode this step get a zero query that
+        # sees row 0 only, and their output is dropped. A range over twice the batch falls back to the gather.
+        slot_ids = [g.slot for g in self.single]
+        self._low = min(slot_ids, default=0)
+        span = max(slot_ids, default=-1) + 1 - self._low
+        self._use_range = span <= 2 * len(slot_ids)
+        batch_rows = self._single_slots - self._low if self._use_range else torch.arange(len(slot_ids), device=device)
+        self._batch_rows, self._batch_size = batch_rows, span if self._use_range else len(slot_ids)
+        limit = torch.zeros(self._batch_size, dtype=torch.long, device=device)
+        limit[batch_rows] = self._single_pos
+        visible = torch.arange(self._single_len, device=device)[None, :] <= limit[:, None]
+        self._single_mask = visible[:, None, None, :]  # [batch, 1, 1, L]
 
     # ---- writes -----------------------------------------------------------------------------------------------
 
@@ -122,10 +130,9 @@ class CacheStep:
             table[g.slot, g.start : g.start + g.count] = rows[g.offset : g.offset + g.count].to(table.dtype)
 
     def _history(self, table: torch.Tensor) -> torch.Tensor:
-        """[B, L, ...] cached rows of the single-token segments (a view when their slots are consecutive)."""
-        if self._single_range:
-            first = self.single[0].slot
-            return table[first : first + len(self.single), : self._single_len]
+        """[batch, L, ...] cached rows of the single-token segments' slots (see __init__)."""
+        if self._use_range:
+            return table[self._low : self._low + self._batch_size, : self._single_len]
         return table[self._single_slots, : self._single_len]
 
     # ---- dense attention --------------------------------------------------------------------------------------
@@ -142,14 +149,12 @@ class CacheStep:
             self._dense_chunk(out, q, keys, values, g, scale)
         return out
 
-    def _dense_single(self, out, q, keys, values, scale, rows=None, mask=None):
-        rows = self._single_rows if rows is None else rows
-        qs = q[rows][:, :, None, :]  # [B, Hq, 1, D]
-        ks, vs = (self._history(t).transpose(1, 2) for t in (keys, values))  # [B, Hkv, L, D]
-        if mask is None:
-            mask = self._single_mask
-        o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=scale, enable_gqa=True)
-        out[rows] = o[:, :, 0, :]
+    def _dense_single(self, out, q, keys, values, scale):
+        qs = q.new_zeros(self._batch_size, q.shape[1], 1, q.shape[2])
+        qs[self._batch_rows, :, 0] = q[self._single_rows]  # [batch, Hq, 1, D]
+        ks, vs = (self._history(t).transpose(1, 2) for t in (keys, values))  # [batch, Hkv, L, D]
+        o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=self._single_mask, scale=scale, enable_gqa=True)
+        out[self._single_rows] = o[self._batch_rows, :, 0]
 
     @staticmethod
     def _dense_chunk(out, q, keys, values, g: _Segment, scale):
