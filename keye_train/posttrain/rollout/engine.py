@@ -148,15 +148,25 @@ class RolloutEngine:
         layers = [m.layer_number for m in self.lm.modules() if isinstance(m, VarlenCoreAttention)]
         kv_heads = self.config.num_query_groups // self.tp
         index_dim = self.lm_cfg.dsa.index_head_dim if self.lm_cfg.dsa.mode != "dense" else None
-        self.cache = KVCache(
-            layers, slots, capacity, kv_heads, self.config.kv_channels, self.config.params_dtype, self.device, index_dim
-        )
+        self._cache_shape = (layers, kv_heads, index_dim)
+        self.cache: KVCache | None = None  # allocated by the first generate, dropped by release()
         self.routes = ModelRoutes(self.lm) if record_routes else None
         self.route_dtype = torch.uint8 if self.lm_cfg.num_experts <= 256 else torch.int16
         self.times = StepTimes()
         self.sync_timing = False
 
     # ---- public -----------------------------------------------------------------------------------------------
+
+    def release(self) -> None:
+        """Free the KV cache (before a training phase); the next generate allocates it again."""
+        self.cache = None
+
+    def _allocate(self) -> KVCache:
+        if self.cache is None or self.cache.capacity != self.capacity:
+            layers, kv_heads, index_dim = self._cache_shape
+            dtype, head_dim = self.config.params_dtype, self.config.kv_channels
+            self.cache = KVCache(layers, self.slots, self.capacity, kv_heads, head_dim, dtype, self.device, index_dim)
+        return self.cache
 
     def generate(
         self, prompts: list[Prompt], params: SamplingParams | list[SamplingParams], group_size: int = 1
@@ -178,6 +188,7 @@ class RolloutEngine:
                     f"prompt {g.index}: {g.length} prompt tokens + max_new_tokens - 1 = {need} rows exceed "
                     f"rollout.capacity={self.capacity}"
                 )
+        self._allocate()
         modules = [m for m in (self.lm, self.vision) if m is not None]
         was_training = [m.training for m in modules]
         for m in modules:

@@ -40,9 +40,12 @@ def test_ragged_prompts_chunked_prefill_and_slot_reuse(dense):
     assert [s.finish_reason for s in samples] == ["length"] * 4 and all(len(s.tokens) == 6 for s in samples)
     # every prompt token was prefilled once and the steps mixed prefill chunks with decode tokens
     assert rollout.times.prefill_tokens == 37 and rollout.times.decode_tokens == 4 * 5
-    # the engine (and its cache) is reused: a second call gives the same tokens
+    # the engine (and its cache) is reused: a second call gives the same tokens, also after a release
     again = rollout.generate(prompts[::-1], GREEDY)
     assert [s.tokens for s in again] == [s.tokens for s in samples[::-1]]
+    rollout.release()
+    assert rollout.cache is None
+    assert [s.tokens for s in rollout.generate(prompts[:1], GREEDY)] == [samples[0].tokens]
 
 
 def test_group_fork_shares_the_prefill_and_each_member_samples_its_own(dense):
