@@ -71,19 +71,19 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
     logits = logits.float()
     temperature = torch.tensor([p.temperature if not p.greedy else 1.0 for p in params], device=logits.device)
     scaled = logits / temperature[:, None]
-    logp = torch.log_softmax(scaled, dim=-1)
+    lse = torch.logsumexp(scaled, dim=-1, keepdim=True)
     tokens = torch.argmax(logits, dim=-1)
     drawn = [row for row, p in enumerate(params) if not p.greedy]
     if drawn:
         rows = torch.tensor(drawn, device=logits.device)
-        probs = logp[rows].double().exp()
+        probs = torch.exp(scaled[rows] - lse[rows])
         for i, row in enumerate(drawn):
             p = params[row]
             if p.top_k or p.top_p < 1:
-                probs[i] = filtered_probs(scaled[row], p.top_k, p.top_p).double()
+                probs[i] = filtered_probs(scaled[row], p.top_k, p.top_p)
         uniforms = torch.cat([torch.rand(1, generator=generators[row], device=logits.device) for row in drawn])
-        cdf = torch.cumsum(probs, dim=-1)
+        cdf = torch.cumsum(probs, dim=-1, dtype=torch.float64)
         target = (uniforms.double() * cdf[:, -1])[:, None]
         picks = torch.searchsorted(cdf, target, right=True)[:, 0].clamp_(max=logits.shape[-1] - 1)
         tokens[rows] = picks
-    return tokens, logp.gather(1, tokens[:, None])[:, 0]
+    return tokens, (scaled.gather(1, tokens[:, None]) - lse)[:, 0]
