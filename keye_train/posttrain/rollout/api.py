@@ -90,3 +90,15 @@ def routes_for_pack(sample: Sample) -> torch.Tensor:
         raise ValueError("the sample has no routes: build the engine with record_routes=True")
     routes = sample.routes.long()
     return torch.cat([routes, torch.full_like(routes[:1], -1)])
+
+
+def pack_routes(samples: list[Sample], seq_length: int | None = None) -> torch.Tensor:
+    """Routes for a pack of [prompt | response] documents in this order, padded with -1 (native routing) to
+    `seq_length` rows (the pack's padding tail)."""
+    routes = torch.cat([routes_for_pack(s) for s in samples])
+    if seq_length is not None:
+        if seq_length < routes.shape[0]:
+            raise ValueError(f"{routes.shape[0]} routed tokens do not fit a pack of {seq_length}")
+        tail = torch.full((seq_length - routes.shape[0], *routes.shape[1:]), -1, dtype=routes.dtype)
+        routes = torch.cat([routes, tail])
+    return routes

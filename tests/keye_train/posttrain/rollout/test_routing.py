@@ -3,6 +3,7 @@ native forward, a forced route changes it, and clearing restores native routing.
 
 import torch
 
+from data_pipeline.batch import PackedBatch
 from keye_train.posttrain.rollout import ModelRoutes, RolloutEngine, SamplingParams, routes_for_pack, sample_batch
 from tests.keye_train.posttrain.rollout.common import TOKENS, build_parts, full_logits, image_prompt, text_prompt
 
@@ -65,3 +66,32 @@ def test_replay_holds_through_a_training_backward(single_rank):
     assert torch.equal(router.router_replay.target_topk_idx, routes_for_pack(sample)[:, 0])
     routes.clear()
     assert router.router_replay.target_topk_idx is None and router.router_replay.router_replay_action is None
+
+
+def test_a_packed_micro_batch_replays_the_routes_of_its_samples(single_rank):
+    """Two samples and a padding tail in one pack, as the trainer packs them: replay gives the native logits."""
+    from keye_train.posttrain.rollout import Rollout, pack_routes
+
+    model = single_rank
+    parts = build_parts(model, seed=33)
+    prompts = [text_prompt(6, 1), text_prompt(8, 2)]
+    batch = Rollout(parts, model, TOKENS, slots=2, capacity=32, record_routes=True).generate(
+        prompts, SamplingParams(temperature=1.0, max_new_tokens=4, seed=3)
+    )
+    assert [len(t) for t in batch.tokens] == [4, 4] and batch.finish_reasons == ["length", "length"]
+    docs = [sample_batch(p, s, TOKENS) for p, s in zip(prompts, batch.samples)]
+    tail = 5  # the pack's padding document
+    ids = torch.cat([d.input_ids for d in docs] + [torch.full((tail,), TOKENS.pad)])
+    positions = torch.cat([d.position_ids for d in docs] + [torch.arange(tail).expand(3, tail)], dim=1)
+    lengths = [d.seq_length for d in docs] + [tail]
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    pack = PackedBatch(ids, ids, torch.zeros(ids.numel()), positions, cu)
+    routes = ModelRoutes(parts.lm)
+    native = full_logits(parts, pack)
+    routes.replay(pack_routes(batch.samples, pack.seq_length))
+    torch.testing.assert_close(full_logits(parts, pack), native, rtol=0, atol=1e-6)
+    rows = pack.seq_length * model.lm.num_layers
+    forced = torch.stack([torch.randperm(model.lm.num_experts)[:2] for _ in range(rows)])
+    routes.replay(forced.view(pack.seq_length, model.lm.num_layers, 2))
+    assert (full_logits(parts, pack) - native).abs().max() > 1e-3
+    routes.clear()
