@@ -1,6 +1,7 @@
 """One rank of a rollout-layout run (started by torchrun from test_layouts.py): greedy rollouts of fixed prompts
-on the tiny model under `tp` / `ep`, written as JSON per rank. Under EP the two ranks are DP peers that get
-different prompts and budgets, so one finishes early and must keep stepping with the other."""
+on the tiny model under `tp` / `ep` (dense or DSA attention), written as JSON per rank. Under EP the two ranks
+are DP peers that get different prompts and budgets, so one finishes early and must keep stepping with the
+other."""
 
 import json
 import sys
@@ -29,8 +30,10 @@ def prompts_and_budgets(share):
     return [built[i] for i in share], [SamplingParams(temperature=0, max_new_tokens=MAX_NEW[i]) for i in share]
 
 
-def main(out: Path, tp: int, ep: int):
+def main(out: Path, tp: int, ep: int, attention: str):
     model = tiny()
+    if attention != "dense":  # DSA with a top-8 selection: the contexts here reach 20+ rows
+        model.lm.dsa.mode, model.lm.dsa.topk = attention, 8
     par = ParallelConfig(tp=tp, ep=ep)
     world = int(__import__("os").environ.get("WORLD_SIZE", "1"))
     init_process_groups(par, check_layout(par, model.lm, model.vit, world), "gloo")
@@ -47,11 +50,11 @@ def main(out: Path, tp: int, ep: int):
         str(i): {"tokens": s.tokens, "logprobs": s.logprobs, "routes": s.routes.tolist(), "reason": s.finish_reason}
         for i, s in zip(share, samples)
     }
-    (out / f"rollout_{world}_{tp}_{ep}_{rank}.json").write_text(
+    (out / f"rollout_{world}_{tp}_{ep}_{attention}_{rank}.json").write_text(
         json.dumps({"samples": report, "steps": engine.times.steps})
     )
     dist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]))
+    main(Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4])
