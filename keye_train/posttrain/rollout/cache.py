@@ -14,12 +14,14 @@ are padding (EP/SP lockstep): nothing is written and their output is zero.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from kernels import dsa as dsa_ops
+from kernels.dense_attention import dense_varlen_attention
 
 PAD_SLOT = -1
 
@@ -145,9 +147,22 @@ class CacheStep:
         out = torch.zeros_like(q)
         if self.single:
             self._dense_single(out, q, keys, values, scale)
+        fresh = [g for g in self.chunks if g.start == 0]
+        if fresh:  # first chunks of prompts see only themselves: one varlen call, the training kernel
+            self._dense_fresh(out, q, k, v, fresh, scale)
         for g in self.chunks:
-            self._dense_chunk(out, q, keys, values, g, scale)
+            if g.start > 0:
+                self._dense_chunk(out, q, keys, values, g, scale)
         return out
+
+    @staticmethod
+    def _dense_fresh(out, q, k, v, fresh: list[_Segment], scale):
+        rows = torch.cat([torch.arange(g.offset, g.offset + g.count, device=q.device) for g in fresh])
+        lengths = [g.count for g in fresh]
+        cu = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32, device=q.device)
+        out[rows] = dense_varlen_attention(
+            q[rows], k[rows], v[rows], cu, causal=True, scale=scale, max_seqlen=max(lengths), lengths=lengths
+        )
 
     def _dense_single(self, out, q, keys, values, scale):
         qs = q.new_zeros(self._batch_size, q.shape[1], 1, q.shape[2])
