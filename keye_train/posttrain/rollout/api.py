@@ -50,10 +50,39 @@ class Rollout:
     def __init__(self, parts, model, tokens: TokenIds | None = None, **engine_options):
         self.engine = RolloutEngine(parts, model, tokens, **engine_options)
 
+    @classmethod
+    def from_config(cls, parts, model, rollout, tokens: TokenIds | None = None) -> Rollout:
+        """From keye_train.config.rollout.RolloutConfig; `generate` then defaults to its sampling and G."""
+        made = cls(
+            parts,
+            model,
+            tokens,
+            slots=rollout.slots,
+            capacity=rollout.capacity,
+            prefill_tokens=rollout.prefill_tokens,
+            record_routes=rollout.record_routes,
+        )
+        made.default_params, made.default_group_size = SamplingParams.from_config(rollout.sampling), rollout.group_size
+        return made
+
+    default_params: SamplingParams | None = None
+    default_group_size: int = 1
+
     def generate(
-        self, prompts: list[Prompt], params: SamplingParams | list[SamplingParams], group_size: int = 1
+        self,
+        prompts: list[Prompt],
+        params: SamplingParams | list[SamplingParams] | None = None,
+        group_size: int | None = None,
     ) -> RolloutBatch:
+        params = params if params is not None else self.default_params
+        if params is None:
+            raise ValueError("Rollout.generate needs sampling params (or a Rollout built from_config)")
+        group_size = group_size if group_size is not None else self.default_group_size
         return RolloutBatch(self.engine.generate(prompts, params, group_size), group_size)
+
+    def release(self) -> None:
+        """Free the KV cache before a training phase."""
+        self.engine.release()
 
 
 def sample_batch(prompt: Prompt, sample: Sample, tokens: TokenIds | None = None) -> PackedBatch:

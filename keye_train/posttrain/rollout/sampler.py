@@ -38,6 +38,18 @@ class SamplingParams:
             raise ValueError(f"sampling.max_new_tokens={self.max_new_tokens}: must be >= 0")
         self.stop_ids = tuple(int(t) for t in self.stop_ids)
 
+    @classmethod
+    def from_config(cls, sampling) -> SamplingParams:
+        """From keye_train.config.rollout.SamplingConfig."""
+        return cls(
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            top_k=sampling.top_k,
+            max_new_tokens=sampling.max_new_tokens,
+            stop_ids=tuple(sampling.stop_ids),
+            seed=sampling.seed,
+        )
+
     @property
     def greedy(self) -> bool:
         return self.temperature == 0

@@ -193,3 +193,19 @@ def test_training_forwards_are_unchanged_without_a_cache(dense):
             packed_seq_params=plain,
         )[0]
     assert torch.equal(logits[10:16], keye)
+
+
+def test_a_rollout_from_config_uses_its_sampling_and_group_size(dense):
+    from keye_train.config.rollout import RolloutConfig, SamplingConfig
+    from keye_train.posttrain.rollout import Rollout
+
+    model, parts = dense
+    cfg = RolloutConfig(slots=4, capacity=32, group_size=2, sampling=SamplingConfig(temperature=0, max_new_tokens=3))
+    rollout = Rollout.from_config(parts, model, cfg, TOKENS)
+    prompts = [text_prompt(5, 1)]
+    batch = rollout.generate(prompts)
+    assert len(batch.samples) == 2 and [len(t) for t in batch.tokens] == [3, 3]
+    assert batch.tokens[0].tolist() == batch.tokens[1].tolist()  # greedy members agree
+    assert batch.tokens[0].tolist() == engine(model, parts).generate(prompts, GREEDY)[0].tokens[:3]
+    rollout.release()
+    assert rollout.engine.cache is None
