@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 
 
 @dataclass
@@ -79,23 +80,44 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
     """logits [B, V] (any float dtype; computed in fp32) -> tokens [B] int64, log-probs [B] fp32.
 
     Batched inverse-CDF draws: each sampled row takes one uniform from its own generator and the token whose
-    float64 cumulative-probability interval holds it; only the uniforms (and top-k / top-p filters) loop over rows."""
+    cumulative-probability interval holds it; only the uniforms (and top-k / top-p filters) loop over rows."""
     logits = logits.float()
     temperature = torch.tensor([p.temperature if not p.greedy else 1.0 for p in params], device=logits.device)
     scaled = logits / temperature[:, None]
     lse = torch.logsumexp(scaled, dim=-1, keepdim=True)
-    tokens = torch.argmax(logits, dim=-1)
     drawn = [row for row, p in enumerate(params) if not p.greedy]
+    if len(drawn) < len(params):
+        tokens = torch.argmax(logits, dim=-1)
+    else:
+        tokens = torch.empty(len(params), dtype=torch.long, device=logits.device)
     if drawn:
         rows = torch.tensor(drawn, device=logits.device)
-        probs = torch.exp(scaled[rows] - lse[rows])
+        probs = torch.exp(scaled - lse) if len(drawn) == len(params) else torch.exp(scaled[rows] - lse[rows])
         for i, row in enumerate(drawn):
             p = params[row]
             if p.top_k or p.top_p < 1:
                 probs[i] = filtered_probs(scaled[row], p.top_k, p.top_p)
         uniforms = torch.cat([torch.rand(1, generator=generators[row], device=logits.device) for row in drawn])
-        cdf = torch.cumsum(probs, dim=-1, dtype=torch.float64)
-        target = (uniforms.double() * cdf[:, -1])[:, None]
-        picks = torch.searchsorted(cdf, target, right=True)[:, 0].clamp_(max=logits.shape[-1] - 1)
-        tokens[rows] = picks
+        tokens[rows] = inverse_cdf(probs, uniforms)
     return tokens, (scaled.gather(1, tokens[:, None]) - lse)[:, 0]
+
+
+CDF_BLOCK = 1024
+
+
+def inverse_cdf(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """probs [R, V] (unnormalised, >= 0), uniforms [R] in [0, 1) -> [R] the token t with
+    F(t - 1) <= u * F(V - 1) < F(t), F the cumulative sum in float64. Two levels (block sums, then one block's
+    running sum) instead of a float64 cumsum over the whole vocabulary, which is slow on the CPU."""
+    rows, vocab = probs.shape
+    blocks = F.pad(probs, (0, (-vocab) % CDF_BLOCK)).view(rows, -1, CDF_BLOCK)
+    block_cdf = blocks.sum(-1, dtype=torch.float64).cumsum(-1)  # [R, blocks]
+    target = uniforms.double() * block_cdf[:, -1]
+    block = torch.searchsorted(block_cdf, target[:, None], right=True)[:, 0].clamp_(max=blocks.shape[1] - 1)
+    before = torch.where(block > 0, block_cdf.gather(1, (block - 1).clamp(min=0)[:, None])[:, 0], 0.0)
+    inner = blocks[torch.arange(rows, device=probs.device), block].cumsum(-1, dtype=torch.float64)  # [R, block]
+    offset = torch.searchsorted(inner, (target - before)[:, None], right=True)[:, 0].clamp_(max=CDF_BLOCK - 1)
+    tokens = (block * CDF_BLOCK + offset).clamp_(max=vocab - 1)
+    # the two float64 sums of a block may round apart by ~1e-16: never return a token of probability zero
+    zero = probs.gather(1, tokens[:, None])[:, 0] == 0
+    return torch.where(zero, probs.argmax(-1), tokens)

@@ -108,3 +108,17 @@ def test_a_seed_fixes_the_draws_and_members_differ():
 def test_bad_params_name_the_key(key, value):
     with pytest.raises(ValueError, match=f"sampling.{key}="):
         SamplingParams(**{key: value})
+
+
+def test_the_two_level_inverse_cdf_is_a_full_float64_search():
+    from keye_train.posttrain.rollout.sampler import inverse_cdf
+
+    g = torch.Generator().manual_seed(2)
+    probs = torch.rand(64, 3000, generator=g) ** 4
+    probs[:, 1000:1100] = 0  # zero-probability runs across a block edge
+    probs[5, :] = 0
+    probs[5, 2999] = 1.0  # all mass on the last token
+    uniforms = torch.rand(64, generator=g)
+    cdf = probs.double().cumsum(-1)
+    expected = torch.searchsorted(cdf, (uniforms.double() * cdf[:, -1])[:, None], right=True)[:, 0]
+    assert torch.equal(inverse_cdf(probs, uniforms), expected)
