@@ -15,10 +15,12 @@ are padding (EP/SP lockstep): nothing is written and their output is zero.
 from __future__ import annotations
 
 import itertools
+import warnings
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from kernels import dsa as dsa_ops
 from kernels.dense_attention import dense_varlen_attention
@@ -168,7 +170,7 @@ class CacheStep:
         qs = q.new_zeros(self._batch_size, q.shape[1], 1, q.shape[2])
         qs[self._batch_rows, :, 0] = q[self._single_rows]  # [batch, Hq, 1, D]
         ks, vs = (self._history(t).transpose(1, 2) for t in (keys, values))  # [batch, Hkv, L, D]
-        o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=self._single_mask, scale=scale, enable_gqa=True)
+        o = decode_attention(qs, ks, vs, self._single_mask, scale)
         out[self._single_rows] = o[self._batch_rows, :, 0]
 
     @staticmethod
@@ -228,3 +230,66 @@ class CacheStep:
             o, _ = dsa_ops.sparse_gqa_attention(q[rows], flat_k, flat_v, sets, scale, **opts)
             out[rows] = o.to(out.dtype)
         return out
+
+
+_FUSED = [SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.FLASH_ATTENTION]
+_FUSED_OK: dict = {}
+
+
+def _fused(q, k, v, mask, scale):
+    with sdpa_kernel(_FUSED):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+
+
+def _fused_works(dtype, device, heads: int, kv_heads: int, dim: int) -> bool:
+    """Whether a fused SDPA kernel takes masked GQA decode on strided cache views and agrees with the grouped
+    matmuls (checked once per layout on small random inputs)."""
+    g = torch.Generator(device=device).manual_seed(0)
+    table_k, table_v = (torch.randn(6, 80, kv_heads, dim, generator=g, device=device).to(dtype) for _ in range(2))
+    k, v = (t[1:5, :70].transpose(1, 2) for t in (table_k, table_v))
+    q = torch.randn(4, heads, 1, dim, generator=g, device=device).to(dtype)
+    mask = torch.arange(70, device=device)[None, :] <= torch.tensor([69, 0, 33, 50], device=device)[:, None]
+    mask = mask[:, None, None, :]
+    try:
+        fused = _fused(q, k, v, mask, 0.1).float()
+    except RuntimeError as err:
+        warnings.warn(f"rollout decode attention: no fused SDPA kernel ({err}); using grouped matmuls", stacklevel=3)
+        return False
+    reference = grouped_decode_attention(q.float(), k.float(), v.float(), mask, 0.1)
+    error = float((fused - reference).norm() / reference.norm())
+    if not error < 2e-2:
+        warnings.warn(f"rollout decode attention: a fused SDPA kernel is off by {error}; using matmuls", stacklevel=3)
+        return False
+    return True
+
+
+def decode_attention(q, k, v, mask, scale: float) -> torch.Tensor:
+    """One query row per sequence: q [B, Hq, 1, D], k, v [B, Hkv, L, D] (strided views of the cache), mask
+    [B, 1, 1, L] bool -> [B, Hq, 1, D]. On CUDA a fused SDPA kernel if one takes masked GQA and passes a
+    one-time check (torch's math fallback would repeat K and V over the query heads: 8x the cache reads at
+    32 / 4 heads), else `grouped_decode_attention`; on the CPU SDPA (math, exact)."""
+    if not q.is_cuda:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+    key = (q.dtype, q.device, q.shape[1], k.shape[1], q.shape[3])
+    if key not in _FUSED_OK:
+        _FUSED_OK[key] = _fused_works(*key)
+    if _FUSED_OK[key]:
+        return _fused(q, k, v, mask, scale)
+    return grouped_decode_attention(q, k, v, mask, scale)
+
+
+def grouped_decode_attention(q, k, v, mask, scale: float) -> torch.Tensor:
+    """Masked GQA decode without repeating K / V: per KV head, two batched matmuls on the cache views (the
+    scores in the input dtype with fp32 accumulation, the softmax in fp32)."""
+    batch, heads, _, dim = q.shape
+    kv_heads = k.shape[1]
+    group = heads // kv_heads
+    out = torch.empty_like(q)
+    for h in range(kv_heads):
+        qh = q[:, h * group : (h + 1) * group, 0, :]  # [B, G, D]
+        scores = torch.bmm(qh, k[:, h].transpose(1, 2))  # [B, G, L]
+        scores = scores.to(torch.promote_types(scores.dtype, torch.float32)) * scale
+        scores = scores.masked_fill(~mask[:, 0], float("-inf"))
+        probs = torch.softmax(scores, dim=-1).to(v.dtype)
+        out[:, h * group : (h + 1) * group, 0, :] = torch.bmm(probs, v[:, h])
+    return out

@@ -85,3 +85,16 @@ def test_a_step_past_the_capacity_names_the_key():
     cache = filled_cache([15, 0])
     with pytest.raises(ValueError, match="rollout.capacity=16"):
         cache.step([0], [2])
+
+
+def test_grouped_decode_attention_equals_sdpa_on_strided_cache_views():
+    """The CUDA fallback (per-KV-head matmuls) on the cache's own strided views, against SDPA, float64."""
+    from keye_train.posttrain.rollout.cache import grouped_decode_attention
+
+    g = torch.Generator().manual_seed(3)
+    table_k, table_v = (torch.randn(5, 12, HKV, D, generator=g, dtype=torch.float64) for _ in range(2))
+    ks, vs = (t[1:4, :9].transpose(1, 2) for t in (table_k, table_v))  # [3, Hkv, 9, D], not contiguous
+    q = torch.randn(3, HQ, 1, D, generator=g, dtype=torch.float64)
+    mask = (torch.arange(9)[None, :] <= torch.tensor([8, 0, 4])[:, None])[:, None, None, :]
+    expected = torch.nn.functional.scaled_dot_product_attention(q, ks, vs, attn_mask=mask, scale=0.4, enable_gqa=True)
+    torch.testing.assert_close(grouped_decode_attention(q, ks, vs, mask, 0.4), expected, rtol=0, atol=1e-12)
