@@ -180,10 +180,10 @@ class CacheStep:
         ks, vs = (t[g.slot, :end].transpose(0, 1)[None] for t in (keys, values))  # [1, Hkv, end, D]
         if g.start == 0:
             o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale, enable_gqa=True)
-        else:
-            query_pos = torch.arange(g.start, end, device=q.device)
-            mask = torch.arange(end, device=q.device)[None, :] <= query_pos[:, None]
-            o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=scale, enable_gqa=True)
+        else:  # a later chunk over the cached prefix
+            rows = slice(g.offset, g.offset + g.count)
+            out[rows] = chunk_attention(q[rows], keys[g.slot, :end], values[g.slot, :end], g.start, scale)
+            return
         out[g.offset : g.offset + g.count] = o[0].transpose(0, 1)
 
     def attend(self, layer: int, query, key, value, scale: float) -> torch.Tensor:
@@ -292,4 +292,30 @@ def grouped_decode_attention(q, k, v, mask, scale: float) -> torch.Tensor:
         scores = scores.masked_fill(~mask[:, 0], float("-inf"))
         probs = torch.softmax(scores, dim=-1).to(v.dtype)
         out[:, h * group : (h + 1) * group, 0, :] = torch.bmm(probs, v[:, h])
+    return out
+
+
+CHUNK_SCORE_BYTES = 256 << 20  # fp32 scores of one block of query rows in chunk_attention
+
+
+def chunk_attention(q, keys, values, start: int, scale: float, budget: int = CHUNK_SCORE_BYTES) -> torch.Tensor:
+    """A prompt chunk after `start` cached rows: q [n, Hq, D] at positions start .. start + n - 1, keys and
+    values [start + n, Hkv, D] (the slot's rows, a view) -> [n, Hq, D]; row j sees keys 0 .. start + j.
+    Blocks of query rows and one KV head at a time, so neither the scores nor K / V repeated over the query
+    heads (what SDPA's math fallback does for a masked GQA call) outgrow `budget`."""
+    count, heads, dim = q.shape
+    end, kv_heads = keys.shape[0], keys.shape[1]
+    group = heads // kv_heads
+    block = max(1, budget // (4 * group * end))
+    out = torch.empty_like(q)
+    columns = torch.arange(end, device=q.device)
+    for r0 in range(0, count, block):
+        r1 = min(count, r0 + block)
+        visible = columns[None, :] <= torch.arange(start + r0, start + r1, device=q.device)[:, None]  # [b, end]
+        for h in range(kv_heads):
+            qh = q[r0:r1, h * group : (h + 1) * group].transpose(0, 1)  # [G, b, D]
+            scores = torch.matmul(qh, keys[:, h].t())  # [G, b, end]
+            scores = scores.to(torch.promote_types(scores.dtype, torch.float32)) * scale
+            probs = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1).to(values.dtype)
+            out[r0:r1, h * group : (h + 1) * group] = torch.matmul(probs, values[:, h]).transpose(0, 1)
     return out

@@ -98,3 +98,25 @@ def test_grouped_decode_attention_equals_sdpa_on_strided_cache_views():
     mask = (torch.arange(9)[None, :] <= torch.tensor([8, 0, 4])[:, None])[:, None, None, :]
     expected = torch.nn.functional.scaled_dot_product_attention(q, ks, vs, attn_mask=mask, scale=0.4, enable_gqa=True)
     torch.testing.assert_close(grouped_decode_attention(q, ks, vs, mask, 0.4), expected, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("budget", [1 << 30, 4 * 2 * 12 * 3])  # one block, or blocks of 3 query rows
+def test_chunk_attention_over_a_cached_prefix_equals_masked_sdpa(budget):
+    from keye_train.posttrain.rollout.cache import chunk_attention
+
+    g = torch.Generator().manual_seed(4)
+    start, count = 5, 7
+    table = [torch.randn(16, HKV, D, generator=g, dtype=torch.float64) for _ in range(2)]
+    keys, values = (t[: start + count] for t in table)
+    q = torch.randn(count, HQ, D, generator=g, dtype=torch.float64)
+    mask = torch.arange(start + count)[None, :] <= torch.arange(start, start + count)[:, None]
+    expected = torch.nn.functional.scaled_dot_product_attention(
+        q.transpose(0, 1)[None],
+        keys.transpose(0, 1)[None],
+        values.transpose(0, 1)[None],
+        attn_mask=mask,
+        scale=0.3,
+        enable_gqa=True,
+    )[0].transpose(0, 1)
+    got = chunk_attention(q, keys, values, start, 0.3, budget=budget)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)
