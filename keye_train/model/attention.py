@@ -25,6 +25,9 @@ class KeyePackedSeqParams(PackedSeqParams):
 
     position_ids: torch.Tensor = None
     document_lengths: list = None
+    # A rollout's KV-cache step (keye_train/posttrain/rollout/cache.py): when set, the core attention appends
+    # this pack's keys and values to the cache and attends over it; None on every training path.
+    kv_cache: object = None
 
 
 class VarlenCoreAttention(MegatronModule):
@@ -40,6 +43,7 @@ class VarlenCoreAttention(MegatronModule):
         backend: str = "auto",
     ):
         super().__init__(config=config)
+        self.layer_number = layer_number  # the rollout's KV cache is indexed by it
         self.causal = attn_mask_type == AttnMaskType.causal
         self.scale = softmax_scale or 1.0 / math.sqrt(config.kv_channels)
         self.backend = str(backend)  # kernels.dense_attention: auto, cudnn or flash on CUDA
@@ -47,6 +51,8 @@ class VarlenCoreAttention(MegatronModule):
     def forward(
         self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None, packed_seq_params=None
     ):
+        if getattr(packed_seq_params, "kv_cache", None) is not None:
+            return packed_seq_params.kv_cache.attend(self.layer_number, query, key, value, self.scale)
         seq, batch, heads, dim = query.shape
         if packed_seq_params is not None:
             if batch != 1:
