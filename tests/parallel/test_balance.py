@@ -66,7 +66,7 @@ def test_level2_equals_the_data_pipelines_deal():
             pack.add(PlannedSample(0, 0, i, -1, rng.randint(100, 32768), rng.choice([0, 0, rng.randint(0, 131072)])))
             packs.append(pack)
         patch_cost = rng.choice([0.0, 0.25, 1.0, 3.0])
-        ours = balance.deal_packs(packs, dp, lambda p: balance.linear_pack_cost(p.tokens, p.patches, patch_cost))
+        ours = balance.deal_packs(packs, dp, lambda p, c=patch_cost: balance.linear_pack_cost(p.tokens, p.patches, c))
         assert ours == deal(packs, dp, patch_cost)
 
 
