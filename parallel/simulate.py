@@ -10,6 +10,8 @@ Placements (issue 18):
   all-to-all takes the embeddings of micro-batch m to the stage-0 ranks that own each sample, and the gradients
   back. ViT chunks are fillers: a rank runs them while its pipeline schedule has nothing ready (warm-up and
   cool-down bubbles, waits), the 1F1B work first.
+Under split and spread the ViT's forward of micro-batch m waits for the backward of m - (min(pp, M) + 1): the
+activations it keeps stay those of a bounded window (`keye_train/planning/memory.py::memory_by_placement`).
 
 The LM runs megatron's 1F1B (warm-up of pp - k - 1 forwards on stage k, steady one-forward-one-backward,
 cool-down) on a discrete-event timeline (`parallel/timeline.py`), one resource per TP group. Per micro-batch and
@@ -120,6 +122,8 @@ class Plan:
     placement: str
     vit_ranks: int = 0
     vit_tp: int = 1
+    vit_over_tp: bool = False  # pp0 only: stage 0's TP ranks share the pack's frames (data-parallel) instead of
+    # each encoding all of them (today's unsharded tower): a stronger baseline than the code trains now
 
     def __post_init__(self):
         if self.placement not in PLACEMENTS:
@@ -340,7 +344,8 @@ def simulate(
     settings: Settings = Settings(),
 ) -> Result:
     lm_ranks = gpus - (plan.vit_ranks if plan.placement == "split" else 0)
-    result = Result(plan.placement, gpus, layout.label(), plan.vit_ranks, plan.vit_tp, False)
+    name = "pp0_vit_dp" if plan.placement == "pp0" and plan.vit_over_tp else plan.placement
+    result = Result(name, gpus, layout.label(), plan.vit_ranks, plan.vit_tp, False)
     if plan.placement == "split":
         if not 0 < plan.vit_ranks < gpus or plan.vit_ranks % plan.vit_tp or dims.vit_heads % plan.vit_tp:
             result.reason = f"{plan.vit_ranks} ViT ranks (vit tp {plan.vit_tp}) do not fit {gpus} GPUs"
@@ -365,6 +370,13 @@ def simulate(
     tasks: list[timeline.Task] = []
     orders: dict = {}
     trains = settings.vit_trains
+
+    def pp0_vit(pack: Pack) -> tuple[float, float]:
+        if not plan.vit_over_tp or layout.tp == 1:
+            return vit_pack_seconds(rates, settings, pack)
+        per_group, _ = _deal_frames([pack], rates, settings, 1, layout.tp, 1.0)
+        return per_group[0][0], per_group[0][1]
+
     # megatron's rank order puts pp outermost: a stage is a block of lm_ranks / pp ranks, so adjacent stages sit
     # on different nodes once a stage fills a node
     stage_crosses = lm_ranks // pp >= settings.gpus_per_node
@@ -380,7 +392,7 @@ def simulate(
                 if kind == "F":
                     deps = [(("F", d, k - 1, m), hop)] if k > 0 else []
                     if k == 0 and plan.placement == "pp0" and pack.frames:
-                        vf, vb = vit_pack_seconds(rates, settings, pack)
+                        vf, vb = pp0_vit(pack)
                         tasks.append(timeline.Task(("vitF", d, m), res, vf, [], kind="vit"))
                         order.append(("vitF", d, m))
                         deps.append((("vitF", d, m), 0.0))
@@ -395,13 +407,17 @@ def simulate(
                     tasks.append(timeline.Task(key, res, b, deps, kind="lm"))
                     order.append(key)
                     if k == 0 and plan.placement == "pp0" and pack.frames and trains:
-                        vf, vb = vit_pack_seconds(rates, settings, pack)
+                        vf, vb = pp0_vit(pack)
                         tasks.append(timeline.Task(("vitB", d, m), res, vb, [(key, 0.0)], kind="vit"))
                         order.append(("vitB", d, m))
             orders[res] = order
 
     imbalance = 1.0
     if plan.placement in ("split", "spread"):
+        # deadlines: when stage 0 would start each micro-batch with no ViT at all (a first, LM-only pass)
+        lm_only = [replace(t, deps=[dep for dep in t.deps if dep[0][0] != "sync_f"]) for t in tasks if t.kind == "lm"]
+        bare = timeline.run(lm_only, orders)
+        due = [min(bare.tasks[("F", d, 0, m)].start for d in range(dp)) for m in range(micro)]
         if plan.placement == "split":
             # a group of vit_tp ranks runs each of its frames tensor-parallel
             groups, members = plan.vit_ranks // plan.vit_tp, 1
@@ -411,6 +427,7 @@ def simulate(
             groups, members, speed = dp * pp, layout.tp, 1.0
             group_res = [("lm", d, k) for d in range(dp) for k in range(pp)]
         worst = 1.0
+        window = min(pp, micro) + 1
         for m in range(micro):
             batch_m = [replicas[d][m] for d in range(dp)]
             per_group, imb = _deal_frames(batch_m, rates, settings, groups, members, speed)
@@ -426,17 +443,22 @@ def simulate(
             if visual_tokens == 0:
                 xfer = 0.0
             fdeps = []
+            # the ViT runs at most `window` micro-batches ahead of its backward (what it keeps for it)
+            ahead = [(("sync_b", m - window), 0.0)] if trains and m >= window else []
             for g, (vf, _, _) in enumerate(per_group):
-                tasks.append(timeline.Task(("vitF", g, m), group_res[g], vf, [], True, (m, 0), "vit"))
+                task = timeline.Task(("vitF", g, m), group_res[g], vf, ahead, True, (m, 0), "vit", due[m] - xfer)
+                tasks.append(task)
                 fdeps.append((("vitF", g, m), 0.0))
             tasks.append(timeline.Task(("sync_f", m), None, xfer, fdeps, kind="xfer"))
             if trains:
                 bdeps = [(("B", d, 0, m), 0.0) for d in range(dp)]
                 tasks.append(timeline.Task(("sync_b", m), None, xfer, bdeps, kind="xfer"))
+                # the window: this backward frees the room micro-batch m + window's forward needs
+                later = due[m + window] - xfer - 2 * max(v[0] for v in per_group) if m + window < micro else math.inf
                 for g, (_, vb, _) in enumerate(per_group):
-                    tasks.append(
-                        timeline.Task(("vitB", g, m), group_res[g], vb, [(("sync_b", m), 0.0)], True, (m, 1), "vit")
-                    )
+                    task = timeline.Task(("vitB", g, m), group_res[g], vb, [(("sync_b", m), 0.0)], True, (m, 1), "vit")
+                    task.deadline = later
+                    tasks.append(task)
         imbalance = worst
         for r in group_res:
             orders.setdefault(r, [])
@@ -499,12 +521,19 @@ def compare(
     settings: Settings = Settings(),
     vit_ranks: list[int] | None = None,
     vit_tp: int = 1,
+    max_candidates: int = 4,
+    max_share: float = 0.3,
 ) -> dict:
-    """pp0, every legal split (or `vit_ranks`) and spread; {"pp0": Result, "split": best Result or an illegal
-    one with its reason, "spread": Result, "split_all": [Result]}; speedups by tokens/s."""
+    """pp0 (and pp0_vit_dp, its ViT data-parallel over stage 0's TP ranks), split at the smallest legal ViT rank
+    counts up to max_share of the GPUs (or `vit_ranks`), and spread: {"pp0", "pp0_vit_dp", "spread": Result,
+    "split": the best legal split or an illegal Result with its reason, "split_all": [Result]}. Compare by
+    tokens/s (split may train a smaller global batch)."""
     pp0 = simulate(rates, gpus, layout, workload, Plan("pp0"), dims, settings)
+    pp0_dp = simulate(rates, gpus, layout, workload, Plan("pp0", vit_over_tp=True), dims, settings)
     spread = simulate(rates, gpus, layout, workload, Plan("spread"), dims, settings)
-    candidates = vit_ranks if vit_ranks is not None else split_ranks(gpus, layout, dims, vit_tp)
+    candidates = vit_ranks
+    if candidates is None:
+        candidates = split_ranks(gpus, layout, dims, vit_tp, max_share)[:max_candidates]
     splits = [simulate(rates, gpus, layout, workload, Plan("split", v, vit_tp), dims, settings) for v in candidates]
     legal = [s for s in splits if s.legal]
     if legal:
@@ -517,7 +546,7 @@ def compare(
             else f"no ViT rank count leaves a legal LM: LM ranks must be a multiple of {layout.grid}"
             f" (tp*pp={layout.tp * layout.pp}, etp*ep*pp={layout.expert_tp * layout.ep * layout.pp})"
         )
-    return {"pp0": pp0, "split": best, "spread": spread, "split_all": splits}
+    return {"pp0": pp0, "pp0_vit_dp": pp0_dp, "split": best, "spread": spread, "split_all": splits}
 
 
 def with_recompute(settings: Settings, lm: str, modules=(), vit: str | None = None) -> Settings:

@@ -3,7 +3,8 @@
 A *resource* is one GPU or a group of GPUs that always work together (a tensor-parallel group); it runs one task
 at a time, without preemption. Each resource has a *static order* (its pipeline schedule: 1F1B's forwards and
 backwards in megatron's order) and a pool of *fillers* (ViT chunks), which it may run whenever the next task of
-its static order is not ready: the lowest `priority` of the ready fillers first. A task with `resource=None`
+its static order is not ready: the lowest `priority` of the ready fillers first; a filler whose `deadline` is
+near (deadline - duration <= now) goes before the static order's next task. A task with `resource=None`
 occupies nothing: a transfer or a collective, which only delays what depends on it.
 
 A task starts at the earliest time when its resource is free and every dependency has finished (plus the
@@ -26,6 +27,7 @@ class Task:
     filler: bool = False
     priority: tuple = ()
     kind: str = ""
+    deadline: float = float("inf")  # a filler this close to its deadline (deadline - duration <= now) goes first
     start: float = float("nan")
     end: float = float("nan")
 
@@ -114,6 +116,13 @@ def run(tasks: list[Task], orders: dict) -> Timeline:
             return
         order = orders.get(resource, [])
         pos = static_pos.get(resource, 0)
+        heap = fillers.get(resource)
+        if heap:
+            urgent = by_key[heap[0][2]]
+            if urgent.deadline - urgent.duration <= now:
+                heapq.heappop(heap)
+                start(urgent.key, resource, now)
+                return
         if pos < len(order):
             key = order[pos]
             if waiting[key] == 0 and ready_at[key] <= now:

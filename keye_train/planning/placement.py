@@ -221,5 +221,5 @@ def choose(
         others = [n for n in ("split", "spread") if results[n].legal]
         why = f"no placement beats pp0 by {min_gain:.2f}x" if others else "split and spread are not legal here"
     else:
-        why = f"{results[best].tokens_per_s / base.tokens_per_s:.2f}x pp0's tokens/s"
+        why = f"{results[best].tokens_per_s / base.tokens_per_s:.2f}x colocated's tokens/s"
     return {"results": results, "choice": best, "why": why}
