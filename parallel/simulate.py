@@ -521,19 +521,23 @@ def compare(
     settings: Settings = Settings(),
     vit_ranks: list[int] | None = None,
     vit_tp: int = 1,
-    max_candidates: int = 4,
+    max_candidates: int = 6,
     max_share: float = 0.3,
 ) -> dict:
-    """pp0 (and pp0_vit_dp, its ViT data-parallel over stage 0's TP ranks), split at the smallest legal ViT rank
-    counts up to max_share of the GPUs (or `vit_ranks`), and spread: {"pp0", "pp0_vit_dp", "spread": Result,
+    """pp0 (and pp0_vit_dp, its ViT data-parallel over stage 0's TP ranks), split at up to max_candidates legal
+    ViT rank counts up to max_share of the GPUs, thinned evenly (or `vit_ranks`), and spread: {"pp0", "pp0_vit_dp", "spread": Result,
     "split": the best legal split or an illegal Result with its reason, "split_all": [Result]}. Compare by
     tokens/s (split may train a smaller global batch)."""
     pp0 = simulate(rates, gpus, layout, workload, Plan("pp0"), dims, settings)
     pp0_dp = simulate(rates, gpus, layout, workload, Plan("pp0", vit_over_tp=True), dims, settings)
     spread = simulate(rates, gpus, layout, workload, Plan("spread"), dims, settings)
     candidates = vit_ranks
-    if candidates is None:
-        candidates = split_ranks(gpus, layout, dims, vit_tp, max_share)[:max_candidates]
+    if candidates is None:  # the legal counts up to max_share, thinned evenly to max_candidates (both ends kept)
+        legal_counts = split_ranks(gpus, layout, dims, vit_tp, max_share)
+        if len(legal_counts) > max_candidates > 1:
+            step = (len(legal_counts) - 1) / (max_candidates - 1)
+            legal_counts = sorted({legal_counts[round(i * step)] for i in range(max_candidates)})
+        candidates = legal_counts
     splits = [simulate(rates, gpus, layout, workload, Plan("split", v, vit_tp), dims, settings) for v in candidates]
     legal = [s for s in splits if s.legal]
     if legal:
