@@ -153,7 +153,8 @@ def print_placement(cfg, sizes, flags: dict) -> None:
     work = _profile(cfg, flags)
     layout = layout_of(cfg.parallel)
     dims = model_dims(cfg.model)
-    settings = settings_of(cfg.parallel, trains_vit=any(p in cfg.stage.trainable for p in ("vit", "all")))
+    # a frozen ViT has no backward (a trainable projector's small one is not modelled)
+    settings = settings_of(cfg.parallel, trains_vit="vit" in [str(p) for p in cfg.stage.trainable])
     vit_tp = cfg.parallel.vision.tp
     picked = choose(rates, sizes.world, layout, work, dims, settings, vit_tp=vit_tp)
     results = picked["results"]
