@@ -525,9 +525,9 @@ def compare(
     max_share: float = 0.3,
 ) -> dict:
     """pp0 (and pp0_vit_dp, its ViT data-parallel over stage 0's TP ranks), split at up to max_candidates legal
-    ViT rank counts up to max_share of the GPUs, thinned evenly (or `vit_ranks`), and spread: {"pp0", "pp0_vit_dp", "spread": Result,
-    "split": the best legal split or an illegal Result with its reason, "split_all": [Result]}. Compare by
-    tokens/s (split may train a smaller global batch)."""
+    ViT rank counts up to max_share of the GPUs, thinned evenly (or `vit_ranks`), and spread:
+    {"pp0", "pp0_vit_dp", "spread": Result, "split": the best legal split or an illegal Result with its reason,
+    "split_all": [Result]}. Compare by tokens/s (split may train a smaller global batch)."""
     pp0 = simulate(rates, gpus, layout, workload, Plan("pp0"), dims, settings)
     pp0_dp = simulate(rates, gpus, layout, workload, Plan("pp0", vit_over_tp=True), dims, settings)
     spread = simulate(rates, gpus, layout, workload, Plan("spread"), dims, settings)
