@@ -64,7 +64,7 @@ def _mixed(total: int) -> list[int]:
     """A long document, then halving lengths, then the rest: e.g. 32K -> 16K, 8K, 4K, ..., 128, rest."""
     out, left, size = [], total, total // 2
     while left > 0:
-        size = max(128, min(size, left))
+        size = min(max(128, size), left)
         out.append(size)
         left -= size
         size //= 2
@@ -459,7 +459,7 @@ def main() -> None:
         print(f"wrote {target}")
         return
     if args.smoke:
-        args.vit_frames, args.vit_totals, args.lm_tokens, args.lm_mixes = "16,64", "256,1024", "128,256", "one,mixed"
+        args.vit_frames, args.vit_totals, args.lm_tokens, args.lm_mixes = "16,64", "256,512", "64,128", "one,mixed"
     args.vit_frames = [int(x) for x in args.vit_frames.split(",")]
     args.vit_totals = [int(x) for x in args.vit_totals.split(",")]
     args.lm_tokens = [int(x) for x in args.lm_tokens.split(",")]

@@ -72,3 +72,53 @@ def test_rates_round_trip_through_their_dict():
     rates = costs.load_rates("h200")
     again = costs.rates_from_dict(json.loads(json.dumps(costs.rates_to_dict(rates))))
     assert again.vit == rates.vit and again.lm == rates.lm and again.inter_node == rates.inter_node
+
+
+def test_the_sweeps_document_mixes_cut_each_pack_exactly():
+    from benchmarks.hetero_rates import MIXES, square_grid
+
+    for tokens in (64, 128, 256, 4096, 32768):
+        for name, cut in MIXES.items():
+            docs = cut(tokens)
+            assert sum(docs) == tokens and min(docs) > 0, (name, tokens, docs)
+    for patches in (16, 64, 256, 576, 1024, 2304, 4096):
+        rows, cols = square_grid(patches)
+        assert rows * cols == patches and rows % 2 == 0 and cols % 2 == 0
+
+
+def test_the_sweeps_fit_recovers_per_layer_terms_from_points():
+    from benchmarks.hetero_rates import fit
+
+    layer = costs.Term(per_item_s=4e-7, per_item_sq_s=9e-11, fixed_s=1e-4)
+    ends = costs.Term(per_item_s=1e-7, per_segment_s=5e-5)
+    vit = []
+    for p in (256, 1024, 4096):
+        for n in (4, 16, 32):
+            sizes = [p] * n
+            t = layer(sizes) * 1e3
+            e = ends(sizes) * 1e3
+            vit.append(
+                {
+                    "frame_patches": p,
+                    "frames": n,
+                    "layer_fwd_ms": t / 3,
+                    "layer_fwd_bwd_ms": t,
+                    "ends_fwd_ms": e / 3,
+                    "ends_fwd_bwd_ms": e,
+                }
+            )
+    lm = [
+        {
+            "documents": [t],
+            "layer_fwd_ms": 1.0 + t / 1e3,
+            "layer_fwd_bwd_ms": 3.0 + 3 * t / 1e3,
+            "ends_fwd_ms": t / 1e4,
+            "ends_fwd_bwd_ms": 3 * t / 1e4,
+        }
+        for t in (1024, 4096, 16384, 32768)
+    ]
+    vit.append({"error": "oom"})
+    out = fit(vit, lm)
+    got = costs.Term.from_dict(out["terms"]["vit"]["layer_fwd_bwd"])
+    assert got.per_item_s == pytest.approx(4e-7, rel=1e-3) and got.per_item_sq_s == pytest.approx(9e-11, rel=1e-3)
+    assert out["max_relative_error"]["vit.ends_fwd_bwd"] < 1e-6
