@@ -28,10 +28,12 @@ import json
 import math
 import os
 import re
+import statistics
 import sys
 import tempfile
 import time
 import traceback
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -62,7 +64,7 @@ def _mixed(total: int) -> list[int]:
     """A long document, then halving lengths, then the rest: e.g. 32K -> 16K, 8K, 4K, ..., 128, rest."""
     out, left, size = [], total, total // 2
     while left > 0:
-        size = max(128, min(size, left))
+        size = min(max(128, size), left)
         out.append(size)
         left -= size
         size //= 2
@@ -313,6 +315,123 @@ def fit(vit_points: list[dict], lm_points: list[dict]) -> dict:
     return {"terms": out, "max_relative_error": quality}
 
 
+def seed_from_rows(throughput: Path, attention: Path, data: Path) -> dict:
+    """Rates derived from the full-step rows of throughput_h200.json (no per-layer sweep yet): see `provenance`."""
+    import subprocess
+
+    from keye_train.config.compose import load_checked_config
+    from keye_train.planning.parameters import count_parameters
+    from keye_train.planning.placement import profile_from_shards
+
+    rows = json.loads(throughput.read_text())
+    attn = json.loads(attention.read_text())
+    by = {(r["row"], r["lm_layers"]): r for r in rows["rows"] if "error" not in r and r.get("commit") == "6960a4f"}
+    four, six = by[("grouped_full", 4)], by[("grouped_full", 6)]
+    if not (data / "shards" / "index.json").exists():
+        subprocess.run([sys.executable, "-m", "data_pipeline.cli", "demo", "--out", str(data)], check=True)
+    cfg, _ = load_checked_config(
+        [
+            "recipe=stage1_pretrain",
+            "launch=local",
+            f"data.shards={data / 'shards'}",
+            f"data.tokenizer={data / 'tokenizer.json'}",
+        ],
+        world=128,
+        check_data=False,
+    )
+    packs = profile_from_shards(cfg.data, four["seq_length"], 8, 8).packs  # the demo corpus the rows trained on
+    frames = statistics.mean(len(p.frames) for p in packs)
+    patches = statistics.mean(four["vit_patches_per_step"])
+    frame_sq = (
+        statistics.mean(sum(f * f for f in p.frames) for p in packs)
+        * patches
+        / statistics.mean(p.patches for p in packs)
+    )
+    doc_sq = statistics.mean(sum(d * d for d in p.docs) for p in packs)
+    tokens = four["seq_length"]
+    # attention alone (attention_backends_h200.json): the ViT's per-frame rows and the LM's one-document cuDNN rows
+    vit_att = next(r for r in attn["rows"] if r["layer"] == "vit" and r["backend"] == "flash")
+    vit_sq = vit_att["documents"] * (vit_att["tokens"] / vit_att["documents"]) ** 2
+    lm_att = next(
+        r
+        for r in attn["rows"]
+        if r["layer"] == "lm" and r["backend"] == "cudnn" and r["documents"] == 1 and r["tokens"] == 32768
+    )
+    lm_sq = float(lm_att["tokens"]) ** 2
+    q = {
+        "vit_f": vit_att["fwd_ms"] / 1e3 / vit_sq,
+        "vit_fb": vit_att["fwd_bwd_ms"] / 1e3 / vit_sq,
+        "lm_f": lm_att["fwd_ms"] / 1e3 / lm_sq,
+        "lm_fb": lm_att["fwd_bwd_ms"] / 1e3 / lm_sq,
+    }
+    # ViT: the tower alone under full recompute = 27 x (fwd + bwd + fwd); backward taken as twice the forward
+    vit_layers = four["vit_layers"]
+    vit_s = four["breakdown_ms"]["vit"] / 1e3
+    vit_linear = vit_s / vit_layers - (q["vit_fb"] + q["vit_f"]) * frame_sq  # per layer, fwd + bwd + recompute
+    vit_f = vit_linear / 4 / patches
+    # LM: the marginal layer (6 against 4 layers, same commit) under full recompute, split 1 : 2 likewise
+    layer_s = (six["step_time_s"] - four["step_time_s"]) / (six["lm_layers"] - four["lm_layers"])
+    lm_linear = layer_s - (q["lm_fb"] + q["lm_f"]) * doc_sq
+    lm_f = lm_linear / 4 / tokens
+    optimizer_s = four["breakdown_ms"]["optimizer"] / 1e3
+    ends_s = four["step_time_s"] - vit_s - four["lm_layers"] * layer_s - optimizer_s  # embedding + head + CE
+    counts = count_parameters(replace(cfg.model, lm=replace(cfg.model.lm, num_layers=four["lm_layers"])))
+    return {
+        "device": rows["device"],
+        "provenance": {
+            "source": "derived from throughput_h200.json rows, not a per-layer sweep",
+            "device": rows["device"],
+            "commit": four["commit"],
+            "date": four["date"],
+            "script": "benchmarks/hetero_rates.py --seed-from (this derivation); rows: benchmarks/throughput_gpu.py",
+            "rows": [
+                "grouped_full, 4 LM layers",
+                "grouped_full, 6 LM layers",
+                "attention_backends_h200.json: vit flash 128 x 1024 patches, lm cudnn one 32K document",
+            ],
+            "how": (
+                "ViT: breakdown_ms.vit (27 layers, full recompute, the step's pack) less its per-frame attention "
+                "(attention rows x sum p^2 of the demo corpus's packs), per patch, split fwd : bwd = 1 : 2; no ends "
+                "term (in the layers). LM: (step at 6 layers - step at 4) / 2 per layer under full recompute, less "
+                "attention (cuDNN row x sum s^2), per token, fwd : bwd = 1 : 2; ends = step - vit - layers - "
+                "optimizer (embedding, chunked head + CE). Optimizer: breakdown_ms.optimizer / parameters held."
+            ),
+            "raw_points": {
+                "vit_s": vit_s,
+                "vit_patches": patches,
+                "vit_frames": frames,
+                "vit_sum_p2": frame_sq,
+                "lm_layer_s_full_recompute": layer_s,
+                "lm_tokens": tokens,
+                "lm_sum_s2": doc_sq,
+                "ends_s": ends_s,
+                "optimizer_s": optimizer_s,
+                "parameters": counts["total"],
+                "attention_s_per_item_sq": q,
+            },
+            "links_and_scaling": "assumed, not measured: NVLink 150 GB/s and 400 Gb/s IB (40 GB/s) per GPU "
+            "achieved; TP efficiency 0.8 (one GPU measures neither)",
+        },
+        "vit": {
+            "layers": vit_layers,
+            "layer_fwd": {"per_item_s": vit_f, "per_item_sq_s": q["vit_f"]},
+            "layer_fwd_bwd": {"per_item_s": 3 * vit_f, "per_item_sq_s": q["vit_fb"]},
+            "ends_fwd": {},
+            "ends_fwd_bwd": {},
+        },
+        "lm": {
+            "layers": cfg.model.lm.num_layers,
+            "layer_fwd": {"per_item_s": lm_f, "per_item_sq_s": q["lm_f"]},
+            "layer_fwd_bwd": {"per_item_s": 3 * lm_f, "per_item_sq_s": q["lm_fb"]},
+            "ends_fwd": {"per_item_s": ends_s / 3 / tokens},
+            "ends_fwd_bwd": {"per_item_s": ends_s / tokens},
+        },
+        "links": costs.DEFAULT_LINKS,
+        "scaling": {"tp_efficiency": 0.8},
+        "optimizer": {"s_per_param": optimizer_s / counts["total"]},
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="CPU check: tiny model, a couple of points")
@@ -323,9 +442,24 @@ def main() -> None:
     parser.add_argument("--lm-mixes", default=",".join(MIXES), help="document-length mixes")
     parser.add_argument("--out", type=Path, help="raw points (default benchmarks/results/hetero_rates_<dev>.json)")
     parser.add_argument("--calibration", type=Path, help="fitted rates (default parallel/calibration/<dev>.json)")
+    parser.add_argument(
+        "--seed-from",
+        type=Path,
+        metavar="THROUGHPUT_JSON",
+        help="no sweep: derive rates from throughput_h200.json's step rows (and attention_backends_h200.json)",
+    )
+    parser.add_argument("--data", type=Path, default=Path(tempfile.gettempdir()) / "keye_demo_data")
     args = parser.parse_args()
+    if args.seed_from:
+        rates = seed_from_rows(args.seed_from, args.seed_from.with_name("attention_backends_h200.json"), args.data)
+        costs.rates_from_dict(rates)
+        target = args.calibration or REPO / "parallel" / "calibration" / "h200.json"
+        write_result(target, rates)
+        print(json.dumps(rates["provenance"]["raw_points"], indent=1))
+        print(f"wrote {target}")
+        return
     if args.smoke:
-        args.vit_frames, args.vit_totals, args.lm_tokens, args.lm_mixes = "16,64", "256,1024", "128,256", "one,mixed"
+        args.vit_frames, args.vit_totals, args.lm_tokens, args.lm_mixes = "16,64", "256,512", "64,128", "one,mixed"
     args.vit_frames = [int(x) for x in args.vit_frames.split(",")]
     args.vit_totals = [int(x) for x in args.vit_totals.split(",")]
     args.lm_tokens = [int(x) for x in args.lm_tokens.split(",")]
@@ -410,7 +544,7 @@ def main() -> None:
         "vit": {"layers": full_cfg.model.vit.num_layers, **fitted["terms"]["vit"]},
         "lm": {"layers": full_cfg.model.lm.num_layers, **fitted["terms"]["lm"]},
         "links": previous.get("links", costs.DEFAULT_LINKS),
-        "scaling": previous.get("scaling", {"tp_efficiency": 0.8, "ep_overhead": 0.1}),
+        "scaling": previous.get("scaling", {"tp_efficiency": 0.8}),
         "optimizer": previous.get("optimizer", {"s_per_param": 0.0}),
         "points": {"vit": result["vit"], "lm": result["lm"]},
     }

@@ -140,7 +140,6 @@ class Rates:
     intra_node: LinkRates = field(default_factory=lambda: LinkRates(**DEFAULT_LINKS["intra_node"]))
     inter_node: LinkRates = field(default_factory=lambda: LinkRates(**DEFAULT_LINKS["inter_node"]))
     tp_efficiency: float = 0.8  # LM compute at TP t runs at t * tp_efficiency the one-GPU rate (SP and TP comms)
-    ep_overhead: float = 0.1  # extra LM-layer time for the EP all-to-alls, relative to the layer's compute
     optimizer_s_per_param: float = 0.0  # the optimizer step, seconds per locally held parameter element
     device: str = "unknown"
     provenance: dict = field(default_factory=dict)
@@ -161,7 +160,6 @@ def rates_from_dict(d: dict) -> Rates:
         intra_node=LinkRates(**links.get("intra_node", DEFAULT_LINKS["intra_node"])),
         inter_node=LinkRates(**links.get("inter_node", DEFAULT_LINKS["inter_node"])),
         tp_efficiency=float(scaling.get("tp_efficiency", 0.8)),
-        ep_overhead=float(scaling.get("ep_overhead", 0.1)),
         optimizer_s_per_param=float(d.get("optimizer", {}).get("s_per_param", 0.0)),
         device=d.get("device", "unknown"),
         provenance=d.get("provenance", {}),
@@ -178,7 +176,7 @@ def rates_to_dict(rates: Rates) -> dict:
             "intra_node": vars(rates.intra_node).copy(),
             "inter_node": vars(rates.inter_node).copy(),
         },
-        "scaling": {"tp_efficiency": rates.tp_efficiency, "ep_overhead": rates.ep_overhead},
+        "scaling": {"tp_efficiency": rates.tp_efficiency},
         "optimizer": {"s_per_param": rates.optimizer_s_per_param},
     }
 

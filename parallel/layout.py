@@ -101,6 +101,8 @@ def _check_placement(par, vit, world_size: int) -> int:
                 "parallel.placement=split for a ViT layout of its own"
             )
         return 0
+    if par.placement in ("spread", "auto"):  # spread: the LM on every rank; auto: `keye-train plan` decides
+        return 0
     if not 0 < vision.ranks < world_size:
         raise LayoutError(
             f"parallel.vision.ranks={vision.ranks} must be between 1 and world size - 1 "
@@ -150,9 +152,14 @@ def rank_roles(par, sizes: LayoutSizes) -> list[str]:
 def require_colocated(par) -> None:
     """The trainer's placement today: split layouts are checked and rendered, not yet trained."""
     if par.placement != "colocated":
+        hint = (
+            " (auto is for `keye-train plan`, which prints the placement to train with)"
+            if par.placement == "auto"
+            else ""
+        )
         raise LayoutError(
-            "parallel.placement=split: the heterogeneous ViT/LM scheduler is not available yet "
-            "(layouts and launch scripts are checked and rendered); train with "
+            f"parallel.placement={par.placement}: the heterogeneous ViT/LM scheduler is not available yet "
+            f"(layouts and launch scripts are checked and rendered){hint}; train with "
             "parallel.placement=colocated"
         )
 

@@ -41,12 +41,11 @@ def _run(command: str, argv: list[str]) -> int:
     from keye_train.config.compose import load_checked_config
 
     world = int(os.environ.get("WORLD_SIZE", 0)) or (None if command == "train" else "auto")
-    cfg, sizes = load_checked_config(argv, world, check_data=command == "train")
     if command == "plan":
         from keye_train.cli import plan
 
-        plan.print_plan(cfg, sizes)
-        return 0
+        return plan.run(argv, world)
+    cfg, sizes = load_checked_config(argv, world, check_data=command == "train")
     from keye_train.cli import train
 
     return train.run(cfg, argv)

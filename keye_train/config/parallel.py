@@ -10,6 +10,8 @@ from typing import List
 class Placement(StrEnum):
     colocated = "colocated"  # the ViT runs unsharded on the LM's first pipeline stage
     split = "split"  # the ViT on its own ranks (the first parallel.vision.ranks), the LM on the rest
+    spread = "spread"  # every rank encodes a share of the step's frames; embeddings routed to the stage-0 owners
+    auto = "auto"  # `keye-train plan` only: pick colocated, split or spread (and the ViT ranks) by the cost model
 
 
 class Recompute(StrEnum):
@@ -66,5 +68,15 @@ class ParallelConfig:
             raise ValueError(f"parallel.nproc={self.nproc} must be >= 1")
         if self.recompute == Recompute.selective and not self.recompute_modules:
             raise ValueError("parallel.recompute=selective with an empty parallel.recompute_modules: use none")
+        if self.placement == Placement.spread and (self.vision.ranks or self.vision.tp != 1):
+            raise ValueError(
+                f"parallel.placement=spread with parallel.vision.ranks={self.vision.ranks} / "
+                f"parallel.vision.tp={self.vision.tp}: spread encodes data-parallel over frames on every rank "
+                "(no ViT ranks of its own, no ViT TP); use parallel.placement=split for those"
+            )
+        if self.vision.ranks < 0 or self.vision.tp < 1:
+            raise ValueError(
+                f"parallel.vision.ranks={self.vision.ranks} must be >= 0 and parallel.vision.tp={self.vision.tp} >= 1"
+            )
         if self.etp is not None and self.etp < 1:
             raise ValueError(f"parallel.etp={self.etp} must be >= 1 (or unset: the same as parallel.tp)")

@@ -132,3 +132,94 @@ def memory_per_rank(model: ModelConfig, parallel: ParallelConfig, train: TrainCo
         row.update(dense_params=dense, expert_params=experts)
         stages[key] = row
     return stages
+
+
+def memory_by_placement(
+    model: ModelConfig,
+    parallel: ParallelConfig,
+    train: TrainConfig,
+    sizes,
+    placement: str,
+    vision_ranks: int = 0,
+    vision_tp: int = 1,
+) -> dict:
+    """Bytes per rank by role when the ViT is placed by `placement` (colocated | split | spread): the
+    `memory_per_rank` rows with the vision tower moved to the ranks that run it. `sizes` is the LM's layout
+    (its dp counts LM ranks only). Roles: first_stage, last_stage, and under split `vision` (a ViT rank).
+
+    - colocated: `memory_per_rank` as it is (the tower and an all-visual pack's ViT activations, for every
+      micro-batch in flight, on every first-stage rank).
+    - spread: every rank holds a ViT replica (optimizer state sharded over all ranks) and keeps its share of
+      the patches (4 x seq_length per pack, world / dp ranks per pack) of the micro-batches in flight until the
+      ViT's backward, plus the working set of one share while it recomputes.
+    - split: LM ranks hold no ViT; a ViT rank holds the tower / vision_tp (optimizer state over the ViT DP) and
+      its share of the micro-batches in flight, each micro-batch's packs dealt over the ViT groups.
+    In flight: min(pp, micro-batches) + 1, the window the simulator (`parallel/simulate.py`) lets the ViT run
+    ahead of its backward.
+    """
+    from keye_train.model.builder import vision_recompute
+
+    base = memory_per_rank(model, parallel, train, sizes)
+    if placement == "colocated":
+        return base
+    counts = count_parameters(model)
+    vit_elements = counts["vit"] + counts["projector"]
+    vit, s = model.vit, train.seq_length
+    kept_per_patch, working_per_patch = vit_patch_bytes(vit, vision_recompute(parallel), parallel.recompute_modules)
+    kept_per_patch = kept_per_patch * vit.num_layers + 2 * 16 * vit.hidden_size / 4  # + projector, per patch
+    microbatches = max(1, train.global_batch // sizes.dp)
+    pack_patches = 4 * s  # an all-visual pack (the activation rule's worst case)
+    world = sizes.world
+    shards = {"dense": sizes.dp if parallel.distributed_optimizer else 1}
+
+    def without_vit(row: dict, first: bool, last: bool) -> dict:
+        dense = row["dense_params"] - (vit_elements if first else 0)
+        experts = row["expert_params"]
+        expert_shards = sizes.expert_dp if parallel.distributed_optimizer else 1
+        out = {
+            "params": (dense + experts) * PARAM_BYTES,
+            "grads": (dense + experts) * GRAD_BYTES,
+            "optimizer": (dense / shards["dense"] + experts / expert_shards) * OPTIMIZER_BYTES,
+            "activations": activation_bytes(model, train, sizes, False, last, parallel),
+        }
+        out["total"] = sum(out.values())
+        out.update(dense_params=dense, expert_params=experts)
+        return out
+
+    def with_vit(row: dict, elements: float, optimizer_shards: int, kept: float, working: float) -> dict:
+        out = dict(row)
+        out["params"] += elements * PARAM_BYTES
+        out["grads"] += elements * GRAD_BYTES
+        out["optimizer"] += elements / optimizer_shards * OPTIMIZER_BYTES
+        out["activations"] = out["activations"] + kept + working
+        out["total"] = out["params"] + out["grads"] + out["optimizer"] + out["activations"]
+        out["vit_params"] = elements
+        return out
+
+    rows = {
+        key: without_vit(row, first=key == "first_stage", last=key == "last_stage" or sizes.pp == 1)
+        for key, row in base.items()
+    }
+    in_flight = min(sizes.pp, microbatches) + 1
+    if placement == "spread":
+        share = pack_patches * sizes.dp / world  # one micro-batch's patches per rank
+        opt_shards = world if parallel.distributed_optimizer else 1
+        return {
+            key: with_vit(row, vit_elements, opt_shards, kept_per_patch * share * in_flight, working_per_patch * share)
+            for key, row in rows.items()
+        }
+    if placement != "split":
+        raise ValueError(f"placement {placement!r} is not colocated, split or spread")
+    if vision_ranks < 1 or vision_ranks % vision_tp:
+        raise ValueError(f"split needs vision ranks ({vision_ranks}) that vision tp ({vision_tp}) divides")
+    groups = vision_ranks // vision_tp
+    share = pack_patches * sizes.dp / groups / vision_tp  # per ViT rank and micro-batch (TP splits the work)
+    empty = {"params": 0.0, "grads": 0.0, "optimizer": 0.0, "activations": 0.0, "dense_params": 0.0, "expert_params": 0}
+    vision = with_vit(
+        empty,
+        vit_elements / vision_tp,
+        groups if parallel.distributed_optimizer else 1,
+        kept_per_patch * share * in_flight,
+        working_per_patch * share,
+    )
+    return {**rows, "vision": vision}
