@@ -44,7 +44,27 @@ def load_config(overrides: list[str]):
     _register()
     with initialize_config_dir(config_dir=str(RECIPES_DIR), version_base=None):
         cfg = compose(config_name="config", overrides=list(overrides))
+    refuse_unknown_keys(cfg)
     return OmegaConf.to_object(cfg)
+
+
+def refuse_unknown_keys(node, prefix: str = "") -> None:
+    """A key the typed schema lacks (e.g. added with `+train.nope=1`, which Hydra lets through) is an error that
+    names it, not a value the run would silently drop."""
+    import dataclasses
+
+    from omegaconf import DictConfig, ListConfig, OmegaConf
+
+    if isinstance(node, DictConfig):
+        schema = OmegaConf.get_type(node)
+        known = {f.name for f in dataclasses.fields(schema)} if dataclasses.is_dataclass(schema) else None
+        for key in node.keys():
+            if known is not None and key not in known:
+                raise ValueError(f"{prefix}{key}: not a key of {schema.__name__} (no such setting)")
+            refuse_unknown_keys(node._get_node(key), f"{prefix}{key}.")
+    elif isinstance(node, ListConfig):
+        for i, item in enumerate(node._iter_ex(resolve=False)):
+            refuse_unknown_keys(item, f"{prefix}{i}.")
 
 
 def load_checked_config(overrides: list[str], world: int | str | None = None, check_data: bool = True):

@@ -86,3 +86,10 @@ def test_the_command_line_refuses_a_bad_choice_before_any_rank_starts(tmp_path):
     )
     assert done.returncode == 2 and "train.dtype='fp16'" in done.stderr and "bf16" in done.stderr
     assert "torch.distributed.run" not in done.stderr + done.stdout and not (tmp_path / "metrics.jsonl").exists()
+
+
+@pytest.mark.parametrize("override", ["+train.nope=1", "+model.lm.nope=1", "+nope=1"])
+def test_added_keys_outside_the_schema_are_refused_by_name(override):
+    key = override[1:].split("=")[0]
+    with pytest.raises(ValueError, match=rf"{key}: not a key of"):
+        load_checked_config([*QUIET, override], world=1, check_data=False)
