@@ -82,6 +82,7 @@ class ContextShard:
     k_lengths:     keys each segment sees: the document up to the end of its chunk (causal, bottom-right aligned)
     pad:           [n] bool, True on pad rows added for CP
     visual_rows:   [v] int64, for each visual pad row of the slice (in local order) its row of the ViT output
+    real_length:   rows of the packed sequence before the CP padding (over all ranks)
     """
 
     cp: int
@@ -93,6 +94,7 @@ class ContextShard:
     k_lengths: list[int]
     pad: torch.Tensor
     visual_rows: torch.Tensor
+    real_length: int = 0
 
     @property
     def num_segments(self) -> int:
@@ -159,6 +161,7 @@ def context_shard(padded_lengths: list[int], cp: int, rank: int, visual: torch.T
         k_lengths=k_lengths,
         pad=torch.zeros(rows.numel(), dtype=torch.bool),
         visual_rows=visual_index[rows][mine],
+        real_length=total,
     )
 
 
@@ -189,7 +192,7 @@ def slice_batch(
     shard = context_shard(lengths, cp, rank, visual.cpu())
     device = batch.input_ids.device
     rows = shard.rows.to(device)
-    shard = replace(shard, pad=pad[rows]).to(device)
+    shard = replace(shard, pad=pad[rows], real_length=batch.seq_length).to(device)
     return ContextSlicedBatch(
         input_ids=padded.input_ids[rows],
         labels=padded.labels[rows],

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import torch
 
+from kernels import dsa as dsa_ops
 from kernels.context_attention import segment_attention
+from kernels.dsa_context import indexer_kl_segments, indexer_topk_segments
 from parallel.context import gather_rows
 
 
@@ -26,3 +28,50 @@ def context_attention(query, key, value, shard, scale: float, backend: str = "au
     return segment_attention(
         query, keys, values, shard.q_lengths, shard.k_starts, shard.k_lengths, scale=scale, backend=backend
     )
+
+
+def kl_row_weights(shard) -> torch.Tensor:
+    """[n]: cp / (rows before padding) on real rows, 0 on CP pad rows. Summed over CP ranks, the weighted KL sums
+    are cp x the one-rank mean; DDP's average over DP x CP then gives the indexers the one-rank gradient."""
+    return (~shard.pad).double() * (shard.cp / max(1, shard.real_length))  # the KL casts it to its own precision
+
+
+def context_dsa(
+    q,
+    k,
+    v,
+    index_q,
+    index_w,
+    index_k,
+    shard,
+    mode: str,
+    topk: int,
+    scale: float,
+    kl: bool,
+    tp_group=None,
+    backend: str = "auto",
+    budget_bytes: int | None = None,
+    attention_backend: str = "auto",
+):
+    """DSA with local queries: K/V and the indexer keys gathered over CP, the top-k over global positions under
+    the causal and document masks (the sets one rank selects), sparse attention over the global K/V (warm-up:
+    dense segment attention). Returns (out [n, Hq, D], indices [n, topk] global or None, the weighted KL sum or
+    None); `kl`: compute the indexer loss; backend, budget_bytes: the DSA kernels' (model.lm.dsa)."""
+    keys, values = gather_keys_values(k, v, shard)
+    index_keys = gather_rows(index_k, shard.gather_order)
+    segments = (shard.q_lengths, shard.k_starts, shard.k_lengths)
+    opts = {"backend": backend, **({"budget_bytes": budget_bytes} if budget_bytes is not None else {})}
+    indices = None
+    if mode == "sparse":
+        detached = (index_q.detach(), index_w.detach(), index_keys.detach())
+        indices = indexer_topk_segments(*detached, *segments, topk, **opts)
+        out, _ = dsa_ops.sparse_gqa_attention(q, keys, values, indices, scale, **opts)
+    else:
+        out = segment_attention(q, keys, values, *segments, scale=scale, backend=attention_backend)
+    loss = None
+    if kl:
+        weights = kl_row_weights(shard).to(q.device)
+        loss = indexer_kl_segments(
+            index_q, index_w, index_keys, q, keys, *segments, weights, scale, indices, tp_group, budget_bytes
+        )
+    return out, indices, loss
