@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.distributed as dist
@@ -24,6 +24,13 @@ class LayoutSizes:
     expert_dp: int
     vision_ranks: int = 0  # placement=split: ranks 0 .. vision_ranks - 1 run the ViT, the rest the LM
     cp: int = 1  # context parallel: the ranks of one DP replica that share its packs, each holding a slice
+
+    def record(self) -> dict:
+        """The sizes as checkpoints record them; cp only when > 1, so checkpoints written before CP still match."""
+        sizes = asdict(self)
+        if sizes["cp"] == 1:
+            del sizes["cp"]
+        return sizes
 
 
 def expert_tp(par) -> int:
