@@ -37,8 +37,9 @@ LAYOUTS = {
     "dp2": (2, []),
     "tp2_pp2": (4, ["parallel.tp=2", "parallel.pp=2"]),
     "tp2_ep2_etp1": (2, ["parallel.tp=2", "parallel.ep=2", "parallel.etp=1"]),
-    # context parallelism: every document cut into 2*cp chunks, padded, K/V all-gathered per layer
-    "cp2": (2, ["parallel.cp=2"]),
+    # context parallelism: every document cut into 2*cp chunks, padded, K/V all-gathered per layer; beside PP (the
+    # stages exchange the slices' shapes) and TP (sequence parallelism splits each slice)
+    "cp2_pp2": (4, ["parallel.cp=2", "parallel.pp=2"]),
     "cp2_tp2": (4, ["parallel.cp=2", "parallel.tp=2"]),
     # grouped-GEMM experts against the 1-rank SequentialMLP reference
     "ep2_grouped": (2, ["parallel.ep=2", "model.lm.experts_impl=grouped"]),

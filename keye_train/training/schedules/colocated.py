@@ -42,7 +42,7 @@ class ColocatedSchedule:
             data_iterator=iter(microbatches),
             model=[self.model.lm_chunk],
             num_microbatches=len(microbatches),
-            seq_length=microbatches[0].seq_length,
+            seq_length=getattr(microbatches[0], "full_length", microbatches[0].seq_length),  # megatron divides by cp
             micro_batch_size=1,
             forward_only=forward_only,
         )
