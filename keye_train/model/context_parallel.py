@@ -56,7 +56,8 @@ def context_dsa(
     """DSA with local queries: K/V and the indexer keys gathered over CP, the top-k over global positions under
     the causal and document masks (the sets one rank selects), sparse attention over the global K/V (warm-up:
     dense segment attention). Returns (out [n, Hq, D], indices [n, topk] global or None, the weighted KL sum or
-    None); `kl`: compute the indexer loss; backend, budget_bytes: the DSA kernels' (model.lm.dsa)."""
+    None); `kl`: compute the indexer loss; backend, budget_bytes: the DSA kernels' (model.lm.dsa; the top-k takes
+    `backend`, the sparse attention and the KL run the torch reference under CP)."""
     keys, values = gather_keys_values(k, v, shard)
     index_keys = gather_rows(index_k, shard.gather_order)
     segments = (shard.q_lengths, shard.k_starts, shard.k_lengths)
@@ -65,7 +66,9 @@ def context_dsa(
     if mode == "sparse":
         detached = (index_q.detach(), index_w.detach(), index_keys.detach())
         indices = indexer_topk_segments(*detached, *segments, topk, **opts)
-        out, _ = dsa_ops.sparse_gqa_attention(q, keys, values, indices, scale, **opts)
+        # the Triton sparse kernel takes as many key rows as queries (not yet checked with local queries against
+        # global keys): under CP the exact, chunked torch reference serves the sparse attention
+        out, _ = dsa_ops.sparse_gqa_attention(q, keys, values, indices, scale, **dict(opts, backend="torch"))
     else:
         out = segment_attention(q, keys, values, *segments, scale=scale, backend=attention_backend)
     loss = None
