@@ -44,9 +44,11 @@ BASELINE = [
     "model.lm.loss_impl=megatron",
     "model.lm.attention_backend=flash",
     "parallel.recompute=full",
+    "model.fusion=off",
 ]
 ROWS = {  # name -> overrides on top of the common ones
     "baseline": BASELINE,
+    "grouped_full_unfused": ["model.lm.experts_impl=grouped", "parallel.recompute=full", "model.fusion=off"],
     "grouped_full": ["model.lm.experts_impl=grouped", "parallel.recompute=full"],
     "grouped_selective": [
         "model.lm.experts_impl=grouped",
@@ -200,6 +202,97 @@ def breakdown(trainer, batch, optimizer_ms: float, step_ms: float, smoke: bool) 
     return out, expert_tflops
 
 
+KERNEL_KINDS = (  # (kind, substrings of a CUDA kernel's name), first match wins
+    ("attention", ("flash", "fmha", "cudnn", "attn")),
+    ("gemm", ("gemm", "nvjet", "xmma", "cutlass", "cublas", "sm90_")),
+    ("norm", ("layer_norm", "layernorm", "rms")),
+    ("softmax_ce", ("softmax", "cross_entropy", "nll")),
+    ("copy_index", ("copy", "cat", "index", "gather", "scatter", "fill", "memset", "memcpy")),
+    ("reduce", ("reduce",)),
+    ("elementwise", ("elementwise", "vectorized", "unrolled")),
+    ("triton", ("triton",)),
+)
+
+
+def kernel_kind(name: str) -> str:
+    low = name.lower()
+    return next((kind for kind, keys in KERNEL_KINDS if any(k in low for k in keys)), "other")
+
+
+def profiled(fn, wall_label: str, table_path: Path | None) -> dict:
+    """Run fn once under torch.profiler: GPU kernel time by kind, the GPU's busy share of the wall time and the
+    top kernels; the full table goes to table_path."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:  # kernels only: little host overhead
+        started = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        wall_ms = (time.perf_counter() - started) * 1e3
+    kernels = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+    kinds: dict[str, float] = {}
+    for e in kernels:
+        kind = kernel_kind(e.key)
+        kinds[kind] = kinds.get(kind, 0.0) + e.self_device_time_total / 1e3
+    busy = sum(kinds.values())
+    top = sorted(kernels, key=lambda e: -e.self_device_time_total)[:25]
+    if table_path is not None:
+        table_path.write_text(
+            prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=80, max_name_column_width=90)
+        )
+    return {
+        "what": wall_label,
+        "wall_ms": wall_ms,
+        "gpu_busy_ms": busy,
+        "gpu_busy_share": busy / wall_ms,
+        "kernel_ms_by_kind": {k: round(v, 2) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])},
+        "top_kernels": [
+            {
+                "name": e.key[:120],
+                "kind": kernel_kind(e.key),
+                "ms": round(e.self_device_time_total / 1e3, 2),
+                "calls": e.count,
+            }
+            for e in top
+        ],
+    }
+
+
+def sync_sites(fn, top: int = 15) -> list[dict]:
+    """Run fn once with CUDA's sync debug mode on: where the host waited for the GPU (the innermost frames of
+    ours or megatron's), by count."""
+    import collections
+    import traceback
+    import warnings
+
+    sites = collections.Counter()
+
+    def record(message, category, filename, lineno, file=None, line=None):
+        frames = [
+            f
+            for f in traceback.extract_stack()[:-1]
+            if "/keye_train/" in f.filename
+            or "/megatron/" in f.filename
+            or "/kernels/" in f.filename
+            or "/data_pipeline/" in f.filename
+        ]
+        where = " <- ".join(f"{Path(f.filename).name}:{f.lineno} {f.name}" for f in reversed(frames[-3:]))
+        sites[where or f"{filename}:{lineno}"] += 1
+
+    torch.cuda.synchronize()
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        shown, warnings.showwarning = warnings.showwarning, record
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+            warnings.showwarning = shown
+    return [{"site": site, "count": count} for site, count in sites.most_common(top)]
+
+
 def measure(name: str, args) -> dict:
     """One row, in this process."""
     from keye_train.cli.spawn import single_process_env
@@ -263,6 +356,19 @@ def measure(name: str, args) -> dict:
     parts_ms, expert_tflops = breakdown(
         trainer, timed[-1], statistics.median(optimizer_times[args.warmup :]), step_s * 1e3, smoke
     )
+    profiles, syncs = [], []
+    if args.profile and not smoke:
+        args.profile.mkdir(parents=True, exist_ok=True)
+        profiles.append(profiled(trainer.train_step, "train_step", args.profile / f"profile_{name}_step.txt"))
+        last = timed[-1]
+        if last.visual is not None and last.visual.num_frames:
+
+            def vit_fwd_bwd():
+                embeds = trainer.model.parts.vision(last.visual)
+                embeds.backward(torch.ones_like(embeds))
+
+            profiles.append(profiled(vit_fwd_bwd, "vit_fwd_bwd", args.profile / f"profile_{name}_vit.txt"))
+        syncs = sync_sites(trainer.train_step)
     peak_tflops = matmul_tflops(smoke)
     achieved = mean_flops["total"] / step_s / 1e12
     trainer.data.close()
@@ -296,6 +402,7 @@ def measure(name: str, args) -> dict:
         "documents_per_step": [len(b.cu_seqlens) - 1 for b in timed],
         "losses": [m["loss"] for m in metrics],
         "device": torch.cuda.get_device_name() if not smoke else "cpu",
+        **({"profiles": profiles, "sync_sites": syncs} if profiles else {}),
     }
 
 
@@ -309,6 +416,8 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=Path(tempfile.gettempdir()) / "keye_demo_data")
     parser.add_argument("--row", help=argparse.SUPPRESS)  # a child process measuring one row
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--profile", type=Path, help="profile one extra step (and the ViT) per row into this folder")
+    parser.add_argument("--profile-rows", help="the rows to profile (default: every row)")
     args = parser.parse_args()
     if args.row:
         print("ROW " + json.dumps(measure(args.row, args)), flush=True)
@@ -328,6 +437,7 @@ def main() -> None:
         "torch": torch.__version__,
         "rows": [],
     }
+    profile_rows = (args.profile_rows or args.rows).split(",")
     for name in args.rows.split(","):
         child = subprocess.run(
             [
@@ -345,6 +455,7 @@ def main() -> None:
                 str(args.steps),
                 "--data",
                 str(args.data),
+                *(["--profile", str(args.profile)] if args.profile and name in profile_rows else []),
             ],
             capture_output=True,
             text=True,
@@ -371,6 +482,15 @@ def main() -> None:
             + f" ms; flops {json.dumps({k: round(v, 3) for k, v in row['flops_share'].items()})}",
             flush=True,
         )
+        for prof in row.get("profiles", []):
+            print(
+                f"    profile {prof['what']}: wall {prof['wall_ms']:.0f} ms, GPU busy {prof['gpu_busy_ms']:.0f} ms "
+                f"({prof['gpu_busy_share']:.0%}); "
+                + "  ".join(f"{k} {v:.0f}" for k, v in prof["kernel_ms_by_kind"].items()),
+                flush=True,
+            )
+        for site in row.get("sync_sites", []):
+            print(f"    sync x{site['count']}: {site['site']}", flush=True)
     print(f"wrote {out}")
 
 

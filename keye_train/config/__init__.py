@@ -14,6 +14,7 @@ from keye_train.config.model import (
     DSAConfig,
     DSAMode,
     ExpertsImpl,
+    Fusion,
     LMConfig,
     LossImpl,
     ModelConfig,
@@ -33,6 +34,7 @@ from keye_train.config.parallel import (
     RecomputeModule,
     VisionParallelConfig,
 )
+from keye_train.config.rl import Correction, RecoveredSamples, RewardTerm, RLConfig
 from keye_train.config.root import KeyeTrainConfig
 from keye_train.config.training import (
     BadStepAction,
@@ -53,6 +55,7 @@ __all__ = [
     "BadStepAction",
     "CheckpointConfig",
     "CommBackend",
+    "Correction",
     "DSABackend",
     "DSAConfig",
     "DSAMode",
@@ -61,6 +64,7 @@ __all__ = [
     "DataSource",
     "DecayStyle",
     "ExpertsImpl",
+    "Fusion",
     "KeyeTrainConfig",
     "LMConfig",
     "LaunchConfig",
@@ -71,8 +75,11 @@ __all__ = [
     "ParallelConfig",
     "Placement",
     "ProjectorConfig",
+    "RLConfig",
+    "RecoveredSamples",
     "Recompute",
     "RecomputeModule",
+    "RewardTerm",
     "SlurmConfig",
     "StageConfig",
     "TrainConfig",

@@ -40,6 +40,11 @@ class DSABackend(StrEnum):
     triton = "triton"
 
 
+class Fusion(StrEnum):
+    auto = "auto"  # on CUDA: Triton RoPE (kernels/rope.py), bias+GELU and bias+residual under torch.compile
+    off = "off"  # megatron's unfused elementwise ops everywhere (the CPU always runs these)
+
+
 @dataclass
 class ViTConfig:
     num_layers: int = 27
@@ -117,6 +122,7 @@ class ModelConfig:
     lm: LMConfig = field(default_factory=LMConfig)
     tokens: TokenIds = field(default_factory=TokenIds)  # a run takes them from data.tokenizer
     init_std: float = 0.02
+    fusion: Fusion = Fusion.auto
 
 
 def indexer_mrope_section(lm: LMConfig) -> list[int]:

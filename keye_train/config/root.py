@@ -8,6 +8,7 @@ from keye_train.config.data import DataConfig
 from keye_train.config.launch import LaunchConfig
 from keye_train.config.model import ModelConfig
 from keye_train.config.parallel import ParallelConfig
+from keye_train.config.rl import RLConfig
 from keye_train.config.training import CheckpointConfig, LoggingConfig, OptimConfig, StageConfig, TrainConfig
 
 
@@ -23,3 +24,4 @@ class KeyeTrainConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     launch: LaunchConfig = field(default_factory=LaunchConfig)
+    rl: RLConfig = field(default_factory=RLConfig)  # RL stages only (GSPO); other stages ignore it

@@ -27,7 +27,10 @@ class KeyePackedSeqParams(PackedSeqParams):
 
     position_ids: torch.Tensor = None
     document_lengths: list = None
-    context: object = None
+    # A rollout's KV-cache step (keye_train/posttrain/rollout/cache.py): when set, the core attention appends
+    # this pack's keys and values to the cache and attends over it; None on every training path.
+    kv_cache: object = None
+    context: object = None  # context parallelism: this rank's ContextShard (model/context_parallel.py)
 
 
 class VarlenCoreAttention(MegatronModule):
@@ -43,6 +46,7 @@ class VarlenCoreAttention(MegatronModule):
         backend: str = "auto",
     ):
         super().__init__(config=config)
+        self.layer_number = layer_number  # the rollout's KV cache is indexed by it
         self.causal = attn_mask_type == AttnMaskType.causal
         self.scale = softmax_scale or 1.0 / math.sqrt(config.kv_channels)
         self.backend = str(backend)  # kernels.dense_attention: auto, cudnn or flash on CUDA
@@ -50,6 +54,8 @@ class VarlenCoreAttention(MegatronModule):
     def forward(
         self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None, packed_seq_params=None
     ):
+        if getattr(packed_seq_params, "kv_cache", None) is not None:
+            return packed_seq_params.kv_cache.attend(self.layer_number, query, key, value, self.scale)
         seq, batch, heads, dim = query.shape
         if getattr(packed_seq_params, "context", None) is not None:  # CP: local queries, K/V gathered over CP
             q, k, v = (x.reshape(seq, x.shape[2], dim) for x in (query, key, value))

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from megatron.core import parallel_state
 
-from keye_train.config import ModelConfig, ParallelConfig
+from keye_train.config import Fusion, ModelConfig, ParallelConfig
 from keye_train.model import init as model_init
 from keye_train.model.lm import build_lm, lm_transformer_config
 from keye_train.model.sharding import canonical_shards, mark_tensor_parallel_attributes
@@ -29,11 +29,14 @@ def vision_recompute(par: ParallelConfig) -> str:
 
 def build_model(model: ModelConfig, par: ParallelConfig, dtype: torch.dtype, on_gpu: bool, placement) -> ModelParts:
     """This rank's parts under `placement` (parallel/placement.py), which also gives the vision tower its groups."""
-    lm_config = lm_transformer_config(model.lm, par, dtype, on_gpu)
+    fused = on_gpu and model.fusion == Fusion.auto
+    lm_config = lm_transformer_config(model.lm, par, dtype, on_gpu, fused)
     lm = build_lm(model.lm, lm_config, pre_process=placement.is_first_stage(), post_process=placement.is_last_stage())
     vision = None
     if placement.hosts_vision():
-        vit_config = vit_transformer_config(model.vit, dtype, on_gpu, vision_recompute(par), par.recompute_modules)
+        vit_config = vit_transformer_config(
+            model.vit, dtype, on_gpu, vision_recompute(par), par.recompute_modules, fused
+        )
         vision = VisionTower(model, vit_config, placement.vision_groups())
     for module in (lm, vision):
         if module is not None:

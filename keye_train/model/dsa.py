@@ -119,6 +119,10 @@ class DSACoreAttention(VarlenCoreAttention):
         q, k, v = (x.reshape(seq, x.shape[2], dim) for x in (query, key, value))
         x, position_ids = self.indexer_input
         index_q, index_w, index_k = self.indexer(x, position_ids)
+        if getattr(packed_seq_params, "kv_cache", None) is not None:  # rollout: attend over the cache
+            index = (index_q, index_w, index_k)
+            out = packed_seq_params.kv_cache.attend_dsa(self.layer_number, q, k, v, index, self.scale, self.dsa)
+            return out.view(seq, 1, heads * dim)
         budget = self.dsa.memory_budget_mb << 20
         opts = {"backend": self.dsa.backend, "budget_bytes": budget}
         tp_group = parallel_state.get_tensor_model_parallel_group()

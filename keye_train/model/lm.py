@@ -10,11 +10,16 @@ from megatron.core.transformer import TransformerConfig
 
 from keye_train.config import LMConfig, ParallelConfig, loss_chunk_tokens, resolve_experts_impl
 from keye_train.model.lm_head import ChunkedLossGPTModel
-from keye_train.model.megatron_compat import allow_missing_transformer_engine
+from keye_train.model.megatron_compat import allow_missing_transformer_engine, install_fused_rope
 from keye_train.model.specs import lm_block_spec, recompute_options
 
 
-def lm_transformer_config(lm: LMConfig, par: ParallelConfig, dtype: torch.dtype, on_gpu: bool) -> TransformerConfig:
+def lm_transformer_config(
+    lm: LMConfig, par: ParallelConfig, dtype: torch.dtype, on_gpu: bool, fused: bool = False
+) -> TransformerConfig:
+    """`fused` (model.fusion): our Triton M-RoPE and megatron's residual add under torch.compile."""
+    if fused:
+        install_fused_rope()
     sequence_parallel = par.sequence_parallel if par.sequence_parallel is not None else par.tp > 1
     return TransformerConfig(
         num_layers=lm.num_layers,
@@ -55,8 +60,8 @@ def lm_transformer_config(lm: LMConfig, par: ParallelConfig, dtype: torch.dtype,
         bf16=dtype == torch.bfloat16,
         use_cpu_initialization=not on_gpu,
         perform_initialization=False,  # weights come from keye_train.model.init (layout-invariant)
-        bias_dropout_fusion=False,
-        apply_rope_fusion=False,
+        bias_dropout_fusion=fused,
+        apply_rope_fusion=fused,
         masked_softmax_fusion=False,
         gradient_accumulation_fusion=False,
         persist_layer_norm=False,

@@ -16,7 +16,7 @@ from megatron.core.transformer.transformer_block import TransformerBlock
 from data_pipeline.batch import VisualInput
 from keye_train.config import ModelConfig, ViTConfig
 from keye_train.model.attention import KeyePackedSeqParams
-from keye_train.model.megatron_compat import allow_missing_transformer_engine
+from keye_train.model.megatron_compat import allow_missing_transformer_engine, install_fused_rope
 from keye_train.model.positions import vit_rope_angles
 from keye_train.model.specs import recompute_options, vit_block_spec
 
@@ -26,8 +26,11 @@ def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
 
 
 def vit_transformer_config(
-    vit: ViTConfig, dtype: torch.dtype, on_gpu: bool, recompute: str = "none", recompute_modules=()
+    vit: ViTConfig, dtype: torch.dtype, on_gpu: bool, recompute: str = "none", recompute_modules=(), fused=False
 ) -> TransformerConfig:
+    """`fused` (model.fusion): our Triton RoPE, megatron's bias+tanh-GELU and bias+residual under torch.compile."""
+    if fused:
+        install_fused_rope()
     return TransformerConfig(
         num_layers=vit.num_layers,
         hidden_size=vit.hidden_size,
@@ -37,7 +40,7 @@ def vit_transformer_config(
         normalization="LayerNorm",
         layernorm_epsilon=vit.norm_eps,
         gated_linear_unit=False,
-        activation_func=gelu_tanh,
+        activation_func=F.gelu if fused else gelu_tanh,  # megatron's fused bias_gelu is the tanh form
         add_bias_linear=True,
         add_qkv_bias=True,
         hidden_dropout=0.0,
@@ -46,9 +49,9 @@ def vit_transformer_config(
         bf16=dtype == torch.bfloat16,
         use_cpu_initialization=not on_gpu,
         perform_initialization=False,
-        bias_activation_fusion=False,
-        bias_dropout_fusion=False,
-        apply_rope_fusion=False,
+        bias_activation_fusion=fused,
+        bias_dropout_fusion=fused,
+        apply_rope_fusion=fused,
         masked_softmax_fusion=False,
         gradient_accumulation_fusion=False,
         **recompute_options(recompute, recompute_modules, vit=True),
@@ -60,6 +63,16 @@ def interpolate_pos_table(table: torch.Tensor, grid: int, rows: int, cols: int) 
     square = table.view(grid, grid, -1).permute(2, 0, 1).unsqueeze(0).float()
     resized = F.interpolate(square, size=(rows, cols), mode="bilinear", align_corners=False)
     return resized.squeeze(0).permute(1, 2, 0).reshape(rows * cols, -1).to(table.dtype)
+
+
+def position_embeddings(table: torch.Tensor, grid: int, grids: list) -> torch.Tensor:
+    """[sum rows * cols, D]: the table resampled to each frame's grid, once per distinct grid (a video's frames
+    share one)."""
+    resized = {}
+    for rows, cols in grids:
+        if (rows, cols) not in resized:
+            resized[rows, cols] = interpolate_pos_table(table, grid, rows, cols)
+    return torch.cat([resized[rows, cols] for rows, cols in grids])
 
 
 def merge_2x2(features: torch.Tensor, grids: torch.Tensor) -> torch.Tensor:
@@ -92,9 +105,7 @@ class VisionEncoder(MegatronModule):
         x = F.linear(
             visual.patches.to(self.patch_weight.dtype), self.patch_weight.view(-1, self.patch_dim), self.patch_bias
         )
-        x = x + torch.cat(
-            [interpolate_pos_table(self.pos_table, self.vit.pos_grid, r, c) for r, c in visual.grids.tolist()]
-        )
+        x = x + position_embeddings(self.pos_table, self.vit.pos_grid, visual.grids.tolist())
         head_dim = self.vit.hidden_size // self.vit.num_heads
         angles = vit_rope_angles(visual.grids, head_dim, self.vit.rope_theta).to(x.device)
         cu = visual.frame_cu_seqlens().to(x.device)

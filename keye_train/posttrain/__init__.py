@@ -1,0 +1,1 @@
+"""Post-training: rollouts, RL objectives, rewards, evaluation, distillation."""
