@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.distributed as dist
@@ -23,6 +23,14 @@ class LayoutSizes:
     dp: int
     expert_dp: int
     vision_ranks: int = 0  # placement=split: ranks 0 .. vision_ranks - 1 run the ViT, the rest the LM
+    cp: int = 1  # context parallel: the ranks of one DP replica that share its packs, each holding a slice
+
+    def record(self) -> dict:
+        """The sizes as checkpoints record them; cp only when > 1, so checkpoints written before CP still match."""
+        sizes = asdict(self)
+        if sizes["cp"] == 1:
+            del sizes["cp"]
+        return sizes
 
 
 def expert_tp(par) -> int:
@@ -39,21 +47,27 @@ def check_layout(par, lm, vit, world_size: int) -> LayoutSizes:
             "then treats experts as dense parameters and never sums their gradients over the "
             "TP ranks; use parallel.ep>1 or leave parallel.etp unset"
         )
-    for key in ("tp", "pp", "ep"):
+    for key in ("tp", "cp", "pp", "ep"):
         if getattr(par, key) < 1:
             raise LayoutError(f"parallel.{key}={getattr(par, key)} must be >= 1")
-    model_parallel = par.tp * par.pp
+    cp = par.cp
+    model_parallel = par.tp * cp * par.pp  # world = tp x cp x pp x dp (megatron's dense grid)
     label = "LM ranks (world - parallel.vision.ranks)" if vision_ranks else "world size"
     if world_size % model_parallel:
         raise LayoutError(
-            f"{label} {world_size} is not divisible by parallel.tp*parallel.pp = "
-            f"{par.tp}*{par.pp}; change parallel.nproc/nodes or the layout"
+            f"{label} {world_size} is not divisible by parallel.tp*parallel.cp*parallel.pp = "
+            f"{par.tp}*{cp}*{par.pp}; change parallel.nproc/nodes or the layout"
         )
     etp = expert_tp(par)
-    expert_grid = etp * par.ep * par.pp
+    expert_grid = etp * par.ep * par.pp  # megatron's expert grid: etp x ep x pp x expert_dp, EP within dp x cp
     if world_size % expert_grid:
         raise LayoutError(
             f"{label} {world_size} is not divisible by parallel.etp*parallel.ep*parallel.pp = {etp}*{par.ep}*{par.pp}"
+        )
+    if cp > 1 and par.placement != "colocated":
+        raise LayoutError(
+            f"parallel.cp={cp} with parallel.placement={par.placement}: context parallelism is built for the "
+            "colocated placement (the ViT runs whole on every CP rank); use parallel.placement=colocated"
         )
     checks = [
         (lm.num_heads % par.tp, f"model.lm.num_heads={lm.num_heads} is not divisible by parallel.tp={par.tp}"),
@@ -87,7 +101,7 @@ def check_layout(par, lm, vit, world_size: int) -> LayoutSizes:
             "parallelism under TP; leave it unset or true"
         )
     dp = world_size // model_parallel
-    return LayoutSizes(total, par.tp, par.pp, par.ep, etp, dp, world_size // expert_grid, vision_ranks)
+    return LayoutSizes(total, par.tp, par.pp, par.ep, etp, dp, world_size // expert_grid, vision_ranks, cp)
 
 
 def _check_placement(par, vit, world_size: int) -> int:
@@ -121,7 +135,7 @@ def check_batch(train, sizes: LayoutSizes) -> int:
     if train.global_batch % sizes.dp:
         raise LayoutError(
             f"train.global_batch={train.global_batch} is not divisible by the data-parallel "
-            f"size {sizes.dp} (world / (tp*pp))"
+            f"size {sizes.dp} (world / (tp*cp*pp))"
         )
     if sizes.tp > 1 and train.seq_length % sizes.tp:
         raise LayoutError(
@@ -139,7 +153,8 @@ def init_single_process(backend: str = "gloo") -> None:
 def rank_roles(par, sizes: LayoutSizes) -> list[str]:
     """The rank-offset role scheme, one line per role: under placement=split the first vision_ranks global
     ranks run the ViT and the rest the LM, whichever node each rank lands on."""
-    lm = f"LM (tp {sizes.tp} x pp {sizes.pp} x dp {sizes.dp}, ep {sizes.ep})"
+    cp = f" x cp {sizes.cp}" if sizes.cp > 1 else ""
+    lm = f"LM (tp {sizes.tp}{cp} x pp {sizes.pp} x dp {sizes.dp}, ep {sizes.ep})"
     if not sizes.vision_ranks:
         return [f"ranks 0-{sizes.world - 1}: {lm} with the ViT on pipeline stage 0 (colocated)"]
     vision_dp = sizes.vision_ranks // par.vision.tp
@@ -170,7 +185,7 @@ def resolve_backend(par, on_gpu: bool) -> str:
 
 
 def init_process_groups(par, sizes: LayoutSizes, backend: str) -> None:
-    """Start torch.distributed (from torchrun's env) and megatron's TP/PP/EP/DP groups."""
+    """Start torch.distributed (from torchrun's env) and megatron's TP/CP/PP/EP/DP groups."""
     from megatron.core import parallel_state
 
     if not dist.is_initialized():
@@ -185,15 +200,22 @@ def init_process_groups(par, sizes: LayoutSizes, backend: str) -> None:
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=par.tp,
         pipeline_model_parallel_size=par.pp,
+        context_parallel_size=par.cp,
         expert_model_parallel_size=par.ep,
         expert_tensor_parallel_size=expert_tp(par),
         create_gloo_process_groups=True,
     )
+    from parallel import context
+
+    context.setup(parallel_state.get_context_parallel_group())
 
 
 def destroy_process_groups() -> None:
     from megatron.core import parallel_state
 
+    from parallel import context
+
+    context.teardown()
     parallel_state.destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()

@@ -46,16 +46,23 @@ class ColocatedPlacement:
         return self.is_first_stage()
 
     def is_metrics_owner(self) -> bool:
-        """The one rank that logs: last pipeline stage, first TP and DP rank."""
+        """The one rank that logs: last pipeline stage, first TP, CP and DP rank."""
         return (
             self.is_last_stage()
             and parallel_state.get_tensor_model_parallel_rank() == 0
+            and parallel_state.get_context_parallel_rank() == 0
             and parallel_state.get_data_parallel_rank() == 0
         )
 
     @staticmethod
     def data_parallel_group():
+        """The ranks that read different packs (CP ranks of one replica share them)."""
         return parallel_state.get_data_parallel_group()
+
+    @staticmethod
+    def data_context_parallel_group():
+        """DP x CP: every slice of every pack of the global batch (the group DDP averages gradients over)."""
+        return parallel_state.get_data_parallel_group(with_context_parallel=True)
 
     def gather_over_data_parallel(self, value) -> list:
         """Collective over this rank's data-parallel group: every member's (JSON-able) value, in rank order."""

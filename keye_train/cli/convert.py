@@ -14,7 +14,6 @@ imported; rank 0 prints a summary over all ranks.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import hashlib
 from pathlib import Path
 
@@ -81,7 +80,7 @@ def run(argv: list[str]) -> int:
     parts = build_for_conversion(cfg, sizes)
     rank0 = dist.get_rank() == 0
     log = (lambda line: print(line, flush=True)) if rank0 else (lambda line: None)
-    layout = dataclasses.asdict(sizes)
+    layout = sizes.record()
     if args.mode == "import":
         report = import_hf(parts, cfg.model, args.src, log=log, progress=True)
         print(f"[rank {dist.get_rank()}] {report['loaded']} tensors, sha256 {report['sha256']}", flush=True)

@@ -23,7 +23,7 @@ def _print_layout(cfg, sizes) -> None:
     sp = par.sequence_parallel if par.sequence_parallel is not None else sizes.tp > 1
     print(f"model {cfg.model.name}: seq_length {cfg.train.seq_length}, global_batch {cfg.train.global_batch}")
     print(
-        f"layout: world {sizes.world} = tp {sizes.tp} x pp {sizes.pp} x dp {sizes.dp}; "
+        f"layout: world {sizes.world} = tp {sizes.tp} x cp {sizes.cp} x pp {sizes.pp} x dp {sizes.dp}; "
         f"ep {sizes.ep}, etp {sizes.etp}, expert_dp {sizes.expert_dp}; sequence_parallel {sp}; "
         f"distributed_optimizer {par.distributed_optimizer}"
     )
@@ -32,6 +32,12 @@ def _print_layout(cfg, sizes) -> None:
         f"{cfg.model.lm.num_experts // sizes.ep} experts per rank, "
         f"{max(1, cfg.train.global_batch // sizes.dp)} micro-batches per DP rank; vision tower on stage 0"
     )
+    if sizes.cp > 1:
+        print(
+            f"  context parallel {sizes.cp}: each rank holds chunks r and {2 * sizes.cp - 1}-r of every document's "
+            f"{2 * sizes.cp} (about {cfg.train.seq_length // sizes.cp:,} of {cfg.train.seq_length:,} tokens); "
+            "K/V all-gathered per layer; the ViT runs whole on every CP rank"
+        )
 
 
 def _print_parameters(counts: dict) -> None:

@@ -1,4 +1,4 @@
-"""Parallel layout: the LM's TP/PP/EP/DP sizes, the ViT's placement, recomputation and process launching."""
+"""Parallel layout: the LM's TP/CP/PP/EP/DP sizes, the ViT's placement, recomputation and process launching."""
 
 from __future__ import annotations
 
@@ -51,6 +51,7 @@ class ParallelConfig:
     placement: Placement = Placement.colocated
     vision: VisionParallelConfig = field(default_factory=VisionParallelConfig)
     tp: int = 1
+    cp: int = 1  # context parallel: each CP rank holds 2 of every packed document's 2*cp chunks
     pp: int = 1
     ep: int = 1
     etp: int | None = None  # expert tensor parallel; None: same as tp
@@ -78,5 +79,7 @@ class ParallelConfig:
             raise ValueError(
                 f"parallel.vision.ranks={self.vision.ranks} must be >= 0 and parallel.vision.tp={self.vision.tp} >= 1"
             )
+        if self.cp < 1:
+            raise ValueError(f"parallel.cp={self.cp} must be >= 1")
         if self.etp is not None and self.etp < 1:
             raise ValueError(f"parallel.etp={self.etp} must be >= 1 (or unset: the same as parallel.tp)")

@@ -16,18 +16,21 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 
 from kernels.dense_attention import dense_varlen_attention
+from keye_train.model.context_parallel import context_attention
 
 
 @dataclass
 class KeyePackedSeqParams(PackedSeqParams):
     """megatron's packed-sequence parameters plus the [3, T] M-RoPE position ids the indexer rotates with and the
-    document lengths on the host (dense attention splits long and short documents without a device sync)."""
+    document lengths on the host (dense attention splits long and short documents without a device sync). Under
+    context parallelism `context` is this rank's `data_pipeline.context_parallel.ContextShard`."""
 
     position_ids: torch.Tensor = None
     document_lengths: list = None
     # A rollout's KV-cache step (keye_train/posttrain/rollout/cache.py): when set, the core attention appends
     # this pack's keys and values to the cache and attends over it; None on every training path.
     kv_cache: object = None
+    context: object = None  # context parallelism: this rank's ContextShard (model/context_parallel.py)
 
 
 class VarlenCoreAttention(MegatronModule):
@@ -54,6 +57,10 @@ class VarlenCoreAttention(MegatronModule):
         if getattr(packed_seq_params, "kv_cache", None) is not None:
             return packed_seq_params.kv_cache.attend(self.layer_number, query, key, value, self.scale)
         seq, batch, heads, dim = query.shape
+        if getattr(packed_seq_params, "context", None) is not None:  # CP: local queries, K/V gathered over CP
+            q, k, v = (x.reshape(seq, x.shape[2], dim) for x in (query, key, value))
+            out = context_attention(q, k, v, packed_seq_params.context, self.scale, self.backend)
+            return out.view(seq, 1, heads * dim)
         if packed_seq_params is not None:
             if batch != 1:
                 raise ValueError(f"packed sequences need micro-batch size 1, got {batch}")

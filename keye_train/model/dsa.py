@@ -19,6 +19,7 @@ from kernels.dense_attention import dense_varlen_attention
 from kernels.dsa_reference import attention_target, causal_mask, indexer_logits, select_topk
 from keye_train.config import DSAConfig, LMConfig, indexer_mrope_section
 from keye_train.model.attention import KeyePackedSeqParams, VarlenCoreAttention
+from keye_train.model.context_parallel import context_dsa
 
 
 class LightningIndexer(torch.nn.Module):
@@ -125,6 +126,9 @@ class DSACoreAttention(VarlenCoreAttention):
         budget = self.dsa.memory_budget_mb << 20
         opts = {"backend": self.dsa.backend, "budget_bytes": budget}
         tp_group = parallel_state.get_tensor_model_parallel_group()
+        shard = getattr(packed_seq_params, "context", None)
+        if shard is not None:  # CP
+            return self._context_forward(q, k, v, index_q, index_w, index_k, shard, budget, tp_group)
         indices = lse = None
         if self.dsa.mode == "sparse":
             indices = dsa_ops.indexer_topk(
@@ -177,6 +181,35 @@ class DSACoreAttention(VarlenCoreAttention):
                     )
                 )
             self.stats.append(stats)
+            out = IndexerLossInjector.apply(out, loss, self.dsa.loss_coeff * self.loss_scale)
+        return out
+
+    def _context_forward(self, q, k, v, index_q, index_w, index_k, shard, budget: int, tp_group):
+        """Under CP (model/context_parallel.py): local queries against K/V and indexer keys gathered over CP."""
+        seq, heads, dim = q.shape
+        train = self.training and torch.is_grad_enabled()
+        out, indices, loss = context_dsa(
+            q,
+            k,
+            v,
+            index_q,
+            index_w,
+            index_k,
+            shard,
+            self.dsa.mode,
+            self.dsa.topk,
+            self.scale,
+            kl=train,
+            tp_group=tp_group,
+            backend=self.dsa.backend,
+            budget_bytes=budget,
+            attention_backend=self.backend,
+        )
+        if indices is not None and self.dsa.verify_tp_topk:
+            _check_same_on_tp_ranks(indices, tp_group)
+        out = out.view(seq, 1, heads * dim)
+        if train:  # the selection metrics (metric_rows) need the whole sequence: not sampled under CP
+            self.stats.append({"kl": float(loss.detach())})
             out = IndexerLossInjector.apply(out, loss, self.dsa.loss_coeff * self.loss_scale)
         return out
 

@@ -51,6 +51,7 @@ def lm_transformer_config(
         rotary_interleaved=False,
         tensor_model_parallel_size=par.tp,
         pipeline_model_parallel_size=par.pp,
+        context_parallel_size=par.cp,  # our attention slot does CP (model/context_parallel.py)
         expert_model_parallel_size=par.ep,
         expert_tensor_parallel_size=par.tp if par.etp is None else par.etp,
         sequence_parallel=sequence_parallel,

@@ -70,6 +70,29 @@ def vit_patch_bytes(vit, recompute: str, modules=()) -> tuple[float, float]:
     return per_layer, 0.0
 
 
+def context_parallel_layer_bytes(lm, seq_length: int, sizes) -> float:
+    """Bytes one LM layer keeps for backward under context parallelism beyond its local rows (per rank).
+
+    The K/V all-gather (model/context_parallel.py) gives each rank the whole sequence's K and V of its TP heads,
+    bf16, 2 * 2 * (Hkv / tp) * d per token, which attention keeps for its backward; dense and warm-up attention
+    also copy every query segment's keys into one buffer for the varlen kernel (about the sequence once more);
+    DSA gathers the indexer keys too (fp32 D_I per token). 0 without CP."""
+    cp = getattr(sizes, "cp", 1)
+    if cp == 1:
+        return 0.0
+    kv = 2 * 2 * (lm.num_kv_heads / sizes.tp) * lm.head_dim * seq_length
+    if lm.dsa.mode == "sparse":
+        return kv + 4 * lm.dsa.index_head_dim * seq_length
+    extra = kv * (1 + 1 / (2 * cp))  # the segments' key prefixes: each document plus one chunk
+    return kv + extra + (4 * lm.dsa.index_head_dim * seq_length if lm.dsa.mode == "warmup" else 0.0)
+
+
+def sparse_layer_bytes(lm, tp: int = 1) -> float:
+    """Bytes per local token one sparse DSA layer keeps beyond dense attention: the top-k indices (int32; every TP
+    rank selects for the whole sequence) and the attention's fp32 LSE per query head of the TP rank."""
+    return 4 * lm.dsa.topk + 4 * lm.num_heads / tp if lm.dsa.mode == "sparse" else 0.0
+
+
 def activation_bytes(
     model: ModelConfig, train: TrainConfig, sizes, first: bool, last: bool, parallel: ParallelConfig | None = None
 ) -> float:
@@ -83,15 +106,26 @@ def activation_bytes(
     Last stage: megatron's head keeps fp32 + bf16 logits (6*s*V/tp bytes); the chunked head (model.lm.loss_impl)
     keeps 8 bytes per token and holds (8*chunk*V + 6*V*h)/tp while a chunk runs.
     The 1F1B schedule keeps min(pp, micro-batches) micro-batches in flight on the first stage, one on the last.
+    Context parallelism (parallel.cp) divides the LM's tokens per rank by cp and adds the gathered K/V of every
+    layer (`context_parallel_layer_bytes`; with full recompute only the running layer's); the ViT and projector
+    run on the whole pack on every CP rank, so their share does not shrink. Sparse DSA layers also keep their
+    top-k indices (`sparse_layer_bytes`).
     """
     from keye_train.model.builder import vision_recompute
 
     parallel = parallel or ParallelConfig()
     lm, vit = model.lm, model.vit
     s = train.seq_length
+    cp = getattr(sizes, "cp", 1)
+    local = s / cp  # the LM's tokens on this rank
     stage_layers = lm.num_layers // sizes.pp
     layer_kept, layer_working = lm_layer_bytes(lm, parallel.recompute, parallel.recompute_modules)
-    kept, working = layer_kept * s * stage_layers / sizes.tp, layer_working * s / sizes.tp
+    kept, working = layer_kept * local * stage_layers / sizes.tp, layer_working * local / sizes.tp
+    gathered = context_parallel_layer_bytes(lm, s, sizes) + sparse_layer_bytes(lm, sizes.tp) * local
+    if parallel.recompute == "full":
+        working += gathered  # only the recomputing layer holds them
+    else:
+        kept += gathered * stage_layers
     if first:
         patches = 4 * s
         patch_kept, patch_working = vit_patch_bytes(vit, vision_recompute(parallel), parallel.recompute_modules)
@@ -100,10 +134,12 @@ def activation_bytes(
     if last:
         chunk = loss_chunk_tokens(lm)
         if chunk is None:
-            kept += (4 + 2) * s * lm.vocab_size / sizes.tp
+            kept += (4 + 2) * local * lm.vocab_size / sizes.tp
         else:
-            kept += 8 * s
-            working = max(working, (8 * min(chunk, s) * lm.vocab_size + 6 * lm.vocab_size * lm.hidden_size) / sizes.tp)
+            kept += 8 * local
+            working = max(
+                working, (8 * min(chunk, local) * lm.vocab_size + 6 * lm.vocab_size * lm.hidden_size) / sizes.tp
+            )
     microbatches = max(1, train.global_batch // sizes.dp)
     in_flight = min(sizes.pp, microbatches) if first else 1
     return kept * in_flight + working
@@ -114,13 +150,14 @@ def memory_per_rank(model: ModelConfig, parallel: ParallelConfig, train: TrainCo
 
     Returns {"first_stage": {...}, "last_stage": {...}}, each with params, grads, optimizer, activations,
     total (bytes) and dense_params, expert_params (elements). With the distributed optimizer, optimizer
-    state of dense parameters is sharded over DP and of expert parameters over expert-DP.
+    state of dense parameters is sharded over DP x CP (megatron's dense data-parallel group includes CP) and of
+    expert parameters over expert-DP.
     """
     counts = count_parameters(model)
     stages = {}
     for key, first, last in (("first_stage", True, sizes.pp == 1), ("last_stage", sizes.pp == 1, True)):
         dense, experts = _stage_param_elements(model, counts, sizes, first, last)
-        dense_shards = sizes.dp if parallel.distributed_optimizer else 1
+        dense_shards = sizes.dp * getattr(sizes, "cp", 1) if parallel.distributed_optimizer else 1
         expert_shards = sizes.expert_dp if parallel.distributed_optimizer else 1
         row = {
             "params": (dense + experts) * PARAM_BYTES,

@@ -3,7 +3,6 @@ parts wrapped in megatron DDP and the (distributed) optimizer."""
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import warnings
 from dataclasses import dataclass
@@ -53,7 +52,7 @@ def start_rank(cfg) -> RankContext:
     return RankContext(
         device,
         resolve_dtype(cfg.train.dtype, on_gpu),
-        dataclasses.asdict(sizes),
+        sizes.record(),
         num_microbatches,
         ColocatedPlacement(),
     )

@@ -28,6 +28,7 @@ from keye_train.training.objectives.next_token import NextTokenObjective  # noqa
 from keye_train.training.optim import build_optimizer, optimizer_step, wrap_ddp  # noqa: E402
 from keye_train.training.schedules.colocated import ColocatedSchedule  # noqa: E402
 from keye_train.training.setup import TrainModel  # noqa: E402
+from parallel import context  # noqa: E402
 from parallel.layout import check_batch, check_layout, init_process_groups  # noqa: E402
 from parallel.placement import ColocatedPlacement  # noqa: E402
 
@@ -108,6 +109,7 @@ def main(out_dir: str, overrides: list[str]):
         "loss_b": loss_b,
         "grad_norm": grad_norm,
         "updated": updated,
+        "cp": context.size(),  # > 1: the schedule sliced every pack and the attention gathered K/V
         "grad_rel_err": {},
         "weight_rel_err": {},
     }

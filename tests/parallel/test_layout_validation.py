@@ -16,6 +16,9 @@ MODEL = tiny()
         (ParallelConfig(tp=3), 3, "parallel.tp"),  # 4 heads not divisible by 3
         (ParallelConfig(ep=3), 3, "parallel.ep"),  # 8 experts not divisible by 3
         (ParallelConfig(pp=3), 3, "parallel.pp"),  # 4 layers not divisible by 3
+        (ParallelConfig(cp=3), 4, "parallel.cp"),  # world 4 not divisible by tp*cp*pp = 3
+        (ParallelConfig(tp=2, cp=2), 6, "parallel.cp"),
+        (ParallelConfig(cp=2, placement="split", vision=VisionParallelConfig(ranks=2)), 6, "parallel.cp"),
         (ParallelConfig(tp=2, etp=1), 2, "parallel.etp"),  # ETP != TP needs EP > 1
         (ParallelConfig(tp=2, sequence_parallel=False), 2, "parallel.sequence_parallel"),
         (ParallelConfig(vision=VisionParallelConfig(ranks=2)), 4, "parallel.placement=split"),  # colocated
@@ -29,6 +32,15 @@ MODEL = tiny()
 def test_check_layout_names_the_key(par, world, key):
     with pytest.raises(LayoutError, match=key.replace(".", r"\.")):
         check_layout(par, MODEL.lm, MODEL.vit, world)
+
+
+def test_context_parallel_sizes():
+    sizes = check_layout(ParallelConfig(tp=2, cp=2, ep=4), MODEL.lm, MODEL.vit, 16)
+    assert (sizes.cp, sizes.dp, sizes.expert_dp) == (2, 4, 2)  # EP 4 within dp x cp = 8
+    with pytest.raises(LayoutError, match=r"tp\*cp\*pp"):
+        check_batch(TrainConfig(global_batch=6), sizes)
+    with pytest.raises(ValueError, match=r"parallel\.cp=0"):
+        ParallelConfig(cp=0)
 
 
 def test_valid_layout_sizes():

@@ -1,4 +1,4 @@
-"""TP / PP / EP / DP layouts compute what one rank computes: losses, gradients and one optimizer step; so do
+"""TP / CP / PP / EP / DP layouts compute what one rank computes: losses, gradients and one optimizer step; so do
 the grouped-GEMM experts and the chunked LM head + CE (the reference runs megatron's per-expert loop and its
 logits + cross-entropy).
 
@@ -37,6 +37,10 @@ LAYOUTS = {
     "dp2": (2, []),
     "tp2_pp2": (4, ["parallel.tp=2", "parallel.pp=2"]),
     "tp2_ep2_etp1": (2, ["parallel.tp=2", "parallel.ep=2", "parallel.etp=1"]),
+    # context parallelism: every document cut into 2*cp chunks, padded, K/V all-gathered per layer; beside PP (the
+    # stages exchange the slices' shapes) and TP (sequence parallelism splits each slice)
+    "cp2_pp2": (4, ["parallel.cp=2", "parallel.pp=2"]),
+    "cp2_tp2": (4, ["parallel.cp=2", "parallel.tp=2"]),
     # grouped-GEMM experts against the 1-rank SequentialMLP reference
     "ep2_grouped": (2, ["parallel.ep=2", "model.lm.experts_impl=grouped"]),
     # the chunked vocab-parallel head + CE (chunks of 48, 48, 32 tokens) against megatron's on one rank, with
@@ -87,7 +91,9 @@ def test_layout_matches_single_rank(reference, layout):
     reports = run_layout(nproc, overrides, out)
     losses = [r["loss_a"] for r in reports if r["loss_a"] is not None]
     assert losses, "no rank reported a loss"
+    cp = next((int(o.split("=")[1]) for o in overrides if o.startswith("parallel.cp=")), 1)
     for r in reports:
+        assert r["cp"] == cp, (layout, r["cp"])
         for key in ("loss_a", "loss_b"):
             if r[key] is not None:
                 assert abs(r[key] - ref[key]) <= LOSS_TOL * abs(ref[key]), (layout, key, r[key], ref[key])

@@ -95,4 +95,9 @@ class GSPOObjective:
 
 def gspo_objective(cfg, placement, device) -> GSPOObjective:
     """An `objective_factory` for keye_train.train: GSPO with the run's `rl` section."""
+    if cfg.parallel.cp > 1:
+        raise ValueError(
+            f"parallel.cp={cfg.parallel.cp}: the GSPO objective does not run under context parallelism yet (its "
+            "per-response means would need every CP rank's slice of each response); use parallel.cp=1"
+        )
     return GSPOObjective(placement, device, cfg.rl)

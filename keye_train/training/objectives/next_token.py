@@ -6,6 +6,9 @@ Loss = (sum of CE over the supervised tokens of the global batch) / (their count
      + DSA: lambda * sum over layers of the mean per-token indexer KL, which reaches only the indexers.
 megatron divides each micro-batch loss by the micro-batch count and DDP averages over DP, so each
 micro-batch's summed CE is multiplied by (micro-batches * DP size / global supervised tokens).
+Under context parallelism `begin_step` still sees whole packs (each CP rank of a DP replica the same ones), so
+their DP sum is the global count; each CP rank's loss is the CE sum of its slice, megatron multiplies it by the CP
+size and DDP averages over DP x CP, which leaves the same scale; the step's loss sums the slices over DP x CP.
 """
 
 from __future__ import annotations
@@ -49,5 +52,5 @@ class NextTokenObjective:
 
     def _global_mean(self, ce_sum: float) -> float:
         total = torch.tensor([ce_sum], dtype=torch.float64, device=self.device)
-        dist.all_reduce(total, group=self.placement.data_parallel_group())
+        dist.all_reduce(total, group=self.placement.data_context_parallel_group())  # every slice of every pack
         return float(total.item()) / max(self.supervised_tokens, 1)

@@ -1,13 +1,16 @@
 """The colocated schedule: the ViT runs on the LM's first pipeline stage inside that stage's forward step;
-megatron's 1F1B schedule runs the micro-batches across stages when PP > 1, one forward-backward each otherwise."""
+megatron's 1F1B schedule runs the micro-batches across stages when PP > 1, one forward-backward each otherwise.
+Under context parallelism each rank first takes its slice of every micro-batch (data_pipeline/context_parallel.py)."""
 
 from __future__ import annotations
 
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.utils import unwrap_model
 
+from data_pipeline.context_parallel import slice_step
 from keye_train.model.dsa import set_indexer_loss_scale
 from keye_train.model.keye_vl import embed_inputs, lm_token_losses
+from parallel import context
 
 
 class ColocatedSchedule:
@@ -18,6 +21,8 @@ class ColocatedSchedule:
 
     def run(self, microbatches: list, objective, forward_only: bool = False) -> list[dict]:
         set_indexer_loss_scale(unwrap_model(self.model.lm_chunk), 1.0 / len(microbatches))  # like megatron's aux
+        if context.size() > 1:
+            microbatches = self.context_slices(microbatches)
         vision = self.model.vision_chunk
 
         def forward_step(data_iterator, chunk):
@@ -37,7 +42,14 @@ class ColocatedSchedule:
             data_iterator=iter(microbatches),
             model=[self.model.lm_chunk],
             num_microbatches=len(microbatches),
-            seq_length=microbatches[0].seq_length,
+            seq_length=getattr(microbatches[0], "full_length", microbatches[0].seq_length),  # megatron divides by cp
             micro_batch_size=1,
             forward_only=forward_only,
         )
+
+    def context_slices(self, microbatches: list) -> list:
+        """This CP rank's slice of each micro-batch, all padded to one length that splits evenly over SP."""
+        tp = unwrap_model(self.model.lm_chunk).config.tensor_model_parallel_size
+        visual_ids = (self.tokens.image_pad, self.tokens.video_pad)
+        align = tp if self.sequence_parallel else 1
+        return slice_step(microbatches, context.size(), context.rank(), self.tokens.pad, visual_ids, align)

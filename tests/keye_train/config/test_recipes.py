@@ -25,3 +25,14 @@ def test_sparse_attention_is_one_override_on_any_recipe(recipe):
 def test_an_unknown_attention_kind_is_rejected_by_name():
     with pytest.raises(HydraException, match="attention"):
         load_config(["attention=blocky"])
+
+
+def test_stage3_uses_context_parallelism_and_plans_within_120_gib_on_16_nodes():
+    from keye_train.planning.memory import GIB, memory_per_rank
+
+    cfg = load_config(["recipe=stage3_longcontext"])
+    sizes = check_layout(cfg.parallel, cfg.model.lm, cfg.model.vit, cfg.launch.nodes * cfg.launch.gpus_per_node)
+    check_batch(cfg.train, sizes)
+    assert (sizes.world, sizes.cp, cfg.train.seq_length, cfg.train.global_batch) == (128, 8, 262144, 128)
+    memory = memory_per_rank(cfg.model, cfg.parallel, cfg.train, sizes)
+    assert max(stage["total"] for stage in memory.values()) / GIB <= 120

@@ -5,6 +5,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 import torch
 
 from keye_train.config import ParallelConfig, TrainConfig, keye_vl2_30b_a3b, tiny
@@ -180,3 +181,32 @@ def test_the_full_model_fits_one_node_at_32k_with_its_recipe():
     assert cfg.model.lm.num_layers == 48 and cfg.train.seq_length == 32768
     total = memory_per_rank(cfg.model, cfg.parallel, cfg.train, sizes)["first_stage"]["total"]
     assert total <= 120 * 2**30, total / 2**30
+
+
+def test_context_parallelism_divides_the_lm_activations_and_adds_the_gathered_kv():
+    from keye_train.config import VisionParallelConfig
+    from keye_train.planning.memory import activation_bytes, context_parallel_layer_bytes, lm_layer_bytes
+
+    model, train = keye_vl2_30b_a3b(), TrainConfig(global_batch=64, seq_length=262144)
+    model.lm.dsa.mode = "sparse"
+    par = ParallelConfig(tp=4, ep=8, recompute="selective", vision=VisionParallelConfig(recompute="full"))
+    base = dict(world=64, tp=4, pp=1, ep=8, etp=4, expert_dp=2)
+    one = LayoutSizes(**base, dp=16)
+    four = LayoutSizes(**base, dp=4, cp=4)
+    # the LM alone (a middle stage: no ViT, no head) keeps a quarter of its local rows, plus the gathered K/V:
+    # 2 (K, V) x 2 bytes x 1 KV head per TP rank x 128 x 256K tokens, and the fp32 indexer keys (64 wide)
+    lm_one = activation_bytes(model, train, one, first=False, last=False, parallel=par)
+    lm_four = activation_bytes(model, train, four, first=False, last=False, parallel=par)
+    gathered = context_parallel_layer_bytes(model.lm, train.seq_length, four)
+    assert gathered == 2 * 2 * 1 * 128 * 262144 + 4 * 64 * 262144
+    assert lm_four == pytest.approx(lm_one / 4 + 48 * gathered)
+    # the ViT runs on the whole pack on every CP rank: its share does not shrink (its recomputing layer's working
+    # set, larger than the LM's here, replaces the LM's in the first stage's peak)
+    lm_working = lm_layer_bytes(model.lm, "selective", par.recompute_modules)[1] * train.seq_length / 4
+    vit_one = activation_bytes(model, train, one, first=True, last=False, parallel=par) - lm_one + lm_working
+    vit_four = activation_bytes(model, train, four, first=True, last=False, parallel=par) - lm_four + lm_working / 4
+    assert vit_four == pytest.approx(vit_one) and vit_one > 60 * 2**30
+    # optimizer state of dense parameters is sharded over DP x CP
+    m_one = memory_per_rank(model, par, train, one)["first_stage"]
+    m_four = memory_per_rank(model, par, train, four)["first_stage"]
+    assert m_four["optimizer"] == pytest.approx(m_one["optimizer"])  # dp x cp = 16 in both
