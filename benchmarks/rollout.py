@@ -181,7 +181,7 @@ def run_batch(args, model, parts, dtype, batch):
     }
 
     # rollout vs trainer log-probs
-    from keye_train.model.keye_vl import embed_inputs, packed_params
+    from keye_train.model.keye_vl import embed_inputs, lm_token_losses
 
     gaps = []
     for prompt, s in list(zip(prompts, samples))[: args.recompute]:
@@ -189,14 +189,7 @@ def run_batch(args, model, parts, dtype, batch):
         with torch.no_grad():
             lm.eval()
             embeds = embed_inputs(lm, parts.vision, b, engine.tokens, sequence_parallel=False)
-            per_token = lm(
-                input_ids=b.input_ids.view(1, -1),
-                position_ids=b.position_ids.view(3, 1, -1),
-                attention_mask=None,
-                decoder_input=embeds,
-                labels=b.labels.view(1, -1),
-                packed_seq_params=packed_params(b),
-            )[0]
+            per_token = lm_token_losses(lm, b, embeds)[0]
             lm.train()
         recompute = -per_token[b.loss_mask.bool()].float().cpu()  # temperature 1: log-prob = -CE
         gaps.append((recompute - torch.tensor(s.logprobs)).abs())

@@ -78,9 +78,9 @@ def cp_padding_mask(batch: PackedBatch, sequence_parallel: bool) -> torch.Tensor
     return pad.contiguous()
 
 
-def lm_token_losses(lm_chunk, batch: PackedBatch, decoder_input: torch.Tensor | None) -> torch.Tensor:
+def lm_token_losses(lm_chunk, batch: PackedBatch, decoder_input: torch.Tensor | None, labels: bool = True):
     """One LM pipeline chunk over a packed batch: the next-token cross-entropy per token on the last stage
-    ([1, S]), the hidden states for the next stage elsewhere."""
+    ([1, S]; with labels=False the logits [1, S, V/TP]), the hidden states for the next stage elsewhere."""
     padding = cp_padding_mask(batch, lm_chunk.config.sequence_parallel)
     extra = {"padding_mask": padding} if padding is not None else {}
     return lm_chunk(
@@ -88,7 +88,7 @@ def lm_token_losses(lm_chunk, batch: PackedBatch, decoder_input: torch.Tensor | 
         position_ids=batch.position_ids.view(3, 1, -1),
         attention_mask=None,
         decoder_input=decoder_input,
-        labels=batch.labels.view(1, -1),
+        labels=batch.labels.view(1, -1) if labels else None,
         packed_seq_params=packed_params(batch),
         **extra,
     )

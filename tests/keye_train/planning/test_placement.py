@@ -20,7 +20,9 @@ def test_spread_and_auto_compose_and_spread_refuses_vit_ranks():
 
 def _stage3():
     return load_checked_config(
-        ["recipe=stage3_longcontext", "launch=local", "parallel=tp4_pp4_ep8", "parallel.recompute=full"], world=128, check_data=False
+        ["recipe=stage3_longcontext", "launch=local", "parallel=tp4_pp4_ep8", "parallel.recompute=full"],
+        world=128,
+        check_data=False,
     )
 
 

@@ -64,18 +64,11 @@ def video_prompt(frames, grid, seed):
 
 def full_logits(parts, batch) -> torch.Tensor:
     """[S, V] logits of one packed batch through the training forward (embed_inputs + the GPTModel), no cache."""
-    from keye_train.model.keye_vl import embed_inputs, packed_params
+    from keye_train.model.keye_vl import embed_inputs, lm_token_losses
 
     with torch.no_grad():
         embeds = embed_inputs(parts.lm, parts.vision, batch, TOKENS, sequence_parallel=False)
-        logits = parts.lm(
-            input_ids=batch.input_ids.view(1, -1),
-            position_ids=batch.position_ids.view(3, 1, -1),
-            attention_mask=None,
-            decoder_input=embeds,
-            labels=None,
-            packed_seq_params=packed_params(batch),
-        )
+        logits = lm_token_losses(parts.lm, batch, embeds, labels=False)
     return logits[0].float()
 
 

@@ -150,17 +150,10 @@ def test_rollout_logprobs_equal_the_trainer_recompute_before_and_after_an_optimi
     loss = 0
     for s in before:
         batch = sample_batch(prompts[s.prompt], s, TOKENS)
-        from keye_train.model.keye_vl import embed_inputs, packed_params
+        from keye_train.model.keye_vl import embed_inputs, lm_token_losses
 
         embeds = embed_inputs(parts.lm, parts.vision, batch, TOKENS, sequence_parallel=False)
-        per_token = parts.lm(
-            input_ids=batch.input_ids.view(1, -1),
-            position_ids=batch.position_ids.view(3, 1, -1),
-            attention_mask=None,
-            decoder_input=embeds,
-            labels=batch.labels.view(1, -1),
-            packed_seq_params=packed_params(batch),
-        )
+        per_token = lm_token_losses(parts.lm, batch, embeds)
         loss = loss + (per_token[0] * batch.loss_mask).sum()
     loss.backward()
     with torch.no_grad():

@@ -40,7 +40,7 @@ def test_recorded_routes_equal_a_full_forward_and_replay_restores_them(single_ra
 
 def test_replay_holds_through_a_training_backward(single_rank):
     """In train mode with gradients the replayed routes are used and the router still gets a gradient."""
-    from keye_train.model.keye_vl import embed_inputs, packed_params
+    from keye_train.model.keye_vl import embed_inputs, lm_token_losses
 
     model = single_rank
     parts = build_parts(model, seed=32)
@@ -52,14 +52,7 @@ def test_replay_holds_through_a_training_backward(single_rank):
     routes.replay(routes_for_pack(sample))
     parts.lm.train()
     embeds = embed_inputs(parts.lm, parts.vision, batch, TOKENS, sequence_parallel=False)
-    loss = parts.lm(
-        input_ids=batch.input_ids.view(1, -1),
-        position_ids=batch.position_ids.view(3, 1, -1),
-        attention_mask=None,
-        decoder_input=embeds,
-        labels=batch.labels.view(1, -1),
-        packed_seq_params=packed_params(batch),
-    )
+    loss = lm_token_losses(parts.lm, batch, embeds)
     (loss[0] * batch.loss_mask).sum().backward()
     router = routes.routers[0]
     assert router.weight.grad is not None and router.weight.grad.abs().sum() > 0
