@@ -7,6 +7,11 @@ Each rank writes its own model shards, optimizer state and RNG as raw arrays (`n
 `.partial` suffix is always complete and a crash mid-save never becomes "latest". Resume requires the same
 parallel layout; meta.json records it and a mismatch is refused with both layouts named.
 
+Each rank also writes `rank_N.shards.json`: which of its arrays holds which slice of which canonical tensor
+(keye_train/model/sharding.py names, TP split). With it a weights-only start (`checkpoint.init_from`) loads into
+any other layout: every rank reads only the arrays that hold its own parameters, joins their TP slices and cuts
+its own.
+
 Model tensors are keyed by megatron's state-dict names, which grouped and sequential MoE experts share
 (keye_train/model/experts.py), so weights load into either. The optimizer state is kept per parameter, and the
 two hold experts in different parameters, so a resume must use the implementation the checkpoint was written
@@ -88,6 +93,21 @@ def _model_tensors(parts) -> dict[str, torch.Tensor]:
     return out
 
 
+def _shard_index(parts) -> dict | None:
+    """canonical name -> {key, split, full_shape} for this rank's model arrays; None if some parameter is held by
+    no state-dict tensor (then the checkpoint loads only into its own layout)."""
+    from keye_train.model.builder import parameter_shards
+
+    keys = {(t.data_ptr(), tuple(t.shape)): k for k, t in _model_tensors(parts).items()}
+    index = {}
+    for tensor, info in parameter_shards(parts):
+        key = keys.get((tensor.data_ptr(), tuple(tensor.shape)))
+        if key is None:
+            return None
+        index[info.name] = {"key": key, "split": info.split and list(info.split), "full_shape": list(info.full_shape)}
+    return index
+
+
 def _rng_tensors() -> dict[str, torch.Tensor]:
     rng = {"rng.cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -122,6 +142,9 @@ def save(run_dir: Path, step: int, parts, optimizer, extra: dict, layout: dict, 
         f.flush()
         os.fsync(f.fileno())
     (partial / f"rank_{rank:05d}.json").write_text(json.dumps({"step": step, **extra}))
+    index = _shard_index(parts)
+    if index is not None:
+        (partial / f"rank_{rank:05d}.shards.json").write_text(json.dumps(index))
     dist.barrier()
     if rank == 0:
         (partial / "meta.json").write_text(
@@ -159,10 +182,13 @@ def load_weights(source: str, parts, layout: dict) -> list[str]:
             raise FileNotFoundError(f"checkpoint.init_from={source}: no complete checkpoint there")
     meta = json.loads((path / "meta.json").read_text())
     if meta["layout"] != layout:
-        raise RuntimeError(
-            f"checkpoint.init_from={source} was written with layout {meta['layout']}; this run uses "
-            f"{layout}; weights-only starts need the same layout"
-        )
+        if not all((path / f"rank_{r:05d}.shards.json").is_file() for r in range(meta["world_size"])):
+            raise RuntimeError(
+                f"checkpoint.init_from={source} was written with layout {meta['layout']} and has no shard index "
+                f"(rank_N.shards.json: written before resharding existed); this run uses {layout}: start from it "
+                "with the same layout"
+            )
+        return _load_resharded(path, source, meta["world_size"], parts)
     fresh = []
     with np.load(path / f"rank_{dist.get_rank():05d}.npz", allow_pickle=False) as arrays:
         for key, tensor in _model_tensors(parts).items():
@@ -172,6 +198,56 @@ def load_weights(source: str, parts, layout: dict) -> list[str]:
                 fresh.append(key)
             else:
                 raise KeyError(f"checkpoint.init_from={source} has no tensor {key}")
+    return fresh
+
+
+def _load_resharded(path: Path, source: str, world: int, parts) -> list[str]:
+    """Weights from a checkpoint of another layout: each local parameter's canonical tensor is rebuilt from the
+    written TP slices (one data-parallel copy each), then cut for this rank."""
+    from keye_train.model.builder import parameter_shards
+    from keye_train.model.sharding import join_shards
+
+    holders: dict[str, list] = {}
+    for r in range(world):
+        for name, entry in json.loads((path / f"rank_{r:05d}.shards.json").read_text()).items():
+            holders.setdefault(name, []).append((r, entry))
+    files: dict[int, np.lib.npyio.NpzFile] = {}
+
+    def read(r: int, key: str, like: torch.Tensor) -> torch.Tensor:
+        if r not in files:
+            files[r] = np.load(path / f"rank_{r:05d}.npz", allow_pickle=False)
+        return _from_numpy(files[r][key], like)
+
+    fresh = []
+    try:
+        for tensor, info in parameter_shards(parts):
+            pieces = holders.get(info.name)
+            if not pieces:
+                if ".indexer." in info.name:
+                    fresh.append(info.name)
+                    continue
+                raise KeyError(f"checkpoint.init_from={source} has no tensor {info.name}")
+            split = pieces[0][1]["split"]
+            if split is None:
+                r, entry = pieces[0]
+                full = read(r, entry["key"], tensor)
+            else:
+                dim, _, size, gated = split
+                by_rank = {}
+                for r, entry in pieces:
+                    by_rank.setdefault(entry["split"][1], (r, entry["key"]))
+                if len(by_rank) != size:
+                    raise ValueError(f"checkpoint.init_from={source}: {info.name} has {len(by_rank)} of {size} slices")
+                full = join_shards({k: read(r, key, tensor) for k, (r, key) in by_rank.items()}, dim, gated)
+            if tuple(full.shape) != tuple(info.full_shape):
+                raise ValueError(
+                    f"checkpoint.init_from={source}: {info.name} is {tuple(full.shape)} there, "
+                    f"{tuple(info.full_shape)} in this model"
+                )
+            tensor.data.copy_(info.cut(full))
+    finally:
+        for f in files.values():
+            f.close()
     return fresh
 
 

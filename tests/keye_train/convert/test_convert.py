@@ -275,6 +275,36 @@ def test_the_cli_imports_and_exports_sharded_layouts_exactly(layout, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_weights_written_under_one_layout_load_into_another_exactly(tmp_path):
+    """checkpoint.init_from across layouts: a TP=2 checkpoint (each rank holding half of every TP-split tensor)
+    exported under EP=2 and under PP=2 (each rank rebuilding its own shards from the TP slices through the shard
+    index) gives back the source HF checkpoint tensor for tensor."""
+    from safetensors.torch import load_file
+
+    from tests.helpers import keye_train
+
+    source = tmp_path / "hf"
+    script = f"from tests.keye_train.convert.test_convert import export_source\nexport_source({str(source)!r})\n"
+    made = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert made.returncode == 0, made.stderr[-3000:]
+    common = ["~recipe", "model=tiny", "attention=sparse", "parallel.nproc=2"]
+    done = keye_train(
+        "convert", "import", "--src", str(source), "--dst", str(tmp_path / "run"), *common, "parallel.tp=2"
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (tmp_path / "run" / "checkpoints" / "step_00000000" / "rank_00001.shards.json").is_file()
+    a = {k: v for f in sorted(source.glob("*.safetensors")) for k, v in load_file(f).items()}
+    for layout in ("parallel.ep=2", "parallel.pp=2"):
+        back = tmp_path / layout.replace("=", "")
+        done = keye_train(
+            "convert", "export", "--src", str(tmp_path / "run"), "--dst", str(back), "--dtype", "fp32", *common, layout
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+        b = {k: v for f in sorted(back.glob("*.safetensors")) for k, v in load_file(f).items()}
+        assert a.keys() == b.keys(), layout
+        assert all(torch.equal(a[k], b[k]) for k in a), layout
+
+
 def export_source(path):
     """A tiny Keye-VL-2.0 HF checkpoint (fp32) with a packing table, from our own seeded model."""
     from keye_train.config import ParallelConfig
