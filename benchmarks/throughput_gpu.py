@@ -56,6 +56,7 @@ ROWS = {  # name -> overrides on top of the common ones
         "parallel.recompute_modules=[moe,layernorm]",
         "parallel.vision.recompute=full",
     ],
+    "sparse_full": ["model.lm.experts_impl=grouped", "parallel.recompute=full", "model.lm.dsa.mode=sparse"],
     "grouped_lm_none": ["model.lm.experts_impl=grouped", "parallel.recompute=none", "parallel.vision.recompute=full"],
 }
 
@@ -353,9 +354,11 @@ def measure(name: str, args) -> dict:
     timed = [b[0].to(trainer.device) for b in batches[args.warmup :]]
     flops = [model_flops(cfg, b, counts) for b in timed]
     mean_flops = {key: statistics.mean(f[key] for f in flops) for key in flops[0]}
-    parts_ms, expert_tflops = breakdown(
-        trainer, timed[-1], statistics.median(optimizer_times[args.warmup :]), step_s * 1e3, smoke
-    )
+    parts_ms, expert_tflops = {}, float("nan")
+    if not args.no_breakdown:
+        parts_ms, expert_tflops = breakdown(
+            trainer, timed[-1], statistics.median(optimizer_times[args.warmup :]), step_s * 1e3, smoke
+        )
     profiles, syncs = [], []
     if args.profile and not smoke:
         args.profile.mkdir(parents=True, exist_ok=True)
@@ -418,6 +421,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path)
     parser.add_argument("--profile", type=Path, help="profile one extra step (and the ViT) per row into this folder")
     parser.add_argument("--profile-rows", help="the rows to profile (default: every row)")
+    parser.add_argument("--no-breakdown", action="store_true", help="step time and memory only (long packs)")
     args = parser.parse_args()
     if args.row:
         print("ROW " + json.dumps(measure(args.row, args)), flush=True)
@@ -456,6 +460,7 @@ def main() -> None:
                 "--data",
                 str(args.data),
                 *(["--profile", str(args.profile)] if args.profile and name in profile_rows else []),
+                *(["--no-breakdown"] if args.no_breakdown else []),
             ],
             capture_output=True,
             text=True,
