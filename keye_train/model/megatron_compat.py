@@ -1,4 +1,5 @@
-"""Four places where megatron-core 0.16.1 assumes Transformer Engine, fixed for TE-less installs (CPU or GPU).
+"""Four places where megatron-core 0.16.1 assumes Transformer Engine, fixed for TE-less installs (CPU or GPU),
+and one shape bug.
 
 - The router GEMM reads `moe_utils.te_general_gemm`, bound only when TE imports: bind it to None, so the plain
   torch GEMM runs.
@@ -7,6 +8,9 @@
 - Without apex, the gradient norm for clipping (`clip_grads.l2_norm_impl`) takes one norm per tensor and reads
   each back to the host (a sync per parameter: 374 per step at 4 LM layers): bind a `torch._foreach_norm` one that
   stays on the device.
+- The MoE aux-loss scale is created as a 0-d tensor by a backward that runs outside megatron's schedule (a
+  plain `loss.backward()`), and the schedule later copies its [1]-shaped scale into it, which fails: copy the
+  scale in the held tensor's shape.
 - `CheckpointWithoutOutput()` (selective recompute of layernorm and moe_act) stores `fp8 = fp8 is not None`, which
   is True for its default fp8=False, and then calls TE's FP8GlobalStateManager: without TE, store False.
 """
@@ -26,6 +30,15 @@ def allow_missing_transformer_engine() -> None:
 
     if clip_grads.l2_norm_impl is getattr(clip_grads, "local_multi_tensor_l2_norm", None):
         clip_grads.l2_norm_impl = foreach_l2_norm
+    scaler = moe_utils.MoEAuxLossAutoScaler
+
+    def set_loss_scale(scale):
+        if scaler.main_loss_backward_scale is None:
+            scaler.main_loss_backward_scale = scale
+        else:
+            scaler.main_loss_backward_scale.copy_(scale.reshape(scaler.main_loss_backward_scale.shape))
+
+    scaler.set_loss_scale = staticmethod(set_loss_scale)
     if not hasattr(moe_utils, "te_general_gemm"):
         moe_utils.te_general_gemm = None
     if not tp_random.HAVE_TE:

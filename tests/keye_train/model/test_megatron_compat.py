@@ -19,3 +19,16 @@ def test_bound_into_megatrons_clip_grads():
 
     allow_missing_transformer_engine()
     assert clip_grads.l2_norm_impl is foreach_l2_norm
+
+
+def test_the_moe_aux_loss_scale_takes_the_schedules_shape_after_a_plain_backward():
+    from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
+
+    allow_missing_transformer_engine()
+    held = MoEAuxLossAutoScaler.main_loss_backward_scale
+    try:
+        MoEAuxLossAutoScaler.main_loss_backward_scale = torch.tensor(1.0)  # what a plain backward leaves
+        MoEAuxLossAutoScaler.set_loss_scale(torch.ones(1) * 0.5)  # what the schedule passes
+        assert MoEAuxLossAutoScaler.main_loss_backward_scale.item() == 0.5
+    finally:
+        MoEAuxLossAutoScaler.main_loss_backward_scale = held
