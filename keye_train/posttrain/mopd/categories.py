@@ -1,0 +1,78 @@
+"""Token categories for MOPD's advantage scaling, A~_t = gamma_{c(t)} A_t (training_recipe.md §7 step 5).
+
+The default tagger reads each response token's id and its decoded piece:
+    format      special / template tokens, <think> and tool-call tags, JSON punctuation
+    perception  numbers, timestamps and coordinates (pieces with a digit), anything inside a box / quad / ref span
+                (Qwen's grounding and OCR markup), and the pieces of a quoted string in an OCR-style answer
+    reasoning   the rest of a <think> ... </think> span
+    answer      everything else (gamma 1 by default)
+The patterns are arguments, so a recipe can change what counts as what.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+CATEGORIES = ("format", "perception", "reasoning", "answer")
+FORMAT_PIECE = r"^\s*[{}\[\]\":,]+\s*$|^\s*<\|?/?[A-Za-z_]+\|?>\s*$"
+PERCEPTION_PIECE = r"\d"
+
+
+@dataclass
+class Tagger:
+    format_piece: str = FORMAT_PIECE
+    perception_piece: str = PERCEPTION_PIECE
+    think_open: str = "<think>"
+    think_close: str = "</think>"
+    perception_open: Sequence[str] = field(
+        default_factory=lambda: ("<|box_start|>", "<|quad_start|>", "<|object_ref_start|>")
+    )
+    perception_close: Sequence[str] = field(
+        default_factory=lambda: ("<|box_end|>", "<|quad_end|>", "<|object_ref_end|>")
+    )
+    special_ids: frozenset = frozenset()  # ids that are always format (the tokenizer's special tokens)
+
+    def tag(self, ids: Sequence[int], pieces: Sequence[str]) -> list[str]:
+        """One category per response token (pieces[i] is ids[i] decoded on its own)."""
+        if len(ids) != len(pieces):
+            raise ValueError(f"{len(ids)} ids but {len(pieces)} decoded pieces")
+        fmt, perc = re.compile(self.format_piece), re.compile(self.perception_piece)
+        out, thinking, perceiving, quoted = [], False, False, False
+        for token, piece in zip(ids, pieces):
+            stripped = piece.strip()
+            if stripped == self.think_open:
+                thinking = True
+            elif stripped == self.think_close:
+                thinking = False
+            if stripped in self.perception_open:
+                perceiving = True
+                out.append("format")
+                continue
+            if stripped in self.perception_close:
+                perceiving = False
+                out.append("format")
+                continue
+            if token in self.special_ids or fmt.search(piece):
+                out.append("format")
+                quoted ^= piece.count('"') % 2 == 1
+                continue
+            if perceiving or quoted or perc.search(piece):
+                out.append("perception")
+            elif thinking:
+                out.append("reasoning")
+            else:
+                out.append("answer")
+            quoted ^= piece.count('"') % 2 == 1
+        return out
+
+
+def category_weights(categories: Sequence[str], gamma: Mapping[str, float]) -> torch.Tensor:
+    """[T] gamma_{c(t)} (float64); a category missing from gamma weighs 1."""
+    for c in set(categories):
+        if c not in CATEGORIES:
+            raise ValueError(f"token category {c!r} is not one of {list(CATEGORIES)}")
+    return torch.tensor([float(gamma.get(c, 1.0)) for c in categories], dtype=torch.float64)
