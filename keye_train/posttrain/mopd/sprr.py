@@ -189,10 +189,13 @@ class MismatchCounter:
         self.checked: Counter = Counter()
         self.rejected: dict[str, Counter] = {}
 
-    def add(self, teacher: str, sequence: TeacherSequence) -> None:
+    def add(self, teacher: str, reason: str | None) -> None:
+        """One turn checked for `teacher`; reason: why it was rejected (one of REASONS), None when it aligned."""
+        if reason is not None and reason not in REASONS:
+            raise ValueError(f"SPRR reason {reason!r} is not one of {list(REASONS)}")
         self.checked[teacher] += 1
-        if sequence.reason is not None:
-            self.rejected.setdefault(teacher, Counter())[sequence.reason] += 1
+        if reason is not None:
+            self.rejected.setdefault(teacher, Counter())[reason] += 1
 
     def rates(self) -> dict[str, float]:
         """{"mopd/<teacher>/mismatch/<reason>": rate} and the overall rate per teacher."""

@@ -103,10 +103,10 @@ def test_mismatches_are_rejected_and_counted_by_reason(tok, record_and_media):
     for reason, context in cases.items():
         seq = teacher_sequence(context, tok, prompt, tok, response)
         assert seq.reason == reason
-        counter.add("video", seq)
+        counter.add("video", seq.reason)
     pad_in_response = teacher_sequence(good, tok, prompt, tok, response + [tok.ids.video_pad])
     assert pad_in_response.reason == "mrope"
-    counter.add("video", pad_in_response)
+    counter.add("video", pad_in_response.reason)
     rates = counter.rates()
     assert rates["mopd/video/mismatch_rate"] == pytest.approx(4 / 5)
     for reason in ("template", "frame_sampling", "visual_tokens", "mrope"):
