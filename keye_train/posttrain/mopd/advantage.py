@@ -82,6 +82,10 @@ class VocabShard:
     def topk(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         values, ids = shard_topk(self.logp, self.vocab_start, k)
         if self.group is not None:
+            if values.shape[-1] < k:  # a shard narrower than k: pad so every rank gathers k candidates
+                pad = k - values.shape[-1]
+                values = torch.nn.functional.pad(values, (0, pad), value=float("-inf"))
+                ids = torch.nn.functional.pad(ids, (0, pad), value=-1)
             world = dist.get_world_size(self.group)
             all_values = [torch.empty_like(values) for _ in range(world)]
             all_ids = [torch.empty_like(ids) for _ in range(world)]

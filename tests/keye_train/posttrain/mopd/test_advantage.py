@@ -101,3 +101,38 @@ def test_the_vocab_parallel_pieces_split_and_merge_to_the_whole_vocab(widths):
     assert ids.tolist() == ref_ids.tolist()
     read = sum(shard_values_at(lp, a, ref_ids) for lp, a in zip(logp, starts))
     torch.testing.assert_close(read, ref_values, rtol=1e-14, atol=1e-14)
+
+
+def test_tensor_parallel_2_on_gloo_gives_the_one_rank_scores(tmp_path):
+    """Every mode in one torchrun would cost one start each; the overlap mode exercises every collective (the
+    global logsumexp, both top-k gathers, the reads at global ids and the KL sum)."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from tests.keye_train.posttrain.mopd.tp_inputs import inputs
+
+    repo = Path(__file__).resolve().parents[4]
+    out = tmp_path / "tp2.json"
+    worker = repo / "tests" / "keye_train" / "posttrain" / "mopd" / "tp_worker.py"
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        str(worker),
+        str(out),
+        "overlap",
+    ]
+    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", PYTHONPATH=str(repo))
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
+    got = json.loads(out.read_text())
+    student, teacher, sampled, k = inputs()
+    ref = token_scores(student, teacher, sampled, "overlap", k)
+    for name in ref.__dataclass_fields__:
+        assert got[name] == pytest.approx(getattr(ref, name).tolist(), rel=1e-12, abs=1e-14), name
+    assert 0 in got["overlap"] and max(got["overlap"]) >= 2
