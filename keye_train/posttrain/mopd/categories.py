@@ -37,32 +37,38 @@ class Tagger:
     special_ids: frozenset = frozenset()  # ids that are always format (the tokenizer's special tokens)
 
     def tag(self, ids: Sequence[int], pieces: Sequence[str]) -> list[str]:
-        """One category per response token (pieces[i] is ids[i] decoded on its own)."""
+        """One category per response token (pieces[i] is ids[i] decoded on its own). Tags and spans are found in
+        the decoded text, so a tag split over several pieces (a tokenizer without a <think> token) still counts."""
         if len(ids) != len(pieces):
             raise ValueError(f"{len(ids)} ids but {len(pieces)} decoded pieces")
+        text = "".join(pieces)
+        tags, think, perceive = [], [], []  # char spans of the tags themselves, of <think> and of perception spans
+        for opener, closer, spans in [(self.think_open, self.think_close, think)] + [
+            (o, c, perceive) for o, c in zip(self.perception_open, self.perception_close)
+        ]:
+            at = 0
+            while (i := text.find(opener, at)) >= 0:
+                j = text.find(closer, i + len(opener))
+                end = j if j >= 0 else len(text)
+                tags.append((i, i + len(opener)))
+                if j >= 0:
+                    tags.append((j, j + len(closer)))
+                spans.append((i + len(opener), end))
+                at = end + (len(closer) if j >= 0 else 0)
         fmt, perc = re.compile(self.format_piece), re.compile(self.perception_piece)
-        out, thinking, perceiving, quoted = [], False, False, False
+
+        def inside(spans, a, b):
+            return any(a < hi and lo < b for lo, hi in spans)
+
+        out, at, quoted = [], 0, False
         for token, piece in zip(ids, pieces):
-            stripped = piece.strip()
-            if stripped == self.think_open:
-                thinking = True
-            elif stripped == self.think_close:
-                thinking = False
-            if stripped in self.perception_open:
-                perceiving = True
+            a, b = at, at + max(len(piece), 1)
+            at += len(piece)
+            if token in self.special_ids or inside(tags, a, b) or fmt.search(piece):
                 out.append("format")
-                continue
-            if stripped in self.perception_close:
-                perceiving = False
-                out.append("format")
-                continue
-            if token in self.special_ids or fmt.search(piece):
-                out.append("format")
-                quoted ^= piece.count('"') % 2 == 1
-                continue
-            if perceiving or quoted or perc.search(piece):
+            elif inside(perceive, a, b) or quoted or perc.search(piece):
                 out.append("perception")
-            elif thinking:
+            elif inside(think, a, b):
                 out.append("reasoning")
             else:
                 out.append("answer")
@@ -76,3 +82,12 @@ def category_weights(categories: Sequence[str], gamma: Mapping[str, float]) -> t
         if c not in CATEGORIES:
             raise ValueError(f"token category {c!r} is not one of {list(CATEGORIES)}")
     return torch.tensor([float(gamma.get(c, 1.0)) for c in categories], dtype=torch.float64)
+
+
+def tag_response(ids: Sequence[int], tokenizer, tagger: Tagger | None = None) -> list[str]:
+    """The categories of a response's tokens with a KeyeTokenizer: each id decoded on its own, its special ids
+    always format."""
+    if tagger is None:
+        specials = frozenset(int(getattr(tokenizer.ids, f)) for f in tokenizer.ids.__dataclass_fields__)
+        tagger = Tagger(special_ids=specials)
+    return tagger.tag(list(ids), [tokenizer.decode([int(t)]) for t in ids])

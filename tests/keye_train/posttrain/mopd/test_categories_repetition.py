@@ -101,3 +101,22 @@ def test_long_healthy_answers_are_untouched():
     healthy[5000:5030] = [9] * 30
     assert collapse_point(healthy, 64, 3, 48) is None
     assert torch.equal(repetition_penalty(healthy, 1.0, 64, 3, 48), torch.zeros(6000, dtype=torch.float64))
+
+
+def test_tagging_a_response_with_a_real_tokenizer(tmp_path):
+    from data_pipeline.demo import train_tokenizer
+    from data_pipeline.tokenizer import KeyeTokenizer
+    from keye_train.posttrain.mopd.categories import tag_response
+
+    path = tmp_path / "tokenizer.json"
+    train_tokenizer(["<think>\nthe clock shows 12 : 30\n</think>\nit is late", '{"answer": "late"}'], path, 300)
+    tok = KeyeTokenizer(path)
+    ids = [*tok.encode("<think>\nthe clock shows 12"), tok.ids.im_end]
+    cats = tag_response(ids, tok)
+    pieces = [tok.decode([t]) for t in ids]
+    for piece, cat in zip(pieces, cats):
+        if any(ch.isdigit() for ch in piece):
+            assert cat == "perception", (piece, cat)
+        elif piece.strip() in ("the", "clock", "shows"):
+            assert cat == "reasoning", (piece, cat)
+    assert cats[-1] == "format"  # <|im_end|>, a special id
