@@ -189,3 +189,28 @@ def token_scores(
         empty = student_logits.new_zeros(0, dtype=dtype)
         return TokenScores(empty, *(empty.long() for _ in range(2)), empty, empty, empty)
     return TokenScores.cat(parts)
+
+
+def support_kl_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mode: str, k: int) -> torch.Tensor:
+    """[T] the distribution-level alternative to the sampled-token loss in a support-set mode (the ablation of
+    training_recipe.md §7): L_t = -A_t = sum_{v in Omega} pibar_S(v) (log pi_S(v) - log pi_T(v)) as a function of
+    the student's logits, with Omega and the teacher held constant. Its gradient moves the student's distribution at
+    every position, which the sampled-token loss with a state-only A_t cannot (objectives/mopd.py). One rank holds
+    the whole vocab here; the objective does not use it yet (it needs the student's logits in the loss)."""
+    if mode not in ("overlap", "student_only", "teacher_on_student"):
+        raise ValueError(f"support_kl_loss: mode={mode!r} has no support set")
+    logp = torch.log_softmax(student_logits.float() if student_logits.dtype == torch.half else student_logits, -1)
+    with torch.no_grad():
+        teacher = torch.log_softmax(teacher_logits.to(logp.dtype), -1)
+        s_ids = torch.topk(logp, k, -1).indices
+        t_ids = torch.topk(teacher, k, -1).indices
+        if mode == "teacher_on_student":
+            ids, member = t_ids, torch.ones(t_ids.shape, dtype=torch.bool, device=t_ids.device)
+        else:
+            ids = s_ids
+            member = (
+                (s_ids[:, :, None] == t_ids[:, None, :]).any(-1)
+                if mode == "overlap"
+                else torch.ones_like(s_ids, dtype=torch.bool)
+            )
+    return -weighted_gap(logp.gather(-1, ids), teacher.gather(-1, ids), member)

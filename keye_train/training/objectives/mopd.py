@@ -12,10 +12,17 @@ global responses), so the gradient is that of the global mean for any micro-batc
 
 A caveat of the loss as KEYE writes it: in the support-set modes (overlap, student_only, teacher_on_student) A_t
 depends only on the state s_t, not on the sampled y_t, so E_y[A_t grad log pi(y_t | s_t)] = 0: at its own token the
-term is zero-mean noise, and the per-state KL does not fall from it (tests/.../mopd/test_objective.py shows both).
+term is zero-mean noise for the distribution at s_t (tests/keye_train/posttrain/mopd/test_objective.py enumerates
+the expectation); the reverse-KL-falls test therefore runs the sampled-token mode.
 The sampled-token mode (MiMo k1) depends on y_t and is an unbiased reverse-KL gradient. A distribution-level loss
 over Omega (the ablation of training_recipe.md §7) needs the student's log-probs at the Omega ids in the loss, i.e.
-the model's last stage returning more than the sampled token's CE; it is not built here.
+the model's last stage returning more than the sampled token's CE; `posttrain.mopd.advantage.support_kl_loss` is
+that loss as a pure function (not wired here). On the toy of the tests, descending it lowers the full reverse KL
+over the student's top-k (student_only: 3.06 -> 0.71 in 30 Adam steps) but raises it in the other two forms
+(3.06 -> 4.75 overlap, -> 4.83 teacher_on_student), which have degenerate minima: an empty Omega gives A = 0, so
+the student can zero the overlap loss by leaving the teacher's top-k; and since pibar is scale-free, lowering
+log pi_S uniformly on a support the student does not choose (the teacher's top-k) lowers the loss without bound.
+The overlap estimator needs more than this loss (a tail or mass term) before it is a training signal by itself.
 """
 
 from __future__ import annotations

@@ -146,3 +146,35 @@ def test_the_objective_refuses_a_batch_without_token_advantages(one_rank):
     batch.token_advantages = None
     with pytest.raises(ValueError, match="token_advantages"):
         MOPDObjective(WorldPlacement(), "cpu", mopd, rl).loss_func(batch)(torch.zeros(1, 8))
+
+
+@pytest.mark.parametrize("mode", ["overlap", "student_only", "teacher_on_student"])
+def test_the_distribution_level_support_loss_is_minus_a(mode):
+    from keye_train.posttrain.mopd.advantage import support_kl_loss, token_scores
+    from tests.keye_train.posttrain.mopd.mopd_toy import VOCAB, logits_of
+
+    student, teacher = toy_policy(0), teacher_policy()
+    contexts = torch.arange(VOCAB)
+    s, t = logits_of(student, contexts), logits_of(teacher, contexts)
+    ref = token_scores(s.detach(), t, contexts, mode, 4).advantage
+    torch.testing.assert_close(support_kl_loss(s, t, mode, 4).detach(), -ref, rtol=1e-12, atol=1e-14)
+
+
+def test_descending_the_student_support_loss_lowers_the_reverse_kl():
+    """Over the student's top-k (student_only) the distribution-level loss lowers the full reverse KL on the toy
+    (3.06 -> 0.71 in 30 Adam steps). The overlap and teacher_on_student forms raised it on the same toy (3.06 ->
+    4.75 and 4.83): see the objective's docstring for why; they are not asserted here."""
+    from keye_train.posttrain.mopd.advantage import support_kl_loss
+    from tests.keye_train.posttrain.mopd.mopd_toy import VOCAB, logits_of
+
+    student, teacher = toy_policy(0), teacher_policy()
+    contexts = torch.arange(VOCAB)
+    t = logits_of(teacher, contexts)
+    optimizer = torch.optim.Adam(list(student.values()), lr=0.05)
+    curve = [context_reverse_kl(student, teacher)]
+    for _ in range(30):
+        optimizer.zero_grad()
+        support_kl_loss(logits_of(student, contexts), t, "student_only", 4).mean().backward()
+        optimizer.step()
+        curve.append(context_reverse_kl(student, teacher))
+    assert curve[-1] < 0.7 * curve[0], curve
