@@ -114,3 +114,40 @@ def test_an_in_process_teacher_does_not_share_the_students_routing_replay(single
     torch.testing.assert_close(teacher.logits(batch), native, rtol=0, atol=1e-6)  # the teacher is not
     assert not any(p.requires_grad for p in teacher_parts.lm.parameters())
     student_routes.clear()
+
+
+def test_a_teacher_loads_from_our_checkpoint_format(single_rank, tmp_path):
+    from data_pipeline.batch import PackedBatch
+    from keye_train import checkpoint
+    from keye_train.config import ParallelConfig
+    from keye_train.posttrain.mopd.teachers import load_in_process_teacher
+    from parallel.placement import ColocatedPlacement
+    from tests.keye_train.posttrain.rollout.common import TOKENS, build_parts, full_logits
+
+    model = single_rank
+    source = build_parts(model, seed=61)
+    layout = {"tp": 1}
+    checkpoint.save(tmp_path / "run", 3, source, None, {"step": 3}, layout, keep_last=1)
+    config = TeacherConfig("sft", "tiny", str(tmp_path / "run"))  # a run directory: its latest checkpoint
+    teacher = load_in_process_teacher(
+        config, ParallelConfig(), ColocatedPlacement(), torch.float32, False, layout, TOKENS
+    )
+    n = 7
+    batch = PackedBatch(
+        torch.arange(3, 3 + n),
+        torch.zeros(n, dtype=torch.long),
+        torch.zeros(n),
+        torch.arange(n).expand(3, -1).clone(),
+        torch.tensor([0, n], dtype=torch.int32),
+    )
+    torch.testing.assert_close(teacher.logits(batch), full_logits(source, batch), rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match=r"mopd.teachers\[sft\].model='huge'"):
+        load_in_process_teacher(
+            TeacherConfig("sft", "huge", "x"),
+            ParallelConfig(),
+            ColocatedPlacement(),
+            torch.float32,
+            False,
+            layout,
+            TOKENS,
+        )
