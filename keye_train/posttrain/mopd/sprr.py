@@ -9,6 +9,8 @@ Per assistant turn:
    the boundaries). The teacher must share the student's vocabulary for that (MOPD's teachers do).
 3. M-RoPE ids are recomputed for the teacher's whole sequence (data_pipeline.positions).
 4. The teacher's logits are read at exactly the R positions that predict the response tokens.
+A multi-turn rollout is scored turn by turn: the caller puts the student's earlier turns into the record's
+messages (they are then context, rendered as text by the teacher's template) and scores each turn's own ids.
 
 Checks, each a reason a sample is masked (advantage 0) and counted, never silently misaligned:
     visual_tokens    the teacher's pad tokens != its processor's merged grids, or a different number of media blocks

@@ -113,9 +113,10 @@ def isolate_routers(lm: torch.nn.Module) -> int:
 
     if not routers(lm):
         return 0
-    routes = ModelRoutes(lm)
+    routes = ModelRoutes(lm)  # installs a PartialRouterReplay per router, taken out of megatron's global list
     routes.clear()
-    routes._set_action(None)
+    for router in routes.routers:
+        router.router_replay.router_replay_action = None  # native routing: neither record nor replay
     return len(routes.routers)
 
 
