@@ -65,6 +65,8 @@ class MOPDConfig:
     mode: AdvantageMode = AdvantageMode.overlap
     top_k: int = 32
     category_weights: Dict[str, float] = field(default_factory=_default_category_weights)  # gamma_c
+    format_pattern: str = ""  # regex over a decoded piece that makes it format ("": categories.FORMAT_PIECE)
+    perception_pattern: str = ""  # regex that makes a piece perception ("": categories.PERCEPTION_PIECE, a digit)
     repetition: RepetitionConfig = field(default_factory=RepetitionConfig)
     outcome_weight: float = 0.0  # alpha in A_t + alpha * A_outcome (the response's group-normalised reward)
     teachers: List[TeacherConfig] = field(default_factory=list)
@@ -78,7 +80,15 @@ class MOPDConfig:
             raise ValueError(f"mopd.top_k={self.top_k} must be >= 1")
         if self.chunk_tokens < 1:
             raise ValueError(f"mopd.chunk_tokens={self.chunk_tokens} must be >= 1")
+        import re
+
         from keye_train.posttrain.mopd.categories import CATEGORIES
+
+        for key in ("format_pattern", "perception_pattern"):
+            try:
+                re.compile(getattr(self, key))
+            except re.error as err:
+                raise ValueError(f"mopd.{key}={getattr(self, key)!r} is not a regular expression: {err}") from None
 
         for name, weight in self.category_weights.items():
             if name not in CATEGORIES:

@@ -84,10 +84,17 @@ def category_weights(categories: Sequence[str], gamma: Mapping[str, float]) -> t
     return torch.tensor([float(gamma.get(c, 1.0)) for c in categories], dtype=torch.float64)
 
 
+def tagger_for(tokenizer, format_pattern: str = "", perception_pattern: str = "") -> Tagger:
+    """The default tagger for a KeyeTokenizer (its special ids are format), with mopd.*_pattern if set."""
+    specials = frozenset(int(getattr(tokenizer.ids, f)) for f in tokenizer.ids.__dataclass_fields__)
+    return Tagger(
+        format_piece=format_pattern or FORMAT_PIECE,
+        perception_piece=perception_pattern or PERCEPTION_PIECE,
+        special_ids=specials,
+    )
+
+
 def tag_response(ids: Sequence[int], tokenizer, tagger: Tagger | None = None) -> list[str]:
-    """The categories of a response's tokens with a KeyeTokenizer: each id decoded on its own, its special ids
-    always format."""
-    if tagger is None:
-        specials = frozenset(int(getattr(tokenizer.ids, f)) for f in tokenizer.ids.__dataclass_fields__)
-        tagger = Tagger(special_ids=specials)
+    """The categories of a response's tokens with a KeyeTokenizer: each id decoded on its own."""
+    tagger = tagger if tagger is not None else tagger_for(tokenizer)
     return tagger.tag(list(ids), [tokenizer.decode([int(t)]) for t in ids])

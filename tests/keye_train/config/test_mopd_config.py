@@ -41,6 +41,7 @@ def test_the_keye_table_shares_the_perception_instance():
         ("mopd.repetition.min_repeats=1", "mopd.repetition.min_repeats=1"),
         ("mopd.placement=off_rank", "mopd.placement=off_rank: only in_process is built"),
         ("+mopd.category_weights.style=1", "mopd.category_weights.style is not a category"),
+        ("mopd.perception_pattern='(a'", r"mopd.perception_pattern='\(a' is not a regular expression"),
     ],
 )
 def test_a_bad_mopd_value_is_refused_naming_its_key(override, message):

@@ -120,3 +120,8 @@ def test_tagging_a_response_with_a_real_tokenizer(tmp_path):
         elif piece.strip() in ("the", "clock", "shows"):
             assert cat == "reasoning", (piece, cat)
     assert cats[-1] == "format"  # <|im_end|>, a special id
+    from keye_train.posttrain.mopd.categories import tagger_for
+
+    custom = tag_response(ids, tok, tagger_for(tok, perception_pattern=r"clock"))  # a recipe's own pattern
+    assert [c for p, c in zip(pieces, custom) if p.strip() == "clock"] == ["perception"]
+    assert [c for p, c in zip(pieces, custom) if p.strip() == "12" or p.strip() == "1"][:1] == ["reasoning"]
