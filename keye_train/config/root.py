@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from keye_train.config.data import DataConfig
 from keye_train.config.launch import LaunchConfig
 from keye_train.config.model import ModelConfig
+from keye_train.config.mopd import MOPDConfig
 from keye_train.config.parallel import ParallelConfig
 from keye_train.config.rl import RLConfig
 from keye_train.config.training import CheckpointConfig, LoggingConfig, OptimConfig, StageConfig, TrainConfig
@@ -25,3 +26,4 @@ class KeyeTrainConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     launch: LaunchConfig = field(default_factory=LaunchConfig)
     rl: RLConfig = field(default_factory=RLConfig)  # RL stages only (GSPO); other stages ignore it
+    mopd: MOPDConfig = field(default_factory=MOPDConfig)  # MOPD stages only; other stages ignore it

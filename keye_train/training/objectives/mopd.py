@@ -1,0 +1,136 @@
+"""The MOPD objective (training_recipe.md §7 step 7) over packed micro-batches (`posttrain.mopd.batch.MOPDBatch`):
+
+    L = -(1 / #responses of the global batch) sum_i (1/|M_i|) sum_{t in M_i} w_t (A^_t + alpha A_i) log pi(y_t)
+
+A^_t is the shaped teacher advantage, a constant (computed under no_grad before the step), so the gradient flows
+only through the sampled token's log-prob. M_i is the response's generated tokens (tool / environment tokens
+excluded). A_i is the response's outcome advantage (alpha = mopd.outcome_weight, 0: off), w_t the optional TIS /
+IcePop weight of pi_old over the rollout engine (rl.correction).
+
+Normalisation is GSPO's (objectives/gspo.py): each micro-batch sum is multiplied by (micro-batches * DP size /
+global responses), so the gradient is that of the global mean for any micro-batch split and DP size.
+
+A caveat of the loss as KEYE writes it: in the support-set modes (overlap, student_only, teacher_on_student) A_t
+depends only on the state s_t, not on the sampled y_t, so E_y[A_t grad log pi(y_t | s_t)] = 0: at its own token the
+term is zero-mean noise for the distribution at s_t (tests/keye_train/posttrain/mopd/test_objective.py enumerates
+the expectation); the reverse-KL-falls test therefore runs the sampled-token mode.
+The sampled-token mode (MiMo k1) depends on y_t and is an unbiased reverse-KL gradient. A distribution-level loss
+over Omega (the ablation of training_recipe.md §7) needs the student's log-probs at the Omega ids in the loss, i.e.
+the model's last stage returning more than the sampled token's CE; `posttrain.mopd.advantage.support_kl_loss` is
+that loss as a pure function (not wired here). On the toy of the tests, descending it lowers the full reverse KL
+over the student's top-k (student_only: 3.06 -> 0.71 in 30 Adam steps) but raises it in the other two forms
+(3.06 -> 4.75 overlap, -> 4.83 teacher_on_student), which have degenerate minima: an empty Omega gives A = 0, so
+the student can zero the overlap loss by leaving the teacher's top-k; and since pibar is scale-free, lowering
+log pi_S uniformly on a support the student does not choose (the teacher's top-k) lowers the loss without bound.
+The overlap estimator needs more than this loss (a tail or mass term) before it is a training signal by itself.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+import torch.distributed as dist
+
+from keye_train.posttrain.gspo import correction_weights, seq_mean_token_mean_sum, token_counts
+from keye_train.training.objectives import StepLoss, last_stage_value
+
+SUMMED = ("pg_sum", "seqs", "tokens", "adv_sum", "adv_sq_sum", "weight_sum")
+
+
+def loss_mask(batch) -> torch.Tensor:
+    mask = batch.loss_mask.float()
+    generated = getattr(batch, "generated", None)
+    return mask * generated.to(mask.dtype) if generated is not None else mask
+
+
+def _loss(objective: MOPDObjective, batch, per_token_loss: torch.Tensor):
+    for key in ("response_index", "token_advantages"):
+        if getattr(batch, key, None) is None:
+            raise ValueError(f"the MOPD objective needs batches with {key} (posttrain.mopd.batch.MOPDBatch)")
+    rl, alpha = objective.rl, float(objective.mopd.outcome_weight)
+    logp = -per_token_loss.view(-1).to(torch.promote_types(per_token_loss.dtype, torch.float32))
+    mask = loss_mask(batch).to(logp.dtype)
+    index = batch.response_index.clamp(min=0)
+    advantage = batch.token_advantages.to(logp.dtype)
+    if alpha:
+        if batch.advantages is None:
+            raise ValueError("mopd.outcome_weight > 0 needs the batch's outcome advantages")
+        advantage = advantage + alpha * batch.advantages.to(logp.dtype)[index]
+    advantage = advantage.detach() * mask
+    old = batch.old_logp.to(logp.dtype) if batch.old_logp is not None else logp.detach()
+    rollout = batch.rollout_logp.to(logp.dtype) if batch.rollout_logp is not None else None
+    weights = correction_weights(old, rollout, str(rl.correction), rl.tis_cap, rl.icepop_low, rl.icepop_high)
+    pg = -advantage * logp
+    if weights is not None:
+        pg = pg * weights.to(pg.dtype)
+    num_seqs = int(batch.response_index.max().item()) + 1 if (batch.response_index >= 0).any() else 0
+    pg_sum = seq_mean_token_mean_sum(pg * mask, mask, batch.response_index, num_seqs)
+    present = token_counts(mask, batch.response_index, num_seqs) > 0
+    adv = advantage.detach().double()
+    logged = {
+        "pg_sum": pg_sum.detach(),
+        "seqs": present.sum().double(),
+        "tokens": mask.double().sum(),
+        "adv_sum": adv.sum(),
+        "adv_sq_sum": (adv * adv).sum(),
+        "weight_sum": (weights.double() * mask.double()).sum() if weights is not None else mask.double().sum(),
+    }
+    return pg_sum * objective.scale, logged
+
+
+def num_responses(batch) -> int:
+    """Responses with at least one generated supervised token (the sequences the loss averages over)."""
+    if batch.response_index is None:
+        raise ValueError("a MOPD batch needs response_index")
+    mask = loss_mask(batch).double().cpu()
+    size = int(batch.response_index.max().item()) + 1 if (batch.response_index >= 0).any() else 0
+    counts = torch.zeros(max(size, 1), dtype=torch.float64)
+    counts.index_add_(0, batch.response_index.clamp(min=0).cpu(), mask)
+    return int((counts > 0).sum().item())
+
+
+class MOPDObjective:
+    def __init__(self, placement, device, mopd, rl):
+        """mopd: the run's MOPDConfig (outcome_weight); rl: its RLConfig (the correction and its bounds)."""
+        self.placement, self.device, self.mopd, self.rl = placement, device, mopd, rl
+        self.num_seqs, self.tokens, self.scale = 0, 0, 1.0
+
+    def begin_step(self, microbatches: list) -> int:
+        local = [sum(num_responses(b) for b in microbatches), sum(float(loss_mask(b).sum()) for b in microbatches)]
+        counts = torch.tensor(local, dtype=torch.float64, device=self.device)
+        group = self.placement.data_parallel_group()
+        dist.all_reduce(counts, group=group)
+        self.num_seqs, self.tokens = int(counts[0].item()), int(counts[1].item())
+        self.scale = len(microbatches) * dist.get_world_size(group) / max(self.num_seqs, 1)
+        return self.tokens if self.num_seqs else 0
+
+    def loss_func(self, batch):
+        return partial(_loss, self, batch)
+
+    def end_step(self, outputs: list[dict]) -> StepLoss:
+        local = [sum(float(d[k]) for d in outputs) for k in SUMMED]
+        last = self.placement.is_last_stage()
+        totals = dict(zip(SUMMED, local))
+        if last:
+            reduced = torch.tensor(local, dtype=torch.float64, device=self.device)
+            dist.all_reduce(reduced, group=self.placement.data_parallel_group())
+            totals = dict(zip(SUMMED, reduced.tolist()))
+        loss = totals["pg_sum"] / max(self.num_seqs, 1) if last else float("nan")
+        if self.placement.pipeline_size() > 1:
+            loss = last_stage_value(loss, last, self.device)
+        tokens = max(totals["tokens"], 1.0)
+        mean = totals["adv_sum"] / tokens
+        metrics = {
+            "mopd/responses": float(self.num_seqs),
+            "mopd/advantage_mean": mean,
+            "mopd/advantage_std": max(totals["adv_sq_sum"] / tokens - mean * mean, 0.0) ** 0.5,
+            "mopd/correction_weight_mean": totals["weight_sum"] / tokens,
+            "supervised_tokens": float(self.tokens),
+        }
+        return StepLoss(loss, local[0], self.tokens, metrics)
+
+
+def mopd_objective(cfg, placement, device) -> MOPDObjective:
+    """An `objective_factory` for keye_train.train: MOPD with the run's `mopd` and `rl` sections."""
+    return MOPDObjective(placement, device, cfg.mopd, cfg.rl)
