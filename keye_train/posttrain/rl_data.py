@@ -90,6 +90,7 @@ class RLDataSource:
         float replacing the one built from rl.rewards (e.g. with a ContextRL judge)."""
         self.cfg, self.rl, self.model, self.placement = cfg, cfg.rl, model, placement
         self.tokenizer, self.tokens, self.log = tokenizer, tokenizer.ids, log
+        self.decode = tokenizer.decode  # response ids -> the text the rewards score
         group = placement.data_parallel_group()
         self.dp_rank, self.dp_size = dist.get_rank(group), dist.get_world_size(group)
         if self.rl.prompts_per_step % self.dp_size:
@@ -151,7 +152,7 @@ class RLDataSource:
     def _text(self, response: list[int]) -> str:
         stops = set(self.sampling.stop_ids)
         kept = response[:-1] if response and response[-1] in stops else response
-        return self.tokenizer.decode(kept)
+        return self.decode(kept)
 
     def _any_rank(self, flag: bool) -> bool:
         value = torch.tensor([int(flag)], dtype=torch.long, device=self.model.parts.lm.output_layer.weight.device)
