@@ -11,7 +11,8 @@ MARKS = ("x", "o", "dots")
 
 
 def counting_prompts(count: int, seed: int = 0, max_count: int = 4) -> list[dict]:
-    """`count` prompts {"id", "prompt", "answer", "answer_type"}; answers uniform in 1..max_count."""
+    """`count` prompts {"id", "prompt", "answer", "answer_type", "question", "solution"} (the last two for a
+    judge); answers uniform in 1..max_count."""
     if count < 1 or max_count < 1:
         raise ValueError("counting_prompts: count and max_count must be >= 1")
     rng = random.Random(seed)
@@ -21,7 +22,17 @@ def counting_prompts(count: int, seed: int = 0, max_count: int = 4) -> list[dict
         symbol = "." if mark == "dots" else mark
         answer = rng.randint(1, max_count)
         text = f"how many {mark} : {' '.join([symbol] * answer)} ? answer with a number ."
-        records.append({"id": f"count-{n:04d}", "prompt": text, "answer": str(answer), "answer_type": "number"})
+        solution = f"the marks are {' '.join([symbol] * answer)} : counting them gives {answer}"
+        records.append(
+            {
+                "id": f"count-{n:04d}",
+                "prompt": text,
+                "answer": str(answer),
+                "answer_type": "number",
+                "question": text,
+                "solution": solution,
+            }
+        )
     return records
 
 

@@ -9,7 +9,7 @@ import sys
 
 from keye_train.third_party_warnings import silence_known_warnings
 
-COMMANDS = ("train", "plan", "chain", "launch", "report", "convert")
+COMMANDS = ("train", "plan", "chain", "launch", "report", "convert", "eval")
 
 
 def _die(message: str) -> int:
@@ -34,6 +34,10 @@ def _run(command: str, argv: list[str]) -> int:
         from keye_train.cli import chain
 
         return chain.run(argv)
+    if command == "eval":
+        from keye_train.cli import eval as evaluate
+
+        return evaluate.run(argv)
     if command == "plan" and argv[:1] == ["chain"]:
         from keye_train.cli import chain
 

@@ -34,6 +34,7 @@ def _default_rewards() -> list:
 class RLConfig:
     enabled: bool = False  # train this stage with GSPO on rollouts (keye_train/posttrain/rl_data.py)
     prompts: str = ""  # the prompt JSONL: {"id", "prompt", and the reference keys its rewards read}
+    judge: str = ""  # "module:factory" of the context_judge reward's judge (a JudgeRequest -> JudgeVerdict)
     recompute_old_logp: bool = True  # pi_old by a no-grad trainer forward at rollout time (else: the ratio is 1)
     group_size: int = 8  # G responses per prompt
     prompts_per_step: int = 32  # prompts whose groups make one optimizer step (after dynamic sampling)
@@ -57,6 +58,8 @@ class RLConfig:
             raise ValueError(f"rl.group_size={self.group_size} must be >= 2 (advantages are normalised per group)")
         if self.enabled and not self.prompts:
             raise ValueError("rl.prompts is empty: an RL stage (rl.enabled=true) needs a prompt JSONL")
+        if self.judge and ":" not in self.judge:
+            raise ValueError(f"rl.judge={self.judge!r}: expected 'module:factory'")
         if self.prompts_per_step < 1:
             raise ValueError(f"rl.prompts_per_step={self.prompts_per_step} must be >= 1")
         for key in ("clip_ratio_low", "clip_ratio_high"):

@@ -43,7 +43,8 @@ def chat_prompt_ids(tokenizer: KeyeTokenizer, text: str) -> list[int]:
     ids = tokenizer.ids
     return [
         ids.im_start,
-        *tokenizer.encode(f"user\n{text}"),
+        *tokenizer.encode("user\n"),
+        *tokenizer.encode(text),
         ids.im_end,
         *tokenizer.encode("\n"),
         ids.im_start,
@@ -61,6 +62,20 @@ def read_prompts(path: str, tokenizer: KeyeTokenizer) -> list[PromptRecord]:
     if not records:
         raise ValueError(f"rl.prompts={path} holds no prompts")
     return records
+
+
+def judge_runtime(spec: str) -> dict:
+    """rl.judge 'module:factory' -> {'judge': factory()} for the context_judge reward (empty: no judge)."""
+    if not spec:
+        return {}
+    import importlib
+
+    module, _, name = spec.partition(":")
+    try:
+        factory = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as err:
+        raise ValueError(f"rl.judge={spec!r}: {err}") from err
+    return {"judge": factory()}
 
 
 @dataclass
@@ -101,7 +116,12 @@ class RLDataSource:
             raise ValueError(f"rl.group_size={self.rl.group_size} must be <= rollout.slots={cfg.rollout.slots}")
         self.per_rank = self.rl.prompts_per_step // self.dp_size
         self.prompts = read_prompts(self.rl.prompts, tokenizer)
-        self.reward = reward or build_weighted(self.rl.rewards, self.rl.reward_gates)
+        if self.rl.recovered_samples != "none":
+            raise ValueError(
+                f"rl.recovered_samples={self.rl.recovered_samples}: the ContextRL re-sampling of all-negative groups "
+                "is not wired into the RL data source yet; use none"
+            )
+        self.reward = reward or build_weighted(self.rl.rewards, self.rl.reward_gates, **judge_runtime(self.rl.judge))
         self.rollout = Rollout(
             model.parts,
             cfg.model,
