@@ -58,6 +58,9 @@ class RLConfig:
             raise ValueError(f"rl.group_size={self.group_size} must be >= 2 (advantages are normalised per group)")
         if self.enabled and not self.prompts:
             raise ValueError("rl.prompts is empty: an RL stage (rl.enabled=true) needs a prompt JSONL")
+        judged = any(t.name == "context_judge" for t in [*self.rewards, *self.reward_gates])
+        if self.enabled and judged and not self.judge:
+            raise ValueError("rl.judge is empty: the context_judge reward needs a judge ('module:factory')")
         if self.judge and ":" not in self.judge:
             raise ValueError(f"rl.judge={self.judge!r}: expected 'module:factory'")
         if self.prompts_per_step < 1:
