@@ -1,6 +1,7 @@
-"""`keye-train [train|plan|chain|launch|report|convert] [hydra overrides...]`: check the config, then train
-(starting the ranks when asked), plan, run a stage chain, launch on torchrun / SLURM, plot a run, or convert HF
-checkpoints. Each subcommand lives in its own module; a bad config stops here, before any rank starts."""
+"""`keye-train [train|plan|chain|launch|report|convert|eval] [hydra overrides...]`: check the config, then train
+(starting the ranks when asked), plan, run a stage chain, launch on torchrun / SLURM, plot a run, convert HF
+checkpoints, or evaluate one. Each subcommand lives in its own module; a bad config stops here, before any rank
+starts."""
 
 from __future__ import annotations
 
