@@ -262,8 +262,12 @@ class RLDataSource:
         groups, report, scored = self._collect()
         self.rollout.release()  # the KV cache goes before the training forward
         packs = self._packs(groups)
+        gap = 0.0
         if self.rl.recompute_old_logp:
             self._recompute_old_logp(packs)
+            for pack in packs:  # the engine's T=1 log-probs against the trainer's: the same distribution
+                if pack.rollout_logp is not None:
+                    gap += float(((pack.old_logp - pack.rollout_logp).abs() * pack.loss_mask).sum())
         self.last = {
             "rl_groups_generated": float(report.generated),
             "rl_groups_dropped": float(report.dropped),
@@ -272,6 +276,8 @@ class RLDataSource:
             "rl_rewards_scored": float(len(scored)),
             "rl_kept_reward_sum": float(sum(r for g in groups for r in g.rewards)),
             "rl_kept_responses": float(sum(len(g.rewards) for g in groups)),
+            "rl_logp_gap_sum": gap,  # sum over response tokens of |log pi_old - log pi_rollout|
+            "rl_response_tokens": float(sum(float(p.loss_mask.sum()) for p in packs)),
         }
         self.step += 1
         return packs

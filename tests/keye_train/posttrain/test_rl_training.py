@@ -68,6 +68,8 @@ def test_an_rl_run_trains_with_finite_loss_and_reward(runs):
         assert 0.0 <= reward <= 1.0
         assert r["rl/responses"] == 8  # two informative groups of 4 after dynamic sampling
         assert math.isfinite(r["grad_norm"]) and r["grad_norm"] > 0
+        # the rollout samples at T=1: its log-probs are the trainer's recompute of pi_old (fp32)
+        assert r["data/rl_logp_gap_sum"] / r["data/rl_response_tokens"] < 1e-5
     assert straight["moved"] > 1e-4  # the policy moves
 
 
