@@ -96,6 +96,8 @@ def empty_pack(seq_length: int, pad_id: int) -> RLBatch:
         cu_seqlens=torch.tensor([0, seq_length], dtype=torch.int32),
         response_index=torch.full((seq_length,), -1, dtype=torch.long),
         advantages=torch.zeros(1),
+        old_logp=torch.zeros(seq_length),
+        rollout_logp=torch.zeros(seq_length),  # a correction (TIS / IcePop) asks every pack for them
     )
 
 
