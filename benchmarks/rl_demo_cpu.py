@@ -1,4 +1,4 @@
-"""The reward of the demo chain's RL stages on the toy counting task; figures to benchmarks/results/rl_demo_cpu.json.
+"""The reward of the demo chain's RL stages on the toy tasks; figures to benchmarks/results/rl_demo_cpu.json.
 
     .venv/bin/python benchmarks/rl_demo_cpu.py [--root runs/demo_chain] [--no-run]
 
@@ -75,7 +75,7 @@ def main() -> int:
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "device": cpu_description(),
         **git_state(),
-        "task": "count the marks (data_pipeline/rl_demo.py), numeric answer 1-4",
+        "task": "data_pipeline/rl_demo.py: counting (numeric match) and text-timeline grounding (temporal IoU)",
         "stages": {},
     }
     print(f"{'stage':<12} {'steps':>5} {'reward first':>13} {'reward last':>12} {'filtered':>9} {'s/step':>7}")
