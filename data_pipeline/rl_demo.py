@@ -79,3 +79,37 @@ def write_toy_prompts(path: str | Path, count: int = 64, seed: int = 0, tasks=("
 
 def write_counting_prompts(path: str | Path, count: int = 64, seed: int = 0) -> Path:
     return write_toy_prompts(path, count, seed, ("count",))
+
+
+def clip_grounding_prompts(manifest: str | Path, media_dir: str = "media") -> list[dict]:
+    """The demo's grounding records as RL prompts on their clips (the video path relative to the JSONL's folder),
+    asked as the SFT data asks them, answered by temporal IoU."""
+    out = []
+    for line in Path(manifest).read_text().splitlines():
+        record = json.loads(line)
+        if record.get("kind") != "grounding":
+            continue
+        query = record["query"]
+        text = f"\nGive the start and end time in seconds of: {query}"
+        start, end = float(record["start"]), float(record["end"])
+        out.append(
+            {
+                "id": f"clip-{record['id']}",
+                "query": query,
+                "prompt": text,
+                "video": f"{media_dir}/{record['media'][record['video']]}",
+                "start": start,
+                "end": end,
+                "answer": f"{start:.1f} - {end:.1f} seconds",
+                "answer_type": "segment",
+                "question": text,
+                "solution": f"{query} is visible from {start:.1f} to {end:.1f} seconds",
+            }
+        )
+    return out
+
+
+def write_clip_grounding_prompts(path: str | Path, manifest: str | Path) -> Path:
+    path = Path(path)
+    path.write_text("".join(json.dumps(r) + "\n" for r in clip_grounding_prompts(manifest)))
+    return path

@@ -36,6 +36,7 @@ class PromptRecord:
     id: str
     ids: list[int]  # the ChatML prompt up to and including "<|im_start|>assistant\n"
     reference: dict  # the whole record: the keys its rewards read (answer, options, ...)
+    prompt: Prompt | None = None  # with its media's patches, when the record names a `video` or `image`
 
 
 def chat_prompt_ids(tokenizer: KeyeTokenizer, text: str) -> list[int]:
@@ -52,13 +53,24 @@ def chat_prompt_ids(tokenizer: KeyeTokenizer, text: str) -> list[int]:
     ]
 
 
-def read_prompts(path: str, tokenizer: KeyeTokenizer) -> list[PromptRecord]:
+def read_prompts(path: str, tokenizer: KeyeTokenizer, budget=None) -> list[PromptRecord]:
+    """One record per line; a `video` or `image` path (relative to the file's folder) goes through the data
+    pipeline's chat rendering with `budget` (data.*: fps, frame tokens), as in training."""
+    from pathlib import Path
+
+    from keye_train.posttrain.prompts import chat_prompt
+
     records = []
     for line, record in read_jsonl(path):
         if not isinstance(record.get("prompt"), str) or not record["prompt"]:
             raise ValueError(f"rl.prompts={path} line {line}: needs a non-empty string 'prompt'")
         rid = str(record.get("id", line))
-        records.append(PromptRecord(rid, chat_prompt_ids(tokenizer, record["prompt"]), record))
+        media = record.get("video", record.get("image"))
+        if media is None:
+            records.append(PromptRecord(rid, chat_prompt_ids(tokenizer, record["prompt"]), record))
+            continue
+        prompt = chat_prompt(tokenizer, record["prompt"], budget, Path(path).parent / media)
+        records.append(PromptRecord(rid, prompt.input_ids.tolist(), record, prompt))
     if not records:
         raise ValueError(f"rl.prompts={path} holds no prompts")
     return records
@@ -117,7 +129,9 @@ class RLDataSource:
         if self.rl.group_size > cfg.rollout.slots:
             raise ValueError(f"rl.group_size={self.rl.group_size} must be <= rollout.slots={cfg.rollout.slots}")
         self.per_rank = self.rl.prompts_per_step // self.dp_size
-        self.prompts = read_prompts(self.rl.prompts, tokenizer)
+        from data_pipeline.loader import media_budget
+
+        self.prompts = read_prompts(self.rl.prompts, tokenizer, media_budget(cfg.data))
         if self.rl.recovered_samples != "none":
             raise ValueError(
                 f"rl.recovered_samples={self.rl.recovered_samples}: the ContextRL re-sampling of all-negative groups "
@@ -160,7 +174,7 @@ class RLDataSource:
             )
             for number, _ in drawn
         ]
-        prompts = [Prompt(torch.tensor(p.ids, dtype=torch.long)) for _, p in drawn]
+        prompts = [p.prompt or Prompt(torch.tensor(p.ids, dtype=torch.long)) for _, p in drawn]
         out = self.rollout.generate(prompts, params, self.rl.group_size)
         G = self.rl.group_size
         groups = []
@@ -207,8 +221,9 @@ class RLDataSource:
     # ---- packs ------------------------------------------------------------------------------------------------
 
     def _packs(self, groups: list[Group]) -> list[RLBatch]:
+        """Text samples packed into train.seq_length; a sample with media is its own pack (its patches)."""
         seq = self.cfg.train.seq_length
-        samples = []
+        samples, visual = [], []
         for group in groups:
             advantages = group_advantages(
                 torch.tensor(group.rewards, dtype=torch.float64), len(group.rewards), eps=self.rl.adv_eps
@@ -219,7 +234,11 @@ class RLDataSource:
                         f"prompt {group.prompt.id}: {len(group.prompt.ids)} + {len(response)} tokens exceed "
                         f"train.seq_length={seq} (lower rollout.sampling.max_new_tokens)"
                     )
-                if response:
+                if not response:
+                    continue
+                if group.prompt.prompt is not None and group.prompt.prompt.visual is not None:
+                    visual.append(self._visual_pack(group.prompt.prompt, response, logp, float(adv)))
+                else:
                     samples.append(TextResponse(group.prompt.ids, response, float(adv), rollout_logp=logp))
         packs, current, used = [], [], 0
         for sample in samples:
@@ -231,10 +250,40 @@ class RLDataSource:
             used += n
         if current:
             packs.append(pack_text_responses(current, seq, self.tokens.pad))
+        packs += visual
         count = torch.tensor([len(packs)], dtype=torch.long, device=self.model.parts.lm.output_layer.weight.device)
         dist.all_reduce(count, op=dist.ReduceOp.MAX)
         packs += [empty_pack(seq, self.tokens.pad) for _ in range(max(int(count.item()), 1) - len(packs))]
         return packs
+
+    def _visual_pack(self, prompt: Prompt, response: list[int], logp: list[float], advantage: float) -> RLBatch:
+        """One [prompt | response] document with its patches (rollout.sample_batch), as an RLBatch."""
+        import dataclasses
+
+        from keye_train.posttrain.rollout import Sample, sample_batch
+
+        packed = sample_batch(prompt, Sample(0, 0, prompt.input_ids, tokens=list(response)), self.tokens)
+        index = torch.where(packed.loss_mask > 0, 0, -1).long()
+        rollout = torch.zeros(packed.loss_mask.numel())
+        rollout[packed.loss_mask > 0] = torch.tensor(logp, dtype=torch.float32)
+        fields = {f.name: getattr(packed, f.name) for f in dataclasses.fields(packed)}
+        length, tail = int(packed.input_ids.numel()), self.cfg.train.seq_length - int(packed.input_ids.numel())
+        if tail > 0:  # every rank's packs are seq_length long: the EP dispatch gathers equal-sized inputs
+            pad = torch.full((tail,), self.tokens.pad, dtype=torch.long)
+            fields["input_ids"] = torch.cat([packed.input_ids, pad])
+            fields["labels"] = torch.cat([packed.labels, pad])
+            fields["loss_mask"] = torch.cat([packed.loss_mask, torch.zeros(tail)])
+            fields["position_ids"] = torch.cat([packed.position_ids, torch.arange(tail).expand(3, -1)], dim=1)
+            fields["cu_seqlens"] = torch.tensor([0, length, length + tail], dtype=torch.int32)
+            index = torch.cat([index, torch.full((tail,), -1, dtype=torch.long)])
+            rollout = torch.cat([rollout, torch.zeros(tail)])
+        return RLBatch(
+            **fields,
+            response_index=index,
+            advantages=torch.tensor([advantage], dtype=torch.float32),
+            old_logp=torch.zeros_like(rollout),
+            rollout_logp=rollout,
+        )
 
     @torch.no_grad()
     def _recompute_old_logp(self, packs: list[RLBatch]) -> None:
