@@ -46,6 +46,8 @@ def stage_curve(run_dir: Path) -> dict:
         "responses_scored": [rows[s]["data/rl_rewards_scored"] for s in steps],
         f"reward_first_{k}": sum(reward[:k]) / k,
         f"reward_last_{k}": sum(reward[-k:]) / k,
+        "reward_rises": sum(reward[-k:]) / k > sum(reward[:k]) / k,
+        "empty_steps": sum(1 for s in steps if rows[s]["update_skipped"] and rows[s]["supervised_tokens"] == 0),
     }
 
 
