@@ -78,3 +78,19 @@ def test_resume_mid_rl_reproduces_the_uninterrupted_run(runs):
     assert first["start"] == 0 and second["start"] == 2
     assert first["rows"] + second["rows"] == straight["rows"]  # exact floats: rollouts, rewards, losses
     assert second["digest"] == straight["digest"]
+
+
+def test_video_prompts_roll_out_and_train_on_their_clips(tmp_path):
+    """Prompts with a demo clip: the engine's T=1 log-probs equal the trainer's recompute with the ViT in the
+    forward, and the step trains."""
+    data = ensure_test_data()
+    prompts = data / "rl_clip_grounding.jsonl"
+    args = [a for a in overrides(tmp_path / "run", prompts) if not a.startswith("train.steps")]
+    out = tmp_path / "video.json"
+    cmd = [sys.executable, "-m", "tests.keye_train.posttrain.rl_train_worker", str(out), "1"]
+    cmd += [*args, "train.steps=1", "rollout.capacity=256", "train.seq_length=256"]
+    done = subprocess.run(cmd, env=cli_env(), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (row,) = json.loads(out.read_text())["rows"]
+    assert math.isfinite(row["loss"]) and row["update_skipped"] == 0.0 and row["rl/responses"] == 8
+    assert row["data/rl_logp_gap_sum"] / row["data/rl_response_tokens"] < 1e-5
