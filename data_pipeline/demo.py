@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from data_pipeline.build import build_shards
+from data_pipeline.rl_demo import write_clip_grounding_prompts, write_toy_prompts
 from data_pipeline.shards import BuildReport
 from data_pipeline.tokenizer import SPECIAL_NAMES, KeyeTokenizer
 
@@ -227,6 +228,8 @@ def make_demo(
         rng.shuffle(records)
     manifest = out / "manifest.jsonl"
     manifest.write_text("".join(json.dumps(r) + "\n" for r in records))
+    write_toy_prompts(out / "rl_prompts.jsonl", seed=seed)  # the RL stages' toy tasks (rl_demo.py)
+    write_clip_grounding_prompts(out / "rl_clip_grounding.jsonl", manifest)  # and grounding on the demo clips
     texts = [t for r in records for t in _texts(r)] + ["0123456789 . - seconds", "system\nuser\nassistant\n"]
     train_tokenizer(texts, out / "tokenizer.json")
     log(f"keye-data demo: {len(records)} records, media in {media}")

@@ -1,6 +1,7 @@
-"""`keye-train [train|plan|chain|launch|report|convert] [hydra overrides...]`: check the config, then train
-(starting the ranks when asked), plan, run a stage chain, launch on torchrun / SLURM, plot a run, or convert HF
-checkpoints. Each subcommand lives in its own module; a bad config stops here, before any rank starts."""
+"""`keye-train [train|plan|chain|launch|report|convert|eval] [hydra overrides...]`: check the config, then train
+(starting the ranks when asked), plan, run a stage chain, launch on torchrun / SLURM, plot a run, convert HF
+checkpoints, or evaluate one. Each subcommand lives in its own module; a bad config stops here, before any rank
+starts."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import sys
 
 from keye_train.third_party_warnings import silence_known_warnings
 
-COMMANDS = ("train", "plan", "chain", "launch", "report", "convert")
+COMMANDS = ("train", "plan", "chain", "launch", "report", "convert", "eval")
 
 
 def _die(message: str) -> int:
@@ -34,6 +35,10 @@ def _run(command: str, argv: list[str]) -> int:
         from keye_train.cli import chain
 
         return chain.run(argv)
+    if command == "eval":
+        from keye_train.cli import eval as evaluate
+
+        return evaluate.run(argv)
     if command == "plan" and argv[:1] == ["chain"]:
         from keye_train.cli import chain
 

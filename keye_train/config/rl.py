@@ -32,6 +32,10 @@ def _default_rewards() -> list:
 
 @dataclass
 class RLConfig:
+    enabled: bool = False  # train this stage with GSPO on rollouts (keye_train/posttrain/rl_data.py)
+    prompts: str = ""  # the prompt JSONL: {"id", "prompt", and the reference keys its rewards read}
+    judge: str = ""  # "module:factory" of the context_judge reward's judge (a JudgeRequest -> JudgeVerdict)
+    recompute_old_logp: bool = True  # pi_old by a no-grad trainer forward at rollout time (else: the ratio is 1)
     group_size: int = 8  # G responses per prompt
     prompts_per_step: int = 32  # prompts whose groups make one optimizer step (after dynamic sampling)
     clip_ratio_low: float = 3e-4  # verl GSPO example (Qwen3-30B-A3B)
@@ -52,6 +56,13 @@ class RLConfig:
     def __post_init__(self):
         if self.group_size < 2:
             raise ValueError(f"rl.group_size={self.group_size} must be >= 2 (advantages are normalised per group)")
+        if self.enabled and not self.prompts:
+            raise ValueError("rl.prompts is empty: an RL stage (rl.enabled=true) needs a prompt JSONL")
+        judged = any(t.name == "context_judge" for t in [*self.rewards, *self.reward_gates])
+        if self.enabled and judged and not self.judge:
+            raise ValueError("rl.judge is empty: the context_judge reward needs a judge ('module:factory')")
+        if self.judge and ":" not in self.judge:
+            raise ValueError(f"rl.judge={self.judge!r}: expected 'module:factory'")
         if self.prompts_per_step < 1:
             raise ValueError(f"rl.prompts_per_step={self.prompts_per_step} must be >= 1")
         for key in ("clip_ratio_low", "clip_ratio_high"):

@@ -10,6 +10,7 @@ from keye_train.config.model import ModelConfig
 from keye_train.config.mopd import MOPDConfig
 from keye_train.config.parallel import ParallelConfig
 from keye_train.config.rl import RLConfig
+from keye_train.config.rollout import RolloutConfig
 from keye_train.config.training import CheckpointConfig, LoggingConfig, OptimConfig, StageConfig, TrainConfig
 
 
@@ -27,3 +28,15 @@ class KeyeTrainConfig:
     launch: LaunchConfig = field(default_factory=LaunchConfig)
     rl: RLConfig = field(default_factory=RLConfig)  # RL stages only (GSPO); other stages ignore it
     mopd: MOPDConfig = field(default_factory=MOPDConfig)  # MOPD stages only; other stages ignore it
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)  # the RL stages' sampler
+
+    def __post_init__(self):
+        sampling = self.rollout.sampling
+        if self.rl.enabled and (sampling.temperature != 1 or sampling.top_p != 1 or sampling.top_k != 0):
+            # GSPO's log pi is the trainer's per-token CE of the raw logits: the rollout samples from that same
+            # distribution, so pi_old, pi_rollout and pi_theta are one distribution (no 1/T in the trainer)
+            raise ValueError(
+                f"rollout.sampling.temperature={sampling.temperature}, rollout.sampling.top_p={sampling.top_p}, "
+                f"rollout.sampling.top_k={sampling.top_k}: an RL stage samples the unfiltered policy "
+                "(temperature 1, top_p 1, top_k 0), the distribution the trainer's log-probs are of"
+            )

@@ -17,22 +17,25 @@ def build_trainer(cfg, objective_factory=None, schedule_factory=None):
     from keye_train.training.loop import Trainer
     from keye_train.training.objectives import objective_for
     from keye_train.training.schedules import schedule_for
-    from keye_train.training.setup import build_train_model, start_rank
+    from keye_train.training.setup import build_rl_data, build_train_model, start_rank
 
     ctx = start_rank(cfg)
-    group = ctx.placement.data_parallel_group()
-    data = ShardLoader(
-        cfg.data,
-        cfg.train.seq_length,
-        cfg.train.global_batch,
-        cfg.train.seed,
-        dist.get_rank(group),
-        dist.get_world_size(group),
-        log=lambda line: print(f"[rank {dist.get_rank()}] {line}", flush=True),
-        exchange=ctx.placement.gather_over_data_parallel,
-    )  # rejects and spare samples, per step
-    cfg.model.tokens = data.tokenizer.ids  # the data's special ids drive the visual-token scatter
-    model = build_train_model(cfg, ctx)
+    if cfg.rl.enabled:  # an RL stage: prompts rolled out on the model itself (posttrain/rl_data.py)
+        data, model = build_rl_data(cfg, ctx)
+    else:
+        group = ctx.placement.data_parallel_group()
+        data = ShardLoader(
+            cfg.data,
+            cfg.train.seq_length,
+            cfg.train.global_batch,
+            cfg.train.seed,
+            dist.get_rank(group),
+            dist.get_world_size(group),
+            log=lambda line: print(f"[rank {dist.get_rank()}] {line}", flush=True),
+            exchange=ctx.placement.gather_over_data_parallel,
+        )  # rejects and spare samples, per step
+        cfg.model.tokens = data.tokenizer.ids  # the data's special ids drive the visual-token scatter
+        model = build_train_model(cfg, ctx)
     objective = (objective_factory or objective_for)(cfg, ctx.placement, ctx.device)
     schedule = (schedule_factory or schedule_for)(cfg, model, ctx.placement)
     return Trainer(cfg, ctx, model, data, objective, schedule)

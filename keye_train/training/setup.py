@@ -89,3 +89,15 @@ def build_train_model(cfg, ctx: RankContext) -> TrainModel:
     vision_chunk = wrap_ddp(parts.vision, distopt) if parts.vision is not None else None
     chunks = [c for c in (lm_chunk, vision_chunk) if isinstance(c, DistributedDataParallel)]
     return TrainModel(parts, lm_chunk, vision_chunk, build_optimizer(chunks, cfg.optim, ctx.dtype, distopt))
+
+
+def build_rl_data(cfg, ctx: RankContext):
+    """An RL stage's (data source, model): the model first, because the rollout engine samples on its parts."""
+    from data_pipeline.tokenizer import KeyeTokenizer
+    from keye_train.posttrain.rl_data import RLDataSource
+
+    tokenizer = KeyeTokenizer(cfg.data.tokenizer)
+    cfg.model.tokens = tokenizer.ids
+    model = build_train_model(cfg, ctx)
+    log = lambda line: print(f"[rank {dist.get_rank()}] {line}", flush=True)  # noqa: E731
+    return RLDataSource(cfg, model, ctx.placement, tokenizer, log=log), model

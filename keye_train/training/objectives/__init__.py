@@ -44,7 +44,13 @@ def last_stage_value(value: float, last_stage: bool, device) -> float:
 
 
 def objective_for(cfg, placement, device) -> Objective:
-    """Every stage of pretraining and SFT trains on next-token CE (SFT masks the loss to assistant turns)."""
+    """Every stage of pretraining and SFT trains on next-token CE (SFT masks the loss to assistant turns); an RL
+    stage (rl.enabled) on GSPO over its rollouts."""
     from keye_train.training.objectives.next_token import NextTokenObjective
+
+    if cfg.rl.enabled:
+        from keye_train.training.objectives.gspo import gspo_objective
+
+        return gspo_objective(cfg, placement, device)
 
     return NextTokenObjective(placement, device)
