@@ -5,10 +5,8 @@ The model's output on the last stage is the per-token cross-entropy of `labels`,
 trainer's log-probs are those of the raw logits (temperature 1); the rollout must sample at temperature 1 (or the
 model must scale its logits) for pi_old and the rollout log-probs to be the same distribution.
 
-Normalisation: the loss is sum over the global batch's responses of their token-mean pg, divided by the number of
-responses in the global batch (counted in `begin_step` over DP). megatron divides each micro-batch loss by the
-micro-batch count and DDP averages over DP, so each micro-batch's sum is multiplied by
-(micro-batches * DP size / global responses): the gradient is the same for any micro-batch split and DP size.
+Normalisation: the mean over the global batch's responses of their token-mean pg
+(`objectives/per_response.py`).
 """
 
 from __future__ import annotations
@@ -16,10 +14,10 @@ from __future__ import annotations
 from functools import partial
 
 import torch
-import torch.distributed as dist
 
 from keye_train.posttrain.gspo import correction_weights, gspo_token_losses, seq_mean_token_mean_sum
-from keye_train.training.objectives import StepLoss, last_stage_value
+from keye_train.training.objectives import StepLoss
+from keye_train.training.objectives.per_response import PerResponseObjective
 
 SUMMED = ("pg_sum", "seqs", "clipped", "ratio_sum", "tokens", "weight_sum")
 
@@ -53,35 +51,23 @@ def _loss(objective: GSPOObjective, batch, per_token_loss: torch.Tensor):
     return pg_sum * objective.scale, logged
 
 
-class GSPOObjective:
+class GSPOObjective(PerResponseObjective):
+    summed = SUMMED
+
     def __init__(self, placement, device, rl):
         """rl: the run's RLConfig (clip ratios, correction and its bounds)."""
-        self.placement, self.device, self.rl = placement, device, rl
-        self.num_seqs, self.tokens, self.scale = 0, 0, 1.0
+        super().__init__(placement, device)
+        self.rl = rl
 
     def begin_step(self, microbatches: list) -> int:
-        local = [sum(b.num_responses() for b in microbatches), sum(b.num_supervised() for b in microbatches)]
-        counts = torch.tensor(local, dtype=torch.float64, device=self.device)
-        group = self.placement.data_parallel_group()
-        dist.all_reduce(counts, group=group)
-        self.num_seqs, self.tokens = int(counts[0].item()), int(counts[1].item())
-        self.scale = len(microbatches) * dist.get_world_size(group) / max(self.num_seqs, 1)
-        return self.tokens if self.num_seqs else 0
+        responses = sum(b.num_responses() for b in microbatches)
+        return self.count(microbatches, responses, sum(b.num_supervised() for b in microbatches))
 
     def loss_func(self, batch):
         return partial(_loss, self, batch)
 
     def end_step(self, outputs: list[dict]) -> StepLoss:
-        local = [sum(float(d[k]) for d in outputs) for k in SUMMED]
-        last = self.placement.is_last_stage()
-        totals = dict(zip(SUMMED, local))
-        if last:
-            reduced = torch.tensor(local, dtype=torch.float64, device=self.device)
-            dist.all_reduce(reduced, group=self.placement.data_parallel_group())
-            totals = dict(zip(SUMMED, reduced.tolist()))
-        loss = totals["pg_sum"] / max(self.num_seqs, 1) if last else float("nan")
-        if self.placement.pipeline_size() > 1:
-            loss = last_stage_value(loss, last, self.device)
+        loss, totals, local_pg = self.reduce(outputs)
         seqs, tokens = max(totals["seqs"], 1.0), max(totals["tokens"], 1.0)
         metrics = {
             "rl/responses": float(self.num_seqs),
@@ -90,7 +76,7 @@ class GSPOObjective:
             "rl/correction_weight_mean": totals["weight_sum"] / tokens,
             "supervised_tokens": float(self.tokens),
         }
-        return StepLoss(loss, local[0], self.tokens, metrics)
+        return StepLoss(loss, local_pg, self.tokens, metrics)
 
 
 def gspo_objective(cfg, placement, device) -> GSPOObjective:

@@ -30,10 +30,10 @@ from __future__ import annotations
 from functools import partial
 
 import torch
-import torch.distributed as dist
 
 from keye_train.posttrain.gspo import correction_weights, seq_mean_token_mean_sum, token_counts
-from keye_train.training.objectives import StepLoss, last_stage_value
+from keye_train.training.objectives import StepLoss
+from keye_train.training.objectives.per_response import PerResponseObjective
 
 SUMMED = ("pg_sum", "seqs", "tokens", "adv_sum", "adv_sq_sum", "weight_sum")
 
@@ -90,35 +90,23 @@ def num_responses(batch) -> int:
     return int((counts > 0).sum().item())
 
 
-class MOPDObjective:
+class MOPDObjective(PerResponseObjective):
+    summed = SUMMED
+
     def __init__(self, placement, device, mopd, rl):
         """mopd: the run's MOPDConfig (outcome_weight); rl: its RLConfig (the correction and its bounds)."""
-        self.placement, self.device, self.mopd, self.rl = placement, device, mopd, rl
-        self.num_seqs, self.tokens, self.scale = 0, 0, 1.0
+        super().__init__(placement, device)
+        self.mopd, self.rl = mopd, rl
 
     def begin_step(self, microbatches: list) -> int:
-        local = [sum(num_responses(b) for b in microbatches), sum(float(loss_mask(b).sum()) for b in microbatches)]
-        counts = torch.tensor(local, dtype=torch.float64, device=self.device)
-        group = self.placement.data_parallel_group()
-        dist.all_reduce(counts, group=group)
-        self.num_seqs, self.tokens = int(counts[0].item()), int(counts[1].item())
-        self.scale = len(microbatches) * dist.get_world_size(group) / max(self.num_seqs, 1)
-        return self.tokens if self.num_seqs else 0
+        responses = sum(num_responses(b) for b in microbatches)
+        return self.count(microbatches, responses, sum(float(loss_mask(b).sum()) for b in microbatches))
 
     def loss_func(self, batch):
         return partial(_loss, self, batch)
 
     def end_step(self, outputs: list[dict]) -> StepLoss:
-        local = [sum(float(d[k]) for d in outputs) for k in SUMMED]
-        last = self.placement.is_last_stage()
-        totals = dict(zip(SUMMED, local))
-        if last:
-            reduced = torch.tensor(local, dtype=torch.float64, device=self.device)
-            dist.all_reduce(reduced, group=self.placement.data_parallel_group())
-            totals = dict(zip(SUMMED, reduced.tolist()))
-        loss = totals["pg_sum"] / max(self.num_seqs, 1) if last else float("nan")
-        if self.placement.pipeline_size() > 1:
-            loss = last_stage_value(loss, last, self.device)
+        loss, totals, local_pg = self.reduce(outputs)
         tokens = max(totals["tokens"], 1.0)
         mean = totals["adv_sum"] / tokens
         metrics = {
@@ -128,7 +116,7 @@ class MOPDObjective:
             "mopd/correction_weight_mean": totals["weight_sum"] / tokens,
             "supervised_tokens": float(self.tokens),
         }
-        return StepLoss(loss, local[0], self.tokens, metrics)
+        return StepLoss(loss, local_pg, self.tokens, metrics)
 
 
 def mopd_objective(cfg, placement, device) -> MOPDObjective:
