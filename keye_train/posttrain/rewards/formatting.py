@@ -31,3 +31,14 @@ class FormatReward:
         if "think" in match.groupdict() and not match.group("think").strip():
             return 0.0
         return 1.0
+
+
+@register("distinct_words")
+class DistinctWordsReward:
+    """The share of distinct words among the response's words (1.0 when none repeats, 1/n for one word said n
+    times, 0.0 for an empty response): a verifiable anti-repetition term, the sequence-level counterpart of the
+    repetition penalties RL recipes add against collapse. Reads no reference."""
+
+    def __call__(self, response: str, reference=None) -> float:
+        words = response.split()
+        return len(set(words)) / len(words) if words else 0.0

@@ -161,3 +161,13 @@ def test_the_outcome_reward_passes_options_per_type_and_refuses_unknown_types():
         build_reward("outcome", numbers={})
     with pytest.raises(ValueError, match="answer_type='date'"):
         build_reward("outcome")("x", {"answer": "x", "answer_type": "date"})
+
+
+def test_distinct_words_is_the_share_of_words_said_once_or_first():
+    from keye_train.posttrain.rewards.base import REGISTRY
+
+    reward = REGISTRY["distinct_words"]()
+    assert reward("a a a a", {}) == 0.25
+    assert reward("there are 3 dots", {}) == 1.0
+    assert reward("a b a b", {}) == 0.5
+    assert reward("   ", {}) == 0.0
