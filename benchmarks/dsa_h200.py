@@ -6,6 +6,13 @@ time and memory of DSA against dense attention (cuDNN and flash SDPA backends), 
 Shapes: one document of L tokens, 32 q heads / 4 KV heads, head dim 128, k = 2048, indexer 16 x 64, bf16.
 DSA time = indexer scores + top-k + sparse attention forward + backward + the sparse-stage indexer KL (forward
 and backward). Each row names which backend ran each part. Rows go to benchmarks/results/dsa_h200.json.
+
+Two regimes of top-k sets (`--sets`), each row with the sets' adjacent-query Jaccard and |U16| / k:
+- structured (the target): kernels/dsa_sets.py's generator, shaped like a trained indexer's selections; the
+  indexer's scores and top-k still run on the same inputs and count in the DSA time, but attention and KL use the
+  structured sets;
+- random (the guard): the indexer's own top-k on fresh random inputs, near-disjoint sets.
+Each row also times the parts alone (indexer scores, union build, sparse fwd, fwd + bwd, KL target, KL fwd + bwd).
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ sys.path.insert(0, str(REPO))
 
 from benchmarks.common import git_state, write_result  # noqa: E402
 from kernels import dsa  # noqa: E402
+from kernels.dsa_sets import selection_stats, structured_indices  # noqa: E402
 
 HQ, HKV, D, K, HI, DI = 32, 4, 128, 2048, 16, 64
 BUDGET = 4 << 30
@@ -106,13 +114,17 @@ def check(length: int) -> dict:
     out = {}
     leaves = [x.clone().requires_grad_() for x in (q, k, v)]
     ref_leaves = [x.float().requires_grad_() for x in (q, k, v)]
-    for name, xs, backend in (("triton", leaves, "triton"), ("reference", ref_leaves, "torch")):
-        o, lse = dsa.sparse_gqa_attention(*xs, indices, scale, backend=backend, budget_bytes=BUDGET)
+    runs = (("fused", leaves, "triton", {"backward": "fused"}), ("split", leaves, "triton", {"backward": "split"}))
+    for name, xs, backend, options in (*runs, ("reference", ref_leaves, "torch", {})):
+        o, lse = dsa.sparse_gqa_attention(*xs, indices, scale, backend=backend, budget_bytes=BUDGET, **options)
         up = torch.randn(o.shape, generator=torch.Generator(device="cuda").manual_seed(2), device="cuda")
         grads = torch.autograd.grad((o.float() * up).sum(), xs)
         out[name] = (o, lse, *grads)
     names = ("out", "lse", "dq", "dk", "dv")
-    return {f"rel_err_{n}": rel(a, b) for n, a, b in zip(names, out["triton"], out["reference"])}
+    errors = {f"rel_err_{n}": rel(a, b) for n, a, b in zip(names, out["fused"], out["reference"])}
+    split = zip(names[2:], out["split"][2:], out["reference"][2:])
+    errors.update({f"rel_err_{n}_split": rel(a, b) for n, a, b in split})
+    return errors
 
 
 def timed(fn) -> float:
@@ -146,15 +158,22 @@ def dense_step(q, k, v, backend):
     return step
 
 
-def dsa_step(q, k, v, iq, iw, ik, cu, parts: dict):
+def dsa_step(q, k, v, iq, iw, ik, cu, parts: dict, sets=None, backward: str = "fused"):
+    """One DSA layer's fwd + bwd. sets: the top-k sets the attention and the KL use instead of the indexer's own
+    (structured sets); the indexer's scores and top-k still run, and count, on the same inputs."""
     qs, ks, vs = (x.clone().requires_grad_() for x in (q, k, v))
     iqs, iws, iks = (x.clone().requires_grad_() for x in (iq, iw, ik))
+    options = {"backward": backward} if parts["attention"] == "triton" else {}
 
     def step():
         indices = dsa.indexer_topk(
             iqs.detach(), iws.detach(), iks.detach(), cu, K, backend=parts["topk"], budget_bytes=BUDGET
         )
-        o, lse = dsa.sparse_gqa_attention(qs, ks, vs, indices, D**-0.5, backend=parts["attention"], budget_bytes=BUDGET)
+        if sets is not None:
+            indices = sets
+        o, lse = dsa.sparse_gqa_attention(
+            qs, ks, vs, indices, D**-0.5, backend=parts["attention"], budget_bytes=BUDGET, **options
+        )
         kl = dsa.indexer_kl_loss(
             iqs,
             iws,
@@ -173,10 +192,53 @@ def dsa_step(q, k, v, iq, iw, ik, cu, parts: dict):
     return step
 
 
+def part_times(q, k, v, iq, iw, ik, cu, indices, backward: str) -> dict:
+    """Each part of the DSA step alone, on the sets the step uses."""
+    from kernels.triton_dsa.indexer import indexer_scores
+    from kernels.triton_dsa.indexer_kl import sparse_attention_target
+    from kernels.triton_dsa.sparse_attention import block_queries_for
+    from kernels.triton_dsa.union import block_union
+
+    length = q.shape[0]
+    rows = max(1, BUDGET // (4 * length))
+    r0 = length - rows  # the last chunk of rows (the longest), scaled to all rows by area
+    scores_ms = timed(lambda: indexer_scores(iq, iw, ik, 0, r0, length))
+    area = (length * (length + 1) / 2) / (rows * (2 * length - rows + 1) / 2)
+    bq = block_queries_for(indices, HQ // HKV)
+    qs, ks, vs = (x.clone().requires_grad_() for x in (q, k, v))
+
+    def attention_fwd_bwd():
+        o, _ = dsa.sparse_gqa_attention(qs, ks, vs, indices, D**-0.5, backend="triton", backward=backward)
+        o.float().sum().backward()
+
+    _, lse = dsa.sparse_gqa_attention(q, k, v, indices, D**-0.5, backend="triton")
+    fwd_ms = timed(lambda: dsa.sparse_gqa_attention(q, k, v, indices, D**-0.5, backend="triton"))
+    iqs, iws, iks = (x.clone().requires_grad_() for x in (iq, iw, ik))
+    target = sparse_attention_target(q, k, lse, indices, D**-0.5)
+
+    def kl_fwd_bwd():
+        from kernels.triton_dsa.indexer_kl import _TritonIndexerKL
+
+        _TritonIndexerKL.apply(iqs, iws, iks, indices, target).backward()
+
+    return {
+        "indexer_scores_ms": scores_ms * area,
+        "block_queries": bq,
+        "union_ms": timed(lambda: block_union(indices, bq)),
+        "sparse_fwd_ms": fwd_ms,
+        "sparse_fwd_tflops_useful": 4 * length * K * HQ * D / fwd_ms / 1e9,
+        "sparse_fwd_bwd_ms": timed(attention_fwd_bwd),
+        "kl_target_ms": timed(lambda: sparse_attention_target(q, k, lse, indices, D**-0.5)),
+        "kl_fwd_bwd_ms": timed(kl_fwd_bwd),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lengths", type=int, nargs="+", default=[32768, 65536, 131072])
     parser.add_argument("--check-length", type=int, default=16384)
+    parser.add_argument("--sets", nargs="+", default=["structured", "random"], choices=["structured", "random"])
+    parser.add_argument("--backward", default="fused", choices=["fused", "split"])
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "dsa_h200.json")
     args = parser.parse_args()
     device = torch.cuda.get_device_name()
@@ -196,49 +258,55 @@ def main() -> None:
     for length in args.lengths:
         q, k, v, iq, iw, ik = inputs(length, seed=length)
         cu = torch.tensor([0, length], dtype=torch.int32, device="cuda")
-        row = {
-            "L": length,
-            "k": K,
-            "q_heads": HQ,
-            "kv_heads": HKV,
-            "head_dim": D,
-            "indexer_heads": HI,
-            "indexer_dim": DI,
-            "dense_backend": "cudnn",
-            "backends": parts,
-            **stamp,
-        }
+        dense = {}
         for backend in ("cudnn", "flash"):
             step = dense_step(q, k, v, backend)
-            row[f"dense_{backend}_fwd_bwd_ms"] = timed(step)
-            row[f"dense_{backend}_peak_gib"] = peak_gib(step)
-        row["dense_fwd_bwd_ms"] = row["dense_cudnn_fwd_bwd_ms"]
-        step = dsa_step(q, k, v, iq, iw, ik, cu, parts)
-        row["dsa_fwd_bwd_ms"] = timed(step)
-        row["dsa_peak_gib"] = peak_gib(step)
-        row["speedup"] = row["dense_cudnn_fwd_bwd_ms"] / row["dsa_fwd_bwd_ms"]
-        row["speedup_vs_flash"] = row["dense_flash_fwd_bwd_ms"] / row["dsa_fwd_bwd_ms"]
-        indices = dsa.indexer_topk(iq, iw, ik, cu, K, backend="triton", budget_bytes=BUDGET)
-        row["indexer_topk_ms"] = timed(
-            lambda: dsa.indexer_topk(iq, iw, ik, cu, K, backend=parts["topk"], budget_bytes=BUDGET)
-        )
-        row["torch_topk_ms"] = timed(lambda: torch_scores_topk(iq, iw, ik, cu))  # scores + torch.topk
-        fwd_ms = timed(lambda: dsa.sparse_gqa_attention(q, k, v, indices, D**-0.5, backend="triton"))
-        row["sparse_fwd_ms"] = fwd_ms
-        useful = 4 * length * K * HQ * D  # causal rows before k select fewer: an upper bound on the useful work
-        row["sparse_fwd_tflops_useful"] = useful / fwd_ms / 1e9
-        rows.append(row)
-        print(
-            f"L={length:>6}  dense cudnn {row['dense_cudnn_fwd_bwd_ms']:8.1f} ms  flash "
-            f"{row['dense_flash_fwd_bwd_ms']:8.1f} ms  DSA {row['dsa_fwd_bwd_ms']:8.1f} ms  "
-            f"speedup {row['speedup']:.2f}x  sparse fwd {fwd_ms:6.1f} ms ({row['sparse_fwd_tflops_useful']:.0f} TF/s)"
-            f"  indexer+topk {row['indexer_topk_ms']:.1f} ms  peak dense/DSA {row['dense_cudnn_peak_gib']:.1f}/"
-            f"{row['dsa_peak_gib']:.1f} GiB",
-            flush=True,
-        )
-        del q, k, v, iq, iw, ik, indices
+            dense[f"dense_{backend}_fwd_bwd_ms"] = timed(step)
+            dense[f"dense_{backend}_peak_gib"] = peak_gib(step)
+        dense["dense_fwd_bwd_ms"] = dense["dense_cudnn_fwd_bwd_ms"]
+        own = dsa.indexer_topk(iq, iw, ik, cu, K, backend="triton", budget_bytes=BUDGET)
+        topk_ms = timed(lambda: dsa.indexer_topk(iq, iw, ik, cu, K, backend=parts["topk"], budget_bytes=BUDGET))
+        for kind in args.sets:
+            indices = own if kind == "random" else structured_indices(length, K, device="cuda")
+            row = {
+                "L": length,
+                "sets": kind,
+                **selection_stats(indices),
+                "k": K,
+                "q_heads": HQ,
+                "kv_heads": HKV,
+                "head_dim": D,
+                "indexer_heads": HI,
+                "indexer_dim": DI,
+                "dense_backend": "cudnn",
+                "backends": parts,
+                "backward": args.backward,
+                **stamp,
+                **dense,
+            }
+            step = dsa_step(q, k, v, iq, iw, ik, cu, parts, None if kind == "random" else indices, args.backward)
+            row["dsa_fwd_bwd_ms"] = timed(step)
+            row["dsa_peak_gib"] = peak_gib(step)
+            row["speedup"] = row["dense_cudnn_fwd_bwd_ms"] / row["dsa_fwd_bwd_ms"]
+            row["speedup_vs_flash"] = row["dense_flash_fwd_bwd_ms"] / row["dsa_fwd_bwd_ms"]
+            row["indexer_topk_ms"] = topk_ms
+            row.update(part_times(q, k, v, iq, iw, ik, cu, indices, args.backward))
+            if kind == "random":
+                row["torch_topk_ms"] = timed(lambda: torch_scores_topk(iq, iw, ik, cu))  # scores + torch.topk
+            rows.append(row)
+            print(
+                f"L={length:>6} {kind:>10}  J {row['jaccard']:.2f} U16/k {row['union16_over_k']:.2f}  dense cudnn "
+                f"{row['dense_cudnn_fwd_bwd_ms']:7.1f} ms  DSA {row['dsa_fwd_bwd_ms']:7.1f} ms  speedup "
+                f"{row['speedup']:.2f}x  | topk {topk_ms:.1f} (scores {row['indexer_scores_ms']:.1f}) union "
+                f"{row['union_ms']:.1f} fwd {row['sparse_fwd_ms']:.1f} ({row['sparse_fwd_tflops_useful']:.0f} TF/s) "
+                f"fwd+bwd {row['sparse_fwd_bwd_ms']:.1f} kl target {row['kl_target_ms']:.1f} "
+                f"kl {row['kl_fwd_bwd_ms']:.1f}"
+                f"  peak dense/DSA {row['dense_cudnn_peak_gib']:.1f}/{row['dsa_peak_gib']:.1f} GiB",
+                flush=True,
+            )
+            write_result(args.out, {"checks": checks, "rows": rows})  # after every row: a timeout keeps it
+        del q, k, v, iq, iw, ik, own
         torch.cuda.empty_cache()
-        write_result(args.out, {"checks": checks, "rows": rows})  # after every row: a timeout keeps what was measured
     print(f"wrote {args.out}")
 
 

@@ -1,6 +1,8 @@
 """Where DSA time goes on one GPU: each part of the Triton path timed alone, for random top-k sets (fresh random
-inputs, near-disjoint sets: the worst case for union tiling) and for local sets (each query takes its k most
-recent keys: the best case), over the tile options of the sparse kernels.
+inputs, near-disjoint sets: the worst case for union tiling), local sets (each query takes its k most recent keys:
+the best case) and structured sets (kernels/dsa_sets.py: shaped like a trained indexer's), over the tile options
+of the sparse kernels (keys per chunk, warps, pipeline stages, fused or split backward), with each compiled
+kernel's registers and spills; `--control` adds the control kernels of benchmarks/dsa_kernel_control.py.
 
     python3 benchmarks/dsa_parts_h200.py [--lengths 32768 131072]
 
@@ -23,6 +25,7 @@ sys.path.insert(0, str(REPO))
 from benchmarks.common import git_state, write_result  # noqa: E402
 from benchmarks.dsa_h200 import BUDGET, HKV, HQ, D, K, inputs, timed, torch_scores_topk  # noqa: E402
 from kernels import dsa  # noqa: E402
+from kernels.dsa_sets import selection_stats, structured_indices  # noqa: E402
 from kernels.triton_dsa.indexer_kl import sparse_attention_target  # noqa: E402
 from kernels.triton_dsa.union import block_union  # noqa: E402
 
@@ -35,18 +38,42 @@ def local_indices(length: int) -> torch.Tensor:
     return torch.where(idx <= t, idx, -1).to(torch.int32)
 
 
-def part_rows(length: int, kind: str, indices: torch.Tensor, q, k, v, configs) -> list[dict]:
+def compile_report(fn) -> list[dict]:
+    """Registers, spills and the instructions that matter of every compiled variant of a Triton kernel."""
+    report = []
+    for cache in fn.device_caches.values():
+        for kernel in cache[0].values():
+            ptx = kernel.asm.get("ptx", "")
+            report.append(
+                {
+                    "kernel": fn.__name__,
+                    "num_warps": kernel.metadata.num_warps,
+                    "num_stages": kernel.metadata.num_stages,
+                    "n_regs": kernel.n_regs,
+                    "n_spills": kernel.n_spills,
+                    "wgmma": "wgmma" in ptx,
+                    "cp_async": "cp.async" in ptx,
+                    "vector_atomics": any(op in ptx for op in ("red.global.v", "red.global.add.v", ".v4.f32")),
+                    "shared_bytes": kernel.metadata.shared,
+                }
+            )
+    return report
+
+
+def part_rows(length: int, kind: str, indices: torch.Tensor, q, k, v, configs, block_queries) -> list[dict]:
     rows = []
-    for bq in (2, 4, 16):
+    for bq in block_queries:
         keys, _, offsets = block_union(indices, bq)
         union_ratio = keys.shape[0] / max(1, int((indices >= 0).sum())) * bq
         union_ms = timed(lambda: block_union(indices, bq))
-        for bu, warps in configs:
-            opts = dict(block_keys=bu, block_queries=bq, num_warps=warps)
+        for bu, warps, stages, backward in configs:
+            opts = dict(block_keys=bu, block_queries=bq, num_warps=warps, num_stages=stages)
             qs, ks, vs = (x.clone().requires_grad_() for x in (q, k, v))
 
             def fwd_bwd():
-                o, _ = dsa.sparse_gqa_attention(qs, ks, vs, indices, D**-0.5, backend="triton", **opts)
+                o, _ = dsa.sparse_gqa_attention(
+                    qs, ks, vs, indices, D**-0.5, backend="triton", backward=backward, **opts
+                )
                 o.float().sum().backward()
 
             row = {
@@ -55,6 +82,8 @@ def part_rows(length: int, kind: str, indices: torch.Tensor, q, k, v, configs) -
                 "block_queries": bq,
                 "block_keys": bu,
                 "num_warps": warps,
+                "num_stages": stages,
+                "backward": backward,
                 "union_keys_per_query_over_k": union_ratio,
                 "union_ms": union_ms,
             }
@@ -72,14 +101,42 @@ def part_rows(length: int, kind: str, indices: torch.Tensor, q, k, v, configs) -
     return rows
 
 
+def control_rows(length: int, q, k, v, configs) -> list[dict]:
+    """The control kernels (benchmarks/dsa_kernel_control.py) at the union tile's shape: 16 queries x 8 heads
+    against 2048 keys per block, contiguous / gathered, unmasked / masked."""
+    from benchmarks.dsa_kernel_control import _control_fwd, control_forward, control_lists
+
+    rows = []
+    keys, bits = control_lists(length, K)
+    for gather, mask in ((False, False), (True, False), (True, True)):
+        for bu, warps, stages, _ in configs:
+            row = {"L": length, "control": f"gather={gather},mask={mask}", "block_keys": bu, "num_warps": warps,
+                   "num_stages": stages}  # fmt: skip
+            opts = dict(gather=gather, mask=mask, block_keys=bu, num_warps=warps, num_stages=stages)
+            try:
+                _, _, flops = control_forward(q, k, v, keys, bits, **opts)
+                ms = timed(lambda: control_forward(q, k, v, keys, bits, **opts))
+                row.update(ms=ms, tflops=flops / ms / 1e9)
+            except triton.runtime.errors.OutOfResources as error:
+                row["error"] = str(error)
+            print(row, flush=True)
+            rows.append(row)
+    return rows + compile_report(_control_fwd)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lengths", type=int, nargs="+", default=[32768, 131072])
-    parser.add_argument("--configs", default="64:4,64:8,32:4,128:8", help="block_keys:num_warps,...")
-    parser.add_argument("--sets", nargs="+", default=["random", "local"], choices=["random", "local"])
+    parser.add_argument(
+        "--configs",
+        default="64:4:3:fused,64:8:3:fused,64:8:3:split,64:4:2:split,32:4:3:split,128:8:2:split",
+        help="block_keys:num_warps:num_stages:backward,...",
+    )
+    parser.add_argument("--sets", nargs="+", default=["random", "local", "structured"])
+    parser.add_argument("--control", action="store_true", help="also time the control kernels")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "dsa_parts_h200.json")
     args = parser.parse_args()
-    configs = [tuple(int(x) for x in c.split(":")) for c in args.configs.split(",")]
+    configs = [(int(a), int(b), int(c), mode) for a, b, c, mode in (x.split(":") for x in args.configs.split(","))]
     stamp = {
         **git_state(),
         "device": torch.cuda.get_device_name(),
@@ -108,9 +165,25 @@ def main() -> None:
         print(common, flush=True)
         rows.append(common)
         for kind in args.sets:
-            sets = indices if kind == "random" else local_indices(length)
-            rows += part_rows(length, kind, sets, q, k, v, configs)
+            sets = {"random": lambda: indices, "local": lambda: local_indices(length)}.get(
+                kind, lambda: structured_indices(length, K, device="cuda")
+            )()
+            stats = selection_stats(sets)
+            print(kind, stats, flush=True)
+            block_queries = (2, 16) if kind == "random" else (16,)
+            rows += [{**r, **stats} for r in part_rows(length, kind, sets, q, k, v, configs, block_queries)]
             write_result(args.out, {"shapes": {"q_heads": HQ, "kv_heads": HKV, "head_dim": D, "k": K}, "rows": rows})
+        if args.control:
+            rows += control_rows(length, q, k, v, configs)
+        from kernels.triton_dsa import sparse_attention
+
+        rows += [
+            {"L": length, **r}
+            for fn in (sparse_attention._sparse_fwd, sparse_attention._sparse_bwd, sparse_attention._sparse_bwd_dq,
+                       sparse_attention._sparse_bwd_dkv)
+            for r in compile_report(fn)
+        ]  # fmt: skip
+        write_result(args.out, {"shapes": {"q_heads": HQ, "kv_heads": HKV, "head_dim": D, "k": K}, "rows": rows})
         del q, k, v, iq, iw, ik, indices
         torch.cuda.empty_cache()
     print(f"wrote {args.out}")

@@ -178,6 +178,111 @@ def _sparse_bwd(
     tl.store(DQ + row_ptr, dq.to(DQ.dtype.element_ty), mask=row_ok[:, None])
 
 
+@triton.jit
+def _sparse_bwd_dq(
+    Q,
+    K,
+    V,
+    DO,
+    LSE,
+    DELTA,
+    DQ,
+    UKEYS,
+    UBITS,
+    UOFF,
+    T,
+    scale,
+    scale_log2,
+    sq_t,
+    sq_h,
+    sk_t,
+    sk_h,
+    G: tl.constexpr,
+    BQ: tl.constexpr,
+    D: tl.constexpr,
+    BU: tl.constexpr,
+    PREC: tl.constexpr,
+):
+    """Split backward, pass 1: dq only, in registers; no atomics."""
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    heads = G * tl.num_programs(1)
+    M: tl.constexpr = BQ * G
+    rows, query, head, row_ok, row_ptr = tile_rows(T, sq_t, sq_h, G, BQ, D)
+    d = tl.arange(0, D)
+    q = tl.load(Q + row_ptr, mask=row_ok[:, None], other=0.0)
+    do = tl.load(DO + row_ptr, mask=row_ok[:, None], other=0.0)
+    lse2 = tl.load(LSE + query.to(tl.int64) * heads + head, mask=row_ok, other=0.0) * 1.4426950408889634
+    delta = tl.load(DELTA + query.to(tl.int64) * heads + head, mask=row_ok, other=0.0)
+    dq = tl.zeros([M, D], tl.float32)
+    u_start = tl.load(UOFF + b)
+    u_end = tl.load(UOFF + b + 1)
+    for u0 in range(u_start, u_end, BU):
+        key, u_ok, kt, s, member = union_tile(
+            q, u0, u_end, UKEYS, UBITS, K, h, sk_t, sk_h, rows, row_ok, scale_log2, G, D, BU, PREC
+        )
+        p = tl.where(member, tl.exp2(s - lse2[:, None]), 0.0)
+        vt = tl.load(V + key[:, None].to(tl.int64) * sk_t + h * sk_h + d[None, :], mask=u_ok[:, None], other=0.0)
+        dp = tl.dot(do, tl.trans(vt), input_precision=PREC)
+        ds = p * (dp - delta[:, None]) * scale
+        dq += tl.dot(ds.to(kt.dtype), kt, input_precision=PREC)
+    tl.store(DQ + row_ptr, dq.to(DQ.dtype.element_ty), mask=row_ok[:, None])
+
+
+@triton.jit
+def _sparse_bwd_dkv(
+    Q,
+    K,
+    V,
+    DO,
+    LSE,
+    DELTA,
+    DK,
+    DV,
+    UKEYS,
+    UBITS,
+    UOFF,
+    T,
+    scale,
+    scale_log2,
+    sq_t,
+    sq_h,
+    sk_t,
+    sk_h,
+    sacc_t,
+    sacc_h,
+    G: tl.constexpr,
+    BQ: tl.constexpr,
+    D: tl.constexpr,
+    BU: tl.constexpr,
+    PREC: tl.constexpr,
+):
+    """Split backward, pass 2: dk and dv of each union chunk, one fp32 atomic add per (tile, key, group); no dq
+    accumulator, so the tile's registers hold q, do and one chunk."""
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    heads = G * tl.num_programs(1)
+    rows, query, head, row_ok, row_ptr = tile_rows(T, sq_t, sq_h, G, BQ, D)
+    d = tl.arange(0, D)
+    q = tl.load(Q + row_ptr, mask=row_ok[:, None], other=0.0)
+    do = tl.load(DO + row_ptr, mask=row_ok[:, None], other=0.0)
+    lse2 = tl.load(LSE + query.to(tl.int64) * heads + head, mask=row_ok, other=0.0) * 1.4426950408889634
+    delta = tl.load(DELTA + query.to(tl.int64) * heads + head, mask=row_ok, other=0.0)
+    u_start = tl.load(UOFF + b)
+    u_end = tl.load(UOFF + b + 1)
+    for u0 in range(u_start, u_end, BU):
+        key, u_ok, kt, s, member = union_tile(
+            q, u0, u_end, UKEYS, UBITS, K, h, sk_t, sk_h, rows, row_ok, scale_log2, G, D, BU, PREC
+        )
+        p = tl.where(member, tl.exp2(s - lse2[:, None]), 0.0)
+        vt = tl.load(V + key[:, None].to(tl.int64) * sk_t + h * sk_h + d[None, :], mask=u_ok[:, None], other=0.0)
+        acc_ptr = key[:, None].to(tl.int64) * sacc_t + h * sacc_h + d[None, :]
+        tl.atomic_add(DV + acc_ptr, tl.dot(tl.trans(p).to(do.dtype), do, input_precision=PREC), mask=u_ok[:, None])
+        dp = tl.dot(do, tl.trans(vt), input_precision=PREC)
+        ds = p * (dp - delta[:, None]) * scale
+        tl.atomic_add(DK + acc_ptr, tl.dot(tl.trans(ds).to(q.dtype), q, input_precision=PREC), mask=u_ok[:, None])
+
+
 def _block_queries(groups: int) -> int:
     """Queries per tile: 128 MMA rows when the group is small enough, at least 16 rows for tl.dot."""
     return max(-(-16 // groups), min(16, max(1, 128 // groups)))
@@ -188,13 +293,29 @@ def block_queries_for(indices: torch.Tensor, groups: int) -> int:
     return choose_block(indices, smallest=-(-16 // groups), largest=_block_queries(groups))
 
 
-def _launch_options(rows: int, block_keys: int | None, num_warps: int | None) -> tuple[tuple, tuple]:
-    """(keys per chunk, warps) for the forward and the backward; unset ones take the H200 optimum measured in
-    benchmarks/results/dsa_parts_h200.json: 128-row tiles run the backward on 8 warps, 16-row tiles on 4 warps
-    over 32-key chunks."""
-    forward = (block_keys or 64, num_warps or 4)
-    backward = (block_keys or (64 if rows >= 64 else 32), num_warps or (8 if rows >= 64 else 4))
-    return forward, backward
+BACKWARDS = ("fused", "split")
+
+
+def _launch_options(rows: int, overrides: dict) -> dict:
+    """{pass: dict(BU=keys per chunk, num_warps=, num_stages=)} for the forward and the backward passes; unset
+    ones take the H200 optimum measured in benchmarks/results/dsa_parts_h200.json: 128-row tiles run the backward
+    on 8 warps, 16-row tiles on 4 warps over 32-key chunks. overrides: block_keys, num_warps, num_stages (None:
+    per-pass default), applied to every pass."""
+    big = rows >= 64
+    defaults = {
+        "forward": (64, 4, 3),
+        "fused": (64 if big else 32, 8 if big else 4, 3),
+        "dq": (64 if big else 32, 8 if big else 4, 3),
+        "dkv": (64 if big else 32, 8 if big else 4, 3),
+    }
+    options = {}
+    for name, (keys, warps, stages) in defaults.items():
+        options[name] = {
+            "BU": overrides.get("block_keys") or keys,
+            "num_warps": overrides.get("num_warps") or warps,
+            "num_stages": overrides.get("num_stages") or stages,
+        }
+    return options
 
 
 def _check(q, k, v, indices):
@@ -212,7 +333,7 @@ def _check(q, k, v, indices):
 
 class _TritonSparseGQA(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, indices, softmax_scale, block_keys, block_queries, num_warps):
+    def forward(ctx, q, k, v, indices, softmax_scale, block_queries, backward, overrides):
         _check(q, k, v, indices)
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         total, heads, dim = q.shape
@@ -220,7 +341,7 @@ class _TritonSparseGQA(torch.autograd.Function):
         per_group = heads // groups
         bq = block_queries or block_queries_for(indices, per_group)
         keys, bits, offsets = block_union(indices, bq)
-        (fwd_keys, fwd_warps), ctx.backward_options = _launch_options(bq * per_group, block_keys, num_warps)
+        ctx.options = _launch_options(bq * per_group, overrides)
         out = torch.empty_like(q)
         lse = torch.empty(total, heads, dtype=torch.float32, device=q.device)
         grid = (offsets.shape[0] - 1, groups)
@@ -242,12 +363,11 @@ class _TritonSparseGQA(torch.autograd.Function):
             G=per_group,
             BQ=bq,
             D=dim,
-            BU=fwd_keys,
             PREC=dot_precision(q.dtype),
-            num_warps=fwd_warps,
+            **ctx.options["forward"],
         )
         ctx.save_for_backward(q, k, v, out, lse, keys, bits, offsets)
-        ctx.scale, ctx.bq = softmax_scale, bq
+        ctx.scale, ctx.bq, ctx.backward = softmax_scale, bq, backward
         ctx.mark_non_differentiable(lse)
         return out, lse
 
@@ -262,36 +382,22 @@ class _TritonSparseGQA(torch.autograd.Function):
         dk = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
         dv = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
         grid = (offsets.shape[0] - 1, groups)
-        bwd_keys, bwd_warps = ctx.backward_options
-        _sparse_bwd[grid](
-            q,
-            k,
-            v,
-            grad_out,
-            lse,
-            delta,
-            dq,
-            dk,
-            dv,
-            keys,
-            bits,
-            offsets,
-            total,
-            ctx.scale,
-            ctx.scale * LOG2E,
-            q.stride(0),
-            q.stride(1),
-            k.stride(0),
-            k.stride(1),
-            dk.stride(0),
-            dk.stride(1),
-            G=heads // groups,
-            BQ=ctx.bq,
-            D=dim,
-            BU=bwd_keys,
-            PREC=dot_precision(q.dtype),
-            num_warps=bwd_warps,
-        )
+        common = (total, ctx.scale, ctx.scale * LOG2E, q.stride(0), q.stride(1), k.stride(0), k.stride(1))
+        shape = dict(G=heads // groups, BQ=ctx.bq, D=dim, PREC=dot_precision(q.dtype))
+        accumulators = (dk.stride(0), dk.stride(1))
+        if ctx.backward == "fused":
+            _sparse_bwd[grid](
+                q, k, v, grad_out, lse, delta, dq, dk, dv, keys, bits, offsets, *common, *accumulators,
+                **shape, **ctx.options["fused"],
+            )  # fmt: skip
+        else:
+            _sparse_bwd_dq[grid](
+                q, k, v, grad_out, lse, delta, dq, keys, bits, offsets, *common, **shape, **ctx.options["dq"]
+            )  # fmt: skip
+            _sparse_bwd_dkv[grid](
+                q, k, v, grad_out, lse, delta, dk, dv, keys, bits, offsets, *common, *accumulators,
+                **shape, **ctx.options["dkv"],
+            )  # fmt: skip
         return dq, dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None
 
 
@@ -304,9 +410,15 @@ def sparse_gqa_attention(
     block_keys: int | None = None,
     block_queries: int | None = None,
     num_warps: int | None = None,
+    num_stages: int | None = None,
+    backward: str = "fused",
     **_reference_options,
 ):
     """Triton twin of `kernels.dsa_reference.sparse_gqa_attention` (same shapes, dtypes and semantics).
     Tile overrides (default: block_queries from the sets' overlap, union.choose_block; the rest from
-    `_launch_options`): block_keys and num_warps apply to forward and backward alike."""
-    return _TritonSparseGQA.apply(q, k, v, indices, softmax_scale, block_keys, block_queries, num_warps)
+    `_launch_options`): block_keys, num_warps and num_stages apply to every pass. backward: "fused" (one pass,
+    dq in registers, dk/dv atomics) or "split" (a dq pass, then a dk/dv pass: more FLOPs, fewer live registers)."""
+    if backward not in BACKWARDS:
+        raise ValueError(f"sparse_gqa_attention: backward {backward!r} is not one of {BACKWARDS}")
+    overrides = {"block_keys": block_keys, "num_warps": num_warps, "num_stages": num_stages}
+    return _TritonSparseGQA.apply(q, k, v, indices, softmax_scale, block_queries, backward, overrides)

@@ -78,13 +78,14 @@ def test_block_union_of_many_random_rows_matches_a_plain_rebuild():
     ],
 )
 @pytest.mark.parametrize("block_queries", [None, 8])  # chosen from the overlap, or forced
-def test_forward_and_backward_match_the_reference(lengths, heads, groups, dim, topk, block_queries):
+@pytest.mark.parametrize("backward", ["fused", "split"])
+def test_forward_and_backward_match_the_reference(lengths, heads, groups, dim, topk, block_queries, backward):
     q, k, v, indices = random_case(sum(lengths) + topk, lengths, heads, groups, dim, topk)
     scale = dim**-0.5
     leaves = [x.clone().requires_grad_() for x in (q, k, v)]
     ref_leaves = [x.clone().requires_grad_() for x in (q, k, v)]
     out, lse = dsa.sparse_gqa_attention(
-        *leaves, indices, scale, backend="triton", block_keys=16, block_queries=block_queries
+        *leaves, indices, scale, backend="triton", block_keys=16, block_queries=block_queries, backward=backward
     )
     ref_out, ref_lse = dsa.sparse_gqa_attention(*ref_leaves, indices, scale, backend="torch")
     assert not out.isnan().any() and not lse.isnan().any()
