@@ -124,6 +124,24 @@ def control_rows(length: int, q, k, v, configs) -> list[dict]:
     return rows + compile_report(_control_fwd)
 
 
+def common_times(q, k, v, iq, iw, ik, cu, indices) -> dict:
+    """The indexer's scores + top-k (Triton, and torch as the baseline), the KL target and the KL fwd + bwd."""
+    _, lse = dsa.sparse_gqa_attention(q, k, v, indices, D**-0.5, backend="triton")
+    times = {
+        "indexer_topk_ms": timed(lambda: dsa.indexer_topk(iq, iw, ik, cu, K, backend="triton", budget_bytes=BUDGET)),
+        "torch_topk_ms": timed(lambda: torch_scores_topk(iq, iw, ik, cu)),
+        "kl_target_ms": timed(lambda: sparse_attention_target(q, k, lse, indices, D**-0.5)),
+    }
+    iqs, iws, iks = (x.clone().requires_grad_() for x in (iq, iw, ik))
+
+    def kl_step():
+        kl = dsa.indexer_kl_loss(iqs, iws, iks, q, k, cu, D**-0.5, indices=indices, attn_lse=lse, backend="triton")
+        kl.backward()
+
+    times["kl_fwd_bwd_ms"] = timed(kl_step)
+    return times
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lengths", type=int, nargs="+", default=[32768, 131072])
@@ -134,6 +152,7 @@ def main() -> None:
     )
     parser.add_argument("--sets", nargs="+", default=["random", "local", "structured"])
     parser.add_argument("--control", action="store_true", help="also time the control kernels")
+    parser.add_argument("--no-common", action="store_true", help="skip the indexer, top-k and KL timings")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "dsa_parts_h200.json")
     args = parser.parse_args()
     configs = [(int(a), int(b), int(c), mode) for a, b, c, mode in (x.split(":") for x in args.configs.split(","))]
@@ -147,22 +166,10 @@ def main() -> None:
         q, k, v, iq, iw, ik = inputs(length, seed=length)
         cu = torch.tensor([0, length], dtype=torch.int32, device="cuda")
         indices = dsa.indexer_topk(iq, iw, ik, cu, K, backend="triton", budget_bytes=BUDGET)
-        _, lse = dsa.sparse_gqa_attention(q, k, v, indices, D**-0.5, backend="triton")
         common = {"L": length, **stamp}
-        common["indexer_topk_ms"] = timed(
-            lambda: dsa.indexer_topk(iq, iw, ik, cu, K, backend="triton", budget_bytes=BUDGET)
-        )
-        common["torch_topk_ms"] = timed(lambda: torch_scores_topk(iq, iw, ik, cu))
-        common["kl_target_ms"] = timed(lambda: sparse_attention_target(q, k, lse, indices, D**-0.5))
-        iqs, iws, iks = (x.clone().requires_grad_() for x in (iq, iw, ik))
-
-        def kl_step():
-            dsa.indexer_kl_loss(
-                iqs, iws, iks, q, k, cu, D**-0.5, indices=indices, attn_lse=lse, backend="triton"
-            ).backward()
-
-        common["kl_fwd_bwd_ms"] = timed(kl_step)
-        print(common, flush=True)
+        if not args.no_common:
+            common.update(common_times(q, k, v, iq, iw, ik, cu, indices))
+            print(common, flush=True)
         rows.append(common)
         for kind in args.sets:
             sets = {"random": lambda: indices, "local": lambda: local_indices(length)}.get(
