@@ -20,7 +20,9 @@ import triton.language as tl
 from kernels import dsa_reference
 from kernels.triton_dsa.precision import INDEXER_DOT_PRECISION, dot_precision
 from kernels.triton_dsa.sparse_attention import LOG2E, block_queries_for, tile_rows, union_tile
-from kernels.triton_dsa.union import block_union
+from kernels.triton_dsa.union import UNION_ALIGN, block_union
+
+ALIGN = tl.constexpr(UNION_ALIGN)
 
 
 @triton.jit
@@ -53,16 +55,14 @@ def _sparse_target(
     lse2 = tl.load(LSE + query.to(tl.int64) * heads + head, mask=row_ok, other=0.0) * 1.4426950408889634
     queries = b * BQ + tl.arange(0, BQ)
     filled = tl.zeros([BQ], tl.int32)  # slots already passed in each query's own list
-    u_start = tl.load(UOFF + b)
+    u_start = tl.multiple_of(tl.load(UOFF + b), ALIGN)
     u_end = tl.load(UOFF + b + 1)
     for u0 in range(u_start, u_end, BU):
-        key, u_ok, kt, s, member = union_tile(
-            q, u0, u_end, UKEYS, UBITS, K, h, sk_t, sk_h, rows, row_ok, scale_log2, G, D, BU, PREC
-        )
+        key, kt, s, member = union_tile(q, u0, UKEYS, UBITS, K, h, sk_t, sk_h, rows, row_ok, scale_log2, G, D, BU, PREC)
         p = tl.where(member, tl.exp2(s - lse2[:, None]), 0.0)
         p_sum = tl.sum(tl.reshape(p, (BQ, G, BU)), axis=1)
-        bits = tl.load(UBITS + u0 + tl.arange(0, BU), mask=u_ok, other=0)
-        mine = (((bits[None, :] >> tl.arange(0, BQ)[:, None]) & 1) != 0) & u_ok[None, :] & (queries < T)[:, None]
+        bits = tl.load(UBITS + u0 + tl.arange(0, BU))
+        mine = (((bits[None, :] >> tl.arange(0, BQ)[:, None]) & 1) != 0) & (queries < T)[:, None]
         slot = filled[:, None] + tl.cumsum(mine.to(tl.int32), 1) - 1
         tl.atomic_add(TARGET + queries[:, None].to(tl.int64) * st_t + slot, p_sum, mask=mine)
         filled += tl.sum(mine.to(tl.int32), 1)
@@ -142,7 +142,7 @@ def sparse_attention_target(attn_q, attn_k, attn_lse, indices, softmax_scale: fl
     total, heads, dim = attn_q.shape
     groups = attn_k.shape[1]
     bq = block_queries_for(indices, heads // groups)
-    keys, bits, offsets = block_union(indices, bq)
+    keys, bits, offsets = block_union(indices, bq, UNION_ALIGN)
     target = torch.zeros(indices.shape, dtype=torch.float32, device=attn_q.device)
     q, k, lse = attn_q.contiguous(), attn_k.contiguous(), attn_lse.float().contiguous()
     _sparse_target[(offsets.shape[0] - 1, groups)](

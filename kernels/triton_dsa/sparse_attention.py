@@ -19,16 +19,16 @@ import triton
 import triton.language as tl
 
 from kernels.triton_dsa.precision import dot_precision
-from kernels.triton_dsa.union import block_union, choose_block
+from kernels.triton_dsa.union import UNION_ALIGN, block_union, choose_block
 
 LOG2E = 1.0 / math.log(2.0)
+ALIGN = tl.constexpr(UNION_ALIGN)
 
 
 @triton.jit
 def union_tile(
     q,
     u0,
-    u_end,
     UKEYS,
     UBITS,
     K,
@@ -43,17 +43,17 @@ def union_tile(
     BU: tl.constexpr,
     PREC: tl.constexpr,
 ):
-    """The union chunk at u0: its keys, their validity, the gathered K rows [BU, D], the tile's base-2 scores
-    [M, BU] and each row's membership mask (its own query selected the key)."""
+    """The union chunk at u0: its keys, the gathered K rows [BU, D], the tile's base-2 scores [M, BU] and each
+    row's membership mask (its own query selected the key). Unions are padded to whole chunks (UNION_ALIGN),
+    so no load needs a bounds mask; padding keys belong to no query."""
     u = u0 + tl.arange(0, BU)
-    u_ok = u < u_end
-    key = tl.load(UKEYS + u, mask=u_ok, other=0)
-    bits = tl.load(UBITS + u, mask=u_ok, other=0)
+    key = tl.load(UKEYS + u)
+    bits = tl.load(UBITS + u)
     d = tl.arange(0, D)
-    kt = tl.load(K + key[:, None].to(tl.int64) * sk_t + h * sk_h + d[None, :], mask=u_ok[:, None], other=0.0)
+    kt = tl.load(K + key[:, None].to(tl.int64) * sk_t + h * sk_h + d[None, :])
     s = tl.dot(q, tl.trans(kt), input_precision=PREC) * scale_log2
-    member = (((bits[None, :] >> (rows // G)[:, None]) & 1) != 0) & u_ok[None, :] & row_ok[:, None]
-    return key, u_ok, kt, s, member
+    member = (((bits[None, :] >> (rows // G)[:, None]) & 1) != 0) & row_ok[:, None]
+    return key, kt, s, member
 
 
 @triton.jit
@@ -95,22 +95,20 @@ def _sparse_fwd(
     rows, query, head, row_ok, row_ptr = tile_rows(T, sq_t, sq_h, G, BQ, D)
     d = tl.arange(0, D)
     q = tl.load(Q + row_ptr, mask=row_ok[:, None], other=0.0)
-    u_start = tl.load(UOFF + b)
+    u_start = tl.multiple_of(tl.load(UOFF + b), ALIGN)
     u_end = tl.load(UOFF + b + 1)
     m_i = tl.full([M], float("-inf"), tl.float32)
     l_i = tl.zeros([M], tl.float32)
     acc = tl.zeros([M, D], tl.float32)
     for u0 in range(u_start, u_end, BU):  # a runtime-bounded walk over this block's union (pipelined)
-        key, u_ok, kt, s, member = union_tile(
-            q, u0, u_end, UKEYS, UBITS, K, h, sk_t, sk_h, rows, row_ok, scale_log2, G, D, BU, PREC
-        )
+        key, kt, s, member = union_tile(q, u0, UKEYS, UBITS, K, h, sk_t, sk_h, rows, row_ok, scale_log2, G, D, BU, PREC)
         s = tl.where(member, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         p = tl.exp2(s - m_safe[:, None])
         alpha = tl.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
-        vt = tl.load(V + key[:, None].to(tl.int64) * sk_t + h * sk_h + d[None, :], mask=u_ok[:, None], other=0.0)
+        vt = tl.load(V + key[:, None].to(tl.int64) * sk_t + h * sk_h + d[None, :])
         acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision=PREC)
         m_i = m_new
     has = l_i > 0
@@ -161,20 +159,18 @@ def _sparse_bwd(
     lse2 = tl.load(LSE + query.to(tl.int64) * heads + head, mask=row_ok, other=0.0) * 1.4426950408889634
     delta = tl.load(DELTA + query.to(tl.int64) * heads + head, mask=row_ok, other=0.0)
     dq = tl.zeros([M, D], tl.float32)
-    u_start = tl.load(UOFF + b)
+    u_start = tl.multiple_of(tl.load(UOFF + b), ALIGN)
     u_end = tl.load(UOFF + b + 1)
     for u0 in range(u_start, u_end, BU):  # a runtime-bounded walk over this block's union (pipelined)
-        key, u_ok, kt, s, member = union_tile(
-            q, u0, u_end, UKEYS, UBITS, K, h, sk_t, sk_h, rows, row_ok, scale_log2, G, D, BU, PREC
-        )
+        key, kt, s, member = union_tile(q, u0, UKEYS, UBITS, K, h, sk_t, sk_h, rows, row_ok, scale_log2, G, D, BU, PREC)
         p = tl.where(member, tl.exp2(s - lse2[:, None]), 0.0)
-        vt = tl.load(V + key[:, None].to(tl.int64) * sk_t + h * sk_h + d[None, :], mask=u_ok[:, None], other=0.0)
+        vt = tl.load(V + key[:, None].to(tl.int64) * sk_t + h * sk_h + d[None, :])
         acc_ptr = key[:, None].to(tl.int64) * sacc_t + h * sacc_h + d[None, :]
-        tl.atomic_add(DV + acc_ptr, tl.dot(tl.trans(p).to(do.dtype), do, input_precision=PREC), mask=u_ok[:, None])
+        tl.atomic_add(DV + acc_ptr, tl.dot(tl.trans(p).to(do.dtype), do, input_precision=PREC))
         dp = tl.dot(do, tl.trans(vt), input_precision=PREC)
         ds = p * (dp - delta[:, None]) * scale
         dq += tl.dot(ds.to(kt.dtype), kt, input_precision=PREC)
-        tl.atomic_add(DK + acc_ptr, tl.dot(tl.trans(ds).to(q.dtype), q, input_precision=PREC), mask=u_ok[:, None])
+        tl.atomic_add(DK + acc_ptr, tl.dot(tl.trans(ds).to(q.dtype), q, input_precision=PREC))
     tl.store(DQ + row_ptr, dq.to(DQ.dtype.element_ty), mask=row_ok[:, None])
 
 
@@ -215,14 +211,12 @@ def _sparse_bwd_dq(
     lse2 = tl.load(LSE + query.to(tl.int64) * heads + head, mask=row_ok, other=0.0) * 1.4426950408889634
     delta = tl.load(DELTA + query.to(tl.int64) * heads + head, mask=row_ok, other=0.0)
     dq = tl.zeros([M, D], tl.float32)
-    u_start = tl.load(UOFF + b)
+    u_start = tl.multiple_of(tl.load(UOFF + b), ALIGN)
     u_end = tl.load(UOFF + b + 1)
     for u0 in range(u_start, u_end, BU):
-        key, u_ok, kt, s, member = union_tile(
-            q, u0, u_end, UKEYS, UBITS, K, h, sk_t, sk_h, rows, row_ok, scale_log2, G, D, BU, PREC
-        )
+        key, kt, s, member = union_tile(q, u0, UKEYS, UBITS, K, h, sk_t, sk_h, rows, row_ok, scale_log2, G, D, BU, PREC)
         p = tl.where(member, tl.exp2(s - lse2[:, None]), 0.0)
-        vt = tl.load(V + key[:, None].to(tl.int64) * sk_t + h * sk_h + d[None, :], mask=u_ok[:, None], other=0.0)
+        vt = tl.load(V + key[:, None].to(tl.int64) * sk_t + h * sk_h + d[None, :])
         dp = tl.dot(do, tl.trans(vt), input_precision=PREC)
         ds = p * (dp - delta[:, None]) * scale
         dq += tl.dot(ds.to(kt.dtype), kt, input_precision=PREC)
@@ -268,19 +262,17 @@ def _sparse_bwd_dkv(
     do = tl.load(DO + row_ptr, mask=row_ok[:, None], other=0.0)
     lse2 = tl.load(LSE + query.to(tl.int64) * heads + head, mask=row_ok, other=0.0) * 1.4426950408889634
     delta = tl.load(DELTA + query.to(tl.int64) * heads + head, mask=row_ok, other=0.0)
-    u_start = tl.load(UOFF + b)
+    u_start = tl.multiple_of(tl.load(UOFF + b), ALIGN)
     u_end = tl.load(UOFF + b + 1)
     for u0 in range(u_start, u_end, BU):
-        key, u_ok, kt, s, member = union_tile(
-            q, u0, u_end, UKEYS, UBITS, K, h, sk_t, sk_h, rows, row_ok, scale_log2, G, D, BU, PREC
-        )
+        key, kt, s, member = union_tile(q, u0, UKEYS, UBITS, K, h, sk_t, sk_h, rows, row_ok, scale_log2, G, D, BU, PREC)
         p = tl.where(member, tl.exp2(s - lse2[:, None]), 0.0)
-        vt = tl.load(V + key[:, None].to(tl.int64) * sk_t + h * sk_h + d[None, :], mask=u_ok[:, None], other=0.0)
+        vt = tl.load(V + key[:, None].to(tl.int64) * sk_t + h * sk_h + d[None, :])
         acc_ptr = key[:, None].to(tl.int64) * sacc_t + h * sacc_h + d[None, :]
-        tl.atomic_add(DV + acc_ptr, tl.dot(tl.trans(p).to(do.dtype), do, input_precision=PREC), mask=u_ok[:, None])
+        tl.atomic_add(DV + acc_ptr, tl.dot(tl.trans(p).to(do.dtype), do, input_precision=PREC))
         dp = tl.dot(do, tl.trans(vt), input_precision=PREC)
         ds = p * (dp - delta[:, None]) * scale
-        tl.atomic_add(DK + acc_ptr, tl.dot(tl.trans(ds).to(q.dtype), q, input_precision=PREC), mask=u_ok[:, None])
+        tl.atomic_add(DK + acc_ptr, tl.dot(tl.trans(ds).to(q.dtype), q, input_precision=PREC))
 
 
 def _block_queries(groups: int) -> int:
@@ -308,6 +300,8 @@ def _launch_options(rows: int, overrides: dict) -> dict:
         "dq": (64 if big else 32, 8 if big else 4, 3),
         "dkv": (64 if big else 32, 8 if big else 4, 3),
     }
+    if UNION_ALIGN % (overrides.get("block_keys") or UNION_ALIGN):
+        raise ValueError(f"sparse_gqa_attention: block_keys must divide {UNION_ALIGN}, got {overrides['block_keys']}")
     options = {}
     for name, (keys, warps, stages) in defaults.items():
         options[name] = {
@@ -340,7 +334,7 @@ class _TritonSparseGQA(torch.autograd.Function):
         groups = k.shape[1]
         per_group = heads // groups
         bq = block_queries or block_queries_for(indices, per_group)
-        keys, bits, offsets = block_union(indices, bq)
+        keys, bits, offsets = block_union(indices, bq, UNION_ALIGN)
         ctx.options = _launch_options(bq * per_group, overrides)
         out = torch.empty_like(q)
         lse = torch.empty(total, heads, dtype=torch.float32, device=q.device)

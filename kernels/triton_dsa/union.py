@@ -18,10 +18,14 @@ import torch
 _SENTINEL = torch.iinfo(torch.int32).max
 
 
-def block_union(indices: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+UNION_ALIGN = 64  # the kernels' padding of each block's union: whole chunks, aligned starts, no bounds masks
+
+
+def block_union(indices: torch.Tensor, block: int, align: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """indices [T, k] int32 (ascending, -1 padded) -> (keys [N] int32, bits [N] int32, offsets [B + 1] int32).
 
-    Block b owns keys[offsets[b]:offsets[b + 1]], ascending; B = ceil(T / block)."""
+    Block b owns keys[offsets[b]:offsets[b + 1]], ascending; B = ceil(T / block). align > 1 pads each block's
+    list to a multiple of `align` with key 0 and bits 0 (selected by none of its queries)."""
     if not 1 <= block <= 30:
         raise ValueError(f"query block {block} must be in 1..30 (membership is an int32 bit mask)")
     total, k = indices.shape
@@ -40,9 +44,20 @@ def block_union(indices: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.
     segment = torch.cumsum(first.view(-1), 0)[valid.view(-1)] - 1
     bit = torch.bitwise_left_shift(torch.ones_like(code), code & 31)[valid]
     bits = torch.zeros(int(first.sum()), dtype=torch.int32, device=indices.device).scatter_add_(0, segment, bit)
+    counts = first.sum(1)
     offsets = torch.zeros(blocks + 1, dtype=torch.int64, device=indices.device)
-    offsets[1:] = torch.cumsum(first.sum(1), 0)
-    return key[first].to(torch.int32), bits, offsets.to(torch.int32)
+    offsets[1:] = torch.cumsum(counts, 0)
+    keys = key[first].to(torch.int32)
+    if align > 1:
+        padded_offsets = torch.zeros_like(offsets)
+        padded_offsets[1:] = torch.cumsum((counts + align - 1) // align * align, 0)
+        owner = torch.repeat_interleave(torch.arange(blocks, device=indices.device), counts)
+        at = torch.arange(keys.shape[0], device=indices.device) - offsets[owner] + padded_offsets[owner]
+        size = int(padded_offsets[-1])
+        keys = torch.zeros(size, dtype=torch.int32, device=indices.device).index_copy_(0, at, keys)
+        bits = torch.zeros(size, dtype=torch.int32, device=indices.device).index_copy_(0, at, bits)
+        offsets = padded_offsets
+    return keys, bits, offsets.to(torch.int32)
 
 
 def choose_block(indices: torch.Tensor, smallest: int, largest: int, sample_blocks: int = 256) -> int:

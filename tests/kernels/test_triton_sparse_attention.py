@@ -110,3 +110,19 @@ def test_a_bad_head_dim_is_rejected_with_its_value():
             0.2,
             backend="triton",
         )
+
+
+def test_padded_unions_hold_the_same_keys_in_whole_chunks():
+    g = torch.Generator().manual_seed(6)
+    rows = [torch.randperm(90, generator=g)[:9].sort().values for _ in range(23)]
+    indices = torch.stack(rows).to(torch.int32)  # distinct keys per row, ascending
+    indices[3, 4:] = -1  # a short row
+    keys, bits, offsets = block_union(indices, block=4)
+    pkeys, pbits, poffsets = block_union(indices, block=4, align=8)
+    assert torch.all(poffsets % 8 == 0)
+    for b in range(offsets.shape[0] - 1):
+        segment = slice(int(poffsets[b]), int(poffsets[b + 1]))
+        real = pbits[segment] != 0  # padding belongs to no query
+        assert pkeys[segment][real].tolist() == keys[offsets[b] : offsets[b + 1]].tolist()
+        assert pbits[segment][real].tolist() == bits[offsets[b] : offsets[b + 1]].tolist()
+        assert int(poffsets[b + 1] - poffsets[b]) == -(-int(offsets[b + 1] - offsets[b]) // 8) * 8
