@@ -12,7 +12,9 @@ Two regimes of top-k sets (`--sets`), each row with the sets' adjacent-query Jac
   indexer's scores and top-k still run on the same inputs and count in the DSA time, but attention and KL use the
   structured sets;
 - random (the guard): the indexer's own top-k on fresh random inputs, near-disjoint sets.
-Each row also times the parts alone (indexer scores, union build, sparse fwd, fwd + bwd, KL target, KL fwd + bwd).
+Each row also times the parts alone: indexer scores; the query-block union (built once per step and shared by
+the attention and the KL target); the sparse forward kernel (union prebuilt); attention fwd + bwd; the KL target
+kernel; the KL fwd + bwd.
 """
 
 from __future__ import annotations
@@ -170,7 +172,7 @@ def dsa_step(q, k, v, iq, iw, ik, cu, parts: dict, sets=None, backward: str = "f
             iqs.detach(), iws.detach(), iks.detach(), cu, K, backend=parts["topk"], budget_bytes=BUDGET
         )
         if sets is not None:
-            indices = sets
+            indices = sets.clone()  # a new tensor each step, like the indexer's: its union is built once per step
         o, lse = dsa.sparse_gqa_attention(
             qs, ks, vs, indices, D**-0.5, backend=parts["attention"], budget_bytes=BUDGET, **options
         )
@@ -196,8 +198,7 @@ def part_times(q, k, v, iq, iw, ik, cu, indices, backward: str) -> dict:
     """Each part of the DSA step alone, on the sets the step uses."""
     from kernels.triton_dsa.indexer import indexer_scores
     from kernels.triton_dsa.indexer_kl import sparse_attention_target
-    from kernels.triton_dsa.sparse_attention import block_queries_for
-    from kernels.triton_dsa.union import block_union
+    from kernels.triton_dsa.union import block_queries_for, block_union
 
     length = q.shape[0]
     rows = max(1, BUDGET // (4 * length))
@@ -224,7 +225,7 @@ def part_times(q, k, v, iq, iw, ik, cu, indices, backward: str) -> dict:
     return {
         "indexer_scores_ms": scores_ms * area,
         "block_queries": bq,
-        "union_ms": timed(lambda: block_union(indices, bq)),
+        "union_ms": timed(lambda: block_union(indices, bq, 64)),
         "sparse_fwd_ms": fwd_ms,
         "sparse_fwd_tflops_useful": 4 * length * K * HQ * D / fwd_ms / 1e9,
         "sparse_fwd_bwd_ms": timed(attention_fwd_bwd),

@@ -19,8 +19,8 @@ import triton.language as tl
 
 from kernels import dsa_reference
 from kernels.triton_dsa.precision import INDEXER_DOT_PRECISION, dot_precision
-from kernels.triton_dsa.sparse_attention import LOG2E, block_queries_for, tile_rows, union_tile
-from kernels.triton_dsa.union import UNION_ALIGN, block_union
+from kernels.triton_dsa.sparse_attention import LOG2E, tile_rows, union_tile
+from kernels.triton_dsa.union import UNION_ALIGN, shared_union
 
 ALIGN = tl.constexpr(UNION_ALIGN)
 
@@ -141,8 +141,7 @@ def sparse_attention_target(attn_q, attn_k, attn_lse, indices, softmax_scale: fl
     """[T, k] fp32: the head-summed attention probabilities at each selected key, L1-normalised per row."""
     total, heads, dim = attn_q.shape
     groups = attn_k.shape[1]
-    bq = block_queries_for(indices, heads // groups)
-    keys, bits, offsets = block_union(indices, bq, UNION_ALIGN)
+    bq, (keys, bits, offsets) = shared_union(indices, heads // groups)  # the attention's own, when it ran
     target = torch.zeros(indices.shape, dtype=torch.float32, device=attn_q.device)
     q, k, lse = attn_q.contiguous(), attn_k.contiguous(), attn_lse.float().contiguous()
     _sparse_target[(offsets.shape[0] - 1, groups)](

@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from kernels.triton_dsa.precision import dot_precision
-from kernels.triton_dsa.union import UNION_ALIGN, block_union, choose_block
+from kernels.triton_dsa.union import UNION_ALIGN, block_union, shared_union
 
 LOG2E = 1.0 / math.log(2.0)
 ALIGN = tl.constexpr(UNION_ALIGN)
@@ -275,16 +275,6 @@ def _sparse_bwd_dkv(
         tl.atomic_add(DK + acc_ptr, tl.dot(tl.trans(ds).to(q.dtype), q, input_precision=PREC))
 
 
-def _block_queries(groups: int) -> int:
-    """Queries per tile: 128 MMA rows when the group is small enough, at least 16 rows for tl.dot."""
-    return max(-(-16 // groups), min(16, max(1, 128 // groups)))
-
-
-def block_queries_for(indices: torch.Tensor, groups: int) -> int:
-    """The union tile's query count for these sets: 128 rows when neighbours overlap, else 16 (union.py)."""
-    return choose_block(indices, smallest=-(-16 // groups), largest=_block_queries(groups))
-
-
 BACKWARDS = ("fused", "split")
 
 
@@ -333,8 +323,10 @@ class _TritonSparseGQA(torch.autograd.Function):
         total, heads, dim = q.shape
         groups = k.shape[1]
         per_group = heads // groups
-        bq = block_queries or block_queries_for(indices, per_group)
-        keys, bits, offsets = block_union(indices, bq, UNION_ALIGN)
+        if block_queries:
+            bq, (keys, bits, offsets) = block_queries, block_union(indices, block_queries, UNION_ALIGN)
+        else:
+            bq, (keys, bits, offsets) = shared_union(indices, per_group)
         ctx.options = _launch_options(bq * per_group, overrides)
         out = torch.empty_like(q)
         lse = torch.empty(total, heads, dtype=torch.float32, device=q.device)

@@ -13,6 +13,8 @@ MMA rows wins). `choose_block` measures the overlap on a sample of blocks.
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 _SENTINEL = torch.iinfo(torch.int32).max
@@ -72,3 +74,27 @@ def choose_block(indices: torch.Tensor, smallest: int, largest: int, sample_bloc
     distinct = ((flat[:, 1:] != flat[:, :-1]) & (flat[:, 1:] >= 0)).sum(1) + (flat[:, 0] >= 0).long()
     selected = (rows >= 0).sum((1, 2)).float() / largest
     return largest if float(distinct.float().mean()) <= 4 * float(selected.mean()) else smallest
+
+
+def block_queries_for(indices: torch.Tensor, per_group: int) -> int:
+    """The union tile's query count for these sets: 128 MMA rows (16 queries of 8 heads) when neighbours overlap,
+    else the fewest queries that still fill 16 rows."""
+    smallest = -(-16 // per_group)
+    return choose_block(indices, smallest=smallest, largest=max(smallest, min(16, max(1, 128 // per_group))))
+
+
+_last: dict = {}  # one entry: the sets of the latest call, held weakly
+
+
+def shared_union(indices: torch.Tensor, per_group: int) -> tuple[int, tuple[torch.Tensor, ...]]:
+    """(block, block_union(indices, block, UNION_ALIGN)) with block chosen by `choose_block`, built once per sets
+    tensor: the attention and the sparse-stage KL of one layer share it. The entry is reused only while the very
+    same tensor object is alive and unmodified (its version counter), so a new tensor never sees a stale union."""
+    key = (per_group, indices._version)
+    held = _last.get("sets")
+    if held is not None and held() is indices and _last.get("key") == key:
+        return _last["value"]
+    block = block_queries_for(indices, per_group)
+    value = (block, block_union(indices, block, UNION_ALIGN))
+    _last.update(sets=weakref.ref(indices), key=key, value=value)
+    return value

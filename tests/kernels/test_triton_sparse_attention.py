@@ -126,3 +126,16 @@ def test_padded_unions_hold_the_same_keys_in_whole_chunks():
         assert pkeys[segment][real].tolist() == keys[offsets[b] : offsets[b + 1]].tolist()
         assert pbits[segment][real].tolist() == bits[offsets[b] : offsets[b + 1]].tolist()
         assert int(poffsets[b + 1] - poffsets[b]) == -(-int(offsets[b + 1] - offsets[b]) // 8) * 8
+
+
+def test_the_shared_union_is_reused_only_for_the_same_unmodified_sets():
+    from kernels.triton_dsa.union import shared_union
+
+    indices = torch.tensor([[0, -1], [0, 1], [1, 2], [2, 3]], dtype=torch.int32)
+    first = shared_union(indices, per_group=8)
+    assert shared_union(indices, per_group=8) is first  # the attention and the KL of one layer share it
+    copy = indices.clone()
+    assert shared_union(copy, per_group=8) is not first and torch.equal(shared_union(copy, 8)[1][0], first[1][0])
+    copy[3, 1] = -1  # modified in place: rebuilt
+    rebuilt = shared_union(copy, per_group=8)
+    assert 3 not in rebuilt[1][0][rebuilt[1][1] != 0].tolist()
