@@ -417,6 +417,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--rows", default=",".join(ROWS))
     parser.add_argument("--data", type=Path, default=Path(tempfile.gettempdir()) / "keye_demo_data")
+    parser.add_argument(
+        "--long-text-words", type=int, default=400, help="words of the demo corpus's long documents (long context)"
+    )
     parser.add_argument("--row", help=argparse.SUPPRESS)  # a child process measuring one row
     parser.add_argument("--out", type=Path)
     parser.add_argument("--profile", type=Path, help="profile one extra step (and the ViT) per row into this folder")
@@ -428,7 +431,8 @@ def main() -> None:
         return
     if not (args.data / "shards" / "index.json").exists():
         subprocess.run(
-            [sys.executable, "-m", "data_pipeline.cli", "demo", "--out", str(args.data)],
+            [sys.executable, "-m", "data_pipeline.cli", "demo", "--out", str(args.data)]
+            + ["--long-text-words", str(args.long_text_words)],
             check=True,
             capture_output=True,
         )
