@@ -14,7 +14,7 @@ from megatron.core.distributed import DistributedDataParallel
 
 from keye_train.config import DType
 from keye_train.model.builder import ModelParts, build_model, initialize_weights
-from keye_train.training.optim import apply_freezing, build_optimizer, wrap_ddp
+from keye_train.training.optim import SharedNormOptimizer, apply_freezing, build_optimizer, wrap_ddp
 from parallel import cpu_compat
 from parallel.layout import check_batch, check_layout, init_process_groups, require_colocated, resolve_backend
 from parallel.placement import ColocatedPlacement
@@ -63,7 +63,7 @@ class TrainModel:
     """The rank's model parts, their DDP wrappers and the optimizer over them."""
 
     parts: ModelParts
-    lm_chunk: torch.nn.Module
+    lm_chunk: torch.nn.Module | None  # None on the ViT's own ranks (placement=split)
     vision_chunk: torch.nn.Module | None
     optimizer: object
 
@@ -84,11 +84,22 @@ def build_train_model(cfg, ctx: RankContext) -> TrainModel:
     parts = build_model(cfg.model, cfg.parallel, ctx.dtype, ctx.device.type == "cuda", ctx.placement)
     initialize_weights(parts, cfg.model, cfg.train.seed)
     apply_freezing(parts, cfg.stage.trainable)
-    distopt = cfg.parallel.distributed_optimizer
-    lm_chunk = wrap_ddp(parts.lm, distopt)
-    vision_chunk = wrap_ddp(parts.vision, distopt) if parts.vision is not None else None
+    return wrap_parts(parts, cfg.optim, ctx.dtype, cfg.parallel.distributed_optimizer, ctx.placement)
+
+
+def wrap_parts(parts: ModelParts, optim, dtype: torch.dtype, distopt: bool, placement) -> TrainModel:
+    """DDP around each part and one optimizer over them. placement=split: the ViT ranks' tower reduces over
+    their own groups and both sides clip by the norm over the two modules."""
+    split = placement.name == "split"
+    lm_chunk = wrap_ddp(parts.lm, distopt) if parts.lm is not None else None
+    vision_chunk = None
+    if parts.vision is not None:
+        vision_chunk = wrap_ddp(parts.vision, distopt, placement.vision_groups() if split else None)
     chunks = [c for c in (lm_chunk, vision_chunk) if isinstance(c, DistributedDataParallel)]
-    return TrainModel(parts, lm_chunk, vision_chunk, build_optimizer(chunks, cfg.optim, ctx.dtype, distopt))
+    optimizer = build_optimizer(chunks, optim, dtype, distopt)
+    if split:
+        optimizer = SharedNormOptimizer(optimizer, placement.hosts_lm())
+    return TrainModel(parts, lm_chunk, vision_chunk, optimizer)
 
 
 def build_rl_data(cfg, ctx: RankContext):

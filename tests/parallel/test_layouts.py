@@ -41,6 +41,9 @@ LAYOUTS = {
     # stages exchange the slices' shapes) and TP (sequence parallelism splits each slice)
     "cp2_pp2": (4, ["parallel.cp=2", "parallel.pp=2"]),
     "cp2_tp2": (4, ["parallel.cp=2", "parallel.tp=2"]),
+    # placement=split: ranks 0-1 run the ViT + projector (DP 2 over the step's micro-batches) and send the
+    # embeddings to the LM's stage 0 (ranks 2-3, PP 2); their gradients come back for the ViT's own optimizer
+    "split_pp2": (4, ["parallel.placement=split", "parallel.vision.ranks=2", "parallel.pp=2"]),
     # grouped-GEMM experts against the 1-rank SequentialMLP reference
     "ep2_grouped": (2, ["parallel.ep=2", "model.lm.experts_impl=grouped"]),
     # the chunked vocab-parallel head + CE (chunks of 48, 48, 32 tokens) against megatron's on one rank, with
