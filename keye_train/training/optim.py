@@ -7,7 +7,7 @@ import math
 import torch
 import torch.distributed as dist
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
-from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer import ChainedOptimizer, OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
 
 from keye_train.config import DecayStyle, OptimConfig, TrainablePart
@@ -65,6 +65,13 @@ def build_optimizer(ddp_chunks, optim: OptimConfig, dtype: torch.dtype, distribu
     return get_megatron_optimizer(
         config, ddp_chunks, use_gloo_process_groups=own_groups is None, pg_collection=own_groups
     )
+
+
+def chain_optimizers(optimizers: list):
+    """One megatron ChainedOptimizer over several (flattened); with different grad-stats groups it clips all of
+    them by the root of their norms' squares."""
+    flat = [inner for opt in optimizers for inner in getattr(opt, "chained_optimizers", [opt])]
+    return ChainedOptimizer(flat)
 
 
 class SharedNormOptimizer:

@@ -14,10 +14,10 @@ from megatron.core.distributed import DistributedDataParallel
 
 from keye_train.config import DType
 from keye_train.model.builder import ModelParts, build_model, initialize_weights
-from keye_train.training.optim import SharedNormOptimizer, apply_freezing, build_optimizer, wrap_ddp
+from keye_train.training.optim import SharedNormOptimizer, apply_freezing, build_optimizer, chain_optimizers, wrap_ddp
 from parallel import cpu_compat
-from parallel.layout import check_batch, check_layout, init_process_groups, require_colocated, resolve_backend
-from parallel.placement import ColocatedPlacement
+from parallel.layout import check_batch, check_layout, init_process_groups, require_trainable, resolve_backend
+from parallel.placement import ColocatedPlacement, placement_for
 
 
 def resolve_dtype(name: DType, on_gpu: bool) -> torch.dtype:
@@ -32,7 +32,7 @@ class RankContext:
     dtype: torch.dtype
     layout: dict  # the LayoutSizes as a dict; checkpoints record it
     num_microbatches: int  # per DP rank and step
-    placement: ColocatedPlacement
+    placement: ColocatedPlacement  # or SpreadPlacement / SplitPlacement (parallel/placement.py)
 
 
 def start_rank(cfg) -> RankContext:
@@ -42,7 +42,7 @@ def start_rank(cfg) -> RankContext:
         cpu_compat.install()
     world = dist.get_world_size() if dist.is_initialized() else int(os.environ["WORLD_SIZE"])
     sizes = check_layout(cfg.parallel, cfg.model.lm, cfg.model.vit, world)
-    require_colocated(cfg.parallel)
+    require_trainable(cfg.parallel, cfg.rl.enabled)
     num_microbatches = check_batch(cfg.train, sizes)
     init_process_groups(cfg.parallel, sizes, resolve_backend(cfg.parallel, on_gpu))
     device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
@@ -54,7 +54,7 @@ def start_rank(cfg) -> RankContext:
         resolve_dtype(cfg.train.dtype, on_gpu),
         sizes.record(),
         num_microbatches,
-        ColocatedPlacement(),
+        placement_for(cfg.parallel, sizes),
     )
 
 
@@ -90,14 +90,19 @@ def build_train_model(cfg, ctx: RankContext) -> TrainModel:
 def wrap_parts(parts: ModelParts, optim, dtype: torch.dtype, distopt: bool, placement) -> TrainModel:
     """DDP around each part and one optimizer over them. placement=split: the ViT ranks' tower reduces over
     their own groups and both sides clip by the norm over the two modules."""
-    split = placement.name == "split"
+    own_vision_groups = placement.name in ("split", "spread")
     lm_chunk = wrap_ddp(parts.lm, distopt) if parts.lm is not None else None
     vision_chunk = None
     if parts.vision is not None:
-        vision_chunk = wrap_ddp(parts.vision, distopt, placement.vision_groups() if split else None)
-    chunks = [c for c in (lm_chunk, vision_chunk) if isinstance(c, DistributedDataParallel)]
-    optimizer = build_optimizer(chunks, optim, dtype, distopt)
-    if split:
+        vision_chunk = wrap_ddp(parts.vision, distopt, placement.vision_groups() if own_vision_groups else None)
+    if placement.name == "spread":  # the two modules reduce over different groups: one optimizer each, chained
+        optimizer = chain_optimizers(
+            [build_optimizer([chunk], optim, dtype, distopt) for chunk in (lm_chunk, vision_chunk)]
+        )
+    else:
+        chunks = [c for c in (lm_chunk, vision_chunk) if isinstance(c, DistributedDataParallel)]
+        optimizer = build_optimizer(chunks, optim, dtype, distopt)
+    if placement.name == "split":
         optimizer = SharedNormOptimizer(optimizer, placement.hosts_lm())
     return TrainModel(parts, lm_chunk, vision_chunk, optimizer)
 

@@ -22,11 +22,13 @@ cpu_compat.install()
 from megatron.core import parallel_state  # noqa: E402
 
 from data_pipeline.loader import ShardLoader  # noqa: E402
+from data_pipeline.tokenizer import KeyeTokenizer  # noqa: E402
 from keye_train.config.compose import load_config  # noqa: E402
 from keye_train.model.builder import build_model, initialize_weights, parameter_shards  # noqa: E402
 from keye_train.training.objectives.next_token import NextTokenObjective  # noqa: E402
 from keye_train.training.optim import finalize_grads, optimizer_step  # noqa: E402
 from keye_train.training.schedules import schedule_for  # noqa: E402
+from keye_train.training.schedules.split import VisionFeed  # noqa: E402
 from keye_train.training.setup import wrap_parts  # noqa: E402
 from parallel import context  # noqa: E402
 from parallel.layout import check_batch, check_layout, init_process_groups  # noqa: E402
@@ -62,44 +64,49 @@ def replica_batch(cfg, dp_rank: int, dp: int):
     return batches
 
 
-def rank_batch(cfg, placement, dp: int):
-    """This rank's micro-batches: its replica's, or on a split ViT rank the items assigned to it."""
+def rank_batches(cfg, placement, dp: int):
+    """A callable giving this rank's micro-batches of the step: its replica's packs, or on a split ViT rank the
+    patches the LM's first stage sends it when the step runs (the trainer's data source there)."""
     if placement.hosts_lm():
-        return replica_batch(cfg, parallel_state.get_data_parallel_rank(), dp)
-    replicas = {d: replica_batch(cfg, d, dp) for d in sorted({d for d, _ in placement.my_work()})}
-    return [replicas[d][m] for d, m in placement.my_work()]
+        mine = replica_batch(cfg, parallel_state.get_data_parallel_rank(), dp)
+        return lambda: mine
+    cfg.model.tokens = KeyeTokenizer(cfg.data.tokenizer).ids
+    return VisionFeed(placement, torch.device("cpu")).next_step
 
 
-def run_phase(cfg, mine, placement, distributed_optimizer: bool):
+def run_phase(cfg, next_step, placement, distributed_optimizer: bool):
     """One forward-backward of the batch through the trainer's own schedule and objective."""
     parts = build_model(cfg.model, cfg.parallel, torch.float32, False, placement)
     initialize_weights(parts, cfg.model, cfg.train.seed)
     model = wrap_parts(parts, cfg.optim, torch.float32, distributed_optimizer, placement)
+    mine = next_step()
     objective = NextTokenObjective(placement, torch.device("cpu"))
     objective.begin_step(mine)
-    outputs = schedule_for(cfg, model, placement).run(mine, objective)
+    schedule = schedule_for(cfg, model, placement)
+    outputs = schedule.run(mine, objective)
     result = objective.end_step(outputs)
-    return parts, model.ddp_chunks, model.optimizer, result.loss if placement.is_last_stage() else None
+    loss = result.loss if placement.is_last_stage() else None
+    return parts, model.ddp_chunks, model.optimizer, loss, getattr(schedule, "encoded", None)
 
 
 def main(out_dir: str, overrides: list[str]):
     cfg = load_config(overrides)
     sizes = check_layout(cfg.parallel, cfg.model.lm, cfg.model.vit, int(os.environ["WORLD_SIZE"]))
-    microbatches = check_batch(cfg.train, sizes)
+    check_batch(cfg.train, sizes)
     init_process_groups(cfg.parallel, sizes, "gloo")
-    placement = placement_for(cfg.parallel, sizes, microbatches)
+    placement = placement_for(cfg.parallel, sizes)
     torch.manual_seed(0)
-    mine = rank_batch(cfg, placement, sizes.dp)
+    next_step = rank_batches(cfg, placement, sizes.dp)
     rank, out = dist.get_rank(), Path(out_dir)
     reference = out / "reference.npz"
     is_reference = dist.get_world_size() == 1
 
-    parts, chunks, _, loss_a = run_phase(cfg, mine, placement, distributed_optimizer=False)
+    parts, chunks, _, loss_a, encoded = run_phase(cfg, next_step, placement, distributed_optimizer=False)
     finalize_grads(chunks)
     grads = {info.name: p.main_grad.detach().clone() for p, info in parameter_shards(parts) if sampled(info.name)}
     shards = {info.name: info for p, info in parameter_shards(parts) if sampled(info.name)}
 
-    parts, chunks, optimizer, loss_b = run_phase(cfg, mine, placement, distributed_optimizer=True)
+    parts, chunks, optimizer, loss_b, _ = run_phase(cfg, next_step, placement, distributed_optimizer=True)
     updated, grad_norm = optimizer_step(optimizer, chunks)
     weights = {info.name: p.detach().clone() for p, info in parameter_shards(parts) if sampled(info.name)}
 
@@ -109,6 +116,7 @@ def main(out_dir: str, overrides: list[str]):
         "loss_b": loss_b,
         "grad_norm": grad_norm,
         "updated": updated,
+        "encoded": encoded,  # split / spread: the micro-batches this rank ran through the ViT (None: not counted)
         "cp": context.size(),  # > 1: the schedule sliced every pack and the attention gathered K/V
         "grad_rel_err": {},
         "weight_rel_err": {},
