@@ -165,18 +165,22 @@ def rank_roles(par, sizes: LayoutSizes) -> list[str]:
     ]
 
 
-def require_colocated(par) -> None:
-    """The trainer's placement today: split layouts are checked and rendered, not yet trained."""
-    if par.placement != "colocated":
-        hint = (
-            " (auto is for `keye-train plan`, which prints the placement to train with)"
-            if par.placement == "auto"
-            else ""
-        )
+def require_trainable(par, rl: bool = False) -> None:
+    """The placements the trainer runs: colocated, split and spread (auto is the planner's)."""
+    if par.placement == "auto":
         raise LayoutError(
-            f"parallel.placement={par.placement}: the heterogeneous ViT/LM scheduler is not available yet "
-            f"(layouts and launch scripts are checked and rendered){hint}; train with "
-            "parallel.placement=colocated"
+            "parallel.placement=auto is for `keye-train plan`, which prints the placement to train with; "
+            "train with parallel.placement=colocated, split or spread"
+        )
+    if par.placement == "split" and par.vision.tp != 1:
+        raise LayoutError(
+            f"parallel.vision.tp={par.vision.tp} with parallel.placement=split: the ViT ranks run the tower "
+            "unsharded (data-parallel only) for now; set parallel.vision.tp=1"
+        )
+    if rl and par.placement != "colocated":
+        raise LayoutError(
+            f"parallel.placement={par.placement} with rl.enabled=true: the rollout engine samples on the "
+            "colocated model; use parallel.placement=colocated for RL stages"
         )
 
 
