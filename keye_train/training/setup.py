@@ -48,7 +48,9 @@ def start_rank(cfg) -> RankContext:
     device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
     torch.manual_seed(cfg.train.seed)
     if on_gpu:  # megatron's model-parallel CUDA RNG streams (TP-aware dropout and init)
-        tensor_parallel.model_parallel_cuda_manual_seed(cfg.train.seed)
+        vision_only = dist.get_rank() < sizes.vision_ranks  # split's ViT ranks: in no megatron group, unsharded
+        ranks = {"tp_rank": 0, "ep_rank": 0, "etp_rank": 0} if vision_only else {}
+        tensor_parallel.model_parallel_cuda_manual_seed(cfg.train.seed, **ranks)
     return RankContext(
         device,
         resolve_dtype(cfg.train.dtype, on_gpu),
