@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import asdict, dataclass
 
@@ -164,18 +165,22 @@ def rank_roles(par, sizes: LayoutSizes) -> list[str]:
     ]
 
 
-def require_colocated(par) -> None:
-    """The trainer's placement today: split layouts are checked and rendered, not yet trained."""
-    if par.placement != "colocated":
-        hint = (
-            " (auto is for `keye-train plan`, which prints the placement to train with)"
-            if par.placement == "auto"
-            else ""
-        )
+def require_trainable(par, rl: bool = False) -> None:
+    """The placements the trainer runs: colocated, split and spread (auto is the planner's)."""
+    if par.placement == "auto":
         raise LayoutError(
-            f"parallel.placement={par.placement}: the heterogeneous ViT/LM scheduler is not available yet "
-            f"(layouts and launch scripts are checked and rendered){hint}; train with "
-            "parallel.placement=colocated"
+            "parallel.placement=auto is for `keye-train plan`, which prints the placement to train with; "
+            "train with parallel.placement=colocated, split or spread"
+        )
+    if par.placement == "split" and par.vision.tp != 1:
+        raise LayoutError(
+            f"parallel.vision.tp={par.vision.tp} with parallel.placement=split: the ViT ranks run the tower "
+            "unsharded (data-parallel only) for now; set parallel.vision.tp=1"
+        )
+    if rl and par.placement != "colocated":
+        raise LayoutError(
+            f"parallel.placement={par.placement} with rl.enabled=true: the rollout engine samples on the "
+            "colocated model; use parallel.placement=colocated for RL stages"
         )
 
 
@@ -197,17 +202,44 @@ def init_process_groups(par, sizes: LayoutSizes, backend: str) -> None:
         raise LayoutError(f"launched {dist.get_world_size()} processes but the layout was checked for {sizes.world}")
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    parallel_state.initialize_model_parallel(
-        tensor_model_parallel_size=par.tp,
-        pipeline_model_parallel_size=par.pp,
-        context_parallel_size=par.cp,
-        expert_model_parallel_size=par.ep,
-        expert_tensor_parallel_size=expert_tp(par),
-        create_gloo_process_groups=True,
-    )
+    with _lm_sub_world(sizes.vision_ranks):
+        parallel_state.initialize_model_parallel(
+            tensor_model_parallel_size=par.tp,
+            pipeline_model_parallel_size=par.pp,
+            context_parallel_size=par.cp,
+            expert_model_parallel_size=par.ep,
+            expert_tensor_parallel_size=expert_tp(par),
+            create_gloo_process_groups=True,
+        )
     from parallel import context
 
-    context.setup(parallel_state.get_context_parallel_group())
+    if dist.get_rank() >= sizes.vision_ranks:
+        context.setup(parallel_state.get_context_parallel_group())
+
+
+@contextlib.contextmanager
+def _lm_sub_world(offset: int):
+    """megatron's groups over the LM ranks only (global ranks offset .. world - 1) under placement=split.
+
+    megatron 0.16 builds every group from `torch.distributed.get_world_size()` and a RankGenerator whose
+    rank_offset it leaves at 0; here both see the LM ranks. Every rank still runs the group creation (new_group
+    is collective over the world); the ViT ranks belong to none of the groups, so megatron's state stays empty
+    there and they never ask it."""
+    if not offset:
+        yield
+        return
+    from megatron.core import parallel_state
+
+    world_size, rank_generator = dist.get_world_size, parallel_state.RankGenerator
+    lm_world = world_size() - offset
+    dist.get_world_size = lambda group=None: lm_world if group is None else world_size(group)
+    parallel_state.RankGenerator = lambda *args, rank_offset=0, **kwargs: rank_generator(
+        *args, rank_offset=offset, **kwargs
+    )
+    try:
+        yield
+    finally:
+        dist.get_world_size, parallel_state.RankGenerator = world_size, rank_generator
 
 
 def destroy_process_groups() -> None:

@@ -1,7 +1,9 @@
 """Builds the generated test corpus once per session (see tests/helpers.py); without a GPU, Triton kernels
-run in the interpreter (set before any kernel module is imported)."""
+run in the interpreter (set before any kernel module is imported). Worker processes started by tests import the
+tree under test first, not whichever checkout the environment has installed."""
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -9,7 +11,10 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from tests.helpers import ensure_test_data
+_ROOT = str(Path(__file__).resolve().parents[1])
+os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (_ROOT, os.environ.get("PYTHONPATH")) if p)
+
+from tests.helpers import ensure_test_data  # noqa: E402
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -145,7 +145,8 @@ def save(run_dir: Path, step: int, parts, optimizer, extra: dict, layout: dict, 
     index = _shard_index(parts)
     if index is not None:
         (partial / f"rank_{rank:05d}.shards.json").write_text(json.dumps(index))
-    dist.barrier()
+    impls = [None] * dist.get_world_size()  # every LM rank builds the same; split's ViT ranks none
+    dist.all_gather_object(impls, experts_impl_of(parts.lm))
     if rank == 0:
         (partial / "meta.json").write_text(
             json.dumps(
@@ -153,7 +154,7 @@ def save(run_dir: Path, step: int, parts, optimizer, extra: dict, layout: dict, 
                     "step": step,
                     "world_size": dist.get_world_size(),
                     "layout": layout,
-                    "experts_impl": experts_impl_of(parts.lm),
+                    "experts_impl": next(impl for impl in impls if impl is not None),
                 }
             )
         )
@@ -260,7 +261,7 @@ def load(path: Path, parts, optimizer, layout: dict) -> dict:
             f"{layout}; resume with the same layout (use checkpoint.init_from for weights only)"
         )
     written, ours = meta.get("experts_impl", "sequential"), experts_impl_of(parts.lm)
-    if written != ours:
+    if ours is not None and written != ours:
         raise RuntimeError(
             f"checkpoint {path} was written with {written} MoE experts but this run builds {ours} "
             f"ones; the optimizer state does not carry over: resume with "

@@ -19,7 +19,7 @@ from keye_train.config.compose import load_checked_config
 from launch.processes import run_forwarding_signals
 from launch.slurm import render_sbatch, rendezvous_from_env
 from launch.torchrun import render, torchrun_command
-from parallel.layout import rank_roles, require_colocated
+from parallel.layout import rank_roles, require_trainable
 
 USAGE = "usage: keye-train launch {torchrun,slurm,slurm-node} [--dry-run] [overrides...]"
 
@@ -37,7 +37,7 @@ def run(argv: list[str]) -> int:
     train_args = [a for a in rest if a != "--dry-run"]
     cfg, sizes = load_checked_config(train_args, world="launch", check_data=False)
     if not dry_run:  # a dry run also renders what cannot run yet, and needs no data on this machine
-        require_colocated(cfg.parallel)
+        require_trainable(cfg.parallel, cfg.rl.enabled)
         check_data_config(cfg.data)
     env = {k: str(v) for k, v in cfg.launch.env.items()}
     if mode == "torchrun":

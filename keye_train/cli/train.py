@@ -14,9 +14,9 @@ def check_backend(cfg) -> None:
 
 
 def run(cfg, argv: list[str]) -> int:
-    from parallel.layout import require_colocated
+    from parallel.layout import require_trainable
 
-    require_colocated(cfg.parallel)
+    require_trainable(cfg.parallel, cfg.rl.enabled)
     check_backend(cfg)
     if needs_spawn(cfg.parallel.nproc):
         return spawn_local(cfg.parallel.nproc, argv)

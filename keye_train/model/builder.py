@@ -16,7 +16,7 @@ from keye_train.model.vision import VisionTower, vit_transformer_config
 
 @dataclass
 class ModelParts:
-    lm: torch.nn.Module
+    lm: torch.nn.Module | None  # None on the ViT's own ranks (placement=split)
     vision: torch.nn.Module | None  # None on ranks that do not host the vision tower
 
     def modules(self) -> list[torch.nn.Module]:
@@ -30,8 +30,12 @@ def vision_recompute(par: ParallelConfig) -> str:
 def build_model(model: ModelConfig, par: ParallelConfig, dtype: torch.dtype, on_gpu: bool, placement) -> ModelParts:
     """This rank's parts under `placement` (parallel/placement.py), which also gives the vision tower its groups."""
     fused = on_gpu and model.fusion == Fusion.auto
-    lm_config = lm_transformer_config(model.lm, par, dtype, on_gpu, fused)
-    lm = build_lm(model.lm, lm_config, pre_process=placement.is_first_stage(), post_process=placement.is_last_stage())
+    lm = None
+    if placement.hosts_lm():  # placement=split: the ViT's own ranks hold no LM
+        lm_config = lm_transformer_config(model.lm, par, dtype, on_gpu, fused)
+        lm = build_lm(
+            model.lm, lm_config, pre_process=placement.is_first_stage(), post_process=placement.is_last_stage()
+        )
     vision = None
     if placement.hosts_vision():
         vit_config = vit_transformer_config(
@@ -41,7 +45,7 @@ def build_model(model: ModelConfig, par: ParallelConfig, dtype: torch.dtype, on_
     for module in (lm, vision):
         if module is not None:
             mark_tensor_parallel_attributes(module)
-    if on_gpu:
+    if on_gpu and lm is not None:
         lm.cuda()
         if vision is not None:
             vision.cuda()
@@ -49,13 +53,14 @@ def build_model(model: ModelConfig, par: ParallelConfig, dtype: torch.dtype, on_
 
 
 def parameter_shards(parts: ModelParts):
-    yield from canonical_shards(
-        parts.lm,
-        "lm.",
-        parallel_state.get_tensor_model_parallel_group(),
-        parallel_state.get_expert_tensor_parallel_group(),
-        gated_mlp=True,
-    )
+    if parts.lm is not None:
+        yield from canonical_shards(
+            parts.lm,
+            "lm.",
+            parallel_state.get_tensor_model_parallel_group(),
+            parallel_state.get_expert_tensor_parallel_group(),
+            gated_mlp=True,
+        )
     if parts.vision is not None:
         yield from canonical_shards(parts.vision, "vision.", None)
 

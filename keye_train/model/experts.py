@@ -139,6 +139,8 @@ def grouped_experts_spec() -> ModuleSpec:
     )
 
 
-def experts_impl_of(module: torch.nn.Module) -> str:
-    """The experts implementation a built LM uses: "grouped" or "sequential"."""
+def experts_impl_of(module: torch.nn.Module | None) -> str | None:
+    """The experts implementation a built LM uses: "grouped" or "sequential" (None: no LM on this rank)."""
+    if module is None:
+        return None
     return "grouped" if any(isinstance(m, GroupedExperts) for m in module.modules()) else "sequential"

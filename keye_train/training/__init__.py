@@ -22,6 +22,12 @@ def build_trainer(cfg, objective_factory=None, schedule_factory=None):
     ctx = start_rank(cfg)
     if cfg.rl.enabled:  # an RL stage: prompts rolled out on the model itself (posttrain/rl_data.py)
         data, model = build_rl_data(cfg, ctx)
+    elif not ctx.placement.hosts_lm():  # placement=split's ViT ranks: patches come from the LM's first stage
+        from data_pipeline.tokenizer import KeyeTokenizer
+        from keye_train.training.schedules.split import VisionFeed
+
+        cfg.model.tokens = KeyeTokenizer(cfg.data.tokenizer).ids
+        data, model = VisionFeed(ctx.placement, ctx.device), build_train_model(cfg, ctx)
     else:
         group = ctx.placement.data_parallel_group()
         data = ShardLoader(

@@ -22,7 +22,7 @@ def dsa_metrics(lm: torch.nn.Module, device) -> dict[str, float]:
 
     names = ("kl", "recall", "overlap", "union16")
     sums = torch.zeros(2 * len(names), dtype=torch.float64, device=device)
-    attentions = dsa_core_attentions(lm)
+    attentions = dsa_core_attentions(lm) if lm is not None else []
     for attention in attentions:
         if parallel_state.get_tensor_model_parallel_rank() == 0:
             for stats in attention.stats:
@@ -62,10 +62,11 @@ def peak_memory_gib(device) -> float:
 class MoEBalanceTracker:
     """Counts tokens routed to each expert in every layer through forward hooks on the routers."""
 
-    def __init__(self, lm: torch.nn.Module, num_layers: int, num_experts: int):
+    def __init__(self, lm: torch.nn.Module | None, num_layers: int, num_experts: int):
+        """lm: None on ranks without one (placement=split's ViT ranks), which still join the collectives."""
         self.counts = None
         self.shape = (num_layers, num_experts)
-        for module in lm.modules():
+        for module in lm.modules() if lm is not None else ():
             if isinstance(module, TopKRouter):
                 module.register_forward_hook(self._hook(module.layer_number - 1))
 
@@ -78,13 +79,15 @@ class MoEBalanceTracker:
 
         return record
 
-    def collect(self, num_microbatches: int, device) -> dict[str, float]:
-        """Collective over all ranks. Returns aux loss and load-imbalance metrics, then resets."""
+    def collect(self, num_microbatches: int, device, lm_groups: bool = True) -> dict[str, float]:
+        """Collective over all ranks (and megatron's LM groups where lm_groups). Returns aux loss and
+        load-imbalance metrics, then resets."""
         counts = self.counts if self.counts is not None else torch.zeros(self.shape, dtype=torch.float64, device=device)
         dist.all_reduce(counts)
         self.counts = None
         per_layer = counts.max(dim=1).values / counts.mean(dim=1).clamp_min(1e-9)
-        moe_utils.reduce_aux_losses_tracker_across_ranks()
+        if lm_groups:
+            moe_utils.reduce_aux_losses_tracker_across_ranks()
         tracker = moe_utils.get_moe_layer_wise_logging_tracker()
         metrics = {
             "moe/max_over_mean_load": float(per_layer.mean()),
@@ -106,7 +109,7 @@ class StepMetrics:
         self.balance = MoEBalanceTracker(parts.lm, cfg.model.lm.num_layers, cfg.model.lm.num_experts)
 
     def collect(self, step: int) -> dict:
-        metrics = self.balance.collect(self.num_microbatches, self.device)
+        metrics = self.balance.collect(self.num_microbatches, self.device, lm_groups=self.parts.lm is not None)
         if self.cfg.model.lm.dsa.mode != "dense":
             metrics.update(dsa_metrics(self.parts.lm, self.device))
         if step % self.cfg.logging.log_interval == 0:

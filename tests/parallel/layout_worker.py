@@ -22,15 +22,17 @@ cpu_compat.install()
 from megatron.core import parallel_state  # noqa: E402
 
 from data_pipeline.loader import ShardLoader  # noqa: E402
+from data_pipeline.tokenizer import KeyeTokenizer  # noqa: E402
 from keye_train.config.compose import load_config  # noqa: E402
 from keye_train.model.builder import build_model, initialize_weights, parameter_shards  # noqa: E402
 from keye_train.training.objectives.next_token import NextTokenObjective  # noqa: E402
-from keye_train.training.optim import build_optimizer, optimizer_step, wrap_ddp  # noqa: E402
-from keye_train.training.schedules.colocated import ColocatedSchedule  # noqa: E402
-from keye_train.training.setup import TrainModel  # noqa: E402
+from keye_train.training.optim import finalize_grads, optimizer_step  # noqa: E402
+from keye_train.training.schedules import schedule_for  # noqa: E402
+from keye_train.training.schedules.split import VisionFeed  # noqa: E402
+from keye_train.training.setup import wrap_parts  # noqa: E402
 from parallel import context  # noqa: E402
 from parallel.layout import check_batch, check_layout, init_process_groups  # noqa: E402
-from parallel.placement import ColocatedPlacement  # noqa: E402
+from parallel.placement import placement_for  # noqa: E402
 
 SAMPLED = (
     "layers.0.self_attention.linear_qkv.weight",
@@ -53,9 +55,8 @@ def sampled(name: str) -> bool:
     return name.endswith(SAMPLED)
 
 
-def rank_batch(cfg):
-    """This DP rank's share of the first global batch, read the way the trainer reads it."""
-    dp, dp_rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
+def replica_batch(cfg, dp_rank: int, dp: int):
+    """An LM DP replica's share of the first global batch, read the way the trainer reads it."""
     loader = ShardLoader(cfg.data, cfg.train.seq_length, cfg.train.global_batch, cfg.train.seed, dp_rank, dp)
     cfg.model.tokens = loader.tokenizer.ids
     batches = loader.next_step()
@@ -63,21 +64,29 @@ def rank_batch(cfg):
     return batches
 
 
-def run_phase(cfg, mine, placement, distributed_optimizer: bool):
+def rank_batches(cfg, placement, dp: int):
+    """A callable giving this rank's micro-batches of the step: its replica's packs, or on a split ViT rank the
+    patches the LM's first stage sends it when the step runs (the trainer's data source there)."""
+    if placement.hosts_lm():
+        mine = replica_batch(cfg, parallel_state.get_data_parallel_rank(), dp)
+        return lambda: mine
+    cfg.model.tokens = KeyeTokenizer(cfg.data.tokenizer).ids
+    return VisionFeed(placement, torch.device("cpu")).next_step
+
+
+def run_phase(cfg, next_step, placement, distributed_optimizer: bool):
     """One forward-backward of the batch through the trainer's own schedule and objective."""
     parts = build_model(cfg.model, cfg.parallel, torch.float32, False, placement)
     initialize_weights(parts, cfg.model, cfg.train.seed)
-    lm = wrap_ddp(parts.lm, distributed_optimizer)
-    vision = wrap_ddp(parts.vision, distributed_optimizer) if parts.vision is not None else None
-    chunks = [c for c in (lm, vision) if c is not None]
-    optimizer = build_optimizer(chunks, cfg.optim, torch.float32, distributed_optimizer)
+    model = wrap_parts(parts, cfg.optim, torch.float32, distributed_optimizer, placement)
+    mine = next_step()
     objective = NextTokenObjective(placement, torch.device("cpu"))
     objective.begin_step(mine)
-    outputs = ColocatedSchedule(TrainModel(parts, lm, vision, optimizer), cfg.model.tokens, placement).run(
-        mine, objective
-    )
+    schedule = schedule_for(cfg, model, placement)
+    outputs = schedule.run(mine, objective)
     result = objective.end_step(outputs)
-    return parts, chunks, optimizer, result.loss if placement.is_last_stage() else None
+    loss = result.loss if placement.is_last_stage() else None
+    return parts, model.ddp_chunks, model.optimizer, loss, getattr(schedule, "encoded", None)
 
 
 def main(out_dir: str, overrides: list[str]):
@@ -85,21 +94,19 @@ def main(out_dir: str, overrides: list[str]):
     sizes = check_layout(cfg.parallel, cfg.model.lm, cfg.model.vit, int(os.environ["WORLD_SIZE"]))
     check_batch(cfg.train, sizes)
     init_process_groups(cfg.parallel, sizes, "gloo")
-    placement = ColocatedPlacement()
+    placement = placement_for(cfg.parallel, sizes)
     torch.manual_seed(0)
-    mine = rank_batch(cfg)
+    next_step = rank_batches(cfg, placement, sizes.dp)
     rank, out = dist.get_rank(), Path(out_dir)
     reference = out / "reference.npz"
     is_reference = dist.get_world_size() == 1
 
-    from megatron.core.distributed import finalize_model_grads
-
-    parts, chunks, _, loss_a = run_phase(cfg, mine, placement, distributed_optimizer=False)
-    finalize_model_grads(chunks)
+    parts, chunks, _, loss_a, encoded = run_phase(cfg, next_step, placement, distributed_optimizer=False)
+    finalize_grads(chunks)
     grads = {info.name: p.main_grad.detach().clone() for p, info in parameter_shards(parts) if sampled(info.name)}
     shards = {info.name: info for p, info in parameter_shards(parts) if sampled(info.name)}
 
-    parts, chunks, optimizer, loss_b = run_phase(cfg, mine, placement, distributed_optimizer=True)
+    parts, chunks, optimizer, loss_b, _ = run_phase(cfg, next_step, placement, distributed_optimizer=True)
     updated, grad_norm = optimizer_step(optimizer, chunks)
     weights = {info.name: p.detach().clone() for p, info in parameter_shards(parts) if sampled(info.name)}
 
@@ -109,6 +116,7 @@ def main(out_dir: str, overrides: list[str]):
         "loss_b": loss_b,
         "grad_norm": grad_norm,
         "updated": updated,
+        "encoded": encoded,  # split / spread: the micro-batches this rank ran through the ViT (None: not counted)
         "cp": context.size(),  # > 1: the schedule sliced every pack and the attention gathered K/V
         "grad_rel_err": {},
         "weight_rel_err": {},

@@ -55,6 +55,16 @@ LAYOUTS = {
         ],
     ),
 }
+# The ViT's placements, on a step with two packs holding images or video (seed 2: micro-batches 0 and 7 of 8),
+# so that each of two encoders gets one (dealt by cost) and the embeddings and their gradients cross ranks.
+VISUAL_STEP = ["train.seed=2", "train.global_batch=8"]
+PLACEMENTS = {
+    # split: ranks 0-1 run the ViT + projector (DP 2) and send the embeddings to the LM's stage 0 (ranks 2-3 run
+    # the LM with PP 2); the gradients come back and the ViT ranks reduce them among themselves
+    "split_pp2": (4, ["parallel.placement=split", "parallel.vision.ranks=2", "parallel.pp=2"]),
+    # spread: both pipeline stages encode; stage 1 sends its embeddings to stage 0, the ViT grads reduce over both
+    "spread_pp2": (2, ["parallel.placement=spread", "parallel.pp=2"]),
+}
 LOSS_TOL = 2e-6  # relative, fp32
 GRAD_TOL = 1e-4  # relative L2 error of a gradient or updated weight, fp32 with a different reduction order
 
@@ -84,10 +94,28 @@ def reference(tmp_path_factory):
     return out, report
 
 
+@pytest.fixture(scope="module")
+def visual_reference(tmp_path_factory):
+    out = tmp_path_factory.mktemp("placements")
+    (report,) = run_layout(1, VISUAL_STEP, out)
+    return out, report
+
+
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_layout_matches_single_rank(reference, layout):
-    out, ref = reference
     nproc, overrides = LAYOUTS[layout]
+    compare_to_reference(*reference, layout, nproc, overrides)
+
+
+@pytest.mark.parametrize("placement", list(PLACEMENTS))
+def test_vit_placement_matches_single_rank(visual_reference, placement):
+    nproc, overrides = PLACEMENTS[placement]
+    reports = compare_to_reference(*visual_reference, placement, nproc, [*VISUAL_STEP, *overrides])
+    encoders = reports[:2] if placement.startswith("split") else reports  # split: the ViT ranks; spread: all
+    assert [r["encoded"] for r in encoders] == [1, 1], (placement, [r["encoded"] for r in reports])
+
+
+def compare_to_reference(out: Path, ref: dict, layout: str, nproc: int, overrides: list[str]) -> list[dict]:
     reports = run_layout(nproc, overrides, out)
     losses = [r["loss_a"] for r in reports if r["loss_a"] is not None]
     assert losses, "no rank reported a loss"
@@ -114,3 +142,4 @@ def test_layout_matches_single_rank(reference, layout):
     with np.load(out / "reference.npz") as ref_arrays:
         expected = {key.split("/", 1)[1] for key in ref_arrays.files}
     assert compared == expected and len(expected) >= 13, sorted(expected ^ compared)
+    return reports

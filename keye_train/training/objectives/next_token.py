@@ -46,7 +46,7 @@ class NextTokenObjective:
         ce_sum = sum(float(d["ce_sum"]) for d in outputs) if outputs else 0.0
         last = self.placement.is_last_stage()
         loss = self._global_mean(ce_sum) if last else float("nan")
-        if self.placement.pipeline_size() > 1:  # only the last stage has it; every rank judges the step alike
+        if self.placement.loss_elsewhere():  # only the last stage has it; every rank judges the step alike
             loss = last_stage_value(loss, last, self.device)
         return StepLoss(loss, ce_sum, self.supervised_tokens, {"supervised_tokens": float(self.supervised_tokens)})
 

@@ -41,6 +41,6 @@ class PerResponseObjective:
             dist.all_reduce(reduced, group=self.placement.data_parallel_group())
             totals = dict(zip(self.summed, reduced.tolist()))
         loss = totals["pg_sum"] / max(self.num_seqs, 1) if last else float("nan")
-        if self.placement.pipeline_size() > 1:
+        if self.placement.loss_elsewhere():
             loss = last_stage_value(loss, last, self.device)
         return loss, totals, local[self.summed.index("pg_sum")]

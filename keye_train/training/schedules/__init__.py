@@ -17,7 +17,16 @@ class Schedule(Protocol):
 
 def schedule_for(cfg, model, placement) -> Schedule:
     from keye_train.training.schedules.colocated import ColocatedSchedule
+    from keye_train.training.schedules.split import SplitLMSchedule, SplitVisionSchedule
+    from keye_train.training.schedules.spread import SpreadSchedule
 
-    if placement.name != "colocated":
-        raise ValueError(f"parallel.placement={placement.name}: no schedule for it yet")
-    return ColocatedSchedule(model, cfg.model.tokens, placement)
+    if placement.name == "colocated":
+        return ColocatedSchedule(model, cfg.model.tokens, placement)
+    vision_trains = any(part in cfg.stage.trainable for part in ("vit", "projector"))
+    if placement.name == "spread":
+        return SpreadSchedule(model, cfg.model.tokens, placement, vision_trains)
+    if placement.name == "split":
+        if placement.hosts_lm():
+            return SplitLMSchedule(model, cfg.model.tokens, placement, vision_trains)
+        return SplitVisionSchedule(model, placement, vision_trains)
+    raise ValueError(f"parallel.placement={placement.name}: no schedule for it yet")

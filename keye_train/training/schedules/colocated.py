@@ -23,13 +23,14 @@ class ColocatedSchedule:
         set_indexer_loss_scale(unwrap_model(self.model.lm_chunk), 1.0 / len(microbatches))  # like megatron's aux
         if context.size() > 1:
             microbatches = self.context_slices(microbatches)
-        vision = self.model.vision_chunk
 
         def forward_step(data_iterator, chunk):
             batch = next(data_iterator)
             lm = unwrap_model(chunk)
             decoder_input = (
-                embed_inputs(lm, vision, batch, self.tokens, self.sequence_parallel) if lm.pre_process else None
+                embed_inputs(lm, self.vision_for(batch), batch, self.tokens, self.sequence_parallel)
+                if lm.pre_process
+                else None
             )
             if decoder_input is not None and not decoder_input.requires_grad and not forward_only:
                 # Stage 0 on a text-only pack: nothing upstream trains, but the backward must still run through
@@ -46,6 +47,10 @@ class ColocatedSchedule:
             micro_batch_size=1,
             forward_only=forward_only,
         )
+
+    def vision_for(self, batch):
+        """The first stage's vision tower for this micro-batch (called once per micro-batch, in order)."""
+        return self.model.vision_chunk
 
     def context_slices(self, microbatches: list) -> list:
         """This CP rank's slice of each micro-batch, all padded to one length that splits evenly over SP."""

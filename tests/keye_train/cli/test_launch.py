@@ -14,6 +14,8 @@ import time
 import pytest
 
 from keye_train.cli.launch import run as launch_main
+from keye_train.config.compose import load_checked_config
+from parallel.layout import require_trainable
 from tests.helpers import QUIET, cli_env, ensure_test_data
 
 TINY = [*QUIET, "train.global_batch=4", "train.seq_length=128", "optim.warmup_steps=0", "parallel.ep=2"]
@@ -181,7 +183,7 @@ def test_slurm_job_checkpoints_on_usr1_requeues_and_resumes(tmp_path):
     assert log.read_text().count("requeue") == 1
 
 
-def test_a_split_placement_script_lists_the_rank_roles_and_is_not_submitted(tmp_path, capsys):
+def test_a_split_placement_script_lists_the_rank_roles_of_a_job_that_trains(tmp_path, capsys):
     args = [
         "recipe=stage1_pretrain",
         "launch.nodes=18",
@@ -193,5 +195,5 @@ def test_a_split_placement_script_lists_the_rank_roles_and_is_not_submitted(tmp_
     script = capsys.readouterr().out
     assert "#   ranks 0-15: ViT + projector (tp 1 x dp 16)" in script
     assert "#   ranks 16-143: LM (tp 4 x pp 4 x dp 8, ep 8)" in script
-    with pytest.raises(ValueError, match="parallel.placement=split"):
-        launch_main(["torchrun", *args])
+    cfg, _ = load_checked_config(args, world="launch", check_data=False)
+    require_trainable(cfg.parallel, cfg.rl.enabled)  # the trainer runs the split schedule (no refusal left)

@@ -5,15 +5,24 @@ import pytest
 from keye_train.config.compose import load_checked_config
 from keye_train.planning.memory import GIB, memory_by_placement, memory_per_rank
 from keye_train.planning.placement import profile_from_shards, sample_frames
-from parallel.layout import LayoutError, LayoutSizes, require_colocated
+from parallel.layout import LayoutError, LayoutSizes, require_trainable
 from tests.helpers import QUIET
 
 
 def test_spread_and_auto_compose_and_spread_refuses_vit_ranks():
-    for value in ("spread", "auto"):
-        cfg, _ = load_checked_config([*QUIET, f"parallel.placement={value}"], world=1, check_data=False)
-        with pytest.raises(LayoutError, match=f"parallel.placement={value}"):
-            require_colocated(cfg.parallel)  # training refuses them until their schedules exist
+    cfg, _ = load_checked_config([*QUIET, "parallel.placement=spread"], world=1, check_data=False)
+    require_trainable(cfg.parallel)  # spread trains
+    cfg, _ = load_checked_config([*QUIET, "parallel.placement=auto"], world=1, check_data=False)
+    with pytest.raises(LayoutError, match="parallel.placement=auto is for `keye-train plan`"):
+        require_trainable(cfg.parallel)
+    split = [*QUIET, "parallel.placement=split", "parallel.vision.ranks=2"]
+    cfg, _ = load_checked_config(split, world=4, check_data=False)
+    require_trainable(cfg.parallel)  # split trains
+    with pytest.raises(LayoutError, match="parallel.placement=split with rl.enabled=true"):
+        require_trainable(cfg.parallel, rl=True)
+    cfg, _ = load_checked_config([*split, "parallel.vision.tp=2"], world=4, check_data=False)
+    with pytest.raises(LayoutError, match="parallel.vision.tp=2 with parallel.placement=split"):
+        require_trainable(cfg.parallel)
     with pytest.raises(ValueError, match="parallel.placement=spread with parallel.vision.ranks=2"):
         load_checked_config([*QUIET, "parallel.placement=spread", "parallel.vision.ranks=2"], world=4, check_data=False)
 
