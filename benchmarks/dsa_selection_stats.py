@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import math
 import os
 import sys
@@ -69,7 +70,7 @@ def pooled(stats: list[dict]) -> dict:
 @torch.no_grad()
 def measure(parts, cfg, batches) -> dict:
     from keye_train.model.dsa import dsa_core_attentions
-    from keye_train.model.keye_vl import embed_inputs, packed_params
+    from keye_train.model.keye_vl import embed_inputs, packed_params, visual_token_mask
 
     attentions = dsa_core_attentions(parts.lm)
     capture = SelectionCapture(attentions, cfg.model.lm.dsa.topk)
@@ -90,9 +91,10 @@ def measure(parts, cfg, batches) -> dict:
                 packed_seq_params=packed_params(batch),
             )
             bounds = batch.cu_seqlens.tolist()
+            visual = visual_token_mask(batch.input_ids, cfg.model.tokens)
             layer_docs = [document_sets(sel, batch.cu_seqlens) for sel in capture.selections]
             for d, (s, e) in enumerate(zip(bounds[:-1], bounds[1:])):
-                doc = {"pack": pack, "length": e - s, "layers": []}
+                doc = {"pack": pack, "length": e - s, "visual_tokens": int(visual[s:e].sum()), "layers": []}
                 for layer, docs in enumerate(layer_docs):
                     stats = selection_stats(docs[d])
                     doc["layers"].append(stats)
@@ -122,6 +124,13 @@ def held_out_batches(cfg, packs: int):
         return [loader.next_step()[0] for _ in range(packs)]
     finally:
         loader.close()
+
+
+def last_metrics(run_dir: Path, keys=("step", "loss", "dsa/kl", "dsa/recall", "dsa/overlap", "dsa/union16")) -> dict:
+    """The final logged step of a training run (its metrics.jsonl), the keys it has."""
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    last = json.loads(lines[-1]) if lines else {}
+    return {key: last[key] for key in keys if key in last}
 
 
 def fmt(x: float) -> str:
@@ -208,6 +217,7 @@ def main() -> None:
             "stages": stages,
             "untrained_checkpoint": str(untrained_dir),
             "trained_checkpoint": str(trained_dir),
+            "final_step_metrics": {"pretrain": last_metrics(untrained_dir), "warmup": last_metrics(trained_dir)},
         },
         "held_out": {
             "shards": str(held / "shards"),
