@@ -116,14 +116,31 @@ def load_parts(cfg, ctx, checkpoint: str):
     return parts, fresh
 
 
-def held_out_batches(cfg, packs: int):
+def held_out_batches(cfg, packs: int, video_packs: int, scan: int):
+    """The first `packs` packs of the held-out stream, then (scanning up to `scan` packs) the first `video_packs`
+    others holding a document with more than k visual tokens (a video or picture document)."""
     from data_pipeline.loader import ShardLoader
+    from data_pipeline.tokenizer import KeyeTokenizer
+    from keye_train.model.keye_vl import visual_token_mask
 
     loader = ShardLoader(cfg.data, cfg.train.seq_length, 1, cfg.train.seed + 1)
+    tokens, least = KeyeTokenizer(cfg.data.tokenizer).ids, cfg.model.lm.dsa.topk
+    chosen, videos = [], []
     try:
-        return [loader.next_step()[0] for _ in range(packs)]
+        for _ in range(scan):
+            if len(chosen) >= packs and len(videos) >= video_packs:
+                break
+            batch = loader.next_step()[0]
+            visual = visual_token_mask(batch.input_ids, tokens)
+            bounds = batch.cu_seqlens.tolist()
+            if any(int(visual[s:e].sum()) > least for s, e in zip(bounds[:-1], bounds[1:])):
+                if len(videos) < video_packs:
+                    videos.append(batch)
+            elif len(chosen) < packs:
+                chosen.append(batch)
     finally:
         loader.close()
+    return chosen + videos
 
 
 def last_metrics(run_dir: Path, keys=("step", "loss", "dsa/kl", "dsa/recall", "dsa/overlap", "dsa/union16")) -> dict:
@@ -142,7 +159,9 @@ def main() -> None:
     parser.add_argument("--chain", default="dsa_locality_cpu")
     parser.add_argument("--stage", default="dsa_warmup", help="the chain's warm-up stage (the one before: untrained)")
     parser.add_argument("--held-out", default="runs/dsa_locality/data/held_out", help="shards/ and tokenizer.json")
-    parser.add_argument("--packs", type=int, default=4)
+    parser.add_argument("--packs", type=int, default=4, help="held-out packs without a long visual document")
+    parser.add_argument("--video-packs", type=int, default=1, help="packs with a document of > k visual tokens")
+    parser.add_argument("--scan", type=int, default=200, help="held-out packs read at most to find them")
     parser.add_argument("--out", default=str(REPO / "benchmarks/results/dsa_selection_stats.json"))
     args, overrides = parser.parse_known_args()
 
@@ -164,7 +183,7 @@ def main() -> None:
     cfg.model.tokens = KeyeTokenizer(cfg.data.tokenizer).ids
     trained_dir = Path(chain.run_root) / args.stage
     untrained_dir = Path(chain.run_root) / chain.stages[index - 1].name
-    batches = held_out_batches(cfg, args.packs)
+    batches = held_out_batches(cfg, args.packs, args.video_packs, args.scan)
 
     parts, fresh = load_parts(cfg, ctx, str(untrained_dir))
     if not fresh:
@@ -224,6 +243,7 @@ def main() -> None:
             "packs": len(batches),
             "documents_measured": len(trained["documents"]),
             "document_lengths": [d["length"] for d in trained["documents"]],
+            "document_visual_tokens": [d["visual_tokens"] for d in trained["documents"]],
         },
         "trained": trained,
         "untrained": untrained,
@@ -234,7 +254,8 @@ def main() -> None:
     }
     write_result(Path(args.out), result)
 
-    print(f"L {length}, k {k}; held-out documents measured: {result['held_out']['document_lengths']}")
+    held_docs = list(zip(result["held_out"]["document_lengths"], result["held_out"]["document_visual_tokens"]))
+    print(f"L {length}, k {k}; held-out documents measured (length, visual tokens): {held_docs}")
     print("| sets | layer | Jaccard | U16/k | rows |")
     print("|---|---|---|---|---|")
     for name, run in (("trained indexer", trained), ("untrained indexer", untrained)):
