@@ -111,3 +111,31 @@ def test_the_triton_backend_computes_the_same_layer(single_rank):
     for name in grads_r:
         torch.testing.assert_close(grads_t[name], grads_r[name], rtol=1e-4, atol=1e-6, msg=name)
     assert stats_t["kl"] == pytest.approx(stats_r["kl"], rel=1e-5)
+
+
+def test_the_selection_capture_hook_sees_the_sets_sparse_mode_attends_to(single_rank, monkeypatch):
+    from benchmarks.dsa_selection_stats import SelectionCapture, document_sets
+    from keye_train.model import dsa as model_dsa
+
+    lm = build_lm(dsa_model("sparse", topk=8))
+    attended = []
+    sparse = model_dsa.dsa_ops.sparse_gqa_attention
+
+    def recording(q, k, v, indices, *args, **kwargs):
+        attended.append(indices.clone())
+        return sparse(q, k, v, indices, *args, **kwargs)
+
+    monkeypatch.setattr(model_dsa.dsa_ops, "sparse_gqa_attention", recording)
+    hidden, rotary, params = layer_inputs(lm)
+    capture = SelectionCapture([lm.decoder.layers[0].self_attention.core_attention], topk=8)
+    capture.cu_seqlens = params.cu_seqlens_q
+    with torch.no_grad():
+        lm.decoder.layers[0](hidden_states=hidden, attention_mask=None, rotary_pos_emb=rotary, packed_seq_params=params)
+    capture.remove()
+    assert len(attended) == 1 and torch.equal(capture.selections[0], attended[0])
+    docs = document_sets(capture.selections[0], params.cu_seqlens_q)
+    assert [d.shape[0] for d in docs] == [40, 56]
+    for doc in docs:  # document-relative: row t holds min(k, t + 1) keys among 0..t
+        rows = torch.arange(doc.shape[0])
+        assert torch.equal((doc >= 0).sum(1), (rows + 1).clamp(max=8))
+        assert bool(((doc <= rows[:, None]) | (doc < 0)).all())
