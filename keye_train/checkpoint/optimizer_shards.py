@@ -4,7 +4,8 @@ Each optimizer slot (one inner-optimizer parameter: a fp32 main weight with its 
 of one model parameter: the whole parameter, or with megatron's distributed optimizer the part of it this DP rank
 owns. A model parameter holds one canonical tensor's TP slice, or several (grouped experts' stacked weights, one
 per local expert). `rank_N.optim.json` records, per slot, the pieces of canonical tensors it holds:
-[name, TP slice index or None, slice shape, offset in the slice, offset in the slot, length] (flat elements).
+[name, TP split (dim, slice index, slices, gated) or None, slice shape, offset in the slice, offset in the slot,
+length] (flat elements).
 
 Adam is elementwise, so a canonical tensor's main weight and moments rebuilt from these pieces and cut for another
 layout are the state the other layout would hold after the same updates.
@@ -45,7 +46,8 @@ def _main_param_ranges(wrapper) -> dict[int, tuple[torch.Tensor, int, int]]:
 
 
 def _canonical_pieces(parts) -> dict[int, list[tuple]]:
-    """id(model parameter storage start) -> [(name, slice index, slice shape, offset in the parameter)]."""
+    """model parameter storage -> [(name, TP split, slice shape, storage offset, numel)] of the canonical tensors
+    in it."""
     from keye_train.model.builder import parameter_shards
 
     pieces: dict[tuple, list] = {}
@@ -53,7 +55,7 @@ def _canonical_pieces(parts) -> dict[int, list[tuple]]:
         if not tensor.is_contiguous():
             raise ValueError(f"{info.name}: a non-contiguous view cannot be mapped to optimizer ranges")
         pieces.setdefault(tensor.untyped_storage().data_ptr(), []).append(
-            (info.name, info.split and info.split[1], list(tensor.shape), tensor.storage_offset(), tensor.numel())
+            (info.name, info.split and list(info.split), list(tensor.shape), tensor.storage_offset(), tensor.numel())
         )
     return pieces
 
@@ -68,7 +70,7 @@ def _slots(optimizer):
 
 
 def _slot_pieces(model_param, start: int, end: int, pieces: dict) -> list[list] | None:
-    """The canonical pieces inside [start, end) of model_param: [name, slice, shape, slice offset, slot offset, n]."""
+    """The canonical pieces inside [start, end) of model_param: [name, split, shape, slice offset, slot offset, n]."""
     base = model_param.storage_offset()
     out = []
     for name, index, shape, offset, numel in pieces.get(model_param.untyped_storage().data_ptr(), []):
@@ -101,8 +103,8 @@ def load_resharded_optimizer(path: Path, world: int, parts, optimizer, read) -> 
     holders: dict[str, list] = {}
     for r in range(world):
         for key, found in json.loads((path / f"rank_{r:05d}.optim.json").read_text()).items():
-            for name, index, shape, at, slot_at, n in found:
-                holders.setdefault(name, []).append((r, key, index, shape, at, slot_at, n))
+            for name, split, shape, at, slot_at, n in found:
+                holders.setdefault(name, []).append((r, key, split, shape, at, slot_at, n))
     infos = {info.name: info for _tensor, info in parameter_shards(parts)}
     pieces = _canonical_pieces(parts)
 
@@ -110,7 +112,9 @@ def load_resharded_optimizer(path: Path, world: int, parts, optimizer, read) -> 
         """The canonical tensor `name`'s `state`, whole, from the written slices' flat pieces (one copy of each
         element: pieces already covered by a lower rank's are not read)."""
         flats, shapes, spans = {}, {}, {}
-        for r, key, index, shape, at, slot_at, n in holders[name]:
+        written_split = holders[name][0][2]  # the checkpoint's TP split of this tensor
+        for r, key, split, shape, at, slot_at, n in holders[name]:
+            index = split and split[1]
             if _covered(spans.get(index, []), at, at + n):
                 continue  # a data-parallel copy of elements already read
             values = read(r, f"{key}.{state}")
@@ -123,12 +127,15 @@ def load_resharded_optimizer(path: Path, world: int, parts, optimizer, read) -> 
             if not _covered(spans[index], 0, flat.numel()):
                 raise ValueError(f"checkpoint {path}: the optimizer pieces of {name} (slice {index}) leave a gap")
         tensors = {index: flat.view(shapes[index]) for index, flat in flats.items()}
-        if infos[name].split is None:
+        if written_split is None:
             return next(iter(tensors.values()))
-        dim, _rank, size, gated = infos[name].split
+        dim, _rank, size, gated = written_split
         if len(tensors) != size:
             raise ValueError(f"checkpoint {path}: {name} has {len(tensors)} of {size} optimizer slices")
-        return join_shards(tensors, dim, gated)
+        full = join_shards(tensors, dim, gated)
+        if tuple(full.shape) != tuple(infos[name].full_shape):
+            raise ValueError(f"checkpoint {path}: {name} is {tuple(full.shape)} there, {infos[name].full_shape} here")
+        return full
 
     for _key, inner, main, (model_param, start, end) in _slots(optimizer):
         state = {}
@@ -145,7 +152,7 @@ def load_resharded_optimizer(path: Path, world: int, parts, optimizer, read) -> 
             r, old_key = holders[name][0][:2]
             step = read(r, f"{old_key}.step")
             if step is not None:
-                state["step"] = step.reshape(())
+                state["step"] = step.reshape(()).clone()  # Adam counts it in place: one per slot
         if state:
             inner.state[main] = state
 

@@ -17,7 +17,7 @@ ARGS = [
     "checkpoint.interval=3",
     "optim.warmup_steps=2",
 ]
-LAYOUT_TOL = 1e-5  # relative loss difference between layouts: fp32 with another reduction order
+LAYOUT_TOL = 1e-6  # relative loss difference between layouts: fp32 with another reduction order
 
 
 def start(run_dir) -> subprocess.Popen:
@@ -107,21 +107,21 @@ def test_a_resume_under_another_dp_size_continues_with_the_same_losses(tmp_path)
 
 def test_a_tp2_ep2_checkpoint_resumes_under_pp2_cp2_and_back_with_the_same_losses(tmp_path):
     """TP 2 x EP 2 (DP 2, experts split over EP, distributed optimizer over DP) checkpoints at step 2; PP 2 x CP 2
-    (DP 1) resumes it for steps 3-4 and checkpoints; TP 2 x EP 2 resumes that for step 5. Each resumed step sees
-    the uninterrupted TP 2 x EP 2 run's batch and state: the same loss up to fp32 summation order."""
-    first, second = ["parallel.nproc=4", "parallel.tp=2", "parallel.ep=2"], [
-        "parallel.nproc=4",
-        "parallel.pp=2",
-        "parallel.cp=2",
-    ]
+    (DP 1) resumes it for steps 3-5 (checkpointing at 4); TP 2 x EP 2 resumes that for step 5. Each resumed step
+    sees the uninterrupted TP 2 x EP 2 run's batch and state: the same loss up to fp32 summation order (measured:
+    <= 8e-8 relative under PP 2 x CP 2, bit-equal back under TP 2 x EP 2). train.steps is 5 in every run: the LR
+    schedule decays to it."""
+    first = ["parallel.nproc=4", "parallel.tp=2", "parallel.ep=2"]
+    second = ["parallel.nproc=4", "parallel.pp=2", "parallel.cp=2"]
     five = ["train.steps=5", "checkpoint.interval=2", "checkpoint.keep_last=0"]
     straight, there, back = tmp_path / "straight", tmp_path / "there", tmp_path / "back"
     run_cli(straight, *first, *five)
     resume_from(straight, 2, there)
-    run_cli(there, *second, "train.steps=4", "checkpoint.interval=2")
+    run_cli(there, *second, *five)
     resume_from(there, 4, back)
     run_cli(back, *first, *five)
-    expected, got = logged_losses(straight), {**logged_losses(there), **logged_losses(back)}
-    assert sorted(got) == [3, 4, 5]
-    for step in (3, 4, 5):
-        assert abs(got[step] - expected[step]) <= LAYOUT_TOL * abs(expected[step]), (step, got[step], expected[step])
+    expected = logged_losses(straight)
+    for got in (logged_losses(there), logged_losses(back)):
+        assert sorted(got) in ([3, 4, 5], [5])
+        for step, loss in got.items():
+            assert abs(loss - expected[step]) <= LAYOUT_TOL * abs(expected[step]), (step, loss, expected[step])
