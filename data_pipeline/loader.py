@@ -265,6 +265,46 @@ class ShardLoader:
         self.rejects = Counter(state["rejects"])
         self.stats = Counter(state["stats"])
 
+    def load_regrouped_state(self, states: list[dict]) -> None:
+        """Continue the global sample stream of a run with another DP size from its ranks' states (one per old
+        DP rank, in order). Every rank plans every pack, so the planner state and pending events are common;
+        the packs of a step depend only on global_batch and are dealt to the new ranks. Counters add up on the
+        new DP rank 0. Refused where the stream would change: another global_batch, or spare samples (the
+        reserve is planned per rank)."""
+        if [int(s["dp_rank"]) for s in states] != list(range(len(states))) or any(
+            int(s["dp_size"]) != len(states) for s in states
+        ):
+            raise ValueError(f"data states of DP ranks {[s['dp_rank'] for s in states]} are not one whole run")
+        old = states[0]
+        if int(old["global_batch"]) != self.global_batch:
+            raise ValueError(
+                f"the checkpoint's data stream has global_batch={old['global_batch']}, this run "
+                f"train.global_batch={self.global_batch}; resume with it, or start from the weights with "
+                "checkpoint.init_from"
+            )
+        if len(states) != self.dp_size and self.planner.config.reserve_fraction > 0:
+            raise ValueError(
+                f"data.reserve_fraction={self.planner.config.reserve_fraction}: spare samples are planned per DP "
+                f"rank, so the stream of {len(states)} DP ranks does not continue exactly on {self.dp_size}; resume "
+                "with the checkpoint's DP size, or start from its weights with checkpoint.init_from"
+            )
+        if any(s["planner"] != old["planner"] or s.get("events") != old.get("events") for s in states):
+            raise ValueError("the DP ranks' data states disagree on the plan: the checkpoint is inconsistent")
+        rejects, stats = Counter(), Counter()
+        if self.dp_rank == 0:
+            for s in states:
+                rejects.update(s["rejects"])
+                stats.update(s["stats"])
+        self.load_state_dict(
+            {
+                **old,
+                "rejects": dict(rejects),
+                "stats": dict(stats),
+                "dp_rank": self.dp_rank,
+                "dp_size": self.dp_size,
+            }
+        )
+
     def _drain(self) -> None:
         for step in self.ahead:
             for jobs in step.jobs:

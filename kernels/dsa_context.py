@@ -9,16 +9,15 @@ unchanged on (local q, global k, v). Shapes and conventions otherwise follow `ke
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 
 from kernels import dsa as dsa_ops
 from kernels.dsa_reference import (
     DEFAULT_BUDGET_BYTES,
     _compute_dtype,
-    _gather_rows,
     attention_target,
     causal_span_indices,
-    kl_and_logit_grad,
+    dense_attention_target,
+    indexer_kl_chunk,
 )
 
 
@@ -52,24 +51,10 @@ def indexer_topk_segments(index_q, index_w, index_k, q_lengths, k_starts, k_leng
     return out
 
 
-def _dense_target(attn_q, attn_k, key_idx, softmax_scale: float, tp_group) -> torch.Tensor:
-    """Head-summed, L1-normalised dense attention of rows attn_q [R, Hq, D] over keys attn_k [K, Hkv, D], the
-    visible ones key_idx >= 0 ([R, K]); all-reduced over `tp_group` when the heads are split."""
-    rows, dim = attn_q.shape[0], attn_q.shape[2]
-    groups = attn_k.shape[1]
-    dtype = _compute_dtype(attn_q)
-    q4 = attn_q.to(dtype).view(rows, groups, -1, dim)
-    s = torch.einsum("rhgd,khd->rhgk", q4, attn_k.to(dtype)) * softmax_scale
-    s = s.masked_fill(key_idx[:, None, None, :] < 0, float("-inf"))
-    probs = torch.softmax(s, dim=-1).nan_to_num(0.0).sum(dim=(1, 2))
-    if tp_group is not None and dist.get_world_size(tp_group) > 1:
-        dist.all_reduce(probs, group=tp_group)
-    return probs / probs.sum(-1, keepdim=True).clamp_min(torch.finfo(dtype).tiny)
-
-
 class _SegmentIndexerKL(torch.autograd.Function):
     """sum_t weight[t] * KL(p_t || softmax(I_t)) over local query rows; the reference's chunked KL
-    (`kernels.dsa_reference._IndexerKL`) with each row at its global position, keys from the global sequence."""
+    (`kernels.dsa_reference._IndexerKL`, the same chunk step) with each row at its global position, keys from
+    the global sequence."""
 
     @staticmethod
     def forward(
@@ -80,7 +65,6 @@ class _SegmentIndexerKL(torch.autograd.Function):
         weights = weights.to(dtype)
         dq, dw, dk = torch.zeros_like(q), torch.zeros_like(w), torch.zeros_like(k)
         heads, d_index = q.shape[1], q.shape[2]
-        scale = d_index**-0.5
         per_key = (attn_q.shape[1] * 3 + heads * 3 + d_index + 8) * 8
         max_keys = None if indices is None else indices.shape[1]
         total = torch.zeros((), dtype=dtype, device=q.device)
@@ -88,28 +72,13 @@ class _SegmentIndexerKL(torch.autograd.Function):
             p1 = p0 + (r1 - r0)
             if indices is None:
                 key_idx = causal_span_indices(key_start, p0, p1, q.device)
-                keys = k[key_start:p1]
-                target = _dense_target(attn_q[r0:r1], attn_k[key_start:p1], key_idx, softmax_scale, tp_group)
+                dense_keys = slice(key_start, p1)
+                target = dense_attention_target(attn_q[r0:r1], attn_k[dense_keys], key_idx, softmax_scale, tp_group)
             else:
-                key_idx = indices[r0:r1]
-                keys = _gather_rows(k, key_idx)
+                key_idx, dense_keys = indices[r0:r1], None
                 target = attention_target(attn_q, attn_k, 0, r0, r1, indices, softmax_scale, tp_group)
-            valid = key_idx >= 0
-            sub = "rjd,sd->rjs" if indices is None else "rjd,rsd->rjs"
-            z = torch.einsum(sub, q[r0:r1], keys) * scale
-            logits = torch.einsum("rj,rjs->rs", w[r0:r1], torch.relu(z))
-            kl, g = kl_and_logit_grad(logits, target.to(dtype), valid)
-            row_weight = weights[r0:r1]
-            total += (kl * row_weight).sum()
-            g = g * row_weight[:, None]
-            dw[r0:r1] = torch.einsum("rs,rjs->rj", g, torch.relu(z))
-            dz = g[:, None, :] * w[r0:r1, :, None] * (z > 0) * scale
-            dq[r0:r1] = torch.einsum("rjs,sd->rjd" if indices is None else "rjs,rsd->rjd", dz, keys)
-            if indices is None:
-                dk[key_start:p1] += torch.einsum("rjs,rjd->sd", dz, q[r0:r1])
-            else:
-                dkeys = torch.einsum("rjs,rjd->rsd", dz, q[r0:r1])
-                dk.index_add_(0, key_idx.clamp(min=0).long().reshape(-1), dkeys.reshape(-1, d_index))
+            grads = (dq, dw, dk)
+            total += indexer_kl_chunk(q, w, k, grads, r0, r1, key_idx, dense_keys, target.to(dtype), weights[r0:r1])
         ctx.save_for_backward(dq, dw, dk)
         ctx.dtypes = (index_q.dtype, index_w.dtype, index_k.dtype)
         return total.float() if dtype != torch.float64 else total

@@ -225,18 +225,31 @@ def attention_target(
 
     The key set is `indices[r0:r1]` (sparse stage; probabilities renormalised on it) or, when indices is None,
     every causal key of the document (dense warm-up). Under TP the head sums are all-reduced over `tp_group`."""
-    rows, dim = r1 - r0, attn_q.shape[2]
-    groups = attn_k.shape[1]
-    dtype = _compute_dtype(attn_q)
-    q4 = attn_q[r0:r1].to(dtype).view(rows, groups, -1, dim)
     if indices is None:
         key_idx = causal_span_indices(doc_start, r0, r1, attn_q.device)
-        s = torch.einsum("rhgd,khd->rhgk", q4, attn_k[doc_start:r1].to(dtype)) * softmax_scale
-        s = s.masked_fill(key_idx[:, None, None, :] < 0, float("-inf"))
-    else:
-        key_idx = indices[r0:r1]
-        s = _set_scores(q4, _gather_rows(attn_k.to(dtype), key_idx), key_idx >= 0, softmax_scale)
-    probs = torch.softmax(s, dim=-1).nan_to_num(0.0).sum(dim=(1, 2))
+        return dense_attention_target(attn_q[r0:r1], attn_k[doc_start:r1], key_idx, softmax_scale, tp_group)
+    rows, dim = r1 - r0, attn_q.shape[2]
+    dtype = _compute_dtype(attn_q)
+    q4 = attn_q[r0:r1].to(dtype).view(rows, attn_k.shape[1], -1, dim)
+    key_idx = indices[r0:r1]
+    s = _set_scores(q4, _gather_rows(attn_k.to(dtype), key_idx), key_idx >= 0, softmax_scale)
+    return _head_summed(torch.softmax(s, dim=-1), tp_group, dtype)
+
+
+@torch.no_grad()
+def dense_attention_target(attn_q, attn_k, key_idx, softmax_scale: float, tp_group=None) -> torch.Tensor:
+    """Head-summed, L1-normalised dense attention of rows attn_q [R, Hq, D] over keys attn_k [K, Hkv, D], the
+    visible ones key_idx >= 0 ([R, K]); all-reduced over `tp_group` when the heads are split."""
+    rows, dim = attn_q.shape[0], attn_q.shape[2]
+    dtype = _compute_dtype(attn_q)
+    q4 = attn_q.to(dtype).view(rows, attn_k.shape[1], -1, dim)
+    s = torch.einsum("rhgd,khd->rhgk", q4, attn_k.to(dtype)) * softmax_scale
+    s = s.masked_fill(key_idx[:, None, None, :] < 0, float("-inf"))
+    return _head_summed(torch.softmax(s, dim=-1), tp_group, dtype)
+
+
+def _head_summed(probs, tp_group, dtype) -> torch.Tensor:
+    probs = probs.nan_to_num(0.0).sum(dim=(1, 2))
     if tp_group is not None and dist.get_world_size(tp_group) > 1:
         dist.all_reduce(probs, group=tp_group)
     return probs / probs.sum(-1, keepdim=True).clamp_min(torch.finfo(dtype).tiny)
@@ -253,6 +266,31 @@ def kl_and_logit_grad(logits: torch.Tensor, target: torch.Tensor, valid: torch.T
     return kl, grad
 
 
+def indexer_kl_chunk(q, w, k, grads, r0: int, r1: int, key_idx, dense_keys: slice | None, target, row_weight=None):
+    """One chunk of the indexer KL: rows r0:r1 of q [T, H, d] / w [T, H] against their keys in k, the contiguous
+    `k[dense_keys]` (dense warm-up; key_idx [R, K] marks the hidden ones < 0) or the gathered `k[key_idx]`
+    (sparse stage). Adds the chunk's gradients into grads = (dq, dw, dk); returns the sum over its rows of
+    row_weight * KL(target || softmax(I)) (weight 1 when None)."""
+    dq, dw, dk = grads
+    scale = q.shape[2] ** -0.5
+    dense = dense_keys is not None
+    keys = k[dense_keys] if dense else _gather_rows(k, key_idx)
+    z = torch.einsum("rjd,sd->rjs" if dense else "rjd,rsd->rjs", q[r0:r1], keys) * scale
+    logits = torch.einsum("rj,rjs->rs", w[r0:r1], torch.relu(z))
+    kl, g = kl_and_logit_grad(logits, target, key_idx >= 0)
+    if row_weight is not None:
+        kl, g = kl * row_weight, g * row_weight[:, None]
+    dw[r0:r1] = torch.einsum("rs,rjs->rj", g, torch.relu(z))
+    dz = g[:, None, :] * w[r0:r1, :, None] * (z > 0) * scale
+    dq[r0:r1] = torch.einsum("rjs,sd->rjd" if dense else "rjs,rsd->rjd", dz, keys)
+    if dense:
+        dk[dense_keys] += torch.einsum("rjs,rjd->sd", dz, q[r0:r1])
+    else:
+        dkeys = torch.einsum("rjs,rjd->rsd", dz, q[r0:r1])
+        dk.index_add_(0, key_idx.clamp(min=0).long().reshape(-1), dkeys.reshape(-1, q.shape[2]))
+    return kl.sum()
+
+
 class _IndexerKL(torch.autograd.Function):
     """Mean over query rows of KL(p_t || softmax(I_t)); gradients are formed chunk by chunk in the forward
     (they need the same scores) and scaled in the backward, so no L x L tensor is ever held."""
@@ -265,28 +303,14 @@ class _IndexerKL(torch.autograd.Function):
         q, w, k = index_q.to(dtype), index_w.to(dtype), index_k.to(dtype)
         dq, dw, dk = torch.zeros_like(q), torch.zeros_like(w), torch.zeros_like(k)
         heads, d_index = q.shape[1], q.shape[2]
-        scale = d_index**-0.5
         per_key = (attn_q.shape[1] * 3 + heads * 3 + d_index + 8) * 8
         max_keys = None if indices is None else indices.shape[1]
         total_kl = torch.zeros((), dtype=dtype, device=q.device)
         for doc_start, r0, r1 in row_chunks(cu_seqlens, per_key, budget_bytes, max_keys):
             key_idx = causal_span_indices(doc_start, r0, r1, q.device) if indices is None else indices[r0:r1]
-            valid = key_idx >= 0
-            keys = k[doc_start:r1] if indices is None else _gather_rows(k, key_idx)
-            sub = "rjd,sd->rjs" if indices is None else "rjd,rsd->rjs"
-            z = torch.einsum(sub, q[r0:r1], keys) * scale
-            logits = torch.einsum("rj,rjs->rs", w[r0:r1], torch.relu(z))
             target = attention_target(attn_q, attn_k, doc_start, r0, r1, indices, softmax_scale, tp_group).to(dtype)
-            kl, g = kl_and_logit_grad(logits, target, valid)
-            total_kl += kl.sum()
-            dw[r0:r1] = torch.einsum("rs,rjs->rj", g, torch.relu(z))
-            dz = g[:, None, :] * w[r0:r1, :, None] * (z > 0) * scale
-            dq[r0:r1] = torch.einsum("rjs,sd->rjd" if indices is None else "rjs,rsd->rjd", dz, keys)
-            if indices is None:
-                dk[doc_start:r1] += torch.einsum("rjs,rjd->sd", dz, q[r0:r1])
-            else:
-                dkeys = torch.einsum("rjs,rjd->rsd", dz, q[r0:r1])
-                dk.index_add_(0, key_idx.clamp(min=0).long().reshape(-1), dkeys.reshape(-1, d_index))
+            dense_keys = slice(doc_start, r1) if indices is None else None
+            total_kl += indexer_kl_chunk(q, w, k, (dq, dw, dk), r0, r1, key_idx, dense_keys, target)
         rows = max(1, q.shape[0])
         ctx.save_for_backward(dq / rows, dw / rows, dk / rows)
         ctx.dtypes = (index_q.dtype, index_w.dtype, index_k.dtype)

@@ -4,13 +4,15 @@ Layout: <run_dir>/checkpoints/step_00000010/{rank_00000.npz, rank_00000.json, ..
 Each rank writes its own model shards, optimizer state and RNG as raw arrays (`np.savez`, read back with
 `allow_pickle=False`) plus a JSON of plain values (step, data-loader state, run id). Ranks write into
 `step_N.partial`; after a barrier rank 0 writes meta.json and renames the folder, so a folder without the
-`.partial` suffix is always complete and a crash mid-save never becomes "latest". Resume requires the same
-parallel layout; meta.json records it and a mismatch is refused with both layouts named.
+`.partial` suffix is always complete and a crash mid-save never becomes "latest". meta.json records the
+parallel layout.
 
 Each rank also writes `rank_N.shards.json`: which of its arrays holds which slice of which canonical tensor
 (keye_train/model/sharding.py names, TP split). With it a weights-only start (`checkpoint.init_from`) loads into
 any other layout: every rank reads only the arrays that hold its own parameters, joins their TP slices and cuts
-its own.
+its own. `rank_N.optim.json` does the same for the optimizer state (optimizer_shards.py), so a full resume
+(`checkpoint.resume`) continues under another layout too, the data state regrouped for the new DP size by the data
+source; a checkpoint without these indexes resumes only under its own layout.
 
 Model tensors are keyed by megatron's state-dict names, which grouped and sequential MoE experts share
 (keye_train/model/experts.py), so weights load into either. The optimizer state is kept per parameter, and the
@@ -31,6 +33,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import tensor_parallel
 
+from keye_train.checkpoint.optimizer_shards import load_resharded_optimizer, optimizer_index
 from keye_train.model.experts import experts_impl_of
 
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
@@ -145,8 +148,11 @@ def save(run_dir: Path, step: int, parts, optimizer, extra: dict, layout: dict, 
     index = _shard_index(parts)
     if index is not None:
         (partial / f"rank_{rank:05d}.shards.json").write_text(json.dumps(index))
+        slots = optimizer_index(parts, optimizer)
+        if slots is not None:
+            (partial / f"rank_{rank:05d}.optim.json").write_text(json.dumps(slots))
     impls = [None] * dist.get_world_size()  # every LM rank builds the same; split's ViT ranks none
-    dist.all_gather_object(impls, experts_impl_of(parts.lm))
+    dist.all_gather_object(impls, experts_impl_of(parts.lm))  # also: every rank's files are written
     if rank == 0:
         (partial / "meta.json").write_text(
             json.dumps(
@@ -202,7 +208,7 @@ def load_weights(source: str, parts, layout: dict) -> list[str]:
     return fresh
 
 
-def _load_resharded(path: Path, source: str, world: int, parts) -> list[str]:
+def _load_resharded(path: Path, source: str, world: int, parts, allow_fresh: bool = True) -> list[str]:
     """Weights from a checkpoint of another layout: each local parameter's canonical tensor is rebuilt from the
     written TP slices (one data-parallel copy each), then cut for this rank."""
     from keye_train.model.builder import parameter_shards
@@ -224,10 +230,10 @@ def _load_resharded(path: Path, source: str, world: int, parts) -> list[str]:
         for tensor, info in parameter_shards(parts):
             pieces = holders.get(info.name)
             if not pieces:
-                if ".indexer." in info.name:
+                if allow_fresh and ".indexer." in info.name:
                     fresh.append(info.name)
                     continue
-                raise KeyError(f"checkpoint.init_from={source} has no tensor {info.name}")
+                raise KeyError(f"checkpoint {source} has no tensor {info.name}")
             split = pieces[0][1]["split"]
             if split is None:
                 r, entry = pieces[0]
@@ -253,13 +259,11 @@ def _load_resharded(path: Path, source: str, world: int, parts) -> list[str]:
 
 
 def load(path: Path, parts, optimizer, layout: dict) -> dict:
-    """Restore this rank's state in place; return its JSON extras (step, data state, ...)."""
+    """Restore this rank's state in place; return its JSON extras (step, data state, ...).
+
+    Under another layout than the checkpoint's (`_load_other_layout`) the extras hold `data_by_dp_rank`, the
+    data state of every written DP rank, in place of `data`: the data source regroups them."""
     meta = json.loads((path / "meta.json").read_text())
-    if meta["layout"] != layout:
-        raise RuntimeError(
-            f"checkpoint {path} was written with layout {meta['layout']} but this run uses "
-            f"{layout}; resume with the same layout (use checkpoint.init_from for weights only)"
-        )
     written, ours = meta.get("experts_impl", "sequential"), experts_impl_of(parts.lm)
     if ours is not None and written != ours:
         raise RuntimeError(
@@ -267,19 +271,82 @@ def load(path: Path, parts, optimizer, layout: dict) -> dict:
             f"ones; the optimizer state does not carry over: resume with "
             f"model.lm.experts_impl={written} (or start from its weights with checkpoint.init_from)"
         )
+    if meta["layout"] != layout:
+        return _load_other_layout(path, meta, parts, optimizer, layout)
     rank = dist.get_rank()
     with np.load(path / f"rank_{rank:05d}.npz", allow_pickle=False) as arrays:
         for key, tensor in _model_tensors(parts).items():
             tensor.data.copy_(_from_numpy(arrays[key], tensor))
         if optimizer is not None:
             _load_optimizer(optimizer, arrays)
-        torch.set_rng_state(torch.from_numpy(np.array(arrays["rng.cpu"])))
-        if torch.cuda.is_available() and "rng.cuda" in arrays.files:
-            torch.cuda.set_rng_state(torch.from_numpy(np.array(arrays["rng.cuda"])))
-            prefix = "rng.tracker."
-            tracker = {
-                k[len(prefix) :]: torch.from_numpy(np.array(arrays[k])) for k in arrays.files if k.startswith(prefix)
-            }
-            if tracker:
-                tensor_parallel.get_cuda_rng_tracker().set_states(tracker)
+        _load_rng(arrays)
     return json.loads((path / f"rank_{rank:05d}.json").read_text())
+
+
+def _load_rng(arrays) -> None:
+    torch.set_rng_state(torch.from_numpy(np.array(arrays["rng.cpu"])))
+    if torch.cuda.is_available() and "rng.cuda" in arrays.files:
+        torch.cuda.set_rng_state(torch.from_numpy(np.array(arrays["rng.cuda"])))
+        prefix = "rng.tracker."
+        tracker = {k[len(prefix) :]: torch.from_numpy(np.array(arrays[k])) for k in arrays.files if prefix in k}
+        if tracker:
+            tensor_parallel.get_cuda_rng_tracker().set_states(tracker)
+
+
+def _load_other_layout(path: Path, meta: dict, parts, optimizer, layout: dict) -> dict:
+    """A resume under another layout: weights through the shard index, the fp32 main weights and Adam moments
+    through the optimizer index (optimizer_shards.py), the step and counters from rank 0, the data state of every
+    written DP rank. The RNG streams are this rank's number's (rank 0's if the old world was smaller)."""
+    world = meta["world_size"]
+    needed = [f"rank_{r:05d}.{kind}.json" for r in range(world) for kind in ("shards", "optim")]
+    missing = [name for name in needed if not (path / name).is_file()]
+    if missing:
+        raise RuntimeError(
+            f"checkpoint {path} was written with layout {meta['layout']} but this run uses {layout}, and it lacks "
+            f"{missing[0]} (the index that maps its weights and optimizer state to other layouts: checkpoints "
+            "written before cross-layout resume lack it); resume with the same layout, or start from its weights "
+            "with checkpoint.init_from"
+        )
+    _load_resharded(path, str(path), world, parts, allow_fresh=False)
+    if optimizer is not None:
+        with _ArrayReader(path) as read:
+            load_resharded_optimizer(path, world, parts, optimizer, read)
+    rank = dist.get_rank()
+    with np.load(path / f"rank_{rank if rank < world else 0:05d}.npz", allow_pickle=False) as a:
+        _load_rng(a)
+    extras = [json.loads((path / f"rank_{r:05d}.json").read_text()) for r in range(world)]
+    by_dp_rank = {}
+    for extra in extras:
+        by_dp_rank.setdefault(int(extra["data"].get("dp_rank", 0)), extra["data"])
+    out = {k: v for k, v in extras[0].items() if k != "data"}
+    out["data_by_dp_rank"] = [by_dp_rank[r] for r in sorted(by_dp_rank)]
+    return out
+
+
+class _ArrayReader:
+    """read(rank, key) -> that rank's array as float32 (None when absent), opening each rank's file once and
+    keeping the last few arrays (a slot read for several canonical pieces)."""
+
+    def __init__(self, path: Path):
+        self.path, self.files, self.recent = path, {}, {}
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        for f in self.files.values():
+            f.close()
+
+    def __call__(self, rank: int, key: str) -> torch.Tensor | None:
+        if (rank, key) not in self.recent:
+            if rank not in self.files:
+                self.files[rank] = np.load(self.path / f"rank_{rank:05d}.npz", allow_pickle=False)
+            if key not in self.files[rank].files:
+                return None
+            values = self.files[rank][key]
+            if values.dtype != np.float32:
+                raise ValueError(f"{self.path} rank {rank}: optimizer array {key} is {values.dtype}, not float32")
+            if len(self.recent) >= 8:
+                self.recent.pop(next(iter(self.recent)))
+            self.recent[(rank, key)] = torch.from_numpy(np.array(values)).reshape(-1)
+        return self.recent[(rank, key)]

@@ -71,7 +71,17 @@ class Trainer:
         extra = checkpoint.load(latest, self.model.parts, self.model.optimizer, self.ctx.layout)
         self.step = extra["step"]
         self.updates = int(extra.get("updates", self.step))  # written before updates were counted: no skips
-        self.data.load_state_dict(extra["data"])
+        if "data_by_dp_rank" in extra:  # written under another layout
+            regroup = getattr(self.data, "load_regrouped_state", None)
+            if regroup is None:
+                raise RuntimeError(
+                    f"checkpoint {latest} was written under another layout and {type(self.data).__name__} cannot "
+                    "map its data state to this one; resume with the checkpoint's layout, or start from its "
+                    "weights with checkpoint.init_from"
+                )
+            regroup(extra["data_by_dp_rank"])
+        else:
+            self.data.load_state_dict(extra["data"])
         self.run_id = extra["run_id"]
         self.policy.load_state_dict(extra)
         self._owner_print(f"resumed from {latest} at step {self.step}")

@@ -219,3 +219,52 @@ def test_a_reserve_with_several_ranks_needs_an_exchange(mix):
         ShardLoader(cfg, 8192, 4, seed=0, dp_rank=0, dp_size=2)
     with pytest.raises(ValueError, match=r"data.reserve_fraction=1.5 must be in \[0, 1\)"):
         check_data_config(DataConfig(shards=str(mix), tokenizer=str(TOKENIZER), reserve_fraction=1.5))
+
+
+def global_ids(loader, batches):
+    return [tuple(b.sample_ids) for b in batches]
+
+
+def step_sets(per_rank):
+    """[step] -> the sorted sample ids of the whole global batch (every rank's packs)."""
+    return [sorted(i for rank in per_rank for i in sum(rank[step], ())) for step in range(len(per_rank[0]))]
+
+
+@pytest.mark.parametrize("old_dp, new_dp", [(2, 1), (1, 2)])
+def test_a_resume_under_another_dp_size_continues_the_same_global_stream(mix, old_dp, new_dp):
+    """Checkpoint after 4 steps under old_dp ranks (with rejects: pending events), regroup the states for new_dp
+    ranks: the next 5 global batches hold the samples of the uninterrupted run's, none lost or repeated, and the
+    counters add up to the uninterrupted run's."""
+    make = lambda dp: loaders(mix, 8192, 4, dp, prefetch_steps=2)
+    ranks, reference = make(old_dp)
+    expected = step_sets(ranks.run(reference, 9, global_ids))
+    ranks, first = make(old_dp)
+    head = step_sets(ranks.run(first, 4, global_ids))
+    states = [json.loads(json.dumps(loader.state_dict())) for loader in first]
+    assert any(events and any(rank["rejected"] for rank in events) for events in states[0]["events"])
+    ranks, resumed = make(new_dp)
+    for loader in resumed:
+        loader.load_regrouped_state(states)
+    tail = step_sets(ranks.run(resumed, 5, global_ids))
+    assert head + tail == expected
+    every = [i for step in head + tail for i in step]
+    assert len(every) == len(set(every))
+    for key in ("samples", "planned", "rejected/decode_error", "pack_tokens"):
+        assert total(resumed, key) == total(reference, key), key
+    assert total(reference, "rejected/decode_error") > 0
+    for loader in reference + first + resumed:
+        loader.close()
+
+
+def test_a_dp_change_with_a_reserve_or_another_global_batch_is_refused(mix):
+    ranks, first = loaders(mix, 8192, 4, 2, reserve_fraction=0.2)
+    ranks.run(first, 2, global_ids)
+    states = [json.loads(json.dumps(loader.state_dict())) for loader in first]
+    _, (single,) = loaders(mix, 8192, 4, 1, reserve_fraction=0.2)
+    with pytest.raises(ValueError, match=r"data.reserve_fraction=0.2: .*checkpoint.init_from"):
+        single.load_regrouped_state(states)
+    _, (other_batch,) = loaders(mix, 8192, 2, 1)
+    with pytest.raises(ValueError, match=r"global_batch=4, this run train.global_batch=2"):
+        other_batch.load_regrouped_state(states)
+    for loader in first + [single, other_batch]:
+        loader.close()
