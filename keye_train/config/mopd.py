@@ -31,7 +31,7 @@ class TeacherPlacement(StrEnum):
 @dataclass
 class TeacherConfig:
     name: str = "teacher"
-    model: str = "tiny"  # a model preset (config/model.py); may differ from the student's
+    model: str = "tiny"  # a model preset (config/model.py), may differ from the student's; "student": the student's
     checkpoint: str = ""  # a run or checkpoint directory (ours) or an HF model directory (hf)
     format: CheckpointFormat = CheckpointFormat.ours
 
@@ -62,6 +62,7 @@ class RepetitionConfig:
 
 @dataclass
 class MOPDConfig:
+    enabled: bool = False  # distil this stage's rollouts (rl.enabled too: the RL stage's prompts and rollout engine)
     mode: AdvantageMode = AdvantageMode.overlap
     top_k: int = 32
     category_weights: Dict[str, float] = field(default_factory=_default_category_weights)  # gamma_c
@@ -110,5 +111,10 @@ class MOPDConfig:
                 raise ValueError(f"mopd.routes[{k}].teacher={route.teacher!r} is not in mopd.teachers: {names}")
         if self.default_teacher and self.default_teacher not in names:
             raise ValueError(f"mopd.default_teacher={self.default_teacher!r} is not in mopd.teachers: {names}")
+        if self.enabled and not self.teachers:
+            raise ValueError("mopd.teachers is empty: a MOPD stage (mopd.enabled=true) needs at least one teacher")
+        for k, teacher in enumerate(self.teachers):
+            if self.enabled and not teacher.checkpoint:
+                raise ValueError(f"mopd.teachers[{k}].checkpoint is empty (teacher {teacher.name!r})")
         if self.placement != TeacherPlacement.in_process:
             raise ValueError(f"mopd.placement={self.placement}: only in_process is built")

@@ -32,6 +32,12 @@ class KeyeTrainConfig:
 
     def __post_init__(self):
         sampling = self.rollout.sampling
+        if self.mopd.enabled and not self.rl.enabled:
+            raise ValueError(
+                "mopd.enabled=true needs rl.enabled=true: MOPD distils the student's own rollouts of rl.prompts"
+            )
+        if self.mopd.enabled and self.parallel.pp > 1:
+            raise ValueError(f"parallel.pp={self.parallel.pp}: MOPD's in-process teachers and the rollout need pp=1")
         if self.rl.enabled and (sampling.temperature != 1 or sampling.top_p != 1 or sampling.top_k != 0):
             # GSPO's log pi is the trainer's per-token CE of the raw logits: the rollout samples from that same
             # distribution, so pi_old, pi_rollout and pi_theta are one distribution (no 1/T in the trainer)
