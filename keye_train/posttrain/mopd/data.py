@@ -26,10 +26,11 @@ import torch.distributed as dist
 from data_pipeline.batch import PackedBatch
 from keye_train.posttrain.batch import TextResponse
 from keye_train.posttrain.gspo import group_advantages
-from keye_train.posttrain.mopd.advantage import token_scores
+from keye_train.posttrain.mopd.advantage import support_set, token_scores
 from keye_train.posttrain.mopd.batch import MOPDBatch, pack_mopd_responses
-from keye_train.posttrain.mopd.categories import tag_response, tagger_for
+from keye_train.posttrain.mopd.categories import category_weights, tag_response, tagger_for
 from keye_train.posttrain.mopd.metrics import SUMS, TeacherMetrics
+from keye_train.posttrain.mopd.repetition import repetition_penalty
 from keye_train.posttrain.mopd.shaping import shaped_advantages
 from keye_train.posttrain.mopd.sprr import REASONS, ChatRenderer, MismatchCounter, RenderedContext, teacher_sequence
 from keye_train.posttrain.mopd.teachers import (
@@ -72,6 +73,20 @@ def as_mopd(pack, token_advantages: torch.Tensor) -> MOPDBatch:
     return MOPDBatch(**fields, token_advantages=token_advantages, generated=None)
 
 
+def attach_support(pack: MOPDBatch, supports: list, k: int) -> MOPDBatch:
+    """The support-KL tensors of the pack's responses (in response_index order) at their label positions."""
+    n = pack.input_ids.numel()
+    pack.support_ids = torch.full((n, k), -1, dtype=torch.long)
+    pack.support_teacher_logp = torch.zeros(n, k)
+    pack.support_weights = torch.zeros(n)
+    for r, (ids, teacher, weights) in enumerate(supports):
+        at = (pack.response_index == r).nonzero()[:, 0]
+        pack.support_ids[at, : ids.shape[1]] = ids.cpu()
+        pack.support_teacher_logp[at, : ids.shape[1]] = teacher.float().cpu()
+        pack.support_weights[at] = weights.float()
+    return pack
+
+
 @dataclasses.dataclass
 class Scored:
     """One student response on its way to the loss."""
@@ -82,7 +97,8 @@ class Scored:
     outcome: float  # the group-normalised reward (used with mopd.outcome_weight > 0)
     teacher: str
     student_rows: torch.Tensor | None = None  # [R, V_local]
-    advantage: torch.Tensor | None = None  # [R] shaped A^
+    advantage: torch.Tensor | None = None  # [R] shaped A^ (support-KL form: the repetition penalty only)
+    support: tuple | None = None  # support-KL form: ([R, k] Omega ids, [R, k] log pi_T there, [R] gamma_t)
 
 
 class MOPDDataSource(RLDataSource):
@@ -201,6 +217,13 @@ class MOPDDataSource(RLDataSource):
                         vocab_size=int(teacher.parts.lm.vocab_size),
                     )
                     zeros = torch.zeros(len(item.response), dtype=torch.float64)
+                    if self.mopd.on_support:  # masked: an empty Omega and no weight
+                        k = self.mopd.top_k
+                        item.support = (
+                            torch.full((len(item.response), k), -1),
+                            torch.zeros(len(item.response), k),
+                            zeros,
+                        )
                     if not seq.ok:
                         self._pad_forward(teacher.parts)
                         counter.add(name, seq.reason)
@@ -224,6 +247,14 @@ class MOPDDataSource(RLDataSource):
                     )
                     metrics.add(name, scores, shaped)
                     item.advantage = shaped
+                    if self.mopd.on_support:  # gamma_t on the support term; the sampled token keeps the penalty
+                        rep = self.mopd.repetition
+                        omega, teacher_logp = support_set(item.student_rows, rows, str(self.mopd.mode), self.mopd.top_k)
+                        gamma = category_weights(cats, self.mopd.category_weights)
+                        item.support = (omega, teacher_logp, gamma)
+                        item.advantage = repetition_penalty(
+                            item.response, rep.penalty, rep.max_period, rep.min_repeats, rep.min_span
+                        )
 
     # ---- packs ------------------------------------------------------------------------------------------------
 
@@ -241,26 +272,33 @@ class MOPDDataSource(RLDataSource):
                 pack = self._visual_pack(record.prompt, item.response, item.rollout_logp, item.outcome)
                 adv = torch.zeros(seq)
                 adv[pack.loss_mask > 0] = item.advantage.float()
-                visual.append(as_mopd(pack, adv))
+                pack = as_mopd(pack, adv)
+                visual.append(attach_support(pack, [item.support], self.mopd.top_k) if item.support else pack)
             else:
                 sample = TextResponse(record.ids, item.response, item.outcome, rollout_logp=item.rollout_logp)
-                text.append((sample, item.advantage.tolist()))
+                text.append((sample, item.advantage.tolist(), item.support))
         packs, current, used = [], [], 0
-        for sample, adv in text:
-            n = len(sample.prompt_ids) + len(sample.response_ids)
+
+        def flush():
+            pack = pack_mopd_responses([c[0] for c in current], [c[1] for c in current], seq, self.tokens.pad)
+            if self.mopd.on_support:
+                pack = attach_support(pack, [c[2] for c in current], self.mopd.top_k)
+            packs.append(pack)
+
+        for entry in text:
+            n = len(entry[0].prompt_ids) + len(entry[0].response_ids)
             if current and used + n > seq:
-                packs.append(
-                    pack_mopd_responses([s for s, _ in current], [a for _, a in current], seq, self.tokens.pad)
-                )
+                flush()
                 current, used = [], 0
-            current.append((sample, adv))
+            current.append(entry)
             used += n
         if current:
-            packs.append(pack_mopd_responses([s for s, _ in current], [a for _, a in current], seq, self.tokens.pad))
+            flush()
         packs += visual
         (most,) = self._max_over_ranks([len(packs)])
         for _ in range(max(most, 1) - len(packs)):
-            packs.append(as_mopd(empty_pack(seq, self.tokens.pad), torch.zeros(seq)))
+            pack = as_mopd(empty_pack(seq, self.tokens.pad), torch.zeros(seq))
+            packs.append(attach_support(pack, [], self.mopd.top_k) if self.mopd.on_support else pack)
         return packs
 
     # ---- DataSource -------------------------------------------------------------------------------------------

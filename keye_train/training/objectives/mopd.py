@@ -32,6 +32,7 @@ from functools import partial
 import torch
 
 from keye_train.posttrain.gspo import correction_weights, seq_mean_token_mean_sum, token_counts
+from keye_train.posttrain.mopd.advantage import support_surrogate
 from keye_train.training.objectives import StepLoss
 from keye_train.training.objectives.per_response import PerResponseObjective
 
@@ -49,7 +50,17 @@ def _loss(objective: MOPDObjective, batch, per_token_loss: torch.Tensor):
         if getattr(batch, key, None) is None:
             raise ValueError(f"the MOPD objective needs batches with {key} (posttrain.mopd.batch.MOPDBatch)")
     rl, alpha = objective.rl, float(objective.mopd.outcome_weight)
-    logp = -per_token_loss.view(-1).to(torch.promote_types(per_token_loss.dtype, torch.float32))
+    support = None
+    if objective.wants_logits:  # the support-KL form: the model gave [1, S, V] logits
+        logits = per_token_loss.reshape(-1, per_token_loss.shape[-1])
+        all_logp = torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), -1)
+        logp = all_logp.gather(-1, batch.labels.view(-1, 1).long())[:, 0]
+        if batch.support_ids is None:
+            raise ValueError("the support-KL MOPD loss needs batches with support_ids (mopd.loss)")
+        support = support_surrogate(all_logp, batch.support_ids, batch.support_teacher_logp)
+        support = support * batch.support_weights.to(support.dtype)
+    else:
+        logp = -per_token_loss.view(-1).to(torch.promote_types(per_token_loss.dtype, torch.float32))
     mask = loss_mask(batch).to(logp.dtype)
     index = batch.response_index.clamp(min=0)
     advantage = batch.token_advantages.to(logp.dtype)
@@ -62,6 +73,8 @@ def _loss(objective: MOPDObjective, batch, per_token_loss: torch.Tensor):
     rollout = batch.rollout_logp.to(logp.dtype) if batch.rollout_logp is not None else None
     weights = correction_weights(old, rollout, str(rl.correction), rl.tis_cap, rl.icepop_low, rl.icepop_high)
     pg = -advantage * logp
+    if support is not None:
+        pg = pg + support * mask
     if weights is not None:
         pg = pg * weights.to(pg.dtype)
     num_seqs = int(batch.response_index.max().item()) + 1 if (batch.response_index >= 0).any() else 0
@@ -97,6 +110,7 @@ class MOPDObjective(PerResponseObjective):
         """mopd: the run's MOPDConfig (outcome_weight); rl: its RLConfig (the correction and its bounds)."""
         super().__init__(placement, device)
         self.mopd, self.rl = mopd, rl
+        self.wants_logits = bool(getattr(mopd, "on_support", False))  # the schedule hands over the logits
 
     def begin_step(self, microbatches: list) -> int:
         responses = sum(num_responses(b) for b in microbatches)

@@ -1,6 +1,6 @@
 """A MOPD stage end to end on the tiny model (1 rank, CPU): the student's rollouts through the rollout engine,
 routed by task to in-process teachers loaded from checkpoints, SPRR-aligned, scored, trained through the trainer's
-schedule with the MOPD objective. A teacher equal to the student gives A = 0 and the weights do not move; with a
+schedule with the MOPD objective. A teacher equal to the student gives A = 0 (to float32 forward numerics); with a
 different teacher the reverse KL to it falls over the steps; each response goes to its task's teacher."""
 
 import json
@@ -61,6 +61,7 @@ def mopd_args(tmp, prompts, teachers, routes, default, mode, steps, lr):
         f"mopd.routes=[{', '.join(routes)}]",
         f"mopd.default_teacher={default}",
         f"train.steps={steps}",
+        f"checkpoint.init_from={tmp / 'same'}",  # the student starts from the "same" teacher's weights
         f"optim.lr={lr}",
         f"optim.min_lr={lr}",
     ]
@@ -87,16 +88,20 @@ def reverse_kl(row, teacher):
 
 
 @pytest.mark.parametrize("mode", ["overlap", "student_only", "teacher_on_student", "sampled_token"])
-def test_a_teacher_equal_to_the_student_gives_zero_and_the_weights_do_not_move(setup, mode):
+def test_a_teacher_equal_to_the_student_gives_zero(setup, mode):
+    """A = 0 up to float32 forward numerics: two CPU instances of the model with bit-equal weights give logits
+    that differ by ~7e-7 (measured), so |A| is of that order, not exactly 0; and Adam normalises any nonzero
+    gradient, so the end-to-end weights do move by ~lr. That the weights don't move at exactly A = 0 is
+    test_objective.py's test on the objective."""
     tmp, prompts, teachers = setup
-    result = run(tmp, f"zero_{mode}", "train", mopd_args(tmp, prompts, teachers, [], "same", mode, 2, 1e-2))
+    result = run(tmp, f"zero_{mode}", "train", mopd_args(tmp, prompts, teachers, [], "same", mode, 1, 1e-2))
     for row in result["rows"]:
         assert row["data/mopd_same_routed"] == 8 and row["data/mopd_same_checked"] == 8
         assert row["data/mopd_same_mismatch_template"] == 0
-        assert row["data/mopd_same_adv_sq"] == 0.0  # exactly: the same weights on the same ids
-        assert reverse_kl(row, "same") == 0.0
-        assert row["mopd/advantage_mean"] == 0.0 and row["mopd/advantage_std"] == 0.0
-    assert result["moved"] == 0.0
+        tokens = row["data/mopd_same_tokens"]
+        assert tokens > 0 and (row["data/mopd_same_adv_sq"] / tokens) ** 0.5 < 1e-5
+        assert reverse_kl(row, "same") < 1e-9
+        assert abs(row["mopd/advantage_mean"]) < 1e-5
 
 
 def test_the_reverse_kl_to_a_different_teacher_falls(setup):
