@@ -81,7 +81,7 @@ def _loss(objective: MOPDObjective, batch, per_token_loss: torch.Tensor):
         pg = pg + support * mask
     if weights is not None:
         pg = pg * weights.to(pg.dtype)
-    num_seqs = int(batch.response_index.max().item()) + 1 if (batch.response_index >= 0).any() else 0
+    num_seqs = int(batch.response_index.max().item()) + 1 if (batch.response_index >= 0).any() else 1  # a pad pack
     pg_sum = seq_mean_token_mean_sum(pg * mask, mask, batch.response_index, num_seqs)
     present = token_counts(mask, batch.response_index, num_seqs) > 0
     adv = advantage.detach().double()
