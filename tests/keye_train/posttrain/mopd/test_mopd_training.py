@@ -106,7 +106,7 @@ def test_a_teacher_equal_to_the_student_gives_zero(setup, mode):
 
 def test_the_reverse_kl_to_a_different_teacher_falls(setup):
     tmp, prompts, teachers = setup
-    result = run(tmp, "falls", "train", mopd_args(tmp, prompts, teachers, [], "other", "sampled_token", 8, 2e-2))
+    result = run(tmp, "falls", "train", mopd_args(tmp, prompts, teachers, [], "other", "sampled_token", 8, 2e-3))
     kl = [reverse_kl(row, "other") for row in result["rows"]]
     assert all(math.isfinite(v) and v > 0 for v in kl)
     first, last = sum(kl[:2]) / 2, sum(kl[-2:]) / 2
@@ -124,4 +124,5 @@ def test_routing_sends_each_tagged_response_to_its_teacher(setup):
     for row in result["rows"]:
         assert row["data/mopd_same_routed"] + row["data/mopd_other_routed"] == 8
         used = sum(row[f"data/mopd_{t}_routed"] > 0 for t in ("same", "other"))
-        assert row["data/mopd_teacher_loads"] == used  # each routed instance once per step (one resident)
+        # each routed instance loads at most once a step; the one left resident by the last step is reused
+        assert used - 1 <= row["data/mopd_teacher_loads"] <= used
