@@ -23,6 +23,7 @@ def counting_prompt(n: int, rng: random.Random, max_count: int) -> dict:
     solution = f"the marks are {' '.join([symbol] * answer)} : counting them gives {answer}"
     return {
         "id": f"count-{n:04d}",
+        "task": "counting",
         "prompt": text,
         "answer": str(answer),
         "answer_type": "number",
@@ -44,6 +45,7 @@ def grounding_prompt(n: int, rng: random.Random) -> dict:
     solution = f"the timeline says {query} is at {start:.1f} - {end:.1f} seconds"
     return {
         "id": f"ground-{n:04d}",
+        "task": "grounding",
         "prompt": text,
         "start": start,
         "end": end,
@@ -95,6 +97,7 @@ def clip_grounding_prompts(manifest: str | Path, media_dir: str = "media") -> li
         out.append(
             {
                 "id": f"clip-{record['id']}",
+                "task": "grounding",
                 "query": query,
                 "prompt": text,
                 "video": f"{media_dir}/{record['media'][record['video']]}",

@@ -17,6 +17,16 @@ class AdvantageMode(StrEnum):
     sampled_token = "sampled_token"  # MiMo's k1: log pi_T(y_t) - log pi_S(y_t)
 
 
+class LossForm(StrEnum):
+    """How the teacher's signal enters the loss (keye_train/training/objectives/mopd.py)."""
+
+    auto = "auto"  # sampled for mode=sampled_token, support for the support-set modes
+    sampled = "sampled"  # -A^_t log pi(y_t): KEYE's form; zero expected gradient for a state-only A_t
+    # -gamma_t sum_{v in Omega_t} sg[pibar_S(v) (log pi_T(v) - log pi_S(v))] log pi_S(v): the sampled-token
+    # gradient in expectation over Omega (its weights sum to A_t); 0 at S = T, the reverse-KL gradient on the vocab
+    support = "support"
+
+
 class CheckpointFormat(StrEnum):
     ours = "ours"  # keye_train/checkpoint
     hf = "hf"  # a Hugging Face checkpoint, read through keye_train/convert
@@ -31,7 +41,7 @@ class TeacherPlacement(StrEnum):
 @dataclass
 class TeacherConfig:
     name: str = "teacher"
-    model: str = "tiny"  # a model preset (config/model.py); may differ from the student's
+    model: str = "tiny"  # a model preset (config/model.py), may differ from the student's; "student": the student's
     checkpoint: str = ""  # a run or checkpoint directory (ours) or an HF model directory (hf)
     format: CheckpointFormat = CheckpointFormat.ours
 
@@ -62,7 +72,9 @@ class RepetitionConfig:
 
 @dataclass
 class MOPDConfig:
+    enabled: bool = False  # distil this stage's rollouts (rl.enabled too: the RL stage's prompts and rollout engine)
     mode: AdvantageMode = AdvantageMode.overlap
+    loss: LossForm = LossForm.auto
     top_k: int = 32
     category_weights: Dict[str, float] = field(default_factory=_default_category_weights)  # gamma_c
     format_pattern: str = ""  # regex over a decoded piece that makes it format ("": categories.FORMAT_PIECE)
@@ -74,6 +86,13 @@ class MOPDConfig:
     default_teacher: str = ""  # samples no route matches ("": such a sample is an error)
     placement: TeacherPlacement = TeacherPlacement.in_process
     chunk_tokens: int = 1024  # response positions whose full-vocab logits are held at once when scoring
+
+    @property
+    def on_support(self) -> bool:
+        """The distribution-level loss form (over Omega) is in use."""
+        if self.loss == LossForm.auto:
+            return self.mode != AdvantageMode.sampled_token
+        return self.loss == LossForm.support
 
     def __post_init__(self):
         if self.top_k < 1:
@@ -110,5 +129,12 @@ class MOPDConfig:
                 raise ValueError(f"mopd.routes[{k}].teacher={route.teacher!r} is not in mopd.teachers: {names}")
         if self.default_teacher and self.default_teacher not in names:
             raise ValueError(f"mopd.default_teacher={self.default_teacher!r} is not in mopd.teachers: {names}")
+        if self.loss == LossForm.support and self.mode == AdvantageMode.sampled_token:
+            raise ValueError("mopd.loss=support needs a support-set mopd.mode (sampled_token has no support set)")
+        if self.enabled and not self.teachers:
+            raise ValueError("mopd.teachers is empty: a MOPD stage (mopd.enabled=true) needs at least one teacher")
+        for k, teacher in enumerate(self.teachers):
+            if self.enabled and not teacher.checkpoint:
+                raise ValueError(f"mopd.teachers[{k}].checkpoint is empty (teacher {teacher.name!r})")
         if self.placement != TeacherPlacement.in_process:
             raise ValueError(f"mopd.placement={self.placement}: only in_process is built")

@@ -32,6 +32,17 @@ class KeyeTrainConfig:
 
     def __post_init__(self):
         sampling = self.rollout.sampling
+        if self.mopd.enabled and not self.rl.enabled:
+            raise ValueError(
+                "mopd.enabled=true needs rl.enabled=true: MOPD distils the student's own rollouts of rl.prompts"
+            )
+        if self.mopd.enabled and self.mopd.on_support and self.parallel.tp > 1:
+            raise ValueError(
+                f"mopd.loss={self.mopd.loss} with mopd.mode={self.mopd.mode} (the support loss) needs parallel.tp=1 "
+                "(its log-softmax is over the whole vocab); use mopd.loss=sampled or mopd.mode=sampled_token"
+            )
+        if self.mopd.enabled and self.parallel.pp > 1:
+            raise ValueError(f"parallel.pp={self.parallel.pp}: MOPD's in-process teachers and the rollout need pp=1")
         if self.rl.enabled and (sampling.temperature != 1 or sampling.top_p != 1 or sampling.top_k != 0):
             # GSPO's log pi is the trainer's per-token CE of the raw logits: the rollout samples from that same
             # distribution, so pi_old, pi_rollout and pi_theta are one distribution (no 1/T in the trainer)

@@ -20,7 +20,7 @@ def build_trainer(cfg, objective_factory=None, schedule_factory=None):
     from keye_train.training.setup import build_rl_data, build_train_model, start_rank
 
     ctx = start_rank(cfg)
-    if cfg.rl.enabled:  # an RL stage: prompts rolled out on the model itself (posttrain/rl_data.py)
+    if cfg.rl.enabled:  # an RL or MOPD stage: prompts rolled out on the model itself (posttrain/rl_data.py)
         data, model = build_rl_data(cfg, ctx)
     elif not ctx.placement.hosts_lm():  # placement=split's ViT ranks: patches come from the LM's first stage
         from data_pipeline.tokenizer import KeyeTokenizer

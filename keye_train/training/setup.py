@@ -110,7 +110,8 @@ def wrap_parts(parts: ModelParts, optim, dtype: torch.dtype, distopt: bool, plac
 
 
 def build_rl_data(cfg, ctx: RankContext):
-    """An RL stage's (data source, model): the model first, because the rollout engine samples on its parts."""
+    """An RL or MOPD stage's (data source, model): the model first, because the rollout engine samples on its
+    parts."""
     from data_pipeline.tokenizer import KeyeTokenizer
     from keye_train.posttrain.rl_data import RLDataSource
 
@@ -118,4 +119,8 @@ def build_rl_data(cfg, ctx: RankContext):
     cfg.model.tokens = tokenizer.ids
     model = build_train_model(cfg, ctx)
     log = lambda line: print(f"[rank {dist.get_rank()}] {line}", flush=True)  # noqa: E731
+    if cfg.mopd.enabled:  # distillation: the same rollouts, scored by the routed teachers
+        from keye_train.posttrain.mopd.data import MOPDDataSource
+
+        return MOPDDataSource(cfg, model, ctx.placement, tokenizer, ctx, log=log), model
     return RLDataSource(cfg, model, ctx.placement, tokenizer, log=log), model

@@ -191,6 +191,46 @@ def token_scores(
     return TokenScores.cat(parts)
 
 
+@torch.no_grad()
+def support_set(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, mode: str, k: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """[T, k] the Omega ids of a support-set mode (-1 where a slot is not in Omega) and log pi_T there (0 at -1);
+    one rank holds the whole vocab."""
+    if mode not in ("overlap", "student_only", "teacher_on_student"):
+        raise ValueError(f"support set: mode={mode!r} has no support set")
+    dtype = torch.promote_types(student_logits.dtype, torch.float32)
+    logp = torch.log_softmax(student_logits.to(dtype), -1)
+    teacher = torch.log_softmax(teacher_logits.to(dtype), -1)
+    s_ids = torch.topk(logp, k, -1).indices
+    t_ids = torch.topk(teacher, k, -1).indices
+    if mode == "teacher_on_student":
+        ids = t_ids
+    elif mode == "student_only":
+        ids = s_ids
+    else:
+        ids = torch.where((s_ids[:, :, None] == t_ids[:, None, :]).any(-1), s_ids, -1)
+    return ids, torch.where(ids >= 0, teacher.gather(-1, ids.clamp(min=0)), 0.0)
+
+
+def support_surrogate(student_logp: torch.Tensor, ids: torch.Tensor, teacher_logp: torch.Tensor) -> torch.Tensor:
+    """[T] the support form of the MOPD loss per position, from the student's [T, V] log-probs (with gradient),
+    Omega's ids ([T, k], -1 outside) and the teacher's log-probs there (constants):
+
+        L_t = -sum_{v in Omega} sg[pibar_S(v) (log pi_T(v) - log pi_S(v))] log pi_S(v)
+
+    The sampled-token (k1) gradient taken in expectation over Omega under pibar_S instead of at the sampled token:
+    its weights sum to A_t, it is 0 when the student equals the teacher on Omega, and with Omega = the whole
+    vocab its gradient is exactly grad KL(pi_S || pi_T). 0 for an empty Omega."""
+    member = ids >= 0
+    at = student_logp.gather(-1, ids.clamp(min=0))
+    with torch.no_grad():
+        empty = ~member.any(-1)
+        pbar = torch.softmax(at.masked_fill(~member, float("-inf")).masked_fill(empty[:, None], 0.0), -1) * member
+        weight = pbar * torch.where(member, teacher_logp.to(at.dtype) - at, torch.zeros((), dtype=at.dtype))
+    return -(weight * at).sum(-1)
+
+
 def support_kl_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mode: str, k: int) -> torch.Tensor:
     """[T] the distribution-level alternative to the sampled-token loss in a support-set mode (the ablation of
     training_recipe.md §7): L_t = -A_t = sum_{v in Omega} pibar_S(v) (log pi_S(v) - log pi_T(v)) as a function of

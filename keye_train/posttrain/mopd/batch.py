@@ -13,13 +13,18 @@ from keye_train.posttrain.batch import RLBatch, TextResponse, pack_text_response
 
 @dataclass
 class MOPDBatch(RLBatch):
-    """token_advantages: [S] float32 A^_t at each response label position (0 elsewhere).
+    """token_advantages: [S] float32 A^_t at each response label position (0 elsewhere); with the support-KL
+    loss form, only the terms on the sampled token (the repetition penalty).
     generated: [S] float32 1 where the policy sampled the label, 0 at tool / environment tokens inside a response
     (None: every response token was generated). `advantages` [R] is the outcome advantage (used with
     mopd.outcome_weight > 0)."""
 
     token_advantages: torch.Tensor | None = None
     generated: torch.Tensor | None = None
+    # the support-KL loss form (mopd.loss): [S, k] Omega ids (-1 outside), [S, k] log pi_T there, [S] gamma_t
+    support_ids: torch.Tensor | None = None
+    support_teacher_logp: torch.Tensor | None = None
+    support_weights: torch.Tensor | None = None
 
 
 def pack_mopd_responses(

@@ -144,8 +144,10 @@ def teacher_sequence(
     student_prompt_ids: Sequence[int],
     student_tokenizer,
     response_ids: Sequence[int],
+    vocab_size: int | None = None,
 ) -> TeacherSequence:
-    """Append the student's response ids verbatim to the teacher's rendered context, recompute M-RoPE, check."""
+    """Append the student's response ids verbatim to the teacher's rendered context, recompute M-RoPE, check.
+    vocab_size: the ids the teacher model reads (its padded embedding; default its tokenizer's vocabulary)."""
     response = torch.as_tensor(list(response_ids), dtype=torch.int64)
     ctx = context.input_ids.to(torch.int64)
     L, R = int(ctx.numel()), int(response.numel())
@@ -170,7 +172,8 @@ def teacher_sequence(
     if boundary_text(ctx.tolist(), teacher_tokenizer) != boundary_text(student_prompt_ids, student_tokenizer):
         return rejected("template")
     ids = torch.cat([ctx, response])
-    if not torch.equal(ids[L:], response) or (R and int(response.max()) >= teacher_tokenizer.vocab_size):
+    vocab = teacher_tokenizer.vocab_size if vocab_size is None else vocab_size
+    if not torch.equal(ids[L:], response) or (R and int(response.max()) >= vocab):
         return rejected("echo")  # the teacher cannot read an id outside its vocabulary
     try:
         positions = mrope_position_ids(ids, [tok.image_pad, tok.video_pad], merged)

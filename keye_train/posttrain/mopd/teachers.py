@@ -134,36 +134,49 @@ class InProcessTeacher:
     @torch.no_grad()
     def logits(self, batch) -> torch.Tensor:
         """[S, V_local] logits of the packed batch (this rank's vocab shard under TP)."""
-        from keye_train.model.keye_vl import embed_inputs, packed_params
-
-        lm = self.parts.lm
-        decoder_input = embed_inputs(lm, self.parts.vision, batch, self.tokens, self.sequence_parallel)
-        out = lm(
-            input_ids=batch.input_ids.view(1, -1),
-            position_ids=batch.position_ids.view(3, 1, -1),
-            attention_mask=None,
-            decoder_input=decoder_input,
-            labels=None,
-            packed_seq_params=packed_params(batch),
-        )
-        return out.reshape(-1, out.shape[-1])
+        return forward_logits(self.parts, batch, self.tokens, self.sequence_parallel)
 
 
-def load_in_process_teacher(teacher, par, placement, dtype: torch.dtype, on_gpu: bool, layout: dict, tokens):
-    """A `TeacherPool` loader body: build the teacher's preset under the student's layout and read its weights,
-    ours (checkpoint.load_weights, the same layout) or HF (convert.import_hf)."""
+def forward_logits(parts, batch, tokens, sequence_parallel: bool) -> torch.Tensor:
+    """[S, V_local] logits of a packed batch through a model's parts (PP = 1); the caller picks no_grad / eval."""
+    from keye_train.model.keye_vl import embed_inputs, packed_params
+
+    lm = parts.lm
+    decoder_input = embed_inputs(lm, parts.vision, batch, tokens, sequence_parallel)
+    out = lm(
+        input_ids=batch.input_ids.view(1, -1),
+        position_ids=batch.position_ids.view(3, 1, -1),
+        attention_mask=None,
+        decoder_input=decoder_input,
+        labels=None,
+        packed_seq_params=packed_params(batch),
+    )
+    return out.reshape(-1, out.shape[-1])
+
+
+def load_in_process_teacher(
+    teacher, par, placement, dtype: torch.dtype, on_gpu: bool, layout: dict, tokens, student_model=None
+):
+    """A `TeacherPool` loader body: build the teacher's preset (model "student": `student_model`, the student's
+    model config) under the student's layout and read its weights, ours (checkpoint.load_weights, the same layout)
+    or HF (convert.import_hf)."""
+    import copy
+
     from keye_train.checkpoint.store import load_weights
     from keye_train.config.model import MODEL_PRESETS
     from keye_train.convert.importer import import_hf
     from keye_train.model.builder import build_model
 
-    if teacher.model not in MODEL_PRESETS:
-        raise ValueError(
-            f"mopd.teachers[{teacher.name}].model={teacher.model!r} is not a preset: {list(MODEL_PRESETS)}"
-        )
     if placement.pipeline_size() > 1:
         raise ValueError("in-process MOPD teachers need parallel.pp=1 (their logits come from one chunk)")
-    model = MODEL_PRESETS[teacher.model]()
+    if teacher.model == "student" and student_model is not None:
+        model = copy.deepcopy(student_model)
+    elif teacher.model in MODEL_PRESETS:
+        model = MODEL_PRESETS[teacher.model]()
+    else:
+        raise ValueError(
+            f"mopd.teachers[{teacher.name}].model={teacher.model!r} is not a preset: {list(MODEL_PRESETS)} or 'student'"
+        )
     parts = build_model(model, par, dtype, on_gpu, placement)
     if str(teacher.format) == "hf":
         import_hf(parts, model, teacher.checkpoint)

@@ -45,8 +45,14 @@ def last_stage_value(value: float, last_stage: bool, device) -> float:
 
 def objective_for(cfg, placement, device) -> Objective:
     """Every stage of pretraining and SFT trains on next-token CE (SFT masks the loss to assistant turns); an RL
-    stage (rl.enabled) on GSPO over its rollouts."""
+    stage (rl.enabled) on GSPO over its rollouts; a MOPD stage (mopd.enabled, on rl's rollouts) on the
+    teacher-advantage-weighted log-prob (objectives/mopd.py)."""
     from keye_train.training.objectives.next_token import NextTokenObjective
+
+    if cfg.mopd.enabled:
+        from keye_train.training.objectives.mopd import mopd_objective
+
+        return mopd_objective(cfg, placement, device)
 
     if cfg.rl.enabled:
         from keye_train.training.objectives.gspo import gspo_objective

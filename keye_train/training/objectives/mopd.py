@@ -13,16 +13,20 @@ global responses), so the gradient is that of the global mean for any micro-batc
 A caveat of the loss as KEYE writes it: in the support-set modes (overlap, student_only, teacher_on_student) A_t
 depends only on the state s_t, not on the sampled y_t, so E_y[A_t grad log pi(y_t | s_t)] = 0: at its own token the
 term is zero-mean noise for the distribution at s_t (tests/keye_train/posttrain/mopd/test_objective.py enumerates
-the expectation); the reverse-KL-falls test therefore runs the sampled-token mode.
-The sampled-token mode (MiMo k1) depends on y_t and is an unbiased reverse-KL gradient. A distribution-level loss
-over Omega (the ablation of training_recipe.md §7) needs the student's log-probs at the Omega ids in the loss, i.e.
-the model's last stage returning more than the sampled token's CE; `posttrain.mopd.advantage.support_kl_loss` is
-that loss as a pure function (not wired here). On the toy of the tests, descending it lowers the full reverse KL
-over the student's top-k (student_only: 3.06 -> 0.71 in 30 Adam steps) but raises it in the other two forms
-(3.06 -> 4.75 overlap, -> 4.83 teacher_on_student), which have degenerate minima: an empty Omega gives A = 0, so
-the student can zero the overlap loss by leaving the teacher's top-k; and since pibar is scale-free, lowering
-log pi_S uniformly on a support the student does not choose (the teacher's top-k) lowers the loss without bound.
-The overlap estimator needs more than this loss (a tail or mass term) before it is a training signal by itself.
+the expectation). The sampled-token mode (MiMo k1) depends on y_t and is an unbiased reverse-KL gradient.
+
+So the support-set modes train with the support form (mopd.loss=auto picks it; mopd.loss=sampled keeps KEYE's):
+
+    L_t = gamma_t * -sum_{v in Omega_t} sg[pibar_S(v) (log pi_T(v) - log pi_S(v))] log pi_S(v)
+
+(`posttrain.mopd.advantage.support_surrogate`), plus the sampled-token terms (repetition penalty, outcome). It is
+the sampled-token gradient taken in expectation over Omega under pibar_S: its weights sum to A_t, it is exactly 0
+when the student equals the teacher, and with Omega = the whole vocab its gradient is grad KL(pi_S || pi_T). On the
+toy, 30 Adam steps lower the full reverse KL 3.06 -> 2.18 (overlap), -> 0.72 (student_only, teacher_on_student).
+We do not use the differentiated -A_t (`support_kl_loss`): pibar is renormalised on Omega, so at S = T its
+gradient is d log(pi_S(Omega)), not 0, and it raised the reverse KL on the same toy (3.06 -> 4.75 overlap).
+The support form needs the student's logits in the loss: the objective sets `wants_logits`, the schedule then
+returns [1, S, V] logits and the loss takes the log-softmax itself (tp = 1, root config check).
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from functools import partial
 import torch
 
 from keye_train.posttrain.gspo import correction_weights, seq_mean_token_mean_sum, token_counts
+from keye_train.posttrain.mopd.advantage import support_surrogate
 from keye_train.training.objectives import StepLoss
 from keye_train.training.objectives.per_response import PerResponseObjective
 
@@ -49,7 +54,17 @@ def _loss(objective: MOPDObjective, batch, per_token_loss: torch.Tensor):
         if getattr(batch, key, None) is None:
             raise ValueError(f"the MOPD objective needs batches with {key} (posttrain.mopd.batch.MOPDBatch)")
     rl, alpha = objective.rl, float(objective.mopd.outcome_weight)
-    logp = -per_token_loss.view(-1).to(torch.promote_types(per_token_loss.dtype, torch.float32))
+    support = None
+    if objective.wants_logits:  # the support-KL form: the model gave [1, S, V] logits
+        logits = per_token_loss.reshape(-1, per_token_loss.shape[-1])
+        all_logp = torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), -1)
+        logp = all_logp.gather(-1, batch.labels.view(-1, 1).long())[:, 0]
+        if batch.support_ids is None:
+            raise ValueError("the support-KL MOPD loss needs batches with support_ids (mopd.loss)")
+        support = support_surrogate(all_logp, batch.support_ids, batch.support_teacher_logp)
+        support = support * batch.support_weights.to(support.dtype)
+    else:
+        logp = -per_token_loss.view(-1).to(torch.promote_types(per_token_loss.dtype, torch.float32))
     mask = loss_mask(batch).to(logp.dtype)
     index = batch.response_index.clamp(min=0)
     advantage = batch.token_advantages.to(logp.dtype)
@@ -62,9 +77,11 @@ def _loss(objective: MOPDObjective, batch, per_token_loss: torch.Tensor):
     rollout = batch.rollout_logp.to(logp.dtype) if batch.rollout_logp is not None else None
     weights = correction_weights(old, rollout, str(rl.correction), rl.tis_cap, rl.icepop_low, rl.icepop_high)
     pg = -advantage * logp
+    if support is not None:
+        pg = pg + support * mask
     if weights is not None:
         pg = pg * weights.to(pg.dtype)
-    num_seqs = int(batch.response_index.max().item()) + 1 if (batch.response_index >= 0).any() else 0
+    num_seqs = int(batch.response_index.max().item()) + 1 if (batch.response_index >= 0).any() else 1  # a pad pack
     pg_sum = seq_mean_token_mean_sum(pg * mask, mask, batch.response_index, num_seqs)
     present = token_counts(mask, batch.response_index, num_seqs) > 0
     adv = advantage.detach().double()
@@ -97,6 +114,7 @@ class MOPDObjective(PerResponseObjective):
         """mopd: the run's MOPDConfig (outcome_weight); rl: its RLConfig (the correction and its bounds)."""
         super().__init__(placement, device)
         self.mopd, self.rl = mopd, rl
+        self.wants_logits = bool(getattr(mopd, "on_support", False))  # the schedule hands over the logits
 
     def begin_step(self, microbatches: list) -> int:
         responses = sum(num_responses(b) for b in microbatches)

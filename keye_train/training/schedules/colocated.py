@@ -36,7 +36,8 @@ class ColocatedSchedule:
                 # Stage 0 on a text-only pack: nothing upstream trains, but the backward must still run through
                 # the LM, whose TP/EP collectives every rank of the group has to join.
                 decoder_input = decoder_input.detach().requires_grad_()
-            return lm_token_losses(chunk, batch, decoder_input), objective.loss_func(batch)
+            labels = not getattr(objective, "wants_logits", False)  # else the objective takes the logits
+            return lm_token_losses(chunk, batch, decoder_input, labels=labels), objective.loss_func(batch)
 
         return get_forward_backward_func()(
             forward_step_func=forward_step,

@@ -11,7 +11,8 @@ from tests.helpers import QUIET
 @pytest.mark.parametrize("option", ["none", "demo", "keye_vl2"])
 def test_every_mopd_option_composes(option):
     cfg = load_config([f"mopd={option}"])
-    assert str(cfg.mopd.mode) == "overlap"
+    assert str(cfg.mopd.mode) == ("sampled_token" if option == "demo" else "overlap")
+    assert cfg.mopd.on_support == (option != "demo")  # loss=auto: the support form for a support-set mode
     if option == "none":
         assert cfg.mopd.teachers == []
         return
@@ -42,6 +43,8 @@ def test_the_keye_table_shares_the_perception_instance():
         ("mopd.placement=off_rank", "mopd.placement=off_rank: only in_process is built"),
         ("+mopd.category_weights.style=1", "mopd.category_weights.style is not a category"),
         ("mopd.perception_pattern='(a'", r"mopd.perception_pattern='\(a' is not a regular expression"),
+        ("mopd.loss=support", "mopd.loss=support needs a support-set mopd.mode"),
+        ("mopd.enabled=true", "mopd.enabled=true needs rl.enabled=true"),
     ],
 )
 def test_a_bad_mopd_value_is_refused_naming_its_key(override, message):
