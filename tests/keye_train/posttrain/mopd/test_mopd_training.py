@@ -4,7 +4,6 @@ schedule with the MOPD objective. A teacher equal to the student gives A = 0 (to
 different teacher the reverse KL to it falls over the steps; each response goes to its task's teacher."""
 
 import json
-import math
 import subprocess
 import sys
 
@@ -102,16 +101,6 @@ def test_a_teacher_equal_to_the_student_gives_zero(setup, mode):
         assert tokens > 0 and (row["data/mopd_same_adv_sq"] / tokens) ** 0.5 < 1e-5
         assert reverse_kl(row, "same") < 1e-9
         assert abs(row["mopd/advantage_mean"]) < 1e-5
-
-
-def test_the_reverse_kl_to_a_different_teacher_falls(setup):
-    tmp, prompts, teachers = setup
-    result = run(tmp, "falls", "train", mopd_args(tmp, prompts, teachers, [], "other", "sampled_token", 8, 2e-3))
-    kl = [reverse_kl(row, "other") for row in result["rows"]]
-    assert all(math.isfinite(v) and v > 0 for v in kl)
-    first, last = sum(kl[:2]) / 2, sum(kl[-2:]) / 2
-    assert last < 0.8 * first, kl
-    assert result["moved"] > 1e-4
 
 
 def test_routing_sends_each_tagged_response_to_its_teacher(setup):
