@@ -117,6 +117,10 @@ class WorldPlacement:
     def pipeline_size() -> int:
         return 1
 
+    @staticmethod
+    def loss_elsewhere() -> bool:
+        return False
+
 
 def run_objective(objective, policy: dict, microbatches: list):
     """What the loop and megatron do with an objective: begin_step, per micro-batch loss / n_micro and
