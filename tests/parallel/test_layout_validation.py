@@ -75,9 +75,14 @@ def test_split_placement_gives_the_vit_the_first_ranks_and_the_lm_the_rest():
     ]
 
 
-def test_training_a_split_layout_is_refused_before_any_rank_starts(tmp_path):
+def test_a_split_layout_with_vision_tp_is_refused_before_any_rank_starts(tmp_path):
     done = keye_train(
-        *QUIET, "parallel.placement=split", "parallel.vision.ranks=1", "parallel.nproc=3", f"run_dir={tmp_path}"
+        *QUIET,
+        "parallel.placement=split",
+        "parallel.vision.ranks=2",
+        "parallel.vision.tp=2",
+        "parallel.nproc=4",
+        f"run_dir={tmp_path}",
     )
-    assert done.returncode == 2 and "parallel.placement=split" in done.stderr
+    assert done.returncode == 2 and "parallel.vision.tp" in done.stderr, done.stderr[-2000:]
     assert not (tmp_path / "checkpoints").exists()

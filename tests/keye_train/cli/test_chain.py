@@ -59,7 +59,7 @@ def test_every_stage_is_checked_before_the_first_runs_and_errors_name_stage_and_
     done = keye_train("chain", chain)
     assert done.returncode == 2 and "chain stage 'second'" in done.stderr and "data.shards" in done.stderr
     done = keye_train("chain", "no_such_chain")
-    assert done.returncode == 2 and "known chains: demo, keye_vl2" in done.stderr
+    assert done.returncode == 2 and "known chains: demo, dsa_locality_cpu, keye_vl2" in done.stderr
 
 
 def test_a_chain_inits_each_stage_from_the_last_survives_preemption_and_continues(tmp_path):
