@@ -68,6 +68,18 @@ def tile_rows(T, sq_t, sq_h, G: tl.constexpr, BQ: tl.constexpr, D: tl.constexpr)
 
 
 @triton.jit
+def backward_rows(Q, DO, LSE, DELTA, T, sq_t, sq_h, G: tl.constexpr, BQ: tl.constexpr, D: tl.constexpr):
+    """A backward tile's rows (tile_rows) with their q, dout, base-2 LSE and delta = rowsum(dout * out)."""
+    heads = G * tl.num_programs(1)
+    rows, query, head, row_ok, row_ptr = tile_rows(T, sq_t, sq_h, G, BQ, D)
+    q = tl.load(Q + row_ptr, mask=row_ok[:, None], other=0.0)
+    do = tl.load(DO + row_ptr, mask=row_ok[:, None], other=0.0)
+    lse2 = tl.load(LSE + query.to(tl.int64) * heads + head, mask=row_ok, other=0.0) * 1.4426950408889634
+    delta = tl.load(DELTA + query.to(tl.int64) * heads + head, mask=row_ok, other=0.0)
+    return rows, row_ok, row_ptr, q, do, lse2, delta
+
+
+@triton.jit
 def _sparse_fwd(
     Q,
     K,
@@ -150,14 +162,9 @@ def _sparse_bwd(
 ):
     b = tl.program_id(0)
     h = tl.program_id(1)
-    heads = G * tl.num_programs(1)
     M: tl.constexpr = BQ * G
-    rows, query, head, row_ok, row_ptr = tile_rows(T, sq_t, sq_h, G, BQ, D)
+    rows, row_ok, row_ptr, q, do, lse2, delta = backward_rows(Q, DO, LSE, DELTA, T, sq_t, sq_h, G, BQ, D)
     d = tl.arange(0, D)
-    q = tl.load(Q + row_ptr, mask=row_ok[:, None], other=0.0)
-    do = tl.load(DO + row_ptr, mask=row_ok[:, None], other=0.0)
-    lse2 = tl.load(LSE + query.to(tl.int64) * heads + head, mask=row_ok, other=0.0) * 1.4426950408889634
-    delta = tl.load(DELTA + query.to(tl.int64) * heads + head, mask=row_ok, other=0.0)
     dq = tl.zeros([M, D], tl.float32)
     u_start = tl.multiple_of(tl.load(UOFF + b), ALIGN)
     u_end = tl.load(UOFF + b + 1)
@@ -202,14 +209,9 @@ def _sparse_bwd_dq(
     """Split backward, pass 1: dq only, in registers; no atomics."""
     b = tl.program_id(0)
     h = tl.program_id(1)
-    heads = G * tl.num_programs(1)
     M: tl.constexpr = BQ * G
-    rows, query, head, row_ok, row_ptr = tile_rows(T, sq_t, sq_h, G, BQ, D)
+    rows, row_ok, row_ptr, q, do, lse2, delta = backward_rows(Q, DO, LSE, DELTA, T, sq_t, sq_h, G, BQ, D)
     d = tl.arange(0, D)
-    q = tl.load(Q + row_ptr, mask=row_ok[:, None], other=0.0)
-    do = tl.load(DO + row_ptr, mask=row_ok[:, None], other=0.0)
-    lse2 = tl.load(LSE + query.to(tl.int64) * heads + head, mask=row_ok, other=0.0) * 1.4426950408889634
-    delta = tl.load(DELTA + query.to(tl.int64) * heads + head, mask=row_ok, other=0.0)
     dq = tl.zeros([M, D], tl.float32)
     u_start = tl.multiple_of(tl.load(UOFF + b), ALIGN)
     u_end = tl.load(UOFF + b + 1)
@@ -255,13 +257,8 @@ def _sparse_bwd_dkv(
     accumulator, so the tile's registers hold q, do and one chunk."""
     b = tl.program_id(0)
     h = tl.program_id(1)
-    heads = G * tl.num_programs(1)
-    rows, query, head, row_ok, row_ptr = tile_rows(T, sq_t, sq_h, G, BQ, D)
+    rows, row_ok, row_ptr, q, do, lse2, delta = backward_rows(Q, DO, LSE, DELTA, T, sq_t, sq_h, G, BQ, D)
     d = tl.arange(0, D)
-    q = tl.load(Q + row_ptr, mask=row_ok[:, None], other=0.0)
-    do = tl.load(DO + row_ptr, mask=row_ok[:, None], other=0.0)
-    lse2 = tl.load(LSE + query.to(tl.int64) * heads + head, mask=row_ok, other=0.0) * 1.4426950408889634
-    delta = tl.load(DELTA + query.to(tl.int64) * heads + head, mask=row_ok, other=0.0)
     u_start = tl.multiple_of(tl.load(UOFF + b), ALIGN)
     u_end = tl.load(UOFF + b + 1)
     for u0 in range(u_start, u_end, BU):
