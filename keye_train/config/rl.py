@@ -52,6 +52,7 @@ class RLConfig:
     reward_gates: List[RewardTerm] = field(default_factory=list)  # rewards in {0, 1} that multiply the sum
     recovered_samples: RecoveredSamples = RecoveredSamples.none  # ContextRL re-sampling of all-negative groups
     positive_threshold: float = 0.5  # a reward >= this is a positive (ContextRL's all-negative test)
+    routing_replay: bool = False  # R3: the training forward and pi_old replay the experts chosen at rollout
 
     def __post_init__(self):
         if self.group_size < 2:

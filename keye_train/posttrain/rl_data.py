@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 from data_pipeline.tokenizer import KeyeTokenizer
-from keye_train.posttrain.batch import RLBatch, TextResponse, pack_text_responses
+from keye_train.posttrain.batch import RLBatch, TextResponse, document_routes, pack_text_responses
 from keye_train.posttrain.dynamic_sampling import SamplingReport, split_groups
 from keye_train.posttrain.evaluation.jsonl import read_jsonl
 from keye_train.posttrain.gspo import group_advantages
@@ -96,6 +96,7 @@ class Group:
     responses: list[list[int]]
     rollout_logp: list[list[float]]
     rewards: list[float] = field(default_factory=list)
+    routes: list[torch.Tensor | None] = field(default_factory=list)  # per response, with rl.routing_replay
 
 
 def empty_pack(seq_length: int, pad_id: int) -> RLBatch:
@@ -145,6 +146,7 @@ class RLDataSource:
             slots=cfg.rollout.slots,
             capacity=cfg.rollout.capacity,
             prefill_tokens=cfg.rollout.prefill_tokens,
+            record_routes=self.rl.routing_replay,
         )
         sampling = SamplingParams.from_config(cfg.rollout.sampling)
         stops = sampling.stop_ids or (self.tokens.im_end, self.tokens.pad)
@@ -181,6 +183,7 @@ class RLDataSource:
         for i, (_, record) in enumerate(drawn):
             samples = out.samples[i * G : (i + 1) * G]
             group = Group(record, [list(s.tokens) for s in samples], [list(s.logprobs) for s in samples])
+            group.routes = [s.routes for s in samples]
             group.rewards = [float(self.reward(self._text(r), record.reference)) for r in group.responses]
             groups.append(group)
         return groups
@@ -228,7 +231,8 @@ class RLDataSource:
             advantages = group_advantages(
                 torch.tensor(group.rewards, dtype=torch.float64), len(group.rewards), eps=self.rl.adv_eps
             )
-            for response, logp, adv in zip(group.responses, group.rollout_logp, advantages.tolist()):
+            routes = group.routes or [None] * len(group.responses)
+            for response, logp, adv, route in zip(group.responses, group.rollout_logp, advantages.tolist(), routes):
                 if len(group.prompt.ids) + len(response) > seq:
                     raise ValueError(
                         f"prompt {group.prompt.id}: {len(group.prompt.ids)} + {len(response)} tokens exceed "
@@ -237,9 +241,9 @@ class RLDataSource:
                 if not response:
                     continue
                 if group.prompt.prompt is not None and group.prompt.prompt.visual is not None:
-                    visual.append(self._visual_pack(group.prompt.prompt, response, logp, float(adv)))
+                    visual.append(self._visual_pack(group.prompt.prompt, response, logp, float(adv), route))
                 else:
-                    samples.append(TextResponse(group.prompt.ids, response, float(adv), rollout_logp=logp))
+                    samples.append(TextResponse(group.prompt.ids, response, float(adv), rollout_logp=logp, routes=route))
         packs, current, used = [], [], 0
         for sample in samples:
             n = len(sample.prompt_ids) + len(sample.response_ids)
@@ -256,8 +260,9 @@ class RLDataSource:
         packs += [empty_pack(seq, self.tokens.pad) for _ in range(max(int(count.item()), 1) - len(packs))]
         return packs
 
-    def _visual_pack(self, prompt: Prompt, response: list[int], logp: list[float], advantage: float) -> RLBatch:
-        """One [prompt | response] document with its patches (rollout.sample_batch), as an RLBatch."""
+    def _visual_pack(self, prompt: Prompt, response: list[int], logp: list[float], advantage: float, routes=None):
+        """One [prompt | response] document with its patches (rollout.sample_batch), as an RLBatch (with its
+        rollout routes padded to the pack when given)."""
         import dataclasses
 
         from keye_train.posttrain.rollout import Sample, sample_batch
@@ -277,19 +282,22 @@ class RLDataSource:
             fields["cu_seqlens"] = torch.tensor([0, length, length + tail], dtype=torch.int32)
             index = torch.cat([index, torch.full((tail,), -1, dtype=torch.long)])
             rollout = torch.cat([rollout, torch.zeros(tail)])
+        padded = max(length, self.cfg.train.seq_length)
         return RLBatch(
             **fields,
             response_index=index,
             advantages=torch.tensor([advantage], dtype=torch.float32),
             old_logp=torch.zeros_like(rollout),
             rollout_logp=rollout,
+            routes=document_routes(routes, length, padded) if routes is not None else None,
         )
 
     @torch.no_grad()
     def _recompute_old_logp(self, packs: list[RLBatch]) -> None:
         """log pi_old(labels) of the policy that sampled, by the trainer's own forward (the same path and
-        numerics as the training step's log pi)."""
+        numerics as the training step's log pi, the same replayed routes with rl.routing_replay)."""
         from keye_train.model.keye_vl import embed_inputs, lm_token_losses
+        from keye_train.posttrain.rollout.routing import micro_batch_replay
 
         lm, vision = self.model.parts.lm, self.model.parts.vision
         device = lm.output_layer.weight.device
@@ -298,11 +306,13 @@ class RLDataSource:
         for m, _ in modes:
             m.eval()
         try:
-            for pack in packs:
-                batch = pack.to(device)
-                embeds = embed_inputs(lm, vision, batch, self.tokens, sequence_parallel)
-                logp = -lm_token_losses(lm, batch, embeds).view(-1).float()
-                pack.old_logp = (logp * batch.loss_mask.to(logp.dtype)).cpu()
+            with micro_batch_replay(lm, packs) as replay:
+                for pack in packs:
+                    batch = pack.to(device)
+                    replay(batch)
+                    embeds = embed_inputs(lm, vision, batch, self.tokens, sequence_parallel)
+                    logp = -lm_token_losses(lm, batch, embeds).view(-1).float()
+                    pack.old_logp = (logp * batch.loss_mask.to(logp.dtype)).cpu()
         finally:
             for m, mode in modes:
                 m.train(mode)
