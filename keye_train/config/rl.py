@@ -64,6 +64,8 @@ class RLConfig:
             raise ValueError("rl.judge is empty: the context_judge reward needs a judge ('module:factory')")
         if self.judge and ":" not in self.judge:
             raise ValueError(f"rl.judge={self.judge!r}: expected 'module:factory'")
+        if self.routing_replay and not self.enabled:
+            raise ValueError("rl.routing_replay=true needs rl.enabled=true: it replays the RL rollouts' routes")
         if self.prompts_per_step < 1:
             raise ValueError(f"rl.prompts_per_step={self.prompts_per_step} must be >= 1")
         for key in ("clip_ratio_low", "clip_ratio_high"):

@@ -243,7 +243,8 @@ class RLDataSource:
                 if group.prompt.prompt is not None and group.prompt.prompt.visual is not None:
                     visual.append(self._visual_pack(group.prompt.prompt, response, logp, float(adv), route))
                 else:
-                    samples.append(TextResponse(group.prompt.ids, response, float(adv), rollout_logp=logp, routes=route))
+                    sample = TextResponse(group.prompt.ids, response, float(adv), rollout_logp=logp, routes=route)
+                    samples.append(sample)
         packs, current, used = [], [], 0
         for sample in samples:
             n = len(sample.prompt_ids) + len(sample.response_ids)
