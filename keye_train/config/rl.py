@@ -62,6 +62,11 @@ class RLConfig:
         judged = any(t.name == "context_judge" for t in [*self.rewards, *self.reward_gates])
         if self.enabled and judged and not self.judge:
             raise ValueError("rl.judge is empty: the context_judge reward needs a judge ('module:factory')")
+        if self.enabled and self.recovered_samples == RecoveredSamples.conditioned and not self.judge:
+            raise ValueError(
+                "rl.judge is empty: rl.recovered_samples=conditioned needs a judge ('module:factory') to write the "
+                "mistake reports"
+            )
         if self.judge and ":" not in self.judge:
             raise ValueError(f"rl.judge={self.judge!r}: expected 'module:factory'")
         if self.routing_replay and not self.enabled:

@@ -43,6 +43,11 @@ class KeyeTrainConfig:
             )
         if self.mopd.enabled and self.parallel.pp > 1:
             raise ValueError(f"parallel.pp={self.parallel.pp}: MOPD's in-process teachers and the rollout need pp=1")
+        if self.mopd.enabled and self.rl.recovered_samples != "none":
+            raise ValueError(
+                f"rl.recovered_samples={self.rl.recovered_samples} with mopd.enabled=true: ContextRL's re-sampling is "
+                "the GSPO data source's; MOPD trains every response (use rl.recovered_samples=none)"
+            )
         if self.rl.routing_replay:
             self._check_routing_replay()
         if self.rl.enabled and (sampling.temperature != 1 or sampling.top_p != 1 or sampling.top_k != 0):

@@ -10,8 +10,15 @@ recomputes log pi_old with a no-grad trainer forward of the packs, and frees the
 forward. The rollout samples at temperature 1, unfiltered (root config check): the trainer's log pi is the CE of
 the raw logits, so pi_old and pi_rollout are the same distribution up to numerics.
 
+With `rl.recovered_samples=conditioned` (ContextRL, rewards/context_rl.py), every group whose rewards are all below
+`rl.positive_threshold` is shown to the judge, whose mistake report (on the group's best response) opens a second
+user turn after that response; the policy answers G times again in that context, and the new group replaces the
+old one: its packs are [conditioned prompt | response], so pi_old and the rollout log-probs are those of the
+context the response was sampled in. It then goes through dynamic sampling like any other group.
+
 Resume is exact: the state is the number of prompts this rank has drawn and the step; sampling seeds are a
-function of (rl seed, step, round, global prompt number), so nothing else has to be saved.
+function of (rl seed, step, round, global prompt number), so nothing else has to be saved (a judge must be
+deterministic for re-sampling to resume exactly).
 """
 
 from __future__ import annotations
@@ -28,7 +35,19 @@ from keye_train.posttrain.dynamic_sampling import SamplingReport, split_groups
 from keye_train.posttrain.evaluation.jsonl import read_jsonl
 from keye_train.posttrain.gspo import group_advantages
 from keye_train.posttrain.rewards import build_weighted
+from keye_train.posttrain.rewards.context_rl import RETRY_TEMPLATE, resample_requests
+from keye_train.posttrain.rewards.context_rl import Group as JudgedGroup
 from keye_train.posttrain.rollout import Prompt, Rollout, SamplingParams
+
+RECOVERY_COUNTERS = (
+    "rl_groups_all_negative",  # groups whose rewards are all < rl.positive_threshold
+    "rl_resample_reports_unusable",  # of those: no report, or a report that gives the answer away
+    "rl_resample_too_long",  # the conditioned prompt + max_new_tokens fits no pack or cache
+    "rl_groups_resampled",  # re-sampled in the conditioned context (they replace the originals)
+    "rl_groups_recovered",  # of those: at least one response >= rl.positive_threshold
+    "rl_recovered_reward_sum",
+    "rl_recovered_responses",
+)
 
 
 @dataclass
@@ -50,6 +69,20 @@ def chat_prompt_ids(tokenizer: KeyeTokenizer, text: str) -> list[int]:
         *tokenizer.encode("\n"),
         ids.im_start,
         *tokenizer.encode("assistant\n"),
+    ]
+
+
+def conditioned_prompt_ids(tokenizer: KeyeTokenizer, prompt_ids: list[int], failed: list[int], report: str):
+    """ContextRL's re-sampling context in ChatML (context_rl.conditioned_prompt): the prompt, the failed answer's
+    own ids closed by `<|im_end|>`, the mistake report as a new user turn, then `<|im_start|>assistant\n`."""
+    ids = tokenizer.ids
+    retry = RETRY_TEMPLATE.format(report=report)
+    return [
+        *prompt_ids,
+        *failed,
+        ids.im_end,
+        *tokenizer.encode("\n"),
+        *chat_prompt_ids(tokenizer, retry),
     ]
 
 
@@ -97,6 +130,8 @@ class Group:
     rollout_logp: list[list[float]]
     rewards: list[float] = field(default_factory=list)
     routes: list[torch.Tensor | None] = field(default_factory=list)  # per response, with rl.routing_replay
+    number: int = 0  # the global draw number of the prompt (its sampling seeds)
+    recovered: bool = False  # re-sampled in the report-conditioned context (ContextRL)
 
 
 def empty_pack(seq_length: int, pad_id: int) -> RLBatch:
@@ -133,12 +168,9 @@ class RLDataSource:
         from data_pipeline.loader import media_budget
 
         self.prompts = read_prompts(self.rl.prompts, tokenizer, media_budget(cfg.data))
-        if self.rl.recovered_samples != "none":
-            raise ValueError(
-                f"rl.recovered_samples={self.rl.recovered_samples}: the ContextRL re-sampling of all-negative groups "
-                "is not wired into the RL data source yet; use none"
-            )
-        self.reward = reward or build_weighted(self.rl.rewards, self.rl.reward_gates, **judge_runtime(self.rl.judge))
+        runtime = judge_runtime(self.rl.judge)
+        self.judge = runtime.get("judge")  # writes the mistake reports of rl.recovered_samples=conditioned
+        self.reward = reward or build_weighted(self.rl.rewards, self.rl.reward_gates, **runtime)
         self.rollout = Rollout(
             model.parts,
             cfg.model,
@@ -154,6 +186,7 @@ class RLDataSource:
         self.drawn = 0  # prompts this rank has taken
         self.step = 0
         self.last: dict = {}
+        self.recovery: dict[str, float] = {}  # this step's ContextRL re-sampling counters
 
     # ---- prompts ----------------------------------------------------------------------------------------------
 
@@ -168,6 +201,10 @@ class RLDataSource:
         """`count` new prompts, G responses each, rewarded. Called on every rank in lockstep (count may be 0)."""
         drawn = [self._prompt(self.drawn + i) for i in range(count)]
         self.drawn += count
+        return self._generate(drawn, round_)
+
+    def _generate(self, drawn: list[tuple[int, PromptRecord]], round_: int) -> list[Group]:
+        """G rewarded responses to each (global prompt number, record); collective (every rank calls it)."""
         params = [
             SamplingParams(
                 max_new_tokens=self.sampling.max_new_tokens,
@@ -180,13 +217,67 @@ class RLDataSource:
         out = self.rollout.generate(prompts, params, self.rl.group_size)
         G = self.rl.group_size
         groups = []
-        for i, (_, record) in enumerate(drawn):
+        for i, (number, record) in enumerate(drawn):
             samples = out.samples[i * G : (i + 1) * G]
             group = Group(record, [list(s.tokens) for s in samples], [list(s.logprobs) for s in samples])
+            group.number = number
             group.routes = [s.routes for s in samples]
             group.rewards = [float(self.reward(self._text(r), record.reference)) for r in group.responses]
             groups.append(group)
         return groups
+
+    def _recover(self, groups: list[Group], round_: int) -> list[Group]:
+        """ContextRL: the all-negative groups whose judge report is usable (non-empty, not giving the answer away)
+        are re-sampled in the report-conditioned context and replaced by the new groups. Collective: every rank
+        generates (maybe nothing) when any rank has a request. Seeds: round `max_sampling_rounds + round_`."""
+        threshold, counts = self.rl.positive_threshold, self.recovery
+        negative = [i for i, g in enumerate(groups) if max(g.rewards) < threshold]
+        judged = [
+            JudgedGroup(
+                [{"role": "user", "content": str(g.prompt.reference.get("prompt", ""))}],
+                g.prompt.reference,
+                [self._text(r) for r in g.responses],
+                g.rewards,
+            )
+            for g in groups
+        ]
+        requests = resample_requests(judged, self.judge, threshold) if negative else []
+        drawn, used = [], []
+        budget = min(self.cfg.train.seq_length, self.cfg.rollout.capacity + 1) - self.sampling.max_new_tokens
+        for request in requests:
+            old = groups[request.group_index]
+            failed = old.responses[request.failed_index]
+            if failed and failed[-1] in self.sampling.stop_ids:
+                failed = failed[:-1]
+            ids = conditioned_prompt_ids(self.tokenizer, old.prompt.ids, failed, request.report)
+            if len(ids) > budget:  # the conditioned prompt and its responses must fit the rollout and a pack
+                counts["rl_resample_too_long"] = counts.get("rl_resample_too_long", 0.0) + 1
+                continue
+            visual = old.prompt.prompt.visual if old.prompt.prompt is not None else None
+            prompt = Prompt(torch.tensor(ids, dtype=torch.long), visual) if visual is not None else None
+            drawn.append((old.number, PromptRecord(old.prompt.id, ids, old.prompt.reference, prompt)))
+            used.append(request.group_index)
+        for key, value in (
+            ("rl_groups_all_negative", len(negative)),
+            ("rl_resample_reports_unusable", len(negative) - len(requests)),
+        ):
+            counts[key] = counts.get(key, 0.0) + value
+        if not self._any_rank(bool(drawn)):
+            return groups
+        recovered = self._generate(drawn, self.rl.max_sampling_rounds + round_)
+        out = list(groups)
+        for index, group in zip(used, recovered):
+            group.recovered = True
+            out[index] = group
+        rewards = [r for g in recovered for r in g.rewards]
+        for key, value in (
+            ("rl_groups_resampled", len(recovered)),
+            ("rl_groups_recovered", sum(max(g.rewards) >= threshold for g in recovered)),  # a positive appeared
+            ("rl_recovered_reward_sum", sum(rewards)),
+            ("rl_recovered_responses", len(rewards)),
+        ):
+            counts[key] = counts.get(key, 0.0) + float(value)
+        return out
 
     def _text(self, response: list[int]) -> str:
         stops = set(self.sampling.stop_ids)
@@ -209,17 +300,21 @@ class RLDataSource:
                 break
             want = math.ceil(missing * self.rl.oversample_factor) if self.rl.dynamic_sampling else missing
             groups = self._sample_groups(want, rounds)
+            scored += [r for g in groups for r in g.rewards]  # the original prompts' rewards (the policy's)
+            if self.rl.recovered_samples == "conditioned":
+                groups = self._recover(groups, rounds)
             rounds, generated = rounds + 1, generated + want
-            scored += [r for g in groups for r in g.rewards]
             if self.rl.dynamic_sampling:
                 good, bad = split_groups(groups)
-                dropped += len(bad)
+                dropped += len(bad)  # a prompt whose group (or its re-sampled replacement) ties
             else:
                 good = groups
             kept += good
         surplus = max(0, len(kept) - self.per_rank)
-        report = SamplingReport(rounds, generated, dropped, 0, surplus, max(0, self.per_rank - len(kept)))
-        return kept[: self.per_rank], report, scored
+        kept = kept[: self.per_rank]
+        recovered = sum(g.recovered for g in kept)
+        report = SamplingReport(rounds, generated, dropped, recovered, surplus, max(0, self.per_rank - len(kept)))
+        return kept, report, scored
 
     # ---- packs ------------------------------------------------------------------------------------------------
 
@@ -321,6 +416,7 @@ class RLDataSource:
     # ---- DataSource -------------------------------------------------------------------------------------------
 
     def next_step(self) -> list[RLBatch]:
+        self.recovery = {}
         groups, report, scored = self._collect()
         self.rollout.release()  # the KV cache goes before the training forward
         packs = self._packs(groups)
@@ -341,6 +437,9 @@ class RLDataSource:
             "rl_logp_gap_sum": gap,  # sum over response tokens of |log pi_old - log pi_rollout|
             "rl_response_tokens": float(sum(float(p.loss_mask.sum()) for p in packs)),
         }
+        if self.rl.recovered_samples == "conditioned":  # sums over the step's rounds (data_metrics adds ranks)
+            self.last.update({key: self.recovery.get(key, 0.0) for key in RECOVERY_COUNTERS})
+            self.last["rl_recovered_kept"] = float(report.recovered)  # re-sampled groups in the batch
         self.step += 1
         return packs
 
