@@ -16,6 +16,9 @@ user turn after that response; the policy answers G times again in that context,
 old one: its packs are [conditioned prompt | response], so pi_old and the rollout log-probs are those of the
 context the response was sampled in. It then goes through dynamic sampling like any other group.
 
+With `rl.routing_replay`, each response's rollout routes travel in its pack (`RLBatch.routes`) and the pi_old
+recompute replays them, as the GSPO step's forward does (rollout/routing.py `micro_batch_replay`).
+
 Resume is exact: the state is the number of prompts this rank has drawn and the step; sampling seeds are a
 function of (rl seed, step, round, global prompt number), so nothing else has to be saved (a judge must be
 deterministic for re-sampling to resume exactly).
