@@ -25,6 +25,7 @@ import datetime
 import os
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -48,6 +49,13 @@ def parse_args():
     parser.add_argument("--dtype", default=None, choices=["bf16", "fp32"], help="default: bf16 on CUDA")
     parser.add_argument("--attention", default="dense", choices=["dense", "warmup", "sparse"])
     parser.add_argument("--experts", default="auto", choices=["auto", "grouped", "sequential"])
+    parser.add_argument(
+        "--decode-graph",
+        nargs="+",
+        default=["auto", "off"],
+        choices=["auto", "static", "off"],
+        help="engine modes to time side by side (auto: CUDA-graph decode where eligible)",
+    )
     parser.add_argument("--out", default=None)
     return parser.parse_args()
 
@@ -109,7 +117,7 @@ def prompts_for(batch, length, vocab, seed):
     return [Prompt(torch.randint(0, min(vocab, 150000), (length,), generator=g)) for _ in range(batch)]
 
 
-def run_batch(args, model, parts, dtype, batch):
+def run_batch(args, model, parts, dtype, batch, mode):
     from megatron.core.transformer.moe.moe_layer import MoELayer
 
     from keye_train.model.attention import VarlenCoreAttention
@@ -119,7 +127,13 @@ def run_batch(args, model, parts, dtype, batch):
     sync = torch.cuda.synchronize if on_gpu else (lambda: None)
     prompt_len = args.context - args.new_tokens
     engine = RolloutEngine(
-        parts, model, slots=batch, capacity=args.context, prefill_tokens=args.prefill_tokens, keep_logits=False
+        parts,
+        model,
+        slots=batch,
+        capacity=args.context,
+        prefill_tokens=args.prefill_tokens,
+        keep_logits=False,
+        decode_graph=mode,
     )
     params = SamplingParams(temperature=1.0, max_new_tokens=args.new_tokens, seed=1)
     prompts = prompts_for(batch, prompt_len, model.lm.vocab_size, seed=batch)
@@ -137,6 +151,9 @@ def run_batch(args, model, parts, dtype, batch):
     decode_tokens = sum(d for _, d in decode_steps)
     row = {
         "batch": batch,
+        "decode_graph": mode,
+        "graph_off_reason": engine.graph_off_reason,
+        "graph_steps": engine.times.graph_steps,
         "prompt_tokens": prompt_len,
         "new_tokens": args.new_tokens,
         "wall_s": wall,
@@ -151,12 +168,15 @@ def run_batch(args, model, parts, dtype, batch):
         "cache_gib": engine.cache.nbytes() / 2**30,
     }
 
-    # the synchronised breakdown over the decode steps of a shorter run
+    # the synchronised breakdown over the decode steps of a shorter run (the parts inside the decoder only
+    # eagerly: a graph replay runs no module hooks)
+    graphed = engine.times.graph_steps > 0
     profile_new = min(args.profile_steps, args.new_tokens)
     short = SamplingParams(temperature=1.0, max_new_tokens=profile_new, seed=2)
     lm = parts.lm
-    attention = PartTimer([m for m in lm.modules() if isinstance(m, VarlenCoreAttention)], sync)
-    moe = PartTimer([m for m in lm.modules() if isinstance(m, MoELayer)], sync)
+    timed = (lambda kind: []) if graphed else (lambda kind: [m for m in lm.modules() if isinstance(m, kind)])
+    attention = PartTimer(timed(VarlenCoreAttention), sync)
+    moe = PartTimer(timed(MoELayer), sync)
     engine.sync_timing = True
     engine.times = type(engine.times)()
     engine.generate(prompts, short)
@@ -171,9 +191,9 @@ def run_batch(args, model, parts, dtype, batch):
         "decode_steps": len(decode),
         "step": ms("seconds"),
         "decoder_forward": ms("forward"),
-        "core_attention": inside(attention),
-        "moe_layers": inside(moe),
-        "decoder_other": ms("forward") - inside(attention) - inside(moe),
+        "core_attention": None if graphed else inside(attention),
+        "moe_layers": None if graphed else inside(moe),
+        "decoder_other": None if graphed else ms("forward") - inside(attention) - inside(moe),
         "embed_and_pack": ms("embed"),
         "output_layer": ms("logits"),
         "sample": ms("sample"),
@@ -234,21 +254,35 @@ def main():
         "rows": [],
     }
     out = Path(args.out) if args.out else REPO / "benchmarks" / "results" / f"rollout_{device_name(on_gpu)}.json"
-    header = f"{'batch':>5} {'decode tok/s':>12} {'step ms':>8} {'attn':>7} {'moe':>7} {'other':>7} "
-    header += f"{'head':>6} {'sample':>7} {'host':>6} {'prefill tok/s':>13} {'|dlogp| mean':>12} {'p99':>8}"
+    header = f"{'batch':>5} {'graph':>6} {'decode tok/s':>12} {'step ms':>8} {'attn':>7} {'moe':>7} {'other':>7} "
+    header += f"{'head':>7} {'sample':>7} {'host':>7} {'prefill tok/s':>13} {'|dlogp| mean':>12} {'p99':>8}"
     print(header)
-    for batch in args.batch:
-        row = run_batch(args, model, parts, dtype, batch)
+    for batch, mode in [(b, m) for b in args.batch for m in args.decode_graph]:
+        try:
+            row = run_batch(args, model, parts, dtype, batch, mode)
+        except Exception as err:  # record the failure and go on with the other rows
+            traceback.print_exc()
+            result["rows"].append({"batch": batch, "decode_graph": mode, "error": repr(err)})
+            write_result(out, result)
+            continue
         result["rows"].append(row)
-        b = row["breakdown_ms_per_decode_step"]
+        parts_ms = {k: float("nan") if v is None else v for k, v in row["breakdown_ms_per_decode_step"].items()}
         gap = row.get("logprob_gap", {"mean": float("nan"), "p99": float("nan")})
         print(
-            f"{batch:>5} {row['decode_tokens_per_s']:>12.1f} {row['decode_step_ms_median']:>8.2f} "
-            f"{b['core_attention']:>7.2f} {b['moe_layers']:>7.2f} {b['decoder_other']:>7.2f} {b['output_layer']:>6.2f} "
-            f"{b['sample']:>7.2f} {b['host']:>6.2f} {row['prefill_tokens_per_s']:>13.1f} {gap['mean']:>12.2e} "
-            f"{gap['p99']:>8.2e}",
+            f"{batch:>5} {mode:>6} {row['decode_tokens_per_s']:>12.1f} {row['decode_step_ms_median']:>8.2f} "
+            + " ".join(
+                f"{parts_ms[k]:>7.2f}"
+                for k in ("core_attention", "moe_layers", "decoder_other", "output_layer", "sample", "host")
+            )
+            + f" {row['prefill_tokens_per_s']:>13.1f} {gap['mean']:>12.2e} {gap['p99']:>8.2e}",
             flush=True,
         )
+        rates = {(r["batch"], r["decode_graph"]): r["decode_tokens_per_s"] for r in result["rows"] if "error" not in r}
+        result["decode_speedup_graph_vs_eager"] = {
+            str(b): rates[b, "auto"] / rates[b, "off"]
+            for b in args.batch
+            if (b, "auto") in rates and (b, "off") in rates
+        }
         result["peak_rss_mib"] = peak_rss_mib()
         if on_gpu:
             result["peak_gpu_gib"] = torch.cuda.max_memory_allocated() / 2**30
