@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import gc
 import os
+import statistics
 import sys
 import time
 import traceback
@@ -34,6 +36,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks.common import cpu_description, git_state, peak_rss_mib, write_result  # noqa: E402
+from benchmarks.profiling import profiled  # noqa: E402
 
 
 def parse_args():
@@ -168,6 +171,18 @@ def run_batch(args, model, parts, dtype, batch, mode):
         "cache_gib": engine.cache.nbytes() / 2**30,
     }
 
+    decode_log = [e for e in log if e["prefill"] == 0 and e["decode"] > 0]
+    if decode_log:  # where an unsynchronised step spends its host time (the waits land in the part that syncs)
+        keys = [k for k in decode_log[0] if k not in ("start", "decode", "prefill")]
+        row["unsynced_ms_median"] = {k: 1e3 * statistics.median(e[k] for e in decode_log) for k in keys}
+        seconds = sorted(e["seconds"] for e in decode_log)
+        row["decode_step_ms_quantiles"] = {q: 1e3 * seconds[int(q * (len(seconds) - 1))] for q in (0, 0.1, 0.5, 0.9, 1)}
+    step = engine.decode_step
+    if on_gpu and step is not None:  # GPU kernel time of one decode step, captured and eager at static shapes
+        row["decode_step_profile"] = profiled(lambda: [step.replay() for _ in range(5)], "5 decode steps", None)
+        row["decode_step_profile_eager"] = profiled(lambda: [step.forward() for _ in range(5)], "5 eager", None)
+        row["replay_ms"] = replay_timings(step)
+
     # the synchronised breakdown over the decode steps of a shorter run (the parts inside the decoder only
     # eagerly: a graph replay runs no module hooks)
     graphed = engine.times.graph_steps > 0
@@ -216,10 +231,67 @@ def run_batch(args, model, parts, dtype, batch, mode):
     if gaps:
         gap = torch.cat(gaps)
         row["logprob_gap"] = {"mean": float(gap.mean()), "p99": float(gap.quantile(0.99)), "tokens": gap.numel()}
-    del engine
-    if on_gpu:
-        torch.cuda.empty_cache()
+    engine.release()
+    del engine, samples
+    free_device_memory()
     return row
+
+
+def replay_timings(step, repeats: int = 5) -> dict:
+    """The step's replay alone, timed three ways: back to back (the next launch queued behind the running one),
+    from an idle GPU (synchronised before each launch), and after a 3 ms idle gap (as a step's sampling leaves)."""
+
+    def wall_ms(before):
+        times = []
+        for _ in range(repeats):
+            torch.cuda.synchronize()
+            before()
+            started = time.perf_counter()
+            step.replay()
+            torch.cuda.synchronize()
+            times.append(1e3 * (time.perf_counter() - started))
+        return statistics.median(times)
+
+    torch.cuda.synchronize()
+    started = time.perf_counter()
+    for _ in range(repeats):
+        step.replay()
+    torch.cuda.synchronize()
+    timings = {
+        "back_to_back": 1e3 * (time.perf_counter() - started) / repeats,
+        "from_idle": wall_ms(lambda: None),
+        "after_3ms_gap": wall_ms(lambda: time.sleep(0.003)),
+    }
+    staged = step.inputs.cpu().pin_memory()
+    timings["same_inputs_uploaded"] = wall_ms(lambda: step.inputs.copy_(staged, non_blocking=True))
+    timings["rows_moved_on_device"] = wall_ms(lambda: step.inputs[2].sub_(1))
+    # the engine's own sequence: new inputs through run(), the sampler, a host read
+    from keye_train.posttrain.rollout import SamplingParams
+    from keye_train.posttrain.rollout.sampler import sample
+
+    tokens, positions, rows = step.inputs[:3].tolist()
+    slots = list(range(len(tokens)))
+    params = [SamplingParams(temperature=1.0)] * len(slots)
+    generators = [torch.Generator(step.inputs.device).manual_seed(i) for i in slots]
+    for name, read in (("run_sync", False), ("run_sample_read", True)):
+        times = []
+        for back in range(1, repeats + 1):
+            torch.cuda.synchronize()
+            started = time.perf_counter()
+            logits = step.run(tokens, positions, [r - back for r in rows], slots)
+            if read:
+                sample(logits, params, generators)[0].tolist()
+            torch.cuda.synchronize()
+            times.append(1e3 * (time.perf_counter() - started))
+        timings[name] = statistics.median(times)
+    return timings
+
+
+def free_device_memory():
+    """Drop what the last row left (the graph's private pool and the KV cache sit in reference cycles)."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def device_name(on_gpu):
@@ -263,6 +335,7 @@ def main():
         except Exception as err:  # record the failure and go on with the other rows
             traceback.print_exc()
             result["rows"].append({"batch": batch, "decode_graph": mode, "error": repr(err)})
+            free_device_memory()
             write_result(out, result)
             continue
         result["rows"].append(row)

@@ -172,6 +172,11 @@ class RolloutEngine:
         self.cache = None
         self._graph = None
 
+    @property
+    def decode_step(self) -> DecodeGraph | None:
+        """The static decode step of the last pure decode step (None before one, or with decode_graph=off)."""
+        return self._graph
+
     def _allocate(self) -> KVCache:
         if self.cache is None or self.cache.capacity != self.capacity:
             layers, kv_heads, index_dim = self._cache_shape
@@ -312,14 +317,12 @@ class RolloutEngine:
         if self._graph is None or not self._graph.uses(self.cache):
             self._graph = DecodeGraph(self, capture=self.decode_graph == "auto")
         self.times.embed += clock.lap()
-        logits = self._graph.run(tokens, positions, rows)
+        logits = self._graph.run(tokens, positions, rows, [s.slot for s in decode])
         self.times.graph_steps += 1
         for s in decode:
             self.cache.lengths[s.slot] += 1
         self.times.forward += clock.lap()
-        picked = logits[torch.tensor([s.slot for s in decode], device=self.device)]
-        self.times.logits += clock.lap()
-        return picked
+        return logits
 
     def _forward(self, segments: list[_Segment], clock) -> tuple[torch.Tensor, torch.Tensor | None]:
         """One pack through the decoder -> (fp32 logits of the segments that want them [R, V], routes [T, L, k])."""
@@ -427,7 +430,8 @@ class RolloutEngine:
         self.times.host += clock.lap()
         if not samplers:
             return
-        rows = logits[torch.tensor(row_of, device=logits.device)]
+        in_order = row_of == list(range(logits.shape[0]))
+        rows = logits if in_order else logits[torch.tensor(row_of, device=logits.device)]
         tokens, logprobs = sample(rows, [q.params for q in samplers], [q.generator for q in samplers])
         tokens, logprobs = self._same_on_tp_ranks(tokens, logprobs)
         tokens, logprobs = tokens.tolist(), logprobs.tolist()

@@ -108,14 +108,17 @@ def sync_free_moe(lm: torch.nn.Module):
 
 
 class DecodeGraph:
-    """The engine's pure decode step over all S slots: `run(tokens, positions, rows)` -> fp32 logits [S, V]
-    (a view of the graph's output buffer, valid until the next run). Captured on the first run (mode "auto",
-    CUDA), or run eagerly with the same static shapes (mode "static")."""
+    """The engine's pure decode step over all S slots: `run(tokens, positions, rows, read)` -> fp32 logits of
+    the `read` slots (all S: a view of the graph's output buffer, valid until the next run). Captured on the
+    first run (mode "auto", CUDA), or run eagerly with the same static shapes (mode "static")."""
 
     def __init__(self, engine, capture: bool):
         self.engine, self.capture = engine, capture
         slots, device = engine.slots, engine.device
-        self.inputs = torch.zeros(3, slots, dtype=torch.long, device=device)  # token, M-RoPE position, cache row
+        # token, M-RoPE position, cache row; row 3: the slots whose logits the caller reads (not graph inputs)
+        self.inputs = torch.zeros(4, slots, dtype=torch.long, device=device)
+        self.host = torch.zeros(4, slots, dtype=torch.long, pin_memory=self.inputs.is_cuda)  # one staging buffer
+        self.copied: torch.cuda.Event | None = None
         self.step = StaticDecodeStep(engine.cache, self.inputs[2])
         self.params = KeyePackedSeqParams(
             qkv_format="sbhd",
@@ -133,19 +136,24 @@ class DecodeGraph:
     def uses(self, cache) -> bool:
         return self.step.cache is cache
 
-    def run(self, tokens: list[int], positions: list[int], rows: list[int]) -> torch.Tensor:
-        host = torch.tensor([tokens, positions, rows], dtype=torch.long)
+    def run(self, tokens: list[int], positions: list[int], rows: list[int], read: list[int]) -> torch.Tensor:
+        """-> the logits of the slots in `read` [len(read), V]. The inputs go up through one pinned buffer and
+        one copy: no allocation and no pageable copy between the launch and the caller's first read."""
+        if self.copied is not None:
+            self.copied.synchronize()  # the buffer's last upload is done before it is overwritten
+        self.host[:3] = torch.tensor([tokens, positions, rows], dtype=torch.long)
+        self.host[3, : len(read)] = torch.tensor(read, dtype=torch.long)
+        self.inputs.copy_(self.host, non_blocking=True)
         if self.inputs.is_cuda:
-            host = host.pin_memory()
-        self.inputs.copy_(host, non_blocking=True)
-        if not self.capture:
-            return self._forward()
-        if self.graph is None:
-            self._capture()
-        self.graph.replay()
-        return self.logits
+            self.copied = torch.cuda.Event()
+            self.copied.record()
+        logits = self.replay()
+        if read == list(range(self.inputs.shape[1])):
+            return logits
+        return logits.index_select(0, self.inputs[3, : len(read)])
 
-    def _forward(self) -> torch.Tensor:
+    def forward(self) -> torch.Tensor:
+        """The step eagerly, on the current inputs."""
         lm = self.engine.lm
         tokens, positions = self.inputs[0], self.inputs[1]
         self.step.prepare()
@@ -159,6 +167,16 @@ class DecodeGraph:
             )
         return F.linear(hidden[:, 0], lm.output_layer.weight).float()
 
+    def replay(self) -> torch.Tensor:
+        """The step again on the current inputs: the captured graph (captured on the first call) or, with
+        capture off, eagerly."""
+        if not self.capture:
+            return self.forward()
+        if self.graph is None:
+            self._capture()
+        self.graph.replay()
+        return self.logits
+
     def _capture(self) -> None:
         """Warm up on a side stream (the first calls pick kernels and run one-time checks), then capture. The
         warm-up runs write the same cache rows the captured step writes, with the same values."""
@@ -166,8 +184,8 @@ class DecodeGraph:
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             for _ in range(2):
-                self._forward()
+                self.forward()
         torch.cuda.current_stream().wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
-            self.logits = self._forward()
+            self.logits = self.forward()

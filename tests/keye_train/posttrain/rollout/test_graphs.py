@@ -8,6 +8,7 @@ import dataclasses
 import pytest
 import torch
 
+from keye_train.config import ParallelConfig
 from keye_train.posttrain.rollout import RolloutEngine, SamplingParams
 from keye_train.posttrain.rollout.graphs import graph_unsupported
 from tests.keye_train.posttrain.rollout.common import (
@@ -44,9 +45,10 @@ def test_sync_free_experts_equal_the_dispatcher_path(grouped_parts):
 
     _, parts = grouped_parts
     layer = next(m for m in parts.lm.modules() if isinstance(m, MoELayer))
-    g = torch.Generator().manual_seed(3)
+    device = layer.router.weight.device
+    g = torch.Generator(device).manual_seed(3)
     for tokens in (3, 40):  # 3 tokens x top-k leave most experts empty
-        hidden = torch.randn(tokens, 1, layer.config.hidden_size, generator=g)
+        hidden = torch.randn(tokens, 1, layer.config.hidden_size, generator=g, device=device)
         with torch.no_grad():
             reference, _ = layer(hidden)
             probs, routing_map = layer.route(hidden)
@@ -92,31 +94,22 @@ def test_layouts_the_static_step_does_not_cover_run_eagerly(single_rank, grouped
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
-def test_captured_graph_equals_the_static_step_on_cuda():
-    from keye_train.config import ParallelConfig, tiny
+def test_captured_graph_equals_the_static_step_on_cuda(single_rank):
     from keye_train.model.builder import build_model, initialize_weights
-    from parallel import cpu_compat
-    from parallel.layout import check_layout, destroy_process_groups, init_process_groups
     from parallel.placement import ColocatedPlacement
 
-    cpu_compat.install_if_needed()
-    model = grouped(tiny())
-    par = ParallelConfig()
-    init_process_groups(par, check_layout(par, model.lm, model.vit, 1), "nccl")
-    try:
-        parts = build_model(model, par, torch.bfloat16, True, ColocatedPlacement())
-        initialize_weights(parts, model, seed=11)
-        prompts = [text_prompt(n, seed) for seed, n in enumerate([5, 19, 12, 1, 8])]
-        runs = {}
-        for mode in ("auto", "static", "off"):
-            rollout = engine(model, parts, slots=3, prefill_tokens=7, decode_graph=mode)
-            runs[mode] = rollout.generate(prompts, SamplingParams(temperature=0, max_new_tokens=12))
-            if mode == "auto":
-                assert rollout.graph_off_reason == "" and rollout._graph.graph is not None
-        for graphed, static in zip(runs["auto"], runs["static"]):
-            assert graphed.tokens == static.tokens
-            torch.testing.assert_close(torch.stack(graphed.logits), torch.stack(static.logits), rtol=0, atol=0)
-        for graphed, eager in zip(runs["auto"], runs["off"]):  # different kernels: the first logits agree in bf16
-            torch.testing.assert_close(graphed.logits[0], eager.logits[0], rtol=0, atol=5e-2)
-    finally:
-        destroy_process_groups()
+    model = grouped(single_rank)
+    parts = build_model(model, ParallelConfig(), torch.bfloat16, True, ColocatedPlacement())
+    initialize_weights(parts, model, seed=11)
+    prompts = [text_prompt(n, seed) for seed, n in enumerate([5, 19, 12, 1, 8])]
+    runs = {}
+    for mode in ("auto", "static", "off"):
+        rollout = engine(model, parts, slots=3, prefill_tokens=7, decode_graph=mode)
+        runs[mode] = rollout.generate(prompts, SamplingParams(temperature=0, max_new_tokens=12))
+        if mode == "auto":
+            assert rollout.graph_off_reason == "" and rollout.decode_step.graph is not None
+    for graphed, static in zip(runs["auto"], runs["static"]):
+        assert graphed.tokens == static.tokens
+        torch.testing.assert_close(torch.stack(graphed.logits), torch.stack(static.logits), rtol=0, atol=0)
+    for graphed, eager in zip(runs["auto"], runs["off"]):  # different kernels: the first logits agree in bf16
+        torch.testing.assert_close(graphed.logits[0], eager.logits[0], rtol=0, atol=5e-2)
