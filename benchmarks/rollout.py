@@ -22,9 +22,12 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import gc
 import os
+import statistics
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -33,6 +36,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks.common import cpu_description, git_state, peak_rss_mib, write_result  # noqa: E402
+from benchmarks.profiling import profiled  # noqa: E402
 
 
 def parse_args():
@@ -48,6 +52,13 @@ def parse_args():
     parser.add_argument("--dtype", default=None, choices=["bf16", "fp32"], help="default: bf16 on CUDA")
     parser.add_argument("--attention", default="dense", choices=["dense", "warmup", "sparse"])
     parser.add_argument("--experts", default="auto", choices=["auto", "grouped", "sequential"])
+    parser.add_argument(
+        "--decode-graph",
+        nargs="+",
+        default=["auto", "off"],
+        choices=["auto", "static", "off"],
+        help="engine modes to time side by side (auto: CUDA-graph decode where eligible)",
+    )
     parser.add_argument("--out", default=None)
     return parser.parse_args()
 
@@ -109,7 +120,7 @@ def prompts_for(batch, length, vocab, seed):
     return [Prompt(torch.randint(0, min(vocab, 150000), (length,), generator=g)) for _ in range(batch)]
 
 
-def run_batch(args, model, parts, dtype, batch):
+def run_batch(args, model, parts, dtype, batch, mode):
     from megatron.core.transformer.moe.moe_layer import MoELayer
 
     from keye_train.model.attention import VarlenCoreAttention
@@ -119,7 +130,13 @@ def run_batch(args, model, parts, dtype, batch):
     sync = torch.cuda.synchronize if on_gpu else (lambda: None)
     prompt_len = args.context - args.new_tokens
     engine = RolloutEngine(
-        parts, model, slots=batch, capacity=args.context, prefill_tokens=args.prefill_tokens, keep_logits=False
+        parts,
+        model,
+        slots=batch,
+        capacity=args.context,
+        prefill_tokens=args.prefill_tokens,
+        keep_logits=False,
+        decode_graph=mode,
     )
     params = SamplingParams(temperature=1.0, max_new_tokens=args.new_tokens, seed=1)
     prompts = prompts_for(batch, prompt_len, model.lm.vocab_size, seed=batch)
@@ -137,6 +154,9 @@ def run_batch(args, model, parts, dtype, batch):
     decode_tokens = sum(d for _, d in decode_steps)
     row = {
         "batch": batch,
+        "decode_graph": mode,
+        "graph_off_reason": engine.graph_off_reason,
+        "graph_steps": engine.times.graph_steps,
         "prompt_tokens": prompt_len,
         "new_tokens": args.new_tokens,
         "wall_s": wall,
@@ -151,12 +171,27 @@ def run_batch(args, model, parts, dtype, batch):
         "cache_gib": engine.cache.nbytes() / 2**30,
     }
 
-    # the synchronised breakdown over the decode steps of a shorter run
+    decode_log = [e for e in log if e["prefill"] == 0 and e["decode"] > 0]
+    if decode_log:  # where an unsynchronised step spends its host time (the waits land in the part that syncs)
+        keys = [k for k in decode_log[0] if k not in ("start", "decode", "prefill")]
+        row["unsynced_ms_median"] = {k: 1e3 * statistics.median(e[k] for e in decode_log) for k in keys}
+        seconds = sorted(e["seconds"] for e in decode_log)
+        row["decode_step_ms_quantiles"] = {q: 1e3 * seconds[int(q * (len(seconds) - 1))] for q in (0, 0.1, 0.5, 0.9, 1)}
+    step = engine.decode_step
+    if on_gpu and step is not None:  # GPU kernel time of one decode step, captured and eager at static shapes
+        row["decode_step_profile"] = profiled(lambda: [step.replay() for _ in range(5)], "5 decode steps", None)
+        row["decode_step_profile_eager"] = profiled(lambda: [step.forward() for _ in range(5)], "5 eager", None)
+        row["replay_ms"] = replay_timings(step)
+
+    # the synchronised breakdown over the decode steps of a shorter run (the parts inside the decoder only
+    # eagerly: a graph replay runs no module hooks)
+    graphed = engine.times.graph_steps > 0
     profile_new = min(args.profile_steps, args.new_tokens)
     short = SamplingParams(temperature=1.0, max_new_tokens=profile_new, seed=2)
     lm = parts.lm
-    attention = PartTimer([m for m in lm.modules() if isinstance(m, VarlenCoreAttention)], sync)
-    moe = PartTimer([m for m in lm.modules() if isinstance(m, MoELayer)], sync)
+    timed = (lambda kind: []) if graphed else (lambda kind: [m for m in lm.modules() if isinstance(m, kind)])
+    attention = PartTimer(timed(VarlenCoreAttention), sync)
+    moe = PartTimer(timed(MoELayer), sync)
     engine.sync_timing = True
     engine.times = type(engine.times)()
     engine.generate(prompts, short)
@@ -171,9 +206,9 @@ def run_batch(args, model, parts, dtype, batch):
         "decode_steps": len(decode),
         "step": ms("seconds"),
         "decoder_forward": ms("forward"),
-        "core_attention": inside(attention),
-        "moe_layers": inside(moe),
-        "decoder_other": ms("forward") - inside(attention) - inside(moe),
+        "core_attention": None if graphed else inside(attention),
+        "moe_layers": None if graphed else inside(moe),
+        "decoder_other": None if graphed else ms("forward") - inside(attention) - inside(moe),
         "embed_and_pack": ms("embed"),
         "output_layer": ms("logits"),
         "sample": ms("sample"),
@@ -196,10 +231,67 @@ def run_batch(args, model, parts, dtype, batch):
     if gaps:
         gap = torch.cat(gaps)
         row["logprob_gap"] = {"mean": float(gap.mean()), "p99": float(gap.quantile(0.99)), "tokens": gap.numel()}
-    del engine
-    if on_gpu:
-        torch.cuda.empty_cache()
+    engine.release()
+    del engine, samples
+    free_device_memory()
     return row
+
+
+def replay_timings(step, repeats: int = 5) -> dict:
+    """The step's replay alone, timed three ways: back to back (the next launch queued behind the running one),
+    from an idle GPU (synchronised before each launch), and after a 3 ms idle gap (as a step's sampling leaves)."""
+
+    def wall_ms(before):
+        times = []
+        for _ in range(repeats):
+            torch.cuda.synchronize()
+            before()
+            started = time.perf_counter()
+            step.replay()
+            torch.cuda.synchronize()
+            times.append(1e3 * (time.perf_counter() - started))
+        return statistics.median(times)
+
+    torch.cuda.synchronize()
+    started = time.perf_counter()
+    for _ in range(repeats):
+        step.replay()
+    torch.cuda.synchronize()
+    timings = {
+        "back_to_back": 1e3 * (time.perf_counter() - started) / repeats,
+        "from_idle": wall_ms(lambda: None),
+        "after_3ms_gap": wall_ms(lambda: time.sleep(0.003)),
+    }
+    staged = step.inputs.cpu().pin_memory()
+    timings["same_inputs_uploaded"] = wall_ms(lambda: step.inputs.copy_(staged, non_blocking=True))
+    timings["rows_moved_on_device"] = wall_ms(lambda: step.inputs[2].sub_(1))
+    # the engine's own sequence: new inputs through run(), the sampler, a host read
+    from keye_train.posttrain.rollout import SamplingParams
+    from keye_train.posttrain.rollout.sampler import sample
+
+    tokens, positions, rows = step.inputs[:3].tolist()
+    slots = list(range(len(tokens)))
+    params = [SamplingParams(temperature=1.0)] * len(slots)
+    generators = [torch.Generator(step.inputs.device).manual_seed(i) for i in slots]
+    for name, read in (("run_sync", False), ("run_sample_read", True)):
+        times = []
+        for back in range(1, repeats + 1):
+            torch.cuda.synchronize()
+            started = time.perf_counter()
+            logits = step.run(tokens, positions, [r - back for r in rows], slots)
+            if read:
+                sample(logits, params, generators)[0].tolist()
+            torch.cuda.synchronize()
+            times.append(1e3 * (time.perf_counter() - started))
+        timings[name] = statistics.median(times)
+    return timings
+
+
+def free_device_memory():
+    """Drop what the last row left (the graph's private pool and the KV cache sit in reference cycles)."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def device_name(on_gpu):
@@ -234,21 +326,36 @@ def main():
         "rows": [],
     }
     out = Path(args.out) if args.out else REPO / "benchmarks" / "results" / f"rollout_{device_name(on_gpu)}.json"
-    header = f"{'batch':>5} {'decode tok/s':>12} {'step ms':>8} {'attn':>7} {'moe':>7} {'other':>7} "
-    header += f"{'head':>6} {'sample':>7} {'host':>6} {'prefill tok/s':>13} {'|dlogp| mean':>12} {'p99':>8}"
+    header = f"{'batch':>5} {'graph':>6} {'decode tok/s':>12} {'step ms':>8} {'attn':>7} {'moe':>7} {'other':>7} "
+    header += f"{'head':>7} {'sample':>7} {'host':>7} {'prefill tok/s':>13} {'|dlogp| mean':>12} {'p99':>8}"
     print(header)
-    for batch in args.batch:
-        row = run_batch(args, model, parts, dtype, batch)
+    for batch, mode in [(b, m) for b in args.batch for m in args.decode_graph]:
+        try:
+            row = run_batch(args, model, parts, dtype, batch, mode)
+        except Exception as err:  # record the failure and go on with the other rows
+            traceback.print_exc()
+            result["rows"].append({"batch": batch, "decode_graph": mode, "error": repr(err)})
+            free_device_memory()
+            write_result(out, result)
+            continue
         result["rows"].append(row)
-        b = row["breakdown_ms_per_decode_step"]
+        parts_ms = {k: float("nan") if v is None else v for k, v in row["breakdown_ms_per_decode_step"].items()}
         gap = row.get("logprob_gap", {"mean": float("nan"), "p99": float("nan")})
         print(
-            f"{batch:>5} {row['decode_tokens_per_s']:>12.1f} {row['decode_step_ms_median']:>8.2f} "
-            f"{b['core_attention']:>7.2f} {b['moe_layers']:>7.2f} {b['decoder_other']:>7.2f} {b['output_layer']:>6.2f} "
-            f"{b['sample']:>7.2f} {b['host']:>6.2f} {row['prefill_tokens_per_s']:>13.1f} {gap['mean']:>12.2e} "
-            f"{gap['p99']:>8.2e}",
+            f"{batch:>5} {mode:>6} {row['decode_tokens_per_s']:>12.1f} {row['decode_step_ms_median']:>8.2f} "
+            + " ".join(
+                f"{parts_ms[k]:>7.2f}"
+                for k in ("core_attention", "moe_layers", "decoder_other", "output_layer", "sample", "host")
+            )
+            + f" {row['prefill_tokens_per_s']:>13.1f} {gap['mean']:>12.2e} {gap['p99']:>8.2e}",
             flush=True,
         )
+        rates = {(r["batch"], r["decode_graph"]): r["decode_tokens_per_s"] for r in result["rows"] if "error" not in r}
+        result["decode_speedup_graph_vs_eager"] = {
+            str(b): rates[b, "auto"] / rates[b, "off"]
+            for b in args.batch
+            if (b, "auto") in rates and (b, "off") in rates
+        }
         result["peak_rss_mib"] = peak_rss_mib()
         if on_gpu:
             result["peak_gpu_gib"] = torch.cuda.max_memory_allocated() / 2**30

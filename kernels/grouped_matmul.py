@@ -67,6 +67,19 @@ def grouped_matmul(x: torch.Tensor, weight: torch.Tensor, counts: list[int]) -> 
     return grouped_matmul_loop(x, weight, counts)
 
 
+def grouped_matmul_by_offsets(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """The same product with the group ends on the device (`offsets` [G] int32, cumulative, last = M), so no host
+    read: what a CUDA-graph-captured forward needs. Groups may be empty or of any size; forward only (the kernel
+    leaves empty groups' weight gradients uninitialised, see above). Without the grouped kernel it reads the
+    offsets back and loops."""
+    if offsets.shape != (weight.shape[0],):
+        raise ValueError(f"{tuple(offsets.shape)} offsets for weight {tuple(weight.shape)}")
+    if uses_grouped_kernel(x, weight) and x.shape[0] > 0:
+        return _grouped_mm(x.contiguous(), weight.transpose(-2, -1), offs=offsets.to(torch.int32))
+    ends = offsets.tolist()
+    return grouped_matmul_loop(x, weight, [e - s for s, e in zip([0, *ends[:-1]], ends)])
+
+
 def grouped_matmul_loop(x: torch.Tensor, weight: torch.Tensor, counts: list[int]) -> torch.Tensor:
     """The per-group reference: one matmul per group."""
     pieces = [rows @ w.t() for rows, w in zip(x.split(counts), weight.unbind(0))]

@@ -37,11 +37,16 @@ class RolloutConfig:
     prefill_tokens: int = 8192  # prompt tokens per engine step (chunked prefill)
     group_size: int = 1  # G samples per prompt, sharing its prefill
     record_routes: bool = False  # routing replay (R3): record the experts of every fed token
+    # auto: pure decode steps replay a CUDA graph where the layout allows (one rank's experts, no TP, dense or
+    # warm-up attention; else eager, reason in RolloutEngine.graph_off_reason); off: always eager
+    decode_graph: str = "auto"
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
 
     def __post_init__(self):
         for key in ("slots", "capacity", "prefill_tokens", "group_size"):
             if getattr(self, key) < 1:
                 raise ValueError(f"rollout.{key}={getattr(self, key)} must be >= 1")
+        if self.decode_graph not in ("auto", "static", "off"):
+            raise ValueError(f"rollout.decode_graph={self.decode_graph!r}: must be auto, static or off")
         if self.group_size > self.slots:
             raise ValueError(f"rollout.group_size={self.group_size} must be <= rollout.slots={self.slots}")

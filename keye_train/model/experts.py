@@ -20,7 +20,13 @@ from megatron.core.transformer.moe.experts import TEGroupedMLP
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.utils import get_pg_size
 
-from kernels.grouped_matmul import group_alignment, grouped_matmul, padded_counts, padded_rows
+from kernels.grouped_matmul import (
+    group_alignment,
+    grouped_matmul,
+    grouped_matmul_by_offsets,
+    padded_counts,
+    padded_rows,
+)
 
 _LINEARS = ("linear_fc1", "linear_fc2")
 
@@ -102,6 +108,46 @@ class GroupedExperts(TEGroupedMLP):
         padded_probs = probs.new_zeros(total).index_copy(0, rows, probs)
         output, bias = super().forward(padded_hidden, torch.tensor(padded), padded_probs)
         return output.index_select(0, rows), bias
+
+
+def sync_free_unsupported(experts: torch.nn.Module) -> str | None:
+    """Why `sync_free_experts` cannot stand in for this experts module's forward (None: it can)."""
+    config = getattr(experts, "config", None)
+    if not isinstance(experts, GroupedExperts):
+        return "the experts are not grouped (model.lm.experts_impl=grouped)"
+    if get_pg_size(experts.ep_group) > 1 or get_pg_size(experts.tp_group) > 1:
+        return "expert parallelism or expert TP (the dispatcher's collectives need host-side split sizes)"
+    if not (config.gated_linear_unit and config.activation_func is torch.nn.functional.silu):
+        return "the expert activation is not SwiGLU"
+    if config.activation_func_clamp_value is not None or config.glu_linear_offset or config.moe_apply_probs_on_input:
+        return "a clamped, offset or input-weighted expert activation"
+    return None
+
+
+def sync_free_experts(
+    hidden: torch.Tensor, probs: torch.Tensor, routing_map: torch.Tensor, experts: GroupedExperts
+) -> torch.Tensor:
+    """The MoE block's routed output with no host read: hidden [T, H], the router's probs and routing_map [T, E]
+    -> [T, H]. Tokens are sorted by expert on the device and the group ends stay there (the dispatcher and
+    TEGroupedMLP read the per-expert counts back to the host), so the forward can be captured in a CUDA graph.
+    The same math as dispatcher + TEGroupedMLP + combine: fc1 -> SwiGLU x prob (fp32, cast back) -> fc2 -> the
+    sum over each token's experts. Forward only, one rank's experts (see sync_free_unsupported)."""
+    tokens, num_experts = routing_map.shape
+    topk = experts.config.moe_router_topk
+    chosen = routing_map.to(torch.float32).topk(topk, dim=1).indices  # [T, k]: exactly the routed experts
+    weights = probs.gather(1, chosen).reshape(-1)
+    flat = chosen.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    counts = torch.zeros(num_experts, dtype=torch.int32, device=hidden.device)
+    counts.index_add_(0, flat, torch.ones_like(flat, dtype=torch.int32))
+    ends = counts.cumsum(0, dtype=torch.int32)
+    rows = hidden[order // topk]
+    gate, up = grouped_matmul_by_offsets(rows, experts.linear_fc1.weight, ends).chunk(2, dim=-1)
+    act = (torch.nn.functional.silu(gate) * up * weights[order, None]).to(hidden.dtype)
+    out = grouped_matmul_by_offsets(act, experts.linear_fc2.weight, ends)
+    combined = torch.empty_like(out)
+    combined[order] = out
+    return combined.view(tokens, topk, -1).sum(dim=1)
 
 
 def _per_expert_state(module: GroupedExperts, state_dict: dict, prefix: str, local_metadata) -> None:

@@ -61,6 +61,7 @@ class Rollout:
             capacity=rollout.capacity,
             prefill_tokens=rollout.prefill_tokens,
             record_routes=rollout.record_routes,
+            decode_graph=rollout.decode_graph,
         )
         made.default_params, made.default_group_size = SamplingParams.from_config(rollout.sampling), rollout.group_size
         return made

@@ -35,6 +35,7 @@ from data_pipeline.tokenizer import TokenIds
 from keye_train.model.attention import KeyePackedSeqParams, VarlenCoreAttention
 from keye_train.model.keye_vl import merge_visual_embeddings, visual_token_mask
 from keye_train.posttrain.rollout.cache import PAD_SLOT, KVCache
+from keye_train.posttrain.rollout.graphs import MODES, DecodeGraph, graph_unsupported
 from keye_train.posttrain.rollout.routing import ModelRoutes
 from keye_train.posttrain.rollout.sampler import SamplingParams, sample
 
@@ -109,6 +110,7 @@ class StepTimes:
     steps: int = 0
     decode_tokens: int = 0
     prefill_tokens: int = 0
+    graph_steps: int = 0  # steps run as the static (CUDA-graph) decode step
     step_log: list = field(default_factory=list)  # per step: a dict of its start, seconds, tokens and parts
 
     PARTS = ("embed", "forward", "logits", "sample", "host")
@@ -128,11 +130,16 @@ class RolloutEngine:
         prefill_tokens: int = 1024,
         record_routes: bool = False,
         keep_logits: bool = False,
+        decode_graph: str = "auto",
     ):
-        """parts: this rank's ModelParts (model/builder.py); model: its ModelConfig."""
+        """parts: this rank's ModelParts (model/builder.py); model: its ModelConfig. decode_graph: "auto" captures
+        pure decode steps in a CUDA graph where graphs.graph_unsupported allows it, "static" runs that static
+        step without capturing it, "off" runs every step eagerly."""
         self.lm, self.vision = parts.lm, parts.vision
         if not (self.lm.pre_process and self.lm.post_process):
             raise ValueError("the rollout engine runs the whole LM on every rank: parallel.pp must be 1")
+        if decode_graph not in MODES:
+            raise ValueError(f"rollout.decode_graph={decode_graph!r}: must be one of {', '.join(MODES)}")
         if slots < 1 or capacity < 1 or prefill_tokens < 1:
             raise ValueError(
                 f"rollout.slots={slots}, rollout.capacity={capacity}, rollout.prefill_tokens={prefill_tokens}: "
@@ -154,12 +161,21 @@ class RolloutEngine:
         self.route_dtype = torch.uint8 if self.lm_cfg.num_experts <= 256 else torch.int16
         self.times = StepTimes()
         self.sync_timing = False
+        self.decode_graph = decode_graph
+        self._graph: DecodeGraph | None = None
+        self.graph_off_reason: str | None = None  # why decode runs eagerly, once known (None: graphed or off)
 
     # ---- public -----------------------------------------------------------------------------------------------
 
     def release(self) -> None:
-        """Free the KV cache (before a training phase); the next generate allocates it again."""
+        """Free the KV cache and the decode graph (before a training phase); the next generate rebuilds them."""
         self.cache = None
+        self._graph = None
+
+    @property
+    def decode_step(self) -> DecodeGraph | None:
+        """The static decode step of the last pure decode step (None before one, or with decode_graph=off)."""
+        return self._graph
 
     def _allocate(self) -> KVCache:
         if self.cache is None or self.cache.capacity != self.capacity:
@@ -278,8 +294,40 @@ class RolloutEngine:
         group.embeds = embeds
         group.positions = mrope_position_ids(ids.cpu(), (self.tokens.image_pad, self.tokens.video_pad), grids)
 
+    def _graphed(self, segments: list[_Segment]) -> bool:
+        """Whether this pack runs as the static decode step: decode rows only (lockstep padding is dropped)."""
+        if self.decode_graph == "off" or (self.decode_graph == "auto" and self.device.type != "cuda"):
+            return False
+        if not any(isinstance(s.owner, _Sequence) for s in segments):
+            return False
+        if any(isinstance(s.owner, _Group) for s in segments):
+            return False
+        if self.graph_off_reason is None and self._graph is None:
+            self.graph_off_reason = graph_unsupported(self, capture=self.decode_graph == "auto") or ""
+        return not self.graph_off_reason
+
+    def _graph_forward(self, segments: list[_Segment], clock) -> torch.Tensor:
+        decode = [s for s in segments if isinstance(s.owner, _Sequence)]
+        tokens, positions, rows = ([0] * self.slots for _ in range(3))
+        for s in decode:
+            row = self.cache.lengths[s.slot]
+            if row + 1 > self.capacity:
+                raise ValueError(f"slot {s.slot} would hold {row + 1} tokens, over rollout.capacity={self.capacity}")
+            tokens[s.slot], positions[s.slot], rows[s.slot] = s.owner.sample.tokens[-1], s.owner.next_position, row
+        if self._graph is None or not self._graph.uses(self.cache):
+            self._graph = DecodeGraph(self, capture=self.decode_graph == "auto")
+        self.times.embed += clock.lap()
+        logits = self._graph.run(tokens, positions, rows, [s.slot for s in decode])
+        self.times.graph_steps += 1
+        for s in decode:
+            self.cache.lengths[s.slot] += 1
+        self.times.forward += clock.lap()
+        return logits
+
     def _forward(self, segments: list[_Segment], clock) -> tuple[torch.Tensor, torch.Tensor | None]:
         """One pack through the decoder -> (fp32 logits of the segments that want them [R, V], routes [T, L, k])."""
+        if self._graphed(segments):
+            return self._graph_forward(segments, clock), None
         decode = [s for s in segments if isinstance(s.owner, _Sequence)]
         pieces, positions = [], []
         decode_embeds = None
@@ -382,7 +430,8 @@ class RolloutEngine:
         self.times.host += clock.lap()
         if not samplers:
             return
-        rows = logits[torch.tensor(row_of, device=logits.device)]
+        in_order = row_of == list(range(logits.shape[0]))
+        rows = logits if in_order else logits[torch.tensor(row_of, device=logits.device)]
         tokens, logprobs = sample(rows, [q.params for q in samplers], [q.generator for q in samplers])
         tokens, logprobs = self._same_on_tp_ranks(tokens, logprobs)
         tokens, logprobs = tokens.tolist(), logprobs.tolist()

@@ -8,6 +8,7 @@ import torch
 from kernels.grouped_matmul import (
     group_alignment,
     grouped_matmul,
+    grouped_matmul_by_offsets,
     grouped_matmul_loop,
     padded_counts,
     padded_rows,
@@ -109,3 +110,17 @@ def test_grouped_experts_match_sequential_mlp_on_the_gpu(single_rank):
         err = rel(got, want)
         print(f"{what}: {err:.2e}")
         assert err < BF16_BAND, (what, err)
+
+
+def test_device_offsets_take_unaligned_and_empty_groups():
+    """The decode graph's grouped GEMM: group ends on the device, groups of any size (1-7 rows, empty) unpadded,
+    against the float32 loop at the full model's expert shapes."""
+    experts, hidden, ffn = 128, 2048, 768
+    g = torch.Generator(device="cuda").manual_seed(1)
+    counts = torch.randint(0, 8, (experts,), generator=g, device="cuda")
+    counts[::5] = 0
+    x = torch.randn(int(counts.sum()), hidden, generator=g, device="cuda").bfloat16()
+    fc1 = (torch.randn(experts, 2 * ffn, hidden, generator=g, device="cuda") / hidden**0.5).bfloat16()
+    got = grouped_matmul_by_offsets(x, fc1, counts.cumsum(0).int())
+    want = grouped_matmul_loop(x.float(), fc1.float(), counts.tolist())
+    assert rel(got, want) < BF16_BAND
