@@ -52,6 +52,7 @@ class RLConfig:
     reward_gates: List[RewardTerm] = field(default_factory=list)  # rewards in {0, 1} that multiply the sum
     recovered_samples: RecoveredSamples = RecoveredSamples.none  # ContextRL re-sampling of all-negative groups
     positive_threshold: float = 0.5  # a reward >= this is a positive (ContextRL's all-negative test)
+    routing_replay: bool = False  # R3: the training forward and pi_old replay the experts chosen at rollout
 
     def __post_init__(self):
         if self.group_size < 2:
@@ -61,8 +62,15 @@ class RLConfig:
         judged = any(t.name == "context_judge" for t in [*self.rewards, *self.reward_gates])
         if self.enabled and judged and not self.judge:
             raise ValueError("rl.judge is empty: the context_judge reward needs a judge ('module:factory')")
+        if self.enabled and self.recovered_samples == RecoveredSamples.conditioned and not self.judge:
+            raise ValueError(
+                "rl.judge is empty: rl.recovered_samples=conditioned needs a judge ('module:factory') to write the "
+                "mistake reports"
+            )
         if self.judge and ":" not in self.judge:
             raise ValueError(f"rl.judge={self.judge!r}: expected 'module:factory'")
+        if self.routing_replay and not self.enabled:
+            raise ValueError("rl.routing_replay=true needs rl.enabled=true: it replays the RL rollouts' routes")
         if self.prompts_per_step < 1:
             raise ValueError(f"rl.prompts_per_step={self.prompts_per_step} must be >= 1")
         for key in ("clip_ratio_low", "clip_ratio_high"):

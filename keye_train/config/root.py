@@ -43,6 +43,13 @@ class KeyeTrainConfig:
             )
         if self.mopd.enabled and self.parallel.pp > 1:
             raise ValueError(f"parallel.pp={self.parallel.pp}: MOPD's in-process teachers and the rollout need pp=1")
+        if self.mopd.enabled and self.rl.recovered_samples != "none":
+            raise ValueError(
+                f"rl.recovered_samples={self.rl.recovered_samples} with mopd.enabled=true: ContextRL's re-sampling is "
+                "the GSPO data source's; MOPD trains every response (use rl.recovered_samples=none)"
+            )
+        if self.rl.routing_replay:
+            self._check_routing_replay()
         if self.rl.enabled and (sampling.temperature != 1 or sampling.top_p != 1 or sampling.top_k != 0):
             # GSPO's log pi is the trainer's per-token CE of the raw logits: the rollout samples from that same
             # distribution, so pi_old, pi_rollout and pi_theta are one distribution (no 1/T in the trainer)
@@ -51,3 +58,18 @@ class KeyeTrainConfig:
                 f"rollout.sampling.top_k={sampling.top_k}: an RL stage samples the unfiltered policy "
                 "(temperature 1, top_p 1, top_k 0), the distribution the trainer's log-probs are of"
             )
+
+    def _check_routing_replay(self) -> None:
+        """rl.routing_replay: an MoE LM, one micro-batch in flight (the replayed routes are set per micro-batch and
+        held through its backward), whole packs on every rank, and the GSPO data source (MOPD does not carry routes)."""
+        if self.model.lm.num_experts < 1:
+            raise ValueError("rl.routing_replay=true needs an MoE LM (model.lm.num_experts > 0): there are no routes")
+        if self.parallel.pp > 1:
+            raise ValueError(
+                f"rl.routing_replay=true with parallel.pp={self.parallel.pp}: the 1F1B schedule keeps several "
+                "micro-batches in flight, replay holds one micro-batch's routes at a time; use parallel.pp=1"
+            )
+        if self.parallel.cp > 1:
+            raise ValueError(f"rl.routing_replay=true with parallel.cp={self.parallel.cp}: use parallel.cp=1")
+        if self.mopd.enabled:
+            raise ValueError("rl.routing_replay=true with mopd.enabled=true: MOPD packs carry no routes yet")

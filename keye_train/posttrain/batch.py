@@ -19,12 +19,15 @@ class RLBatch(PackedBatch):
     old_logp: [S] float32 log pi_old(labels[t]) from the trainer's recompute at rollout time; None: on-policy
     (pi_old is the current policy, the ratio is 1).
     rollout_logp: [S] float32 log-probs the rollout engine sampled with (TIS / IcePop); None without a correction.
+    routes: [S, layers, k] int16 experts each position was routed to at rollout, -1 (route natively) where it was
+    never fed forward (a response's last token, padding); None: no routing replay.
     """
 
     response_index: torch.Tensor | None = None
     advantages: torch.Tensor | None = None
     old_logp: torch.Tensor | None = None
     rollout_logp: torch.Tensor | None = None
+    routes: torch.Tensor | None = None
 
     def num_responses(self) -> int:
         """Responses with at least one supervised token (the sequences seq-mean-token-mean averages over)."""
@@ -44,6 +47,18 @@ class TextResponse:
     advantage: float
     old_logp: Sequence[float] | None = None
     rollout_logp: Sequence[float] | None = None
+    routes: torch.Tensor | None = None  # [prompt + response - 1, layers, k]: the rollout's routes of the fed tokens
+
+
+def document_routes(routes: torch.Tensor, length: int, padded: int | None = None) -> torch.Tensor:
+    """[padded, layers, k] int16 routes of a `length`-token [prompt | response] document from the rollout's
+    [length - 1, layers, k] (its last token was never fed): -1 (native routing) on the last token and the tail."""
+    if routes.dim() != 3 or routes.shape[0] != length - 1:
+        raise ValueError(f"routes of shape {tuple(routes.shape)} for a document of {length} tokens: need {length - 1}")
+    padded = length if padded is None else padded
+    out = torch.full((padded, *routes.shape[1:]), -1, dtype=torch.int16)
+    out[: length - 1] = routes.to(torch.int16)
+    return out
 
 
 def pack_text_responses(samples: Sequence[TextResponse], seq_length: int, pad_id: int) -> RLBatch:
@@ -57,6 +72,10 @@ def pack_text_responses(samples: Sequence[TextResponse], seq_length: int, pad_id
     index = torch.full((seq_length,), -1, dtype=torch.int64)
     old = torch.zeros(seq_length, dtype=torch.float32)
     rollout = torch.zeros(seq_length, dtype=torch.float32)
+    routed = [s.routes is not None for s in samples]
+    if any(routed) and not all(routed):
+        raise ValueError("either every sample of a pack carries its routes (routing replay) or none does")
+    routed, routes = all(routed) and bool(samples), None
     bounds, at = [0], 0
     for r, sample in enumerate(samples):
         tokens = [*sample.prompt_ids, *sample.response_ids]
@@ -75,6 +94,11 @@ def pack_text_responses(samples: Sequence[TextResponse], seq_length: int, pad_id
                 if len(values) != len(sample.response_ids):
                     raise ValueError(f"sample {r}: {len(values)} log-probs for {len(sample.response_ids)} tokens")
                 target[span] = torch.tensor(values, dtype=torch.float32)
+        if routed:
+            doc = document_routes(sample.routes, n)
+            if routes is None:
+                routes = torch.full((seq_length, *doc.shape[1:]), -1, dtype=torch.int16)
+            routes[at : at + n] = doc
         at += n
         bounds.append(at)
     if at < seq_length:
@@ -89,4 +113,5 @@ def pack_text_responses(samples: Sequence[TextResponse], seq_length: int, pad_id
         advantages=torch.tensor([s.advantage for s in samples], dtype=torch.float32),
         old_logp=old if all(s.old_logp is not None for s in samples) else None,
         rollout_logp=rollout if all(s.rollout_logp is not None for s in samples) else None,
+        routes=routes,
     )

@@ -10,8 +10,18 @@ recomputes log pi_old with a no-grad trainer forward of the packs, and frees the
 forward. The rollout samples at temperature 1, unfiltered (root config check): the trainer's log pi is the CE of
 the raw logits, so pi_old and pi_rollout are the same distribution up to numerics.
 
+With `rl.recovered_samples=conditioned` (ContextRL, rewards/context_rl.py), every group whose rewards are all below
+`rl.positive_threshold` is shown to the judge, whose mistake report (on the group's best response) opens a second
+user turn after that response; the policy answers G times again in that context, and the new group replaces the
+old one: its packs are [conditioned prompt | response], so pi_old and the rollout log-probs are those of the
+context the response was sampled in. It then goes through dynamic sampling like any other group.
+
+With `rl.routing_replay`, each response's rollout routes travel in its pack (`RLBatch.routes`) and the pi_old
+recompute replays them, as the GSPO step's forward does (rollout/routing.py `micro_batch_replay`).
+
 Resume is exact: the state is the number of prompts this rank has drawn and the step; sampling seeds are a
-function of (rl seed, step, round, global prompt number), so nothing else has to be saved.
+function of (rl seed, step, round, global prompt number), so nothing else has to be saved (a judge must be
+deterministic for re-sampling to resume exactly).
 """
 
 from __future__ import annotations
@@ -23,12 +33,24 @@ import torch
 import torch.distributed as dist
 
 from data_pipeline.tokenizer import KeyeTokenizer
-from keye_train.posttrain.batch import RLBatch, TextResponse, pack_text_responses
+from keye_train.posttrain.batch import RLBatch, TextResponse, document_routes, pack_text_responses
 from keye_train.posttrain.dynamic_sampling import SamplingReport, split_groups
 from keye_train.posttrain.evaluation.jsonl import read_jsonl
 from keye_train.posttrain.gspo import group_advantages
 from keye_train.posttrain.rewards import build_weighted
+from keye_train.posttrain.rewards.context_rl import RETRY_TEMPLATE, resample_requests
+from keye_train.posttrain.rewards.context_rl import Group as JudgedGroup
 from keye_train.posttrain.rollout import Prompt, Rollout, SamplingParams
+
+RECOVERY_COUNTERS = (
+    "rl_groups_all_negative",  # groups whose rewards are all < rl.positive_threshold
+    "rl_resample_reports_unusable",  # of those: no report, or a report that gives the answer away
+    "rl_resample_too_long",  # the conditioned prompt + max_new_tokens fits no pack or cache
+    "rl_groups_resampled",  # re-sampled in the conditioned context (they replace the originals)
+    "rl_groups_recovered",  # of those: at least one response >= rl.positive_threshold
+    "rl_recovered_reward_sum",
+    "rl_recovered_responses",
+)
 
 
 @dataclass
@@ -50,6 +72,20 @@ def chat_prompt_ids(tokenizer: KeyeTokenizer, text: str) -> list[int]:
         *tokenizer.encode("\n"),
         ids.im_start,
         *tokenizer.encode("assistant\n"),
+    ]
+
+
+def conditioned_prompt_ids(tokenizer: KeyeTokenizer, prompt_ids: list[int], failed: list[int], report: str):
+    """ContextRL's re-sampling context in ChatML (context_rl.conditioned_prompt): the prompt, the failed answer's
+    own ids closed by `<|im_end|>`, the mistake report as a new user turn, then `<|im_start|>assistant\n`."""
+    ids = tokenizer.ids
+    retry = RETRY_TEMPLATE.format(report=report)
+    return [
+        *prompt_ids,
+        *failed,
+        ids.im_end,
+        *tokenizer.encode("\n"),
+        *chat_prompt_ids(tokenizer, retry),
     ]
 
 
@@ -96,6 +132,9 @@ class Group:
     responses: list[list[int]]
     rollout_logp: list[list[float]]
     rewards: list[float] = field(default_factory=list)
+    routes: list[torch.Tensor | None] = field(default_factory=list)  # per response, with rl.routing_replay
+    number: int = 0  # the global draw number of the prompt (its sampling seeds)
+    recovered: bool = False  # re-sampled in the report-conditioned context (ContextRL)
 
 
 def empty_pack(seq_length: int, pad_id: int) -> RLBatch:
@@ -132,12 +171,9 @@ class RLDataSource:
         from data_pipeline.loader import media_budget
 
         self.prompts = read_prompts(self.rl.prompts, tokenizer, media_budget(cfg.data))
-        if self.rl.recovered_samples != "none":
-            raise ValueError(
-                f"rl.recovered_samples={self.rl.recovered_samples}: the ContextRL re-sampling of all-negative groups "
-                "is not wired into the RL data source yet; use none"
-            )
-        self.reward = reward or build_weighted(self.rl.rewards, self.rl.reward_gates, **judge_runtime(self.rl.judge))
+        runtime = judge_runtime(self.rl.judge)
+        self.judge = runtime.get("judge")  # writes the mistake reports of rl.recovered_samples=conditioned
+        self.reward = reward or build_weighted(self.rl.rewards, self.rl.reward_gates, **runtime)
         self.rollout = Rollout(
             model.parts,
             cfg.model,
@@ -145,6 +181,7 @@ class RLDataSource:
             slots=cfg.rollout.slots,
             capacity=cfg.rollout.capacity,
             prefill_tokens=cfg.rollout.prefill_tokens,
+            record_routes=self.rl.routing_replay,
         )
         sampling = SamplingParams.from_config(cfg.rollout.sampling)
         stops = sampling.stop_ids or (self.tokens.im_end, self.tokens.pad)
@@ -152,6 +189,7 @@ class RLDataSource:
         self.drawn = 0  # prompts this rank has taken
         self.step = 0
         self.last: dict = {}
+        self.recovery: dict[str, float] = {}  # this step's ContextRL re-sampling counters
 
     # ---- prompts ----------------------------------------------------------------------------------------------
 
@@ -166,6 +204,10 @@ class RLDataSource:
         """`count` new prompts, G responses each, rewarded. Called on every rank in lockstep (count may be 0)."""
         drawn = [self._prompt(self.drawn + i) for i in range(count)]
         self.drawn += count
+        return self._generate(drawn, round_)
+
+    def _generate(self, drawn: list[tuple[int, PromptRecord]], round_: int) -> list[Group]:
+        """G rewarded responses to each (global prompt number, record); collective (every rank calls it)."""
         params = [
             SamplingParams(
                 max_new_tokens=self.sampling.max_new_tokens,
@@ -178,12 +220,67 @@ class RLDataSource:
         out = self.rollout.generate(prompts, params, self.rl.group_size)
         G = self.rl.group_size
         groups = []
-        for i, (_, record) in enumerate(drawn):
+        for i, (number, record) in enumerate(drawn):
             samples = out.samples[i * G : (i + 1) * G]
             group = Group(record, [list(s.tokens) for s in samples], [list(s.logprobs) for s in samples])
+            group.number = number
+            group.routes = [s.routes for s in samples]
             group.rewards = [float(self.reward(self._text(r), record.reference)) for r in group.responses]
             groups.append(group)
         return groups
+
+    def _recover(self, groups: list[Group], round_: int) -> list[Group]:
+        """ContextRL: the all-negative groups whose judge report is usable (non-empty, not giving the answer away)
+        are re-sampled in the report-conditioned context and replaced by the new groups. Collective: every rank
+        generates (maybe nothing) when any rank has a request. Seeds: round `max_sampling_rounds + round_`."""
+        threshold, counts = self.rl.positive_threshold, self.recovery
+        negative = [i for i, g in enumerate(groups) if max(g.rewards) < threshold]
+        judged = [
+            JudgedGroup(
+                [{"role": "user", "content": str(g.prompt.reference.get("prompt", ""))}],
+                g.prompt.reference,
+                [self._text(r) for r in g.responses],
+                g.rewards,
+            )
+            for g in groups
+        ]
+        requests = resample_requests(judged, self.judge, threshold) if negative else []
+        drawn, used = [], []
+        budget = min(self.cfg.train.seq_length, self.cfg.rollout.capacity + 1) - self.sampling.max_new_tokens
+        for request in requests:
+            old = groups[request.group_index]
+            failed = old.responses[request.failed_index]
+            if failed and failed[-1] in self.sampling.stop_ids:
+                failed = failed[:-1]
+            ids = conditioned_prompt_ids(self.tokenizer, old.prompt.ids, failed, request.report)
+            if len(ids) > budget:  # the conditioned prompt and its responses must fit the rollout and a pack
+                counts["rl_resample_too_long"] = counts.get("rl_resample_too_long", 0.0) + 1
+                continue
+            visual = old.prompt.prompt.visual if old.prompt.prompt is not None else None
+            prompt = Prompt(torch.tensor(ids, dtype=torch.long), visual) if visual is not None else None
+            drawn.append((old.number, PromptRecord(old.prompt.id, ids, old.prompt.reference, prompt)))
+            used.append(request.group_index)
+        for key, value in (
+            ("rl_groups_all_negative", len(negative)),
+            ("rl_resample_reports_unusable", len(negative) - len(requests)),
+        ):
+            counts[key] = counts.get(key, 0.0) + value
+        if not self._any_rank(bool(drawn)):
+            return groups
+        recovered = self._generate(drawn, self.rl.max_sampling_rounds + round_)
+        out = list(groups)
+        for index, group in zip(used, recovered):
+            group.recovered = True
+            out[index] = group
+        rewards = [r for g in recovered for r in g.rewards]
+        for key, value in (
+            ("rl_groups_resampled", len(recovered)),
+            ("rl_groups_recovered", sum(max(g.rewards) >= threshold for g in recovered)),  # a positive appeared
+            ("rl_recovered_reward_sum", sum(rewards)),
+            ("rl_recovered_responses", len(rewards)),
+        ):
+            counts[key] = counts.get(key, 0.0) + float(value)
+        return out
 
     def _text(self, response: list[int]) -> str:
         stops = set(self.sampling.stop_ids)
@@ -206,17 +303,21 @@ class RLDataSource:
                 break
             want = math.ceil(missing * self.rl.oversample_factor) if self.rl.dynamic_sampling else missing
             groups = self._sample_groups(want, rounds)
+            scored += [r for g in groups for r in g.rewards]  # the original prompts' rewards (the policy's)
+            if self.rl.recovered_samples == "conditioned":
+                groups = self._recover(groups, rounds)
             rounds, generated = rounds + 1, generated + want
-            scored += [r for g in groups for r in g.rewards]
             if self.rl.dynamic_sampling:
                 good, bad = split_groups(groups)
-                dropped += len(bad)
+                dropped += len(bad)  # a prompt whose group (or its re-sampled replacement) ties
             else:
                 good = groups
             kept += good
         surplus = max(0, len(kept) - self.per_rank)
-        report = SamplingReport(rounds, generated, dropped, 0, surplus, max(0, self.per_rank - len(kept)))
-        return kept[: self.per_rank], report, scored
+        kept = kept[: self.per_rank]
+        recovered = sum(g.recovered for g in kept)
+        report = SamplingReport(rounds, generated, dropped, recovered, surplus, max(0, self.per_rank - len(kept)))
+        return kept, report, scored
 
     # ---- packs ------------------------------------------------------------------------------------------------
 
@@ -228,7 +329,8 @@ class RLDataSource:
             advantages = group_advantages(
                 torch.tensor(group.rewards, dtype=torch.float64), len(group.rewards), eps=self.rl.adv_eps
             )
-            for response, logp, adv in zip(group.responses, group.rollout_logp, advantages.tolist()):
+            routes = group.routes or [None] * len(group.responses)
+            for response, logp, adv, route in zip(group.responses, group.rollout_logp, advantages.tolist(), routes):
                 if len(group.prompt.ids) + len(response) > seq:
                     raise ValueError(
                         f"prompt {group.prompt.id}: {len(group.prompt.ids)} + {len(response)} tokens exceed "
@@ -237,9 +339,10 @@ class RLDataSource:
                 if not response:
                     continue
                 if group.prompt.prompt is not None and group.prompt.prompt.visual is not None:
-                    visual.append(self._visual_pack(group.prompt.prompt, response, logp, float(adv)))
+                    visual.append(self._visual_pack(group.prompt.prompt, response, logp, float(adv), route))
                 else:
-                    samples.append(TextResponse(group.prompt.ids, response, float(adv), rollout_logp=logp))
+                    sample = TextResponse(group.prompt.ids, response, float(adv), rollout_logp=logp, routes=route)
+                    samples.append(sample)
         packs, current, used = [], [], 0
         for sample in samples:
             n = len(sample.prompt_ids) + len(sample.response_ids)
@@ -256,8 +359,9 @@ class RLDataSource:
         packs += [empty_pack(seq, self.tokens.pad) for _ in range(max(int(count.item()), 1) - len(packs))]
         return packs
 
-    def _visual_pack(self, prompt: Prompt, response: list[int], logp: list[float], advantage: float) -> RLBatch:
-        """One [prompt | response] document with its patches (rollout.sample_batch), as an RLBatch."""
+    def _visual_pack(self, prompt: Prompt, response: list[int], logp: list[float], advantage: float, routes=None):
+        """One [prompt | response] document with its patches (rollout.sample_batch), as an RLBatch (with its
+        rollout routes padded to the pack when given)."""
         import dataclasses
 
         from keye_train.posttrain.rollout import Sample, sample_batch
@@ -277,19 +381,22 @@ class RLDataSource:
             fields["cu_seqlens"] = torch.tensor([0, length, length + tail], dtype=torch.int32)
             index = torch.cat([index, torch.full((tail,), -1, dtype=torch.long)])
             rollout = torch.cat([rollout, torch.zeros(tail)])
+        padded = max(length, self.cfg.train.seq_length)
         return RLBatch(
             **fields,
             response_index=index,
             advantages=torch.tensor([advantage], dtype=torch.float32),
             old_logp=torch.zeros_like(rollout),
             rollout_logp=rollout,
+            routes=document_routes(routes, length, padded) if routes is not None else None,
         )
 
     @torch.no_grad()
     def _recompute_old_logp(self, packs: list[RLBatch]) -> None:
         """log pi_old(labels) of the policy that sampled, by the trainer's own forward (the same path and
-        numerics as the training step's log pi)."""
+        numerics as the training step's log pi, the same replayed routes with rl.routing_replay)."""
         from keye_train.model.keye_vl import embed_inputs, lm_token_losses
+        from keye_train.posttrain.rollout.routing import micro_batch_replay
 
         lm, vision = self.model.parts.lm, self.model.parts.vision
         device = lm.output_layer.weight.device
@@ -298,11 +405,13 @@ class RLDataSource:
         for m, _ in modes:
             m.eval()
         try:
-            for pack in packs:
-                batch = pack.to(device)
-                embeds = embed_inputs(lm, vision, batch, self.tokens, sequence_parallel)
-                logp = -lm_token_losses(lm, batch, embeds).view(-1).float()
-                pack.old_logp = (logp * batch.loss_mask.to(logp.dtype)).cpu()
+            with micro_batch_replay(lm, packs) as replay:
+                for pack in packs:
+                    batch = pack.to(device)
+                    replay(batch)
+                    embeds = embed_inputs(lm, vision, batch, self.tokens, sequence_parallel)
+                    logp = -lm_token_losses(lm, batch, embeds).view(-1).float()
+                    pack.old_logp = (logp * batch.loss_mask.to(logp.dtype)).cpu()
         finally:
             for m, mode in modes:
                 m.train(mode)
@@ -310,6 +419,7 @@ class RLDataSource:
     # ---- DataSource -------------------------------------------------------------------------------------------
 
     def next_step(self) -> list[RLBatch]:
+        self.recovery = {}
         groups, report, scored = self._collect()
         self.rollout.release()  # the KV cache goes before the training forward
         packs = self._packs(groups)
@@ -330,6 +440,9 @@ class RLDataSource:
             "rl_logp_gap_sum": gap,  # sum over response tokens of |log pi_old - log pi_rollout|
             "rl_response_tokens": float(sum(float(p.loss_mask.sum()) for p in packs)),
         }
+        if self.rl.recovered_samples == "conditioned":  # sums over the step's rounds (data_metrics adds ranks)
+            self.last.update({key: self.recovery.get(key, 0.0) for key in RECOVERY_COUNTERS})
+            self.last["rl_recovered_kept"] = float(report.recovered)  # re-sampled groups in the batch
         self.step += 1
         return packs
 

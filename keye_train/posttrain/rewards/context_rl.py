@@ -145,6 +145,7 @@ class ResampleRequest:
     prompt: Messages
     report: str
     failed_response: str
+    failed_index: int = 0  # which of the group's responses failed_response is (the one the judge reported on)
 
 
 @dataclass
@@ -187,12 +188,13 @@ def resample_requests(groups: Sequence[Group], judge: Judge, threshold: float = 
         if not group.rewards or max(group.rewards) >= threshold:
             continue
         question, solution = _reference_fields(group.reference)
-        best = text_of(group.responses[max(range(len(group.rewards)), key=group.rewards.__getitem__)])
+        failed = max(range(len(group.rewards)), key=group.rewards.__getitem__)
+        best = text_of(group.responses[failed])
         verdict = judge(JudgeRequest(question, solution, best, want_report=True))
         report = verdict.report.strip()
         if not report or leaks_answer(report, group.reference):
             continue
-        requests.append(ResampleRequest(index, conditioned_prompt(group.prompt, best, report), report, best))
+        requests.append(ResampleRequest(index, conditioned_prompt(group.prompt, best, report), report, best, failed))
     return requests
 
 

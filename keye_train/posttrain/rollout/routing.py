@@ -7,11 +7,16 @@ flag (an MOPD teacher, a test's reference) would break its per-layer length chec
 that global list again and driven per model through `ModelRoutes`.
 
 Replay keeps the target for every forward until cleared (a recompute of the same micro-batch in backward sees
-the same routes), which is right for one micro-batch in flight at a time (PP = 1). Rows marked -1 in a replayed
+the same routes), which is right for one micro-batch in flight at a time (PP = 1). In training,
+`micro_batch_replay` sets each micro-batch's routes (`RLBatch.routes`) as its forward starts and clears them when
+the step's forward-backward ends, so nothing reaches the next phase or the rollout. Rows marked -1 in a replayed
 route (tokens never fed at rollout, e.g. a response's last token) are routed natively.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import torch
 from megatron.core import parallel_state, tensor_parallel
@@ -99,3 +104,26 @@ class ModelRoutes:
         for router in self.routers:
             router.router_replay.clear_indices()
         self._set_action(None)
+
+
+@contextmanager
+def micro_batch_replay(lm: torch.nn.Module, microbatches: list) -> Iterator[Callable[[object], None]]:
+    """Yields `select(batch)`, called as each micro-batch's forward starts: replays its `routes` (or routes natively
+    when it has none) until the next call; every route is cleared on exit. Megatron's no-pipelining schedule runs
+    forward i, backward i, forward i + 1, ..., so micro-batch i's routes hold through its backward (recompute
+    included). A no-op when no micro-batch carries routes."""
+    if all(getattr(b, "routes", None) is None for b in microbatches):
+        yield lambda batch: None
+        return
+    routes = ModelRoutes(lm)
+
+    def select(batch) -> None:
+        if getattr(batch, "routes", None) is None:
+            routes.clear()
+        else:
+            routes.replay(batch.routes.long())
+
+    try:
+        yield select
+    finally:
+        routes.clear()

@@ -10,6 +10,7 @@ from megatron.core.utils import unwrap_model
 from data_pipeline.context_parallel import slice_step
 from keye_train.model.dsa import set_indexer_loss_scale
 from keye_train.model.keye_vl import embed_inputs, lm_token_losses
+from keye_train.posttrain.rollout.routing import micro_batch_replay
 from parallel import context
 
 
@@ -23,9 +24,15 @@ class ColocatedSchedule:
         set_indexer_loss_scale(unwrap_model(self.model.lm_chunk), 1.0 / len(microbatches))  # like megatron's aux
         if context.size() > 1:
             microbatches = self.context_slices(microbatches)
+        with micro_batch_replay(unwrap_model(self.model.lm_chunk), microbatches) as replay:
+            return self._run(microbatches, objective, forward_only, replay)
+
+    def _run(self, microbatches: list, objective, forward_only: bool, replay) -> list[dict]:
+        """replay(batch): routing replay (R3) of the micro-batch about to run forward (posttrain/rollout/routing.py)."""
 
         def forward_step(data_iterator, chunk):
             batch = next(data_iterator)
+            replay(batch)
             lm = unwrap_model(chunk)
             decoder_input = (
                 embed_inputs(lm, self.vision_for(batch), batch, self.tokens, self.sequence_parallel)

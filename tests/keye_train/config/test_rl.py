@@ -48,6 +48,33 @@ def test_a_bad_rl_value_is_refused_naming_its_key(override, message):
         load_checked_config([*QUIET, override], world=1, check_data=False)
 
 
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["rl.routing_replay=true"], "rl.routing_replay=true needs rl.enabled=true"),
+        (["model.lm.num_experts=0"], r"rl.routing_replay=true needs an MoE LM \(model.lm.num_experts"),
+        (["parallel.pp=2"], "rl.routing_replay=true with parallel.pp=2"),
+        (["parallel.cp=2"], "rl.routing_replay=true with parallel.cp=2"),
+    ],
+)
+def test_routing_replay_is_refused_where_it_cannot_hold_one_micro_batchs_routes(overrides, message):
+    rl = (
+        []
+        if overrides == ["rl.routing_replay=true"]
+        else ["rl.enabled=true", "rl.prompts=p.jsonl", "rl.routing_replay=true"]
+    )
+    with pytest.raises(ValueError, match=message):
+        load_checked_config([*QUIET, *rl, *overrides], world=4, check_data=False)
+
+
+def test_conditioned_resampling_needs_a_judge_and_the_gspo_data_source():
+    rl = ["rl.enabled=true", "rl.prompts=p.jsonl", "rl.recovered_samples=conditioned"]
+    with pytest.raises(ValueError, match="rl.judge is empty: rl.recovered_samples=conditioned"):
+        load_checked_config([*QUIET, *rl], world=1, check_data=False)
+    with pytest.raises(ValueError, match="rl.recovered_samples=conditioned with mopd.enabled=true"):
+        load_checked_config([*QUIET, *rl, "rl.judge=a:b", "mopd=demo", "mopd.enabled=true"], world=1, check_data=False)
+
+
 def test_an_unknown_rl_key_or_choice_is_refused_by_name():
     with pytest.raises(ValueError, match="rl.correction"):
         load_checked_config([*QUIET, "rl.correction=dual"], world=1, check_data=False)

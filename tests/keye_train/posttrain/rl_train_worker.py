@@ -16,6 +16,23 @@ def even_fraction(response: str, reference) -> float:
     return sum(1 for t in ids if t % 2 == 0) / len(ids) if ids else 0.0
 
 
+class ReportingJudge:
+    """A deterministic in-process ContextRL judge: scores 0 and, when asked, reports a mistake without the
+    answer, except for answers of 1, where its report gives the answer away (an unusable report)."""
+
+    def __call__(self, request):
+        from keye_train.posttrain.rewards.context_rl import JudgeVerdict
+
+        if not request.want_report:
+            return JudgeVerdict(0.0)
+        leak = request.reference_solution.endswith("gives 1")
+        return JudgeVerdict(0.0, "the answer is 1 ." if leak else "count the marks one by one .")
+
+
+def reporting_judge() -> ReportingJudge:
+    return ReportingJudge()
+
+
 def params(trainer) -> list[torch.Tensor]:
     return [p.detach().clone() for p in trainer.model.parts.lm.parameters()]
 
