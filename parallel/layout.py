@@ -25,12 +25,18 @@ class LayoutSizes:
     expert_dp: int
     vision_ranks: int = 0  # placement=split: ranks 0 .. vision_ranks - 1 run the ViT, the rest the LM
     cp: int = 1  # context parallel: the ranks of one DP replica that share its packs, each holding a slice
+    placement: str = "colocated"  # parallel.placement: where the ViT's weights and optimizer state live
 
     def record(self) -> dict:
-        """The sizes as checkpoints record them; cp only when > 1, so checkpoints written before CP still match."""
+        """The sizes as checkpoints record them; cp only when > 1 and the placement only when not colocated, so
+        checkpoints written before CP or the placements still match. The placement is part of the layout: spread
+        holds the ViT on every stage with an optimizer of its own, so a checkpoint of the same sizes under another
+        placement is loaded by the shard indexes, never array by array."""
         sizes = asdict(self)
         if sizes["cp"] == 1:
             del sizes["cp"]
+        if sizes["placement"] == "colocated":
+            del sizes["placement"]
         return sizes
 
 
@@ -102,7 +108,9 @@ def check_layout(par, lm, vit, world_size: int) -> LayoutSizes:
             "parallelism under TP; leave it unset or true"
         )
     dp = world_size // model_parallel
-    return LayoutSizes(total, par.tp, par.pp, par.ep, etp, dp, world_size // expert_grid, vision_ranks, cp)
+    expert_dp = world_size // expert_grid
+    placement = getattr(par.placement, "value", par.placement)  # a plain string in the checkpoint JSON
+    return LayoutSizes(total, par.tp, par.pp, par.ep, etp, dp, expert_dp, vision_ranks, cp, placement)
 
 
 def _check_placement(par, vit, world_size: int) -> int:

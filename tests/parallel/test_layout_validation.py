@@ -50,6 +50,18 @@ def test_valid_layout_sizes():
         check_batch(TrainConfig(global_batch=3), sizes)
 
 
+def test_the_checkpoint_layout_records_the_placement():
+    """Colocated and spread PP 2 on two ranks have the same sizes but hold the ViT (and its optimizer) on
+    different ranks: their records differ, so a checkpoint of one loads into the other through the shard indexes.
+    Colocated records no placement, as checkpoints written before the placements did."""
+    records = {
+        placement: check_layout(ParallelConfig(placement=placement, pp=2), MODEL.lm, MODEL.vit, 2).record()
+        for placement in ("colocated", "spread")
+    }
+    assert "placement" not in records["colocated"] and records["spread"]["placement"] == "spread"
+    assert {k: v for k, v in records["spread"].items() if k != "placement"} == records["colocated"]
+
+
 @pytest.mark.parametrize(
     "override,needle",
     [

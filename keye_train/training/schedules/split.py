@@ -130,6 +130,9 @@ class VisionFeed:
     def load_state_dict(self, state: dict) -> None:
         pass
 
+    def load_regrouped_state(self, states: list[dict]) -> None:
+        pass  # a resume from another layout: the LM ranks' loaders regroup the data position
+
     def close(self) -> None:
         pass
 
