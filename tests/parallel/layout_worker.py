@@ -53,6 +53,7 @@ SAMPLED = (
     "output_layer.weight",
     "embedding.word_embeddings.weight",
     "vision.encoder.blocks.layers.1.self_attention.linear_qkv.weight",
+    "vision.encoder.blocks.layers.0.mlp.linear_fc2.weight",
     "vision.encoder.pos_table",
     "vision.projector.linear_2.weight",
 )
@@ -151,6 +152,7 @@ def main(out_dir: str, args: list[str]):
         "updated": updated,
         "encoded": encoded,  # split / spread: the micro-batches this rank ran through the ViT (None: not counted)
         "cp": context.size(),  # > 1: the schedule sliced every pack and the attention gathered K/V
+        "tp_split": sorted(name for name, info in shards.items() if info.split),  # sampled tensors this rank cut
         "grad_rel_err": {},
         "weight_rel_err": {},
         **after,

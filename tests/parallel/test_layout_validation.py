@@ -87,14 +87,14 @@ def test_split_placement_gives_the_vit_the_first_ranks_and_the_lm_the_rest():
     ]
 
 
-def test_a_split_layout_with_vision_tp_is_refused_before_any_rank_starts(tmp_path):
+def test_a_split_vit_tp_that_does_not_divide_the_vit_heads_is_refused_before_any_rank_starts(tmp_path):
     done = keye_train(
         *QUIET,
         "parallel.placement=split",
-        "parallel.vision.ranks=2",
-        "parallel.vision.tp=2",
+        "parallel.vision.ranks=3",
+        "parallel.vision.tp=3",  # the tiny ViT has 4 heads
         "parallel.nproc=4",
         f"run_dir={tmp_path}",
     )
-    assert done.returncode == 2 and "parallel.vision.tp" in done.stderr, done.stderr[-2000:]
+    assert done.returncode == 2 and "parallel.vision.tp=3" in done.stderr, done.stderr[-2000:]
     assert not (tmp_path / "checkpoints").exists()
