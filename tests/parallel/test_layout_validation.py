@@ -62,6 +62,19 @@ def test_the_checkpoint_layout_records_the_placement():
     assert {k: v for k, v in records["spread"].items() if k != "placement"} == records["colocated"]
 
 
+def test_the_checkpoint_layout_records_the_vit_tp_of_a_split_layout():
+    """Split with the ViT on 2 ranks, unsharded or as one TP 2 group: the ViT's shards differ, so do the records
+    (TP 1 records none, as split checkpoints written before ViT TP did)."""
+    records = [
+        check_layout(
+            ParallelConfig(placement="split", vision=VisionParallelConfig(tp=tp, ranks=2)), MODEL.lm, MODEL.vit, 4
+        ).record()
+        for tp in (1, 2)
+    ]
+    assert "vision_tp" not in records[0] and records[1]["vision_tp"] == 2
+    assert {k: v for k, v in records[1].items() if k != "vision_tp"} == records[0]
+
+
 @pytest.mark.parametrize(
     "override,needle",
     [
