@@ -209,6 +209,7 @@ class ShardLoader:
         self.stats["clipped_spans"] += sum(s.clipped_spans for s in samples)
         batch = assemble_pack(samples, self.seq_length, self.tokenizer.ids)
         self.stats["empty_packs"] += int(batch.num_supervised() == 0)
+        self.stats["visual_frames"] += batch.visual.num_frames if batch.visual is not None else 0  # images count 1
         return batch
 
     def _reject(self, reason: str, detail: str) -> None:
@@ -218,9 +219,9 @@ class ShardLoader:
     # ---- metrics and state --------------------------------------------------------------------------------
 
     def counters(self) -> dict:
-        """Per-rank counts (rejects by reason, planned / trained / carried-over samples, pack tokens) and the
-        global ones: the planner's (plan/...) and what the shards' build rejected or noted, by reason (build/...:
-        those samples never reach a pack)."""
+        """Per-rank counts (rejects by reason, planned / trained / carried-over samples, pack tokens, visual
+        frames: images and video frames) and the global ones: the planner's (plan/...) and what the shards' build
+        rejected or noted, by reason (build/...: those samples never reach a pack)."""
         out = {f"rejected/{k}": v for k, v in self.rejects.items()}
         out.update({k: v for k, v in self.stats.items()})
         for key, value in self.consumed_planner_state()["counters"].items():

@@ -25,12 +25,21 @@ class LayoutSizes:
     expert_dp: int
     vision_ranks: int = 0  # placement=split: ranks 0 .. vision_ranks - 1 run the ViT, the rest the LM
     cp: int = 1  # context parallel: the ranks of one DP replica that share its packs, each holding a slice
+    placement: str = "colocated"  # parallel.placement: where the ViT's weights and optimizer state live
+    vision_tp: int = 1  # placement=split: the ViT's tensor parallelism over its ranks
 
     def record(self) -> dict:
-        """The sizes as checkpoints record them; cp only when > 1, so checkpoints written before CP still match."""
+        """The sizes as checkpoints record them; cp and vision_tp only when > 1 and the placement only when not
+        colocated, so checkpoints written before CP, ViT TP or the placements still match. The placement is part
+        of the layout: spread holds the ViT on every stage with an optimizer of its own, so a checkpoint of the
+        same sizes under another placement is loaded by the shard indexes, never array by array."""
         sizes = asdict(self)
         if sizes["cp"] == 1:
             del sizes["cp"]
+        if sizes["placement"] == "colocated":
+            del sizes["placement"]
+        if sizes["vision_tp"] == 1:
+            del sizes["vision_tp"]
         return sizes
 
 
@@ -102,7 +111,10 @@ def check_layout(par, lm, vit, world_size: int) -> LayoutSizes:
             "parallelism under TP; leave it unset or true"
         )
     dp = world_size // model_parallel
-    return LayoutSizes(total, par.tp, par.pp, par.ep, etp, dp, world_size // expert_grid, vision_ranks, cp)
+    expert_dp = world_size // expert_grid
+    placement = getattr(par.placement, "value", par.placement)  # a plain string in the checkpoint JSON
+    vision_tp = par.vision.tp if vision_ranks else 1
+    return LayoutSizes(total, par.tp, par.pp, par.ep, etp, dp, expert_dp, vision_ranks, cp, placement, vision_tp)
 
 
 def _check_placement(par, vit, world_size: int) -> int:
@@ -171,11 +183,6 @@ def require_trainable(par, rl: bool = False) -> None:
         raise LayoutError(
             "parallel.placement=auto is for `keye-train plan`, which prints the placement to train with; "
             "train with parallel.placement=colocated, split or spread"
-        )
-    if par.placement == "split" and par.vision.tp != 1:
-        raise LayoutError(
-            f"parallel.vision.tp={par.vision.tp} with parallel.placement=split: the ViT ranks run the tower "
-            "unsharded (data-parallel only) for now; set parallel.vision.tp=1"
         )
     if rl and par.placement != "colocated":
         raise LayoutError(

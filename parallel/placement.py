@@ -87,28 +87,45 @@ class ColocatedPlacement:
         return self.pipeline_size() > 1
 
 
-def split_serving(vision_ranks: int, dp: int) -> list[list[int]]:
-    """placement=split: the ViT ranks that encode each LM replica's micro-batches. With at least as many ViT ranks
-    as replicas, replica d gets ranks d, d + dp, ...; with fewer, ViT rank d % vision_ranks serves replica d."""
-    if vision_ranks >= dp:
-        return [list(range(d, vision_ranks, dp)) for d in range(dp)]
-    return [[d % vision_ranks] for d in range(dp)]
+def split_serving(vision_groups: int, dp: int) -> list[list[int]]:
+    """placement=split: the ViT groups (TP groups of ViT ranks, by index) that encode each LM replica's micro-batches.
+    With at least as many groups as replicas, replica d gets groups d, d + dp, ...; with fewer, group d % groups
+    serves replica d."""
+    if vision_groups >= dp:
+        return [list(range(d, vision_groups, dp)) for d in range(dp)]
+    return [[d % vision_groups] for d in range(dp)]
+
+
+def _own_group(rank_lists: list[list[int]]):
+    """Collective over the world: a group per list (every rank creates all of them); the one holding this rank."""
+    mine = None
+    for ranks in rank_lists:
+        group = dist.new_group(ranks)
+        if dist.get_rank() in ranks:
+            mine = group
+    return mine
 
 
 class SplitPlacement:
-    """The first `vision_ranks` global ranks hold only the ViT + projector, data-parallel over one group of them;
-    megatron's groups span the LM ranks after them (parallel/layout.py builds them there). Each step, the first
-    stage of LM replica d deals its micro-batches with visual input over `serving(d)` (the schedule balances by
-    cost), sends them there and receives their embeddings back."""
+    """The first `vision_ranks` global ranks hold only the ViT + projector: tensor-parallel over consecutive blocks
+    of `vision_tp` of them (a ViT group), data-parallel across the groups; megatron's groups span the LM ranks after
+    them (parallel/layout.py builds them there). Each step, the first stage of LM replica d deals its micro-batches
+    with visual input over the ViT groups of `serving(d)` (the schedule balances by cost), sends them to every rank
+    of each group and receives their embeddings back from its first rank (the group's leader)."""
 
     name = "split"
 
-    def __init__(self, vision_ranks: int, dp: int, tp: int, pp: int):
+    def __init__(self, vision_ranks: int, dp: int, tp: int, pp: int, vision_tp: int = 1):
         """Collective over the world (group creation). dp, tp, pp: the LM's sizes."""
         self.vision_ranks, self.dp, self.tp, self._lm_pp = vision_ranks, dp, tp, pp
+        self.vision_tp = vision_tp
+        self.vision_dp = vision_ranks // vision_tp
         self._single, _ = dist.new_subgroups(group_size=1)
         self._vision = dist.new_group(list(range(vision_ranks)))
-        self._serving = split_serving(vision_ranks, dp)
+        blocks = [list(range(g * vision_tp, (g + 1) * vision_tp)) for g in range(self.vision_dp)]
+        self._vision_tp = _own_group(blocks)
+        self._vision_dp = _own_group([list(range(t, vision_ranks, vision_tp)) for t in range(vision_tp)])
+        self._serving = [[blocks[g][0] for g in groups] for groups in split_serving(self.vision_dp, dp)]
 
     def hosts_lm(self) -> bool:
         return dist.get_rank() >= self.vision_ranks
@@ -125,11 +142,14 @@ class SplitPlacement:
     lm_groups = ColocatedPlacement.lm_groups
 
     def vision_groups(self) -> ProcessGroupCollection:
-        """Every model-parallel group is this rank alone; data parallelism is over all the ViT ranks."""
+        """Tensor parallelism over this rank's ViT group, data parallelism over the ranks of the same TP rank in
+        the other groups; every other model-parallel group is this rank alone. The distributed optimizer's grad
+        norm sums over all the ViT ranks (TP duplicates counted on TP rank 0)."""
         groups = ProcessGroupCollection()
         for name in _VISION_UNSHARDED + ("embd", "pos_embd"):
             setattr(groups, name, self._single)
-        groups.dp = groups.dp_cp = self._vision
+        groups.tp = groups.tp_cp = groups.mp = self._vision_tp
+        groups.dp = groups.dp_cp = self._vision_dp
         groups.expt_dp = None
         groups.intra_dist_opt = self._vision
         return groups
@@ -138,11 +158,14 @@ class SplitPlacement:
         return self.hosts_lm() and ColocatedPlacement.is_metrics_owner(self)
 
     def data_parallel_group(self):
-        """On ViT ranks all of them: together they hold every micro-batch of the step exactly once."""
-        return parallel_state.get_data_parallel_group() if self.hosts_lm() else self._vision
+        """On ViT ranks the ranks of this TP rank in every ViT group: together they hold every micro-batch of the
+        step exactly once."""
+        return parallel_state.get_data_parallel_group() if self.hosts_lm() else self._vision_dp
 
     def data_context_parallel_group(self):
-        return parallel_state.get_data_parallel_group(with_context_parallel=True) if self.hosts_lm() else self._vision
+        if not self.hosts_lm():
+            return self._vision_dp
+        return parallel_state.get_data_parallel_group(with_context_parallel=True)
 
     gather_over_data_parallel = ColocatedPlacement.gather_over_data_parallel
 
@@ -156,12 +179,20 @@ class SplitPlacement:
     # ---- the embedding exchange ----------------------------------------------------------------------------------
 
     def serving(self, replica: int) -> list[int]:
-        """The ViT ranks (global ranks) that encode for this LM replica."""
+        """The leaders (global ranks) of the ViT groups that encode for this LM replica."""
         return self._serving[replica]
 
+    def vision_group(self, leader: int) -> list[int]:
+        """The global ranks of the ViT group led by `leader`: each needs the patches and the gradients."""
+        return list(range(leader, leader + self.vision_tp))
+
+    def vision_leader(self) -> int:
+        """ViT ranks: the leader of this rank's ViT group (the rank that sends the group's embeddings)."""
+        return dist.get_rank() - dist.get_rank() % self.vision_tp
+
     def served_replicas(self) -> list[int]:
-        """ViT ranks: the LM replicas this rank encodes for."""
-        return [d for d, ranks in enumerate(self._serving) if dist.get_rank() in ranks]
+        """ViT ranks: the LM replicas this rank's group encodes for."""
+        return [d for d, leaders in enumerate(self._serving) if self.vision_leader() in leaders]
 
     def receivers(self, replica: int) -> list[int]:
         """The global ranks of replica's first LM pipeline stage (its TP group): each needs the embeddings."""
@@ -214,7 +245,7 @@ def placement_for(par, sizes):
     """The placement object of parallel.placement (collective: call on every rank after the groups exist).
     sizes: parallel/layout.py LayoutSizes."""
     if par.placement == "split":
-        return SplitPlacement(sizes.vision_ranks, sizes.dp, sizes.tp, sizes.pp)
+        return SplitPlacement(sizes.vision_ranks, sizes.dp, sizes.tp, sizes.pp, sizes.vision_tp)
     if par.placement == "spread":
         return SpreadPlacement(sizes.tp)
     if par.placement == "colocated":

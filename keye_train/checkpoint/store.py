@@ -296,7 +296,8 @@ def _load_rng(arrays) -> None:
 def _load_other_layout(path: Path, meta: dict, parts, optimizer, layout: dict) -> dict:
     """A resume under another layout: weights through the shard index, the fp32 main weights and Adam moments
     through the optimizer index (optimizer_shards.py), the step and counters from rank 0, the data state of every
-    written DP rank. The RNG streams are this rank's number's (rank 0's if the old world was smaller)."""
+    written DP rank (a split checkpoint's ViT ranks hold none). The RNG streams are this rank's number's (rank 0's
+    if the old world was smaller)."""
     world = meta["world_size"]
     needed = [f"rank_{r:05d}.{kind}.json" for r in range(world) for kind in ("shards", "optim")]
     missing = [name for name in needed if not (path / name).is_file()]
@@ -317,7 +318,8 @@ def _load_other_layout(path: Path, meta: dict, parts, optimizer, layout: dict) -
     extras = [json.loads((path / f"rank_{r:05d}.json").read_text()) for r in range(world)]
     by_dp_rank = {}
     for extra in extras:
-        by_dp_rank.setdefault(int(extra["data"].get("dp_rank", 0)), extra["data"])
+        if extra["data"]:  # empty on ranks that read no data (placement=split's ViT ranks)
+            by_dp_rank.setdefault(int(extra["data"].get("dp_rank", 0)), extra["data"])
     out = {k: v for k, v in extras[0].items() if k != "data"}
     out["data_by_dp_rank"] = [by_dp_rank[r] for r in sorted(by_dp_rank)]
     return out

@@ -62,7 +62,7 @@ def parameter_shards(parts: ModelParts):
             gated_mlp=True,
         )
     if parts.vision is not None:
-        yield from canonical_shards(parts.vision, "vision.", None)
+        yield from canonical_shards(parts.vision, "vision.", parts.vision.tp_group)
 
 
 def initialize_weights(parts: ModelParts, model: ModelConfig, seed: int) -> None:

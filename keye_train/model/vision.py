@@ -149,6 +149,7 @@ class VisionTower(MegatronModule):
     def __init__(self, model: ModelConfig, config: TransformerConfig, pg_collection):
         super().__init__(config=config)
         allow_missing_transformer_engine()
+        self.tp_group = pg_collection.tp if pg_collection is not None else None  # placement=split: the ViT's TP
         self.encoder = VisionEncoder(model.vit, config, pg_collection)
         self.projector = Projector(model.vit.hidden_size, model.lm.hidden_size, model.projector.norm_eps, config)
 

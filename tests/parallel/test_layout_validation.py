@@ -50,6 +50,31 @@ def test_valid_layout_sizes():
         check_batch(TrainConfig(global_batch=3), sizes)
 
 
+def test_the_checkpoint_layout_records_the_placement():
+    """Colocated and spread PP 2 on two ranks have the same sizes but hold the ViT (and its optimizer) on
+    different ranks: their records differ, so a checkpoint of one loads into the other through the shard indexes.
+    Colocated records no placement, as checkpoints written before the placements did."""
+    records = {
+        placement: check_layout(ParallelConfig(placement=placement, pp=2), MODEL.lm, MODEL.vit, 2).record()
+        for placement in ("colocated", "spread")
+    }
+    assert "placement" not in records["colocated"] and records["spread"]["placement"] == "spread"
+    assert {k: v for k, v in records["spread"].items() if k != "placement"} == records["colocated"]
+
+
+def test_the_checkpoint_layout_records_the_vit_tp_of_a_split_layout():
+    """Split with the ViT on 2 ranks, unsharded or as one TP 2 group: the ViT's shards differ, so do the records
+    (TP 1 records none, as split checkpoints written before ViT TP did)."""
+    records = [
+        check_layout(
+            ParallelConfig(placement="split", vision=VisionParallelConfig(tp=tp, ranks=2)), MODEL.lm, MODEL.vit, 4
+        ).record()
+        for tp in (1, 2)
+    ]
+    assert "vision_tp" not in records[0] and records[1]["vision_tp"] == 2
+    assert {k: v for k, v in records[1].items() if k != "vision_tp"} == records[0]
+
+
 @pytest.mark.parametrize(
     "override,needle",
     [
@@ -75,14 +100,14 @@ def test_split_placement_gives_the_vit_the_first_ranks_and_the_lm_the_rest():
     ]
 
 
-def test_a_split_layout_with_vision_tp_is_refused_before_any_rank_starts(tmp_path):
+def test_a_split_vit_tp_that_does_not_divide_the_vit_heads_is_refused_before_any_rank_starts(tmp_path):
     done = keye_train(
         *QUIET,
         "parallel.placement=split",
-        "parallel.vision.ranks=2",
-        "parallel.vision.tp=2",
+        "parallel.vision.ranks=3",
+        "parallel.vision.tp=3",  # the tiny ViT has 4 heads
         "parallel.nproc=4",
         f"run_dir={tmp_path}",
     )
-    assert done.returncode == 2 and "parallel.vision.tp" in done.stderr, done.stderr[-2000:]
+    assert done.returncode == 2 and "parallel.vision.tp=3" in done.stderr, done.stderr[-2000:]
     assert not (tmp_path / "checkpoints").exists()

@@ -4,10 +4,14 @@ logits + cross-entropy).
 
 Each layout runs on gloo under torchrun with the tiny model, identical layout-invariant initial weights and
 the same global batch of packs from the generated test shards (dealt to DP ranks by the planner).
+
+The split run also writes its state after the update as a step-1 checkpoint; runs of other placements resume it
+and start from its weights, and see the 1-rank reference's next losses.
 """
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +22,7 @@ import pytest
 from tests.helpers import DATA
 
 WORKER = Path(__file__).with_name("layout_worker.py")
+LOAD_WORKER = Path(__file__).with_name("placement_load_worker.py")
 BASE = [
     "~recipe",
     "model=tiny",
@@ -62,28 +67,33 @@ PLACEMENTS = {
     # split: ranks 0-1 run the ViT + projector (DP 2) and send the embeddings to the LM's stage 0 (ranks 2-3 run
     # the LM with PP 2); the gradients come back and the ViT ranks reduce them among themselves
     "split_pp2": (4, ["parallel.placement=split", "parallel.vision.ranks=2", "parallel.pp=2"]),
+    # split with the ViT tensor-parallel: ranks 0-1 are one ViT group (TP 2, heads and MLP split), both encode both
+    # visual micro-batches and get both gradients; rank 0 sends the embeddings
+    "split_vit_tp2": (
+        4,
+        ["parallel.placement=split", "parallel.vision.ranks=2", "parallel.vision.tp=2", "parallel.pp=2"],
+    ),
     # spread: both pipeline stages encode; stage 1 sends its embeddings to stage 0, the ViT grads reduce over both
     "spread_pp2": (2, ["parallel.placement=spread", "parallel.pp=2"]),
+}
+# where the split run's checkpoint continues: the ViT on the LM's only stage (pp0, one rank), and on both stages
+LOAD_TARGETS = {
+    "colocated": (1, []),
+    "spread_pp2": PLACEMENTS["spread_pp2"],
 }
 LOSS_TOL = 2e-6  # relative, fp32
 GRAD_TOL = 1e-4  # relative L2 error of a gradient or updated weight, fp32 with a different reduction order
 
 
-def run_layout(nproc: int, overrides, out: Path) -> list[dict]:
+def torchrun(nproc: int, worker: Path, args: list[str]) -> None:
     env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc_per_node={nproc}",
-        str(WORKER),
-        str(out),
-        *BASE,
-        *overrides,
-    ]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", str(worker)]
+    done = subprocess.run([*cmd, *args], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
+
+
+def run_layout(nproc: int, overrides, out: Path) -> list[dict]:
+    torchrun(nproc, WORKER, [str(out), *BASE, *overrides])
     return [json.loads((out / f"report_{nproc}_{r}.json").read_text()) for r in range(nproc)]
 
 
@@ -97,8 +107,17 @@ def reference(tmp_path_factory):
 @pytest.fixture(scope="module")
 def visual_reference(tmp_path_factory):
     out = tmp_path_factory.mktemp("placements")
-    (report,) = run_layout(1, VISUAL_STEP, out)
+    (report,) = run_layout(1, ["--next-steps", *VISUAL_STEP], out)
     return out, report
+
+
+@pytest.fixture(scope="module")
+def split_run(visual_reference):
+    """The split_pp2 comparison, its state after the update written as a step-1 checkpoint: (reports, run dir)."""
+    run_dir = visual_reference[0] / "split_run"
+    nproc, overrides = PLACEMENTS["split_pp2"]
+    save = [f"--save-checkpoint={run_dir}", *VISUAL_STEP, *overrides]
+    return compare_to_reference(*visual_reference, "split_pp2", nproc, save), run_dir
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
@@ -108,11 +127,47 @@ def test_layout_matches_single_rank(reference, layout):
 
 
 @pytest.mark.parametrize("placement", list(PLACEMENTS))
-def test_vit_placement_matches_single_rank(visual_reference, placement):
+def test_vit_placement_matches_single_rank(visual_reference, placement, request):
     nproc, overrides = PLACEMENTS[placement]
-    reports = compare_to_reference(*visual_reference, placement, nproc, [*VISUAL_STEP, *overrides])
+    if placement == "split_pp2":
+        reports, _ = request.getfixturevalue("split_run")
+    else:
+        reports = compare_to_reference(*visual_reference, placement, nproc, [*VISUAL_STEP, *overrides])
     encoders = reports[:2] if placement.startswith("split") else reports  # split: the ViT ranks; spread: all
-    assert [r["encoded"] for r in encoders] == [1, 1], (placement, [r["encoded"] for r in reports])
+    per_rank = [2, 2] if placement == "split_vit_tp2" else [1, 1]  # one TP group encodes both; else one each
+    assert [r["encoded"] for r in encoders] == per_rank, (placement, [r["encoded"] for r in reports])
+    if placement == "split_vit_tp2":  # the ViT ranks hold halves of the column- and row-parallel weights
+        vit_linears = {
+            f"vision.encoder.blocks.layers.{n}.weight" for n in ("1.self_attention.linear_qkv", "0.mlp.linear_fc2")
+        }
+        for r in encoders:
+            assert vit_linears <= set(r["tp_split"]), r["tp_split"]
+
+
+@pytest.mark.parametrize("target", list(LOAD_TARGETS))
+def test_vit_placement_checkpoint_continues_in_another_placement(visual_reference, split_run, target, tmp_path):
+    """The split run's step-1 checkpoint (2 ViT ranks + LM PP 2, distributed optimizer) resumed by the trainer
+    under another placement (checkpoint.resume: weights, Adam moments and the data position, re-cut by the shard
+    indexes) gives the 1-rank reference's losses of steps 2 and 3 and its step-2 grad norm; started from with
+    checkpoint.init_from, the first batch's loss after the reference's update."""
+    _, ref = visual_reference
+    nproc, overrides = LOAD_TARGETS[target]
+    resume_dir = tmp_path / "resumed"
+    shutil.copytree(split_run[1], resume_dir)
+    torchrun(nproc, LOAD_WORKER, [str(tmp_path), str(resume_dir), *BASE, *VISUAL_STEP, *overrides])
+    got = json.loads((tmp_path / "load_report.json").read_text())
+    assert (got["resumed_at"], got["init_from_at"]) == (1, 0), got
+    pairs = [
+        ("step 2 (resumed)", got["resumed_losses"][0], ref["step2_loss"]),
+        ("step 3 (resumed)", got["resumed_losses"][1], ref["step3_loss"]),
+        ("step 1 again (init_from)", got["init_from_loss"], ref["same_batch_loss"]),
+    ]
+    for what, loss, expected in pairs:
+        assert abs(loss - expected) <= LOSS_TOL * abs(expected), (target, what, loss, expected)
+    norm, expected_norm = got["resumed_grad_norms"][0], ref["step2_grad_norm"]
+    assert abs(norm - expected_norm) <= 1e-4 * expected_norm, (target, norm, expected_norm)
+    worst = max(abs(loss - expected) / abs(expected) for _, loss, expected in pairs)
+    print(f"split -> {target}: worst loss rel diff {worst:.1e}, losses {[round(p[1], 9) for p in pairs]}")
 
 
 def compare_to_reference(out: Path, ref: dict, layout: str, nproc: int, overrides: list[str]) -> list[dict]:

@@ -1,17 +1,19 @@
 """The split schedule (parallel.placement=split): the ViT + projector on ranks of their own, the LM on the rest.
 
-ViT ranks read no data. At the start of each step the first LM stage of every replica deals its micro-batches
-with visual input over the ViT ranks serving it (parallel/placement.py `split_serving`) by the ViT's cost-model
-time (level 1 of parallel/balance.py: LPT, within its bound), and its TP rank 0 sends each ViT rank the list of
-its micro-batches, then their patches and supervised-token counts (`VisionFeed` is the ViT ranks' data source).
-The ViT ranks encode ahead of the LM and send each embedding by p2p to every TP rank of the replica's first stage.
-The LM runs megatron's schedule as in the colocated placement, with those embeddings standing in for the tower.
-When the tower trains, stage 0's TP rank 0 sends each embedding's gradient back after the step's backward and the
-ViT rank back-propagates it into its own DDP buffers; the optimizers then clip by one norm over both modules
+ViT ranks read no data; with parallel.vision.tp = T each block of T of them is one tensor-parallel ViT group. At
+the start of each step the first LM stage of every replica deals its micro-batches with visual input over the ViT
+groups serving it (parallel/placement.py `split_serving`) by the ViT's cost-model time (level 1 of
+parallel/balance.py: LPT, within its bound), and its TP rank 0 sends every rank of each group the list of the
+group's micro-batches, then their patches and supervised-token counts (`VisionFeed` is the ViT ranks' data
+source). The ViT groups encode ahead of the LM and each group's first rank (its leader; the TP ranks' outputs are
+equal) sends each embedding by p2p to every TP rank of the replica's first stage. The LM runs megatron's schedule
+as in the colocated placement, with those embeddings standing in for the tower. When the tower trains, stage 0's
+TP rank 0 sends each embedding's gradient back to every rank of its group after the step's backward, and they
+back-propagate it into their own DDP buffers; the optimizers then clip by one norm over both modules
 (training/optim.py `SharedNormOptimizer`). A frozen tower runs without autograd and gets nothing back.
 
 Gradient scale: the objective scales each replica's loss by the LM's DP size D (megatron DDP averages over D),
-and the ViT's DDP averages over its V ranks, so each returned gradient is multiplied by V / D.
+and the ViT's DDP averages over its V groups, so each returned gradient is multiplied by V / D.
 """
 
 from __future__ import annotations
@@ -69,28 +71,35 @@ class VisionItem:
         return VisionItem(self.replica, self.index, visual, self.supervised)
 
 
+def _send_feed(microbatches: list, mine: list[int], rank: int, device) -> list:
+    requests = [dist.isend(torch.tensor([len(mine)], device=device), dst=rank, tag=_FEED_TAG)]
+    if mine:
+        requests.append(dist.isend(torch.tensor(mine, device=device), dst=rank, tag=_FEED_TAG))
+    for m in mine:
+        batch, tag = microbatches[m], _FEED_TAG + 1 + m
+        visual = batch.visual if has_visual(batch) else None
+        patches, width = visual.patches.shape if visual is not None else (0, 0)
+        frames = visual.num_frames if visual is not None else 0
+        header = torch.tensor([patches, frames, width, batch.num_supervised()], device=device)
+        requests.append(dist.isend(header, dst=rank, tag=tag))
+        if visual is not None:
+            requests.append(dist.isend(visual.patches.contiguous(), dst=rank, tag=tag))
+            requests.append(dist.isend(visual.grids.to(torch.int64).contiguous(), dst=rank, tag=tag))
+    return requests
+
+
 def send_visual_inputs(placement, microbatches: list, encoder_of: dict[int, int]) -> list:
-    """LM stage 0, TP rank 0: to each serving ViT rank, the indices it encodes, then per micro-batch a header
-    [patches, frames, patch width, supervised] with its patches and grids. Micro-batches without visual input go
-    to the first serving rank (their supervised tokens count toward the step's total there). Returns requests."""
+    """LM stage 0, TP rank 0: to every rank of each serving ViT group, the indices the group encodes, then per
+    micro-batch a header [patches, frames, patch width, supervised] with its patches and grids. Micro-batches
+    without visual input go to the first serving group (their supervised tokens count toward the step's total
+    there). encoder_of: micro-batch -> its group's leader. Returns requests."""
     serving = placement.serving(parallel_state.get_data_parallel_rank())
     owner = {m: encoder_of.get(m, serving[0]) for m in range(len(microbatches))}
     requests, device = [], microbatches[0].input_ids.device
-    for rank in serving:
-        mine = [m for m in range(len(microbatches)) if owner[m] == rank]
-        requests.append(dist.isend(torch.tensor([len(mine)], device=device), dst=rank, tag=_FEED_TAG))
-        if mine:
-            requests.append(dist.isend(torch.tensor(mine, device=device), dst=rank, tag=_FEED_TAG))
-        for m in mine:
-            batch, tag = microbatches[m], _FEED_TAG + 1 + m
-            visual = batch.visual if has_visual(batch) else None
-            patches, width = visual.patches.shape if visual is not None else (0, 0)
-            frames = visual.num_frames if visual is not None else 0
-            header = torch.tensor([patches, frames, width, batch.num_supervised()], device=device)
-            requests.append(dist.isend(header, dst=rank, tag=tag))
-            if visual is not None:
-                requests.append(dist.isend(visual.patches.contiguous(), dst=rank, tag=tag))
-                requests.append(dist.isend(visual.grids.to(torch.int64).contiguous(), dst=rank, tag=tag))
+    for leader in serving:
+        mine = [m for m in range(len(microbatches)) if owner[m] == leader]
+        for rank in placement.vision_group(leader):
+            requests += _send_feed(microbatches, mine, rank, device)
     return requests
 
 
@@ -129,6 +138,9 @@ class VisionFeed:
 
     def load_state_dict(self, state: dict) -> None:
         pass
+
+    def load_regrouped_state(self, states: list[dict]) -> None:
+        pass  # a resume from another layout: the LM ranks' loaders regroup the data position
 
     def close(self) -> None:
         pass
@@ -176,7 +188,8 @@ class SplitLMSchedule(ColocatedSchedule):
         sends = []
         for m, embeds in self.received:
             grad = embeds.grad if embeds.grad is not None else torch.zeros_like(embeds)
-            sends.append(dist.isend(grad.contiguous(), dst=self.encoder_of[m], tag=m))
+            group = self.placement.vision_group(self.encoder_of[m])
+            sends += [dist.isend(grad.contiguous(), dst=rank, tag=m) for rank in group]
         for request in sends:
             request.wait()
 
@@ -190,20 +203,23 @@ class SplitVisionSchedule:
     def run(self, microbatches: list, objective, forward_only: bool = False) -> list[dict]:
         """microbatches: this rank's VisionItems of the step (VisionFeed)."""
         trains = self.vision_trains and not forward_only
+        leads = dist.get_rank() == self.placement.vision_leader()  # a ViT group's TP ranks hold equal embeddings
         encoded, sends = [], []
         with torch.set_grad_enabled(trains):
             for item in microbatches:
                 if not has_visual(item):
                     continue
                 embeds = self.model.vision_chunk(item.visual)
-                payload = embeds.detach().contiguous()
-                sends += [dist.isend(payload, dst=r, tag=item.index) for r in self.placement.receivers(item.replica)]
+                if leads:
+                    payload = embeds.detach().contiguous()
+                    receivers = self.placement.receivers(item.replica)
+                    sends += [dist.isend(payload, dst=r, tag=item.index) for r in receivers]
                 encoded.append((item, embeds))
         self.encoded = len(encoded)
         for request in sends:
             request.wait()
         if trains:
-            scale = self.placement.vision_ranks / self.placement.dp
+            scale = self.placement.vision_dp / self.placement.dp
             for item, embeds in encoded:
                 grad = torch.empty_like(embeds)
                 dist.recv(grad, src=self.placement.receivers(item.replica)[0], tag=item.index)

@@ -85,34 +85,47 @@ def test_a_layout_that_does_not_fit_the_nodes_is_refused_before_rendering(capsys
         launch_main(["slurm", "--dry-run", "recipe=stage1_pretrain", "launch.nodes=1"])  # tp4 x pp4 > 8 GPUs
 
 
-def test_torchrun_two_nodes_rendezvous_over_c10d_and_train(tmp_path):
+# a step with visual input in two of its eight packs (the placement tests' step), an LR that moves the weights
+SPLIT_STEPS = [*QUIET, "train.seq_length=128", "train.global_batch=8", "train.seed=2", "train.steps=2"]
+SPLIT_STEPS += ["optim.warmup_steps=0", "optim.lr=1e-3", "optim.clip_grad=1.0", "checkpoint.interval=0"]
+LOSS_TOL = 1e-6  # relative loss difference per step against one rank: fp32 with another reduction order
+GRAD_NORM_TOL = 1e-4  # relative, the global grad norm over both modules
+
+
+def start_cli(*args: str) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "keye_train.cli", *args]
+    return subprocess.Popen(cmd, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_a_split_job_on_two_c10d_nodes_trains_like_one_rank(tmp_path):
+    """`keye-train launch torchrun` run twice on this host, two "nodes" of 2 processes each joining one c10d
+    rendezvous through the launcher's own command. parallel.placement=split: the first node to arrive holds ranks
+    0-1 (ViT + projector, DP 2), the other ranks 2-3 (the LM, PP 2), so the patches, the embeddings and their
+    gradients cross between the nodes (gloo over TCP). Both steps' losses and grad norms (one norm over the ViT
+    and the LM) are one colocated rank's (run alongside, through the plain CLI) up to fp32 summation order."""
     ensure_test_data()
-    run_dir = tmp_path / "run"
-    args = [
-        sys.executable,
-        "-m",
-        "keye_train.cli",
-        "launch",
-        "torchrun",
-        *TINY,
-        "train.steps=2",
+    split, single = tmp_path / "split", tmp_path / "single"
+    nodes = [
         "launch.nodes=2",
-        "launch.gpus_per_node=1",
+        "launch.gpus_per_node=2",
         "launch.master_addr=127.0.0.1",
         f"launch.master_port={free_port()}",
-        f"run_dir={run_dir}",
     ]
-    nodes = [
-        subprocess.Popen(args, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        for _ in range(2)
-    ]
-    outs = [node.communicate(timeout=400) for node in nodes]
-    for node, (_, err) in zip(nodes, outs):
-        assert node.returncode == 0, err[-3000:]
-    printed = "".join(out for out, _ in outs)
-    assert "--nnodes=2 --nproc-per-node=1" in printed and "--rdzv-endpoint=127.0.0.1:" in printed
-    assert "done: step 2" in printed
-    assert [row["step"] for row in metric_rows(run_dir)] == [1, 2]
+    placement = ["parallel.placement=split", "parallel.vision.ranks=2", "parallel.pp=2"]
+    agents = [start_cli("launch", "torchrun", *SPLIT_STEPS, *placement, *nodes, f"run_dir={split}") for _ in range(2)]
+    one_rank = start_cli(*SPLIT_STEPS, "parallel.nproc=1", f"run_dir={single}")
+    outs = [process.communicate(timeout=500) for process in (*agents, one_rank)]
+    for process, (_, err) in zip((*agents, one_rank), outs):
+        assert process.returncode == 0, err[-3000:]
+    printed = "".join(out for out, _ in outs[:2])
+    assert "--nnodes=2 --nproc-per-node=2" in printed and "--rdzv-backend=c10d" in printed
+    assert "--rdzv-endpoint=127.0.0.1:" in printed and "done: step 2" in printed
+    got, expected = metric_rows(split), metric_rows(single)
+    assert [row["step"] for row in got] == [row["step"] for row in expected] == [1, 2]
+    assert got[0]["data/visual_frames"] == expected[0]["data/visual_frames"] > 0  # step 1 has images or video
+    for row, ref in zip(got, expected):
+        assert abs(row["loss"] - ref["loss"]) <= LOSS_TOL * abs(ref["loss"]), (row, ref)
+        assert abs(row["grad_norm"] - ref["grad_norm"]) <= GRAD_NORM_TOL * ref["grad_norm"], (row, ref)
 
 
 def fake_slurm(bin_dir, log):
