@@ -1,8 +1,9 @@
 """What the RL objective calls: `Rollout.generate` and the packs the trainer recomputes the samples on.
 
 A rollout's samples become training sequences [prompt | response] with the loss mask on the response tokens;
-`sample_batch` builds that pack as the data pipeline would (next-token labels, M-RoPE ids of the whole
-sequence, the prompt's patches), so the trainer's log-probs are computed on exactly the rollout's tokens.
+`sample_batch` builds that pack as the data pipeline would (next-token labels, the prompt's M-RoPE ids and
+patches, the response at the engine's decode positions), so the trainer's log-probs are computed on exactly the
+rollout's tokens.
 `routes_for_pack` lines up the recorded routes with such a pack for routing replay (R3).
 """
 
