@@ -27,9 +27,9 @@ def grads(params) -> torch.Tensor:
 
 
 class ExactReverseKL:
-    """KL(pi_S || pi_T) per response position, from the plain [prompt | response] ids through the student and the
-    teacher (float64 log-softmax over the whole vocab), averaged per response, then over the responses: the
-    quantity whose gradient the MOPD loss with Omega = the whole vocab must give."""
+    """KL(pi_S || pi_T) per response position, from the plain [prompt | response] ids (text prompts) through the
+    student and the teacher (float64 log-softmax over the whole vocab), averaged per response, then over the
+    responses: the quantity whose gradient the MOPD loss with Omega = the whole vocab must give."""
 
     def __init__(self, trainer, teacher_parts, items):
         from keye_train.posttrain.rollout import Prompt, Sample, sample_batch
