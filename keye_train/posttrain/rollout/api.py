@@ -1,8 +1,9 @@
 """What the RL objective calls: `Rollout.generate` and the packs the trainer recomputes the samples on.
 
 A rollout's samples become training sequences [prompt | response] with the loss mask on the response tokens;
-`sample_batch` builds that pack as the data pipeline would (next-token labels, M-RoPE ids of the whole
-sequence, the prompt's patches), so the trainer's log-probs are computed on exactly the rollout's tokens.
+`sample_batch` builds that pack as the data pipeline would (next-token labels, the prompt's M-RoPE ids and
+patches, the response at the engine's decode positions), so the trainer's log-probs are computed on exactly the
+rollout's tokens.
 `routes_for_pack` lines up the recorded routes with such a pack for routing replay (R3).
 """
 
@@ -86,6 +87,15 @@ class Rollout:
         self.engine.release()
 
 
+def document_positions(prompt_ids: torch.Tensor, response_length: int, tokens: TokenIds, grids) -> torch.Tensor:
+    """[3, L + R] M-RoPE ids of [prompt | response]: the prompt's from its layout, then the decode rule (the prompt's
+    largest position + 1 + step) whatever the response ids are, as the engine fed them; a sampled visual pad id in
+    the response is a text position, not a visual block."""
+    prompt = mrope_position_ids(prompt_ids, (tokens.image_pad, tokens.video_pad), grids)
+    start = int(prompt.max()) + 1 if prompt.numel() else 0
+    return torch.cat([prompt, torch.arange(start, start + response_length).expand(3, -1)], dim=1)
+
+
 def sample_batch(prompt: Prompt, sample: Sample, tokens: TokenIds | None = None) -> PackedBatch:
     """One [prompt | response] document as a PackedBatch: labels are the next tokens, the loss mask marks the
     positions whose next token is a response token (so log-prob i of the response sits at prompt_len - 1 + i)."""
@@ -107,7 +117,7 @@ def sample_batch(prompt: Prompt, sample: Sample, tokens: TokenIds | None = None)
         input_ids=ids,
         labels=labels,
         loss_mask=mask,
-        position_ids=mrope_position_ids(ids, (tokens.image_pad, tokens.video_pad), grids),
+        position_ids=document_positions(prompt_ids, len(sample.tokens), tokens, grids),
         cu_seqlens=torch.tensor([0, length], dtype=torch.int32),
         visual=visual,
     )
