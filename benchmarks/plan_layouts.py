@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import REPO, git_state, write_result  # noqa: E402
 from keye_train.config.compose import load_config  # noqa: E402
-from keye_train.planning.memory import GIB, memory_per_rank  # noqa: E402
+from keye_train.planning.memory import GIB, plan_memory  # noqa: E402
 from parallel.layout import LayoutError, check_batch, check_layout  # noqa: E402
 
 GRID = {
@@ -39,12 +39,14 @@ def plan(recipe: str, world: int, point: dict, overrides: list[str]):
         check_batch(cfg.train, sizes)
     except LayoutError:
         return None
-    memory = memory_per_rank(cfg.model, cfg.parallel, cfg.train, sizes)
+    memory = plan_memory(cfg, sizes)
     row = dict(point, dp=sizes.dp, expert_dp=sizes.expert_dp, etp=sizes.etp)
     for stage, items in memory.items():
-        for item in ("params", "grads", "optimizer", "activations", "total"):
-            row[f"{stage}_{item}_gib"] = round(items[item] / GIB, 2)
-    row["worst_gib"] = max(row["first_stage_total_gib"], row["last_stage_total_gib"])
+        for item in ("params", "grads", "optimizer", "activations", "teacher", "total"):
+            if item in items:
+                row[f"{stage}_{item}_gib"] = round(items[item] / GIB, 2)
+    row["worst_gib"] = max(items["total"] for items in memory.values()) / GIB
+    row["worst_gib"] = round(row["worst_gib"], 2)
     return row
 
 
