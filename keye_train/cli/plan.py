@@ -14,7 +14,7 @@ decoding; a mix name (image_heavy, mixed, video_heavy, long_video, hour_video) t
 from __future__ import annotations
 
 from keye_train.planning.budget import format_tokens, token_budget
-from keye_train.planning.memory import GIB, memory_by_placement, memory_per_rank
+from keye_train.planning.memory import GIB, memory_by_placement, plan_memory
 from keye_train.planning.parameters import count_parameters
 
 
@@ -53,7 +53,10 @@ def _print_memory(memory: dict) -> None:
     print("\nmemory per rank, GiB (bf16 params, fp32 grads, Adam fp32 master + moments)")
     stages = list(memory)
     print(f"  {'':<14}" + "".join(f"{s:>14}" for s in stages))
-    for item in ("params", "grads", "optimizer", "activations", "total"):
+    if "rollout" in memory:
+        print("  (rollout: the training state kept while the engine decodes; its activations are the KV cache)")
+    items = ("params", "grads", "optimizer", "activations", "teacher", "total")
+    for item in (i for i in items if i in memory[stages[0]]):
         print(f"  {item:<14}" + "".join(f"{memory[s][item] / GIB:>14.2f}" for s in stages))
 
 
@@ -82,7 +85,7 @@ def print_plan(cfg, sizes) -> None:
         f"{budget:,} tokens ({format_tokens(budget)})"
     )
     _print_parameters(counts)
-    _print_memory(memory_per_rank(cfg.model, cfg.parallel, cfg.train, sizes))
+    _print_memory(plan_memory(cfg, sizes))
 
 
 PLAN_FLAGS = ("--profile", "--gpus", "--rates", "--profile-packs", "--memory-gib", "--placement")

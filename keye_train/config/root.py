@@ -50,6 +50,16 @@ class KeyeTrainConfig:
             )
         if self.rl.routing_replay:
             self._check_routing_replay()
+        if self.rl.enabled and self.parallel.pp > 1:
+            raise ValueError(
+                f"parallel.pp={self.parallel.pp} with rl.enabled=true: the rollout engine runs the whole LM on every "
+                "rank; use parallel.pp=1"
+            )
+        if self.rl.enabled and self.parallel.cp > 1:
+            raise ValueError(
+                f"parallel.cp={self.parallel.cp} with rl.enabled=true: the RL objectives do not run under context "
+                "parallelism yet (a response's mean needs every CP rank's slice); use parallel.cp=1"
+            )
         if self.rl.enabled and (sampling.temperature != 1 or sampling.top_p != 1 or sampling.top_k != 0):
             # GSPO's log pi is the trainer's per-token CE of the raw logits: the rollout samples from that same
             # distribution, so pi_old, pi_rollout and pi_theta are one distribution (no 1/T in the trainer)

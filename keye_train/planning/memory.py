@@ -260,3 +260,48 @@ def memory_by_placement(
         working_per_patch * share,
     )
     return {**rows, "vision": vision}
+
+
+def rollout_cache_bytes(lm, rollout, sizes) -> float:
+    """Bytes of the rollout engine's KV cache on one rank (posttrain/rollout/cache.py): per LM layer of the stage,
+    K and V [slots, capacity, Hkv / tp, D] in bf16 and, with DSA, the fp32 indexer keys [slots, capacity, D_I]."""
+    per_row = 2 * 2 * (lm.num_kv_heads // sizes.tp) * lm.head_dim
+    if lm.dsa.mode != "dense":
+        per_row += 4 * lm.dsa.index_head_dim
+    return (lm.num_layers // sizes.pp) * rollout.slots * rollout.capacity * per_row
+
+
+def teacher_bytes(cfg, sizes) -> float:
+    """bf16 weights on one rank of the largest in-process MOPD teacher (one resident at a time, under the student's
+    layout with PP 1: mopd/teachers.py)."""
+    from keye_train.config.model import MODEL_PRESETS
+
+    largest = 0.0
+    for teacher in cfg.mopd.teachers:
+        model = cfg.model if teacher.model == "student" else MODEL_PRESETS[teacher.model]()
+        dense, experts = _stage_param_elements(model, count_parameters(model), sizes, first=True, last=True)
+        largest = max(largest, (dense + experts) * PARAM_BYTES)
+    return largest
+
+
+def plan_memory(cfg, sizes) -> dict:
+    """`memory_per_rank` plus, for RL stages (rl.enabled), a `rollout` column: the training state (params, grads,
+    optimizer, all kept while the engine decodes) with the KV cache (`rollout_cache_bytes`) and one prefill chunk's
+    layer working set (rollout.prefill_tokens, forward only) as its activations. In-process MOPD adds the resident
+    teacher's weights to every column (item `teacher`)."""
+    memory = memory_per_rank(cfg.model, cfg.parallel, cfg.train, sizes)
+    if not cfg.rl.enabled:
+        return memory
+    first = memory["first_stage"]
+    kept, working = lm_layer_bytes(cfg.model.lm, "full")
+    rollout = {key: first[key] for key in ("params", "grads", "optimizer", "dense_params", "expert_params")}
+    rollout["activations"] = rollout_cache_bytes(cfg.model.lm, cfg.rollout, sizes) + (
+        cfg.rollout.prefill_tokens * (kept + working) / sizes.tp
+    )
+    memory = {**memory, "rollout": rollout}
+    teacher = teacher_bytes(cfg, sizes) if cfg.mopd.enabled else None
+    for row in memory.values():
+        if teacher is not None:
+            row["teacher"] = teacher
+        row["total"] = row["params"] + row["grads"] + row["optimizer"] + row["activations"] + (teacher or 0.0)
+    return memory

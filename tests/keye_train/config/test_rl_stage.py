@@ -17,6 +17,12 @@ def test_an_rl_stage_refuses_a_tempered_or_filtered_sampler(override):
     load_config([override])  # outside RL the sampler is free
 
 
+@pytest.mark.parametrize("override, key", [("parallel.pp=2", "parallel.pp=2"), ("parallel.cp=2", "parallel.cp=2")])
+def test_an_rl_stage_refuses_pipeline_and_context_parallelism_naming_the_key(override, key):
+    with pytest.raises(ValueError, match=key):
+        load_config([*RL, override])
+
+
 def test_an_rl_stage_needs_prompts():
     with pytest.raises(ValueError, match="rl.prompts"):
         load_config(["rl.enabled=true"])
