@@ -177,11 +177,13 @@ def run_batch(args, model, parts, dtype, batch, mode):
         row["unsynced_ms_median"] = {k: 1e3 * statistics.median(e[k] for e in decode_log) for k in keys}
         seconds = sorted(e["seconds"] for e in decode_log)
         row["decode_step_ms_quantiles"] = {q: 1e3 * seconds[int(q * (len(seconds) - 1))] for q in (0, 0.1, 0.5, 0.9, 1)}
+        row["decode_step_ms_series"] = [round(1e3 * e["seconds"], 2) for e in decode_log]
     step = engine.decode_step
     if on_gpu and step is not None:  # GPU kernel time of one decode step, captured and eager at static shapes
         row["decode_step_profile"] = profiled(lambda: [step.replay() for _ in range(5)], "5 decode steps", None)
         row["decode_step_profile_eager"] = profiled(lambda: [step.forward() for _ in range(5)], "5 eager", None)
         row["replay_ms"] = replay_timings(step)
+        row["replay_profiles"] = replay_profiles(step)
 
     # the synchronised breakdown over the decode steps of a shorter run (the parts inside the decoder only
     # eagerly: a graph replay runs no module hooks)
@@ -285,6 +287,21 @@ def replay_timings(step, repeats: int = 5) -> dict:
             times.append(1e3 * (time.perf_counter() - started))
         timings[name] = statistics.median(times)
     return timings
+
+
+def replay_profiles(step, repeats: int = 5) -> dict:
+    """Kernel time of `repeats` replays that repeat the last inputs, against replays that move every slot's
+    cache row back by one before each (as a real step moves it on by one)."""
+
+    def moved():
+        for _ in range(repeats):
+            step.inputs[2].sub_(1)
+            step.replay()
+
+    return {
+        "same_inputs": profiled(lambda: [step.replay() for _ in range(repeats)], f"{repeats} same replays", None),
+        "rows_moved": profiled(moved, f"{repeats} moved replays", None),
+    }
 
 
 def free_device_memory():
