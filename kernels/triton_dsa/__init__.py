@@ -2,7 +2,7 @@
 TRITON_INTERPRET=1 (how CI checks them). Indexer scores + exact top-k, sparse GQA attention and the sparse-stage
 indexer KL are Triton kernels; the dense warm-up KL runs the torch reference."""
 
-from kernels.triton_dsa import interpreter_compat
+from kernels import interpreter_compat
 
 interpreter_compat.apply()
 

@@ -20,6 +20,7 @@ from megatron.core.transformer.moe.experts import TEGroupedMLP
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.utils import get_pg_size
 
+from kernels import moe_decode
 from kernels.grouped_matmul import (
     group_alignment,
     grouped_matmul,
@@ -125,13 +126,15 @@ def sync_free_unsupported(experts: torch.nn.Module) -> str | None:
 
 
 def sync_free_experts(
-    hidden: torch.Tensor, probs: torch.Tensor, routing_map: torch.Tensor, experts: GroupedExperts
+    hidden: torch.Tensor, probs: torch.Tensor, routing_map: torch.Tensor, experts: GroupedExperts, kernel: str = "auto"
 ) -> torch.Tensor:
     """The MoE block's routed output with no host read: hidden [T, H], the router's probs and routing_map [T, E]
     -> [T, H]. Tokens are sorted by expert on the device and the group ends stay there (the dispatcher and
     TEGroupedMLP read the per-expert counts back to the host), so the forward can be captured in a CUDA graph.
     The same math as dispatcher + TEGroupedMLP + combine: fc1 -> SwiGLU x prob (fp32, cast back) -> fc2 -> the
-    sum over each token's experts. Forward only, one rank's experts (see sync_free_unsupported)."""
+    sum over each token's experts. Forward only, one rank's experts (see sync_free_unsupported).
+    `kernel`: "triton" runs the decode kernels of kernels/moe_decode.py (the weights streamed once, the rows
+    gathered and scattered inside them), "torch" torch's grouped GEMM, "auto" Triton on CUDA."""
     tokens, num_experts = routing_map.shape
     topk = experts.config.moe_router_topk
     chosen = routing_map.to(torch.float32).topk(topk, dim=1).indices  # [T, k]: exactly the routed experts
@@ -141,6 +144,12 @@ def sync_free_experts(
     counts = torch.zeros(num_experts, dtype=torch.int32, device=hidden.device)
     counts.index_add_(0, flat, torch.ones_like(flat, dtype=torch.int32))
     ends = counts.cumsum(0, dtype=torch.int32)
+    if kernel not in ("auto", "triton", "torch"):
+        raise ValueError(f"kernel={kernel!r}: expected auto, triton or torch")
+    if kernel == "triton" or (kernel == "auto" and hidden.is_cuda and moe_decode.triton is not None):
+        act = moe_decode.swiglu_fc1(hidden, experts.linear_fc1.weight, ends, order // topk, weights[order])
+        combined = moe_decode.rows_fc2(act, experts.linear_fc2.weight, ends, order, tokens * topk)
+        return combined.view(tokens, topk, -1).sum(dim=1)
     rows = hidden[order // topk]
     gate, up = grouped_matmul_by_offsets(rows, experts.linear_fc1.weight, ends).chunk(2, dim=-1)
     act = (torch.nn.functional.silu(gate) * up * weights[order, None]).to(hidden.dtype)

@@ -38,7 +38,8 @@ def engine(model, parts, **options):
     return RolloutEngine(parts, model, TOKENS, **options)
 
 
-def test_sync_free_experts_equal_the_dispatcher_path(grouped_parts):
+@pytest.mark.parametrize("kernel", ["torch", "triton"])  # triton: kernels/moe_decode.py (interpreted on CPU)
+def test_sync_free_experts_equal_the_dispatcher_path(grouped_parts, kernel):
     from megatron.core.transformer.moe.moe_layer import MoELayer
 
     from keye_train.model.experts import sync_free_experts
@@ -52,7 +53,7 @@ def test_sync_free_experts_equal_the_dispatcher_path(grouped_parts):
         with torch.no_grad():
             reference, _ = layer(hidden)
             probs, routing_map = layer.route(hidden)
-            ours = sync_free_experts(hidden.view(tokens, -1), probs, routing_map, layer.experts)
+            ours = sync_free_experts(hidden.view(tokens, -1), probs, routing_map, layer.experts, kernel)
         torch.testing.assert_close(ours.view_as(reference), reference, rtol=0, atol=1e-6)
 
 
