@@ -68,12 +68,12 @@ PLACEMENTS = {
     # the LM with PP 2); the gradients come back and the ViT ranks reduce them among themselves
     "split_pp2": (4, ["parallel.placement=split", "parallel.vision.ranks=2", "parallel.pp=2"]),
     # split with the ViT tensor- and data-parallel: ranks 0-1 and 2-3 are two ViT groups (TP 2, heads and MLP
-    # split; DP 2 across them), both serving the one LM replica (ranks 4-5, PP 2): each group gets one visual
-    # micro-batch, both its ranks encode it and get its gradient, its first rank sends the embeddings; the ViT
-    # grads reduce over ranks 0+2 and 1+3
+    # split; DP 2 across them), both serving the one LM replica (ranks 4-5, LM TP 2): each group gets one visual
+    # micro-batch, both its ranks encode it and get its gradient, its first rank sends the embeddings to both LM
+    # TP ranks; the ViT grads reduce over ranks 0+2 and 1+3 (split under LM PP 2: split_pp2)
     "split_vit_tp2_dp2": (
         6,
-        ["parallel.placement=split", "parallel.vision.ranks=4", "parallel.vision.tp=2", "parallel.pp=2"],
+        ["parallel.placement=split", "parallel.vision.ranks=4", "parallel.vision.tp=2", "parallel.tp=2"],
     ),
     # spread: both pipeline stages encode; stage 1 sends its embeddings to stage 0, the ViT grads reduce over both
     "spread_pp2": (2, ["parallel.placement=spread", "parallel.pp=2"]),
