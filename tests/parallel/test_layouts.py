@@ -67,11 +67,13 @@ PLACEMENTS = {
     # split: ranks 0-1 run the ViT + projector (DP 2) and send the embeddings to the LM's stage 0 (ranks 2-3 run
     # the LM with PP 2); the gradients come back and the ViT ranks reduce them among themselves
     "split_pp2": (4, ["parallel.placement=split", "parallel.vision.ranks=2", "parallel.pp=2"]),
-    # split with the ViT tensor-parallel: ranks 0-1 are one ViT group (TP 2, heads and MLP split), both encode both
-    # visual micro-batches and get both gradients; rank 0 sends the embeddings
-    "split_vit_tp2": (
-        4,
-        ["parallel.placement=split", "parallel.vision.ranks=2", "parallel.vision.tp=2", "parallel.pp=2"],
+    # split with the ViT tensor- and data-parallel: ranks 0-1 and 2-3 are two ViT groups (TP 2, heads and MLP
+    # split; DP 2 across them), both serving the one LM replica (ranks 4-5, LM TP 2): each group gets one visual
+    # micro-batch, both its ranks encode it and get its gradient, its first rank sends the embeddings to both LM
+    # TP ranks; the ViT grads reduce over ranks 0+2 and 1+3 (split under LM PP 2: split_pp2)
+    "split_vit_tp2_dp2": (
+        6,
+        ["parallel.placement=split", "parallel.vision.ranks=4", "parallel.vision.tp=2", "parallel.tp=2"],
     ),
     # spread: both pipeline stages encode; stage 1 sends its embeddings to stage 0, the ViT grads reduce over both
     "spread_pp2": (2, ["parallel.placement=spread", "parallel.pp=2"]),
@@ -133,10 +135,11 @@ def test_vit_placement_matches_single_rank(visual_reference, placement, request)
         reports, _ = request.getfixturevalue("split_run")
     else:
         reports = compare_to_reference(*visual_reference, placement, nproc, [*VISUAL_STEP, *overrides])
-    encoders = reports[:2] if placement.startswith("split") else reports  # split: the ViT ranks; spread: all
-    per_rank = [2, 2] if placement == "split_vit_tp2" else [1, 1]  # one TP group encodes both; else one each
-    assert [r["encoded"] for r in encoders] == per_rank, (placement, [r["encoded"] for r in reports])
-    if placement == "split_vit_tp2":  # the ViT ranks hold halves of the column- and row-parallel weights
+    vit_tp = placement == "split_vit_tp2_dp2"
+    encoders = reports[: 4 if vit_tp else 2] if placement.startswith("split") else reports  # spread: every rank
+    # each ViT group (both its TP ranks) or rank encodes one of the two visual micro-batches
+    assert [r["encoded"] for r in encoders] == [1] * len(encoders), (placement, [r["encoded"] for r in reports])
+    if vit_tp:  # the ViT ranks hold halves of the column- and row-parallel weights
         vit_linears = {
             f"vision.encoder.blocks.layers.{n}.weight" for n in ("1.self_attention.linear_qkv", "0.mlp.linear_fc2")
         }

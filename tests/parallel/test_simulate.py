@@ -167,3 +167,36 @@ def test_pipeline_patch_cost_is_zero_off_stage0_and_positive_on_it():
     layout = LMLayout(4, 4, 8)
     assert simulate.pipeline_patch_cost(rates, ModelDims(), layout, Settings(), "spread") == 0.0
     assert simulate.pipeline_patch_cost(rates, ModelDims(), layout, Settings(), "pp0") > 0.0
+
+
+def test_the_committed_hetero_sim_rows_are_what_the_simulator_gives():
+    """benchmarks/results/hetero_sim.json holds every cluster size and mix the issue names (pp0, split, spread
+    each), and its 256-GPU video-heavy rows (LM tp4 pp4 ep8 etp1; split at the saved ViT rank count) are what the
+    simulator and the committed rates give now (a change to either must regenerate the file:
+    `python3 benchmarks/hetero_sim.py`)."""
+    import json
+
+    from benchmarks.hetero_sim import REPO, config_for, layouts_for, stage0_memory
+    from keye_train.planning.placement import STANDARD_MIXES, model_dims, settings_of, standard_profile
+
+    saved = json.loads((REPO / "benchmarks" / "results" / "hetero_sim.json").read_text())
+    rows = {(r["gpus"], r["mix"], r["layout"], r["placement"]): r for r in saved["rows"]}
+    cells = {(g, m, p) for g, m, _, p in rows}
+    for gpus in (8, 64, 256, 1024):
+        for mix in STANDARD_MIXES:
+            assert {(gpus, mix, p) for p in ("pp0", "split", "spread")} <= cells, (gpus, mix)
+    assert saved["rates"]["provenance"] == costs.load_rates(saved["rates"]["file"]).provenance
+
+    work = standard_profile("video_heavy", packs=64)
+    label, layout, overrides = next(x for x in layouts_for(256) if x[0] == "tp4_pp4_ep8_etp1")
+    cfg, sizes = config_for(work.seq_length, 256, overrides, work.global_batch)
+    rates = costs.load_rates(saved["rates"]["file"])
+    split_ranks = [rows[(256, "video_heavy", label, "split")]["vit_ranks"]]
+    found = simulate.compare(rates, 256, layout, work, model_dims(cfg.model), settings_of(cfg.parallel), split_ranks)
+    for key in ("pp0", "pp0_vit_dp", "split", "spread"):
+        got, row = found[key], rows[(256, "video_heavy", label, found[key].placement)]
+        assert got.legal and row["legal"] and got.vit_ranks == row["vit_ranks"], (key, got.reason, row["reason"])
+        assert got.step_time_s == pytest.approx(row["step_time_s"], rel=1e-9), key
+        assert got.bubble == pytest.approx(row["bubble"], rel=1e-9, abs=1e-12), key
+        assert got.tokens_per_s / found["pp0"].tokens_per_s == pytest.approx(row["speedup_vs_pp0"], rel=1e-9), key
+        assert stage0_memory(cfg, sizes, got)[0] == pytest.approx(row["stage0_memory_gib"], rel=1e-9), key
