@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--real-videos", default=None, help="a directory of real videos to add as QA samples")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--long-text-words", type=int, default=400, help="words of the corpus's long text documents")
-    demo.add_argument("--toy-sft-samples", type=int, default=96, help="answered RL toy tasks among the chat samples")
+    demo.add_argument("--toy-sft-samples", type=int, default=0, help="answered RL toy tasks among the chat samples")
 
     args = parser.parse_args(argv)
     from data_pipeline.tokenizer import KeyeTokenizer

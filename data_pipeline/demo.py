@@ -201,7 +201,7 @@ def make_demo(
     real_videos: str | Path | None = None,
     samples_per_shard: int = 40,
     long_text_words: int = 400,
-    toy_sft_samples: int = 96,
+    toy_sft_samples: int = 0,
     log=print,
 ) -> BuildReport:
     """Media, manifest.jsonl and tokenizer.json under `out`, shards under `out/shards`."""
