@@ -4,7 +4,8 @@
 
 Runs `keye-train chain demo` (finished stages are skipped, so after a full demo run this only reads) and reads
 each RL stage's metrics.jsonl: per step, the mean reward of every response the rollout scored (all sampling
-rounds, before dynamic sampling drops the equal-reward groups), the share of dropped groups, the GSPO loss and
+rounds, before dynamic sampling drops the equal-reward groups), each reward term's raw mean over the same
+responses (`term_mean`: the outcome apart from an auxiliary term), the share of dropped groups, the GSPO loss and
 the step time. The stages chain: rl_general starts from the SFT weights, rl_context from rl_general's, rl_video
 from rl_context's. A reward that rises from the first steps to the last is the point of the demo.
 """
@@ -37,9 +38,17 @@ def stage_curve(run_dir: Path) -> dict:
     reward = [rows[s]["data/rl_reward_sum"] / max(rows[s]["data/rl_rewards_scored"], 1) for s in steps]
     dropped = [rows[s]["data/rl_groups_dropped"] / max(rows[s]["data/rl_groups_generated"], 1) for s in steps]
     k = max(1, len(steps) // 4)
+    names = sorted({key[len("data/rl_term_") : -len("_sum")] for r in rows.values() for key in r if "rl_term_" in key})
+    terms = {  # each reward term's raw mean score over the same responses (the outcome apart from the rest)
+        name: [rows[s].get(f"data/rl_term_{name}_sum", 0.0) / max(rows[s]["data/rl_rewards_scored"], 1) for s in steps]
+        for name in names
+    }
+    summary = {f"{name}_first_{k}_last_{k}": [sum(curve[:k]) / k, sum(curve[-k:]) / k] for name, curve in terms.items()}
     return {
         "steps": steps,
         "reward_mean": reward,
+        "term_mean": terms,
+        **summary,
         "filtered_fraction": dropped,
         "loss": [rows[s]["loss"] for s in steps],
         "step_time_s": [rows[s]["step_time_s"] for s in steps],

@@ -42,6 +42,8 @@ class PackedBatch:
     position_ids: [3, S] int64 M-RoPE ids (t, h, w), restarting at 0 for every sample.
     cu_seqlens: [D + 1] int32 document boundaries; cu_seqlens[-1] == S.
     sample_ids: ids of the samples packed here (for exact-resume checks and logging).
+    visual_mask: [S] bool, the rows that take the ViT's embeddings; None: every image_pad / video_pad id (a rollout
+    response may sample those ids, which are text there: its pack marks only the prompt's rows).
     """
 
     input_ids: torch.Tensor
@@ -51,6 +53,7 @@ class PackedBatch:
     cu_seqlens: torch.Tensor
     visual: VisualInput | None = None
     sample_ids: list[int] = field(default_factory=list)
+    visual_mask: torch.Tensor | None = None
 
     @property
     def seq_length(self) -> int:

@@ -34,6 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--real-videos", default=None, help="a directory of real videos to add as QA samples")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--long-text-words", type=int, default=400, help="words of the corpus's long text documents")
+    demo.add_argument("--toy-sft-samples", type=int, default=0, help="answered RL toy tasks among the chat samples")
 
     args = parser.parse_args(argv)
     from data_pipeline.tokenizer import KeyeTokenizer
@@ -70,7 +71,14 @@ def main(argv: list[str] | None = None) -> int:
             if (Path(args.out) / "shards" / "index.json").exists():
                 print(f"keye-data demo: {args.out} already built; delete it to rebuild")
                 return 0
-            make_demo(args.out, args.samples, args.seed, args.real_videos, long_text_words=args.long_text_words)
+            make_demo(
+                args.out,
+                args.samples,
+                args.seed,
+                args.real_videos,
+                long_text_words=args.long_text_words,
+                toy_sft_samples=args.toy_sft_samples,
+            )
     except (FileNotFoundError, FileExistsError, ValueError) as err:
         print(f"keye-data: error: {err}", file=sys.stderr)
         return 2

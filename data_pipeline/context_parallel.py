@@ -184,6 +184,8 @@ def slice_batch(
 ) -> ContextSlicedBatch:
     """CP rank `rank`'s slice of `batch` (padded to `total` tokens, default padded_length); visual_ids: the token
     ids whose rows take ViT embeddings."""
+    if batch.visual_mask is not None:  # a rollout pack (RL and MOPD refuse parallel.cp > 1 in the config layer)
+        raise ValueError("context parallelism slices visual rows by token id: a batch with visual_mask is not taken")
     padded, pad = pad_documents(batch, cp, pad_id, total)
     lengths = _document_lengths(padded)
     visual = torch.zeros_like(pad)

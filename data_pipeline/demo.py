@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from data_pipeline.build import build_shards
-from data_pipeline.rl_demo import write_clip_grounding_prompts, write_toy_prompts
+from data_pipeline.rl_demo import toy_sft_records, write_clip_grounding_prompts, write_toy_prompts
 from data_pipeline.shards import BuildReport
 from data_pipeline.tokenizer import SPECIAL_NAMES, KeyeTokenizer
 
@@ -201,6 +201,7 @@ def make_demo(
     real_videos: str | Path | None = None,
     samples_per_shard: int = 40,
     long_text_words: int = 400,
+    toy_sft_samples: int = 0,
     log=print,
 ) -> BuildReport:
     """Media, manifest.jsonl and tokenizer.json under `out`, shards under `out/shards`."""
@@ -209,6 +210,11 @@ def make_demo(
     media.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
     records = list(_records(rng, media, samples, long_text_words))
+    if toy_sft_samples:  # the RL stages' toy tasks answered (other draws than rl_prompts.jsonl), spread evenly
+        toy = toy_sft_records(toy_sft_samples, seed=seed + 1)
+        step = len(records) / len(toy)
+        for k, record in reversed(list(enumerate(toy))):
+            records.insert(int(k * step), record)
     if real_videos is not None:
         for path in sorted(Path(real_videos).iterdir()):
             if path.suffix.lower() in VIDEO_EXTENSIONS:

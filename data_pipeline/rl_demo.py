@@ -3,7 +3,10 @@ reads (`answer_type` picks numeric match or temporal IoU):
 - counting: `how many x : x x x ? answer with a number .`, answer `3`;
 - grounding in a text timeline: `the red disk 0.5 - 2.0 seconds , the blue disk 2.0 - 4.5 seconds .` then the
   demo's grounding question `Give the start and end time in seconds of: the blue disk`, answer [2.0, 4.5].
-The grounding task pays partial credit (IoU), so a tiny model's groups rarely tie and the reward can climb."""
+The grounding task pays partial credit (IoU), so a tiny model's groups rarely tie and the reward can climb.
+`toy_sft_records` are other instances of the same tasks as chat samples with their answers, for the demo corpus:
+the chain's SFT model then answers in the tasks' formats (a number, `a - b seconds`), not always rightly, and the
+RL stages' outcome reward has something to sharpen."""
 
 from __future__ import annotations
 
@@ -66,6 +69,22 @@ def toy_prompts(count: int, seed: int = 0, max_count: int = 4, tasks: tuple[str,
         task = tasks[n % len(tasks)]
         out.append(counting_prompt(n, rng, max_count) if task == "count" else grounding_prompt(n, rng))
     return out
+
+
+def toy_sft_records(count: int, seed: int = 1) -> list[dict]:
+    """`count` chat records (the demo manifest's `chat` kind) of toy prompts drawn with their own seed, each
+    answered with its reference (`3`; `2.0 - 4.5 seconds`)."""
+    return [
+        {
+            "id": f"toy-sft-{record['id']}",
+            "kind": "chat",
+            "messages": [
+                {"role": "user", "content": [{"text": record["prompt"]}]},
+                {"role": "assistant", "content": record["answer"]},
+            ],
+        }
+        for record in toy_prompts(count, seed)
+    ]
 
 
 def counting_prompts(count: int, seed: int = 0, max_count: int = 4) -> list[dict]:

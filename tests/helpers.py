@@ -37,7 +37,7 @@ def ensure_test_data() -> Path:
         from data_pipeline.demo import make_demo
 
         partial = Path(tempfile.mkdtemp(prefix="keye-test-data-"))
-        make_demo(partial, samples=140, seed=0, samples_per_shard=20, log=lambda _: None)
+        make_demo(partial, samples=140, seed=0, samples_per_shard=20, toy_sft_samples=0, log=lambda _: None)
         try:
             partial.rename(TEST_DATA)
         except OSError:  # built meanwhile by another session

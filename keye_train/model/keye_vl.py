@@ -38,7 +38,8 @@ def embed_inputs(lm, vision, batch: PackedBatch, tokens: TokenIds, sequence_para
         visual = vision(batch.visual)
         if getattr(batch, "shard", None) is not None:  # CP: the ViT ran on the whole pack; keep this slice's rows
             visual = visual.index_select(0, batch.shard.visual_rows)
-        embeds = merge_visual_embeddings(embeds, visual, visual_token_mask(batch.input_ids, tokens))
+        mask = batch.visual_mask if batch.visual_mask is not None else visual_token_mask(batch.input_ids, tokens)
+        embeds = merge_visual_embeddings(embeds, visual, mask)
     if sequence_parallel:
         embeds = tensor_parallel.scatter_to_sequence_parallel_region(embeds)
     return embeds

@@ -37,7 +37,7 @@ from keye_train.posttrain.batch import RLBatch, TextResponse, document_routes, p
 from keye_train.posttrain.dynamic_sampling import SamplingReport, split_groups
 from keye_train.posttrain.evaluation.jsonl import read_jsonl
 from keye_train.posttrain.gspo import group_advantages
-from keye_train.posttrain.rewards import build_weighted
+from keye_train.posttrain.rewards import WeightedReward, build_weighted
 from keye_train.posttrain.rewards.context_rl import RETRY_TEMPLATE, resample_requests
 from keye_train.posttrain.rewards.context_rl import Group as JudgedGroup
 from keye_train.posttrain.rollout import Prompt, Rollout, SamplingParams
@@ -135,6 +135,7 @@ class Group:
     routes: list[torch.Tensor | None] = field(default_factory=list)  # per response, with rl.routing_replay
     number: int = 0  # the global draw number of the prompt (its sampling seeds)
     recovered: bool = False  # re-sampled in the report-conditioned context (ContextRL)
+    terms: list[dict[str, float]] = field(default_factory=list)  # per response, each reward term's raw score
 
 
 def empty_pack(seq_length: int, pad_id: int) -> RLBatch:
@@ -190,6 +191,7 @@ class RLDataSource:
         self.step = 0
         self.last: dict = {}
         self.recovery: dict[str, float] = {}  # this step's ContextRL re-sampling counters
+        self.term_sums: dict[str, float] = {}  # this step's raw score of each reward term (rl_term_<name>_sum)
 
     # ---- prompts ----------------------------------------------------------------------------------------------
 
@@ -225,7 +227,14 @@ class RLDataSource:
             group = Group(record, [list(s.tokens) for s in samples], [list(s.logprobs) for s in samples])
             group.number = number
             group.routes = [s.routes for s in samples]
-            group.rewards = [float(self.reward(self._text(r), record.reference)) for r in group.responses]
+            for response in group.responses:
+                text = self._text(response)
+                if isinstance(self.reward, WeightedReward):
+                    reward, terms = self.reward.scored(text, record.reference)
+                    group.terms.append(terms)
+                else:
+                    reward = self.reward(text, record.reference)
+                group.rewards.append(float(reward))
             groups.append(group)
         return groups
 
@@ -304,6 +313,9 @@ class RLDataSource:
             want = math.ceil(missing * self.rl.oversample_factor) if self.rl.dynamic_sampling else missing
             groups = self._sample_groups(want, rounds)
             scored += [r for g in groups for r in g.rewards]  # the original prompts' rewards (the policy's)
+            for terms in (t for g in groups for t in g.terms):
+                for name, value in terms.items():
+                    self.term_sums[name] = self.term_sums.get(name, 0.0) + value
             if self.rl.recovered_samples == "conditioned":
                 groups = self._recover(groups, rounds)
             rounds, generated = rounds + 1, generated + want
@@ -379,6 +391,8 @@ class RLDataSource:
             fields["loss_mask"] = torch.cat([packed.loss_mask, torch.zeros(tail)])
             fields["position_ids"] = torch.cat([packed.position_ids, torch.arange(tail).expand(3, -1)], dim=1)
             fields["cu_seqlens"] = torch.tensor([0, length, length + tail], dtype=torch.int32)
+            if packed.visual_mask is not None:
+                fields["visual_mask"] = torch.cat([packed.visual_mask, torch.zeros(tail, dtype=torch.bool)])
             index = torch.cat([index, torch.full((tail,), -1, dtype=torch.long)])
             rollout = torch.cat([rollout, torch.zeros(tail)])
         padded = max(length, self.cfg.train.seq_length)
@@ -419,7 +433,7 @@ class RLDataSource:
     # ---- DataSource -------------------------------------------------------------------------------------------
 
     def next_step(self) -> list[RLBatch]:
-        self.recovery = {}
+        self.recovery, self.term_sums = {}, {}
         groups, report, scored = self._collect()
         self.rollout.release()  # the KV cache goes before the training forward
         packs = self._packs(groups)
@@ -440,6 +454,8 @@ class RLDataSource:
             "rl_logp_gap_sum": gap,  # sum over response tokens of |log pi_old - log pi_rollout|
             "rl_response_tokens": float(sum(float(p.loss_mask.sum()) for p in packs)),
         }
+        # each reward term's raw score summed like rl_reward_sum (the original prompts' responses, every round)
+        self.last.update({f"rl_term_{name}_sum": value for name, value in self.term_sums.items()})
         if self.rl.recovered_samples == "conditioned":  # sums over the step's rounds (data_metrics adds ranks)
             self.last.update({key: self.recovery.get(key, 0.0) for key in RECOVERY_COUNTERS})
             self.last["rl_recovered_kept"] = float(report.recovered)  # re-sampled groups in the batch

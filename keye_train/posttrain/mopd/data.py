@@ -58,6 +58,7 @@ def pad_batch(batch: PackedBatch, seq_length: int, pad_id: int) -> PackedBatch:
     if not tail:
         return batch
     pad = torch.full((tail,), pad_id, dtype=torch.long)
+    visual_mask = None if batch.visual_mask is None else torch.cat([batch.visual_mask, torch.zeros(tail, dtype=bool)])
     return dataclasses.replace(
         batch,
         input_ids=torch.cat([batch.input_ids, pad]),
@@ -65,6 +66,7 @@ def pad_batch(batch: PackedBatch, seq_length: int, pad_id: int) -> PackedBatch:
         loss_mask=torch.cat([batch.loss_mask, torch.zeros(tail)]),
         position_ids=torch.cat([batch.position_ids, torch.arange(tail).expand(3, -1)], dim=1),
         cu_seqlens=torch.tensor([0, n, seq_length], dtype=torch.int32),
+        visual_mask=visual_mask,
     )
 
 

@@ -63,6 +63,15 @@ class WeightedReward:
             return 1.0
         return float(sum(weight * reward(response, reference) for _, weight, reward in self.terms))
 
+    def scored(self, response: str, reference: Mapping[str, Any]) -> tuple[float, dict[str, float]]:
+        """The reward and each term's and gate's raw score, every reward evaluated once (a judge is called once)."""
+        parts = self.components(response, reference)
+        if any(parts[name] <= 0.0 for name, _ in self.gates):
+            return 0.0, parts
+        if not self.terms:
+            return 1.0, parts
+        return float(sum(weight * parts[name] for name, weight, _ in self.terms)), parts
+
     def components(self, response: str, reference: Mapping[str, Any]) -> dict[str, float]:
         """Each term's and gate's raw score, for logging."""
         out = {name: float(reward(response, reference)) for name, _, reward in self.terms}

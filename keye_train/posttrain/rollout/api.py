@@ -108,9 +108,12 @@ def sample_batch(prompt: Prompt, sample: Sample, tokens: TokenIds | None = None)
     mask[first - 1 : length - 1] = 1.0
     visual = prompt.visual
     grids = torch.zeros(0, 2, dtype=torch.long)
+    visual_mask = None
     if visual is not None and visual.num_frames > 0:
         grids = visual.grids // 2
         visual = VisualInput(visual.patches, visual.grids)
+        visual_mask = torch.zeros(length, dtype=torch.bool)  # the prompt's pad rows: a sampled pad id is text
+        visual_mask[:first] = (prompt_ids == tokens.image_pad) | (prompt_ids == tokens.video_pad)
     else:
         visual = None
     return PackedBatch(
@@ -120,6 +123,7 @@ def sample_batch(prompt: Prompt, sample: Sample, tokens: TokenIds | None = None)
         position_ids=document_positions(prompt_ids, len(sample.tokens), tokens, grids),
         cu_seqlens=torch.tensor([0, length], dtype=torch.int32),
         visual=visual,
+        visual_mask=visual_mask,
     )
 
 

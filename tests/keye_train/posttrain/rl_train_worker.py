@@ -3,9 +3,12 @@ reward (the fraction of even response ids: a random tiny model's responses mostl
 a step, checkpoint, and write the per-step metrics and a parameter digest as JSON.
 
     python -m tests.keye_train.posttrain.rl_train_worker OUT.json STOP_AT override...
+
+Under torchrun every rank trains and rank 0 writes the JSON.
 """
 
 import json
+import os
 import sys
 
 import torch
@@ -62,7 +65,8 @@ def main(out: str, stop_at: int, overrides: list[str]) -> None:
     moved = max(float((a - b).abs().max()) for a, b in zip(after, before))
     digest = float(sum(p.double().sum() for p in after))
     Path = __import__("pathlib").Path
-    Path(out).write_text(json.dumps({"start": start, "rows": rows, "moved": moved, "digest": digest}))
+    if int(os.environ["RANK"]) == 0:  # under torchrun too: the logged metrics are reduced over the ranks
+        Path(out).write_text(json.dumps({"start": start, "rows": rows, "moved": moved, "digest": digest}))
     destroy_process_groups()
 
 

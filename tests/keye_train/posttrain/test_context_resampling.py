@@ -6,8 +6,7 @@ the counters add up, and the rollouts are a function of the data state (exact re
 import pytest
 import torch
 
-from tests.helpers import QUIET
-from tests.keye_train.posttrain.rl_train_worker import even_fraction
+from tests.keye_train.posttrain.rl_source import rl_overrides, rl_source
 
 SEQ = 256  # the conditioned prompt (prompt, failed answer, report turn) is ~180 tokens of the tiny tokenizer
 G = 4
@@ -16,40 +15,20 @@ G = 4
 @pytest.fixture(scope="module")
 def setup(single_rank, tmp_path_factory):
     from data_pipeline.rl_demo import write_counting_prompts
-    from data_pipeline.tokenizer import KeyeTokenizer
-    from keye_train.config.compose import load_checked_config
-    from keye_train.model.builder import build_model, initialize_weights
-    from keye_train.posttrain.rl_data import RLDataSource
-    from keye_train.training.setup import TrainModel
-    from parallel.placement import ColocatedPlacement
 
     prompts = write_counting_prompts(tmp_path_factory.mktemp("ctxrl") / "prompts.jsonl", count=8)
-    overrides = [
-        *QUIET,
-        "parallel.nproc=1",
-        "rl.enabled=true",
-        f"rl.prompts={prompts}",
+    overrides = rl_overrides(
+        prompts,
+        SEQ,
         f"rl.group_size={G}",
         "rl.prompts_per_step=2",
         "rl.oversample_factor=1",
         "rl.recovered_samples=conditioned",
         "rl.judge=tests.keye_train.posttrain.rl_train_worker:reporting_judge",
         "rl.positive_threshold=1.0",  # even_fraction: a group is all-negative unless a response is all even ids
-        "rollout.sampling.max_new_tokens=5",
-        "rollout.slots=8",
         f"rollout.capacity={SEQ}",
-        "train.global_batch=1",
-        f"train.seq_length={SEQ}",
-    ]
-    cfg, _ = load_checked_config(overrides)
-    tokenizer = KeyeTokenizer(cfg.data.tokenizer)
-    cfg.model.tokens = tokenizer.ids
-    placement = ColocatedPlacement()
-    parts = build_model(cfg.model, cfg.parallel, torch.float32, False, placement)
-    initialize_weights(parts, cfg.model, seed=7)
-    model = TrainModel(parts, parts.lm, None, None)
-    source = RLDataSource(cfg, model, placement, tokenizer, reward=even_fraction)
-    source.decode = lambda ids: " ".join(str(t) for t in ids)
+    )
+    cfg, tokenizer, _, _, source = rl_source(overrides)
     calls = []  # (prompt ids, samples) of every generate call
     generate = source.rollout.generate
 

@@ -94,3 +94,38 @@ def test_video_prompts_roll_out_and_train_on_their_clips(tmp_path):
     (row,) = json.loads(out.read_text())["rows"]
     assert math.isfinite(row["loss"]) and row["update_skipped"] == 0.0 and row["rl/responses"] == 8
     assert row["data/rl_logp_gap_sum"] / row["data/rl_response_tokens"] < 1e-5
+
+
+def test_context_resampling_under_data_parallel_2(tmp_path):
+    """ContextRL re-sampling at DP 2 (gloo, one counting prompt per rank, rl_train_worker.ReportingJudge): every
+    rank joins each re-sampling round (collective generate, a rank without requests too), the counters summed over
+    the ranks add up, and the step trains on the re-sampled groups with the rollout's log-probs."""
+    from data_pipeline.rl_demo import write_counting_prompts
+
+    ensure_test_data()
+    prompts = write_counting_prompts(tmp_path / "prompts.jsonl", count=8)
+    swap = {"parallel.nproc=1": "parallel.nproc=2", "train.global_batch=1": "train.global_batch=2"}
+    args = [swap.get(a, a) for a in overrides(tmp_path / "run", prompts) if not a.startswith("train.steps")]
+    args += [
+        "train.steps=1",
+        "train.seq_length=256",  # the conditioned prompt (prompt, failed answer, report turn) is ~180 tokens
+        "rollout.capacity=256",
+        "rl.oversample_factor=1",
+        "rl.recovered_samples=conditioned",
+        "rl.judge=tests.keye_train.posttrain.rl_train_worker:reporting_judge",
+        "rl.positive_threshold=1.0",  # even_fraction: a group is all-negative unless a response is all even ids
+    ]
+    out = tmp_path / "dp2.json"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    cmd += ["-m", "tests.keye_train.posttrain.rl_train_worker", str(out), "1", *args]
+    done = subprocess.run(cmd, env=cli_env(), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["data/rl_groups_all_negative"] >= 2  # both ranks' first groups (a response of all even ids is rare)
+    assert row["data/rl_groups_all_negative"] == (
+        row["data/rl_resample_reports_unusable"] + row["data/rl_resample_too_long"] + row["data/rl_groups_resampled"]
+    )
+    assert row["data/rl_groups_resampled"] >= 1 and row["data/rl_recovered_kept"] >= 1
+    assert row["data/rl_recovered_responses"] == 4 * row["data/rl_groups_resampled"]
+    assert math.isfinite(row["loss"]) and row["update_skipped"] == 0.0 and row["rl/responses"] >= 4
+    assert row["data/rl_logp_gap_sum"] / row["data/rl_response_tokens"] < 1e-5

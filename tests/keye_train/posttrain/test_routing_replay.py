@@ -7,75 +7,27 @@ import dataclasses
 import pytest
 import torch
 
-from tests.helpers import QUIET
-from tests.keye_train.posttrain.rl_train_worker import even_fraction
+from tests.keye_train.posttrain.rl_source import RoutingMaps, chosen, rl_overrides, rl_source
 
 SEQ = 128
-
-
-class RoutingMaps:
-    """Forward hooks on every TopKRouter: the [T, E] routing map of each forward, in layer order."""
-
-    def __init__(self, lm):
-        from keye_train.posttrain.rollout.routing import routers
-
-        self.maps: list[torch.Tensor] = []
-        self.handles = [r.register_forward_hook(self._hook) for r in routers(lm)]
-        self.layers = len(self.handles)
-
-    def _hook(self, module, inputs, output):
-        self.maps.append(output[1].detach().clone())
-
-    def take(self) -> list[torch.Tensor]:
-        """Per forward run since the last take: [T, layers, E] bool."""
-        maps, self.maps = self.maps, []
-        return [torch.stack(maps[i : i + self.layers], dim=1) for i in range(0, len(maps), self.layers)]
-
-
-def chosen(routes: torch.Tensor, experts: int) -> torch.Tensor:
-    """[T, layers, k] expert ids -> [T, layers, E] bool."""
-    out = torch.zeros(*routes.shape[:2], experts, dtype=torch.bool)
-    return out.scatter_(2, routes.long().clamp(min=0), True)
 
 
 @pytest.fixture(scope="module")
 def setup(single_rank, tmp_path_factory):
     from data_pipeline.rl_demo import write_counting_prompts
-    from data_pipeline.tokenizer import KeyeTokenizer
-    from keye_train.config.compose import load_checked_config
-    from keye_train.model.builder import build_model, initialize_weights
-    from keye_train.posttrain.rl_data import RLDataSource
-    from keye_train.training.optim import build_optimizer, wrap_ddp
-    from keye_train.training.setup import TrainModel
-    from parallel.placement import ColocatedPlacement
 
     prompts = write_counting_prompts(tmp_path_factory.mktemp("r3") / "prompts.jsonl", count=8)
-    overrides = [
-        *QUIET,
-        "parallel.nproc=1",
-        "rl.enabled=true",
-        f"rl.prompts={prompts}",
+    overrides = rl_overrides(
+        prompts,
+        SEQ,
         "rl.group_size=4",
         "rl.prompts_per_step=1",
         "rl.routing_replay=true",
-        "rollout.sampling.max_new_tokens=5",
-        "rollout.slots=8",
         "rollout.capacity=64",
-        "train.global_batch=1",
-        f"train.seq_length={SEQ}",
         "optim.lr=0.05",
-    ]
-    cfg, _ = load_checked_config(overrides)
-    tokenizer = KeyeTokenizer(cfg.data.tokenizer)
-    cfg.model.tokens = tokenizer.ids
-    placement = ColocatedPlacement()
-    parts = build_model(cfg.model, cfg.parallel, torch.float32, False, placement)
-    initialize_weights(parts, cfg.model, seed=7)
-    lm = wrap_ddp(parts.lm, distributed_optimizer=False)
-    model = TrainModel(parts, lm, None, build_optimizer([lm], cfg.optim, torch.float32, False))
-    source = RLDataSource(cfg, model, placement, tokenizer, reward=even_fraction)
-    source.decode = lambda ids: " ".join(str(t) for t in ids)
-    maps = RoutingMaps(parts.lm)
+    )
+    cfg, _, model, placement, source = rl_source(overrides, optimizer=True)
+    maps = RoutingMaps(model.parts.lm)
     packs = source.next_step()
     recompute = maps.take()[-len(packs) :]  # the pi_old recompute's forwards, one per pack
     yield cfg, model, placement, source, packs, maps, recompute

@@ -66,6 +66,21 @@ def test_the_judge_joins_a_weighted_reward_from_config_like_terms():
     assert reward("<think>3 + 4 = 7</think><answer>7</answer>", REFERENCE) == pytest.approx(1.0)
     assert reward("3 + 4 = 7 <answer>7</answer>", REFERENCE) == 0.0  # the format gate
     assert reward("<think>guess</think><answer>7</answer>", REFERENCE) == pytest.approx(0.9 * 0.2 + 0.1)
+    # scored: the same reward and each term's raw score (what rl_term_<name>_sum logs), the judge asked once
+    calls = []
+    counted = build_weighted(
+        [Term("context_judge", 0.9), Term("exact_match", 0.1)],
+        [Term("format")],
+        judge=lambda request: calls.append(request) or tiny_judge(request),
+    )
+    for response, judged, formatted in (
+        ("<think>guess</think><answer>7</answer>", 0.2, 1.0),
+        ("3 + 4 = 7 <answer>7</answer>", 1.0, 0.0),  # gated to 0, its terms still logged
+    ):
+        calls.clear()
+        total, terms = counted.scored(response, REFERENCE)
+        assert len(calls) == 1 and total == pytest.approx(reward(response, REFERENCE))
+        assert terms == {"context_judge": pytest.approx(judged), "exact_match": 1.0, "format": formatted}
 
 
 def tiny_policy(prompts, n):
