@@ -87,6 +87,25 @@ def context_parallel_layer_bytes(lm, seq_length: int, sizes) -> float:
     return kv + extra + (4 * lm.dsa.index_head_dim * seq_length if lm.dsa.mode == "warmup" else 0.0)
 
 
+def trains(trainable, *parts: str) -> bool:
+    """Whether stage.trainable (None: everything) trains any of `parts` (lm, indexer, vit, projector)."""
+    return trainable is None or bool(set(parts) & {str(t) for t in trainable})
+
+
+def indexer_layer_bytes(lm, tp: int = 1, trainable=None) -> float:
+    """Bytes per token one DSA layer's lightning indexer keeps for its backward while it trains (model/dsa.py),
+    fp32: the q_proj output (H_I D_I + H_I) and the normalised queries (H_I D_I) of its RMSNorm, the key's
+    LayerNorm input (D_I), the RoPE cos/sin of queries and key (2 D_I), and the KL's gradients, computed in its
+    forward (H_I D_I + H_I + D_I; kernels/dsa_reference.py). Its input is the attention's norm output, counted by
+    `lm_layer_bytes`, except under sequence parallelism, where it is gathered (2h bf16 over the whole sequence).
+    The indexer is replicated over TP: none of it is divided by tp. 0 without DSA or when it does not train."""
+    if lm.dsa.mode == "dense" or not trains(trainable, "lm", "indexer"):
+        return 0.0
+    heads, dim = lm.dsa.index_heads, lm.dsa.index_head_dim
+    gathered_input = 2 * lm.hidden_size if tp > 1 else 0.0
+    return 4 * (3 * heads * dim + 2 * heads + 4 * dim) + gathered_input
+
+
 def sparse_layer_bytes(lm, tp: int = 1) -> float:
     """Bytes per local token one sparse DSA layer keeps beyond dense attention: the top-k indices (int32; every TP
     rank selects for the whole sequence) and the attention's fp32 LSE per query head of the TP rank."""
@@ -94,7 +113,13 @@ def sparse_layer_bytes(lm, tp: int = 1) -> float:
 
 
 def activation_bytes(
-    model: ModelConfig, train: TrainConfig, sizes, first: bool, last: bool, parallel: ParallelConfig | None = None
+    model: ModelConfig,
+    train: TrainConfig,
+    sizes,
+    first: bool,
+    last: bool,
+    parallel: ParallelConfig | None = None,
+    trainable=None,
 ) -> float:
     """Rough activation memory kept for backward on one rank (flash-style attention).
 
@@ -109,7 +134,12 @@ def activation_bytes(
     Context parallelism (parallel.cp) divides the LM's tokens per rank by cp and adds the gathered K/V of every
     layer (`context_parallel_layer_bytes`; with full recompute only the running layer's); the ViT and projector
     run on the whole pack on every CP rank, so their share does not shrink. Sparse DSA layers also keep their
-    top-k indices (`sparse_layer_bytes`).
+    top-k indices (`sparse_layer_bytes`); a DSA layer whose indexer trains keeps the indexer's own tensors
+    (`indexer_layer_bytes`, local tokens, not TP-split).
+    trainable: stage.trainable (None: everything). A frozen LM still keeps its activations: the LM loss's backward
+    runs through it to reach each layer's indexer KL (model/dsa.py IndexerLossInjector; the first stage's input
+    is made to require grad). A frozen ViT keeps nothing (no backward reaches it); a frozen ViT under a trained
+    projector keeps only the projector's.
     """
     from keye_train.model.builder import vision_recompute
 
@@ -121,7 +151,8 @@ def activation_bytes(
     stage_layers = lm.num_layers // sizes.pp
     layer_kept, layer_working = lm_layer_bytes(lm, parallel.recompute, parallel.recompute_modules)
     kept, working = layer_kept * local * stage_layers / sizes.tp, layer_working * local / sizes.tp
-    gathered = context_parallel_layer_bytes(lm, s, sizes) + sparse_layer_bytes(lm, sizes.tp) * local
+    own = sparse_layer_bytes(lm, sizes.tp) + indexer_layer_bytes(lm, sizes.tp, trainable)
+    gathered = context_parallel_layer_bytes(lm, s, sizes) + own * local
     if parallel.recompute == "full":
         working += gathered  # only the recomputing layer holds them
     else:
@@ -129,8 +160,11 @@ def activation_bytes(
     if first:
         patches = 4 * s
         patch_kept, patch_working = vit_patch_bytes(vit, vision_recompute(parallel), parallel.recompute_modules)
-        kept += patch_kept * patches * vit.num_layers + 2 * s * 16 * vit.hidden_size
-        working = max(working, patch_working * patches)
+        if trains(trainable, "vit"):
+            kept += patch_kept * patches * vit.num_layers
+            working = max(working, patch_working * patches)
+        if trains(trainable, "vit", "projector"):
+            kept += 2 * s * 16 * vit.hidden_size
     if last:
         chunk = loss_chunk_tokens(lm)
         if chunk is None:
@@ -145,13 +179,13 @@ def activation_bytes(
     return kept * in_flight + working
 
 
-def memory_per_rank(model: ModelConfig, parallel: ParallelConfig, train: TrainConfig, sizes) -> dict:
+def memory_per_rank(model: ModelConfig, parallel: ParallelConfig, train: TrainConfig, sizes, trainable=None) -> dict:
     """Bytes per rank on the first and the last pipeline stage (the two heaviest).
 
     Returns {"first_stage": {...}, "last_stage": {...}}, each with params, grads, optimizer, activations,
     total (bytes) and dense_params, expert_params (elements). With the distributed optimizer, optimizer
     state of dense parameters is sharded over DP x CP (megatron's dense data-parallel group includes CP) and of
-    expert parameters over expert-DP.
+    expert parameters over expert-DP. trainable: stage.trainable, for the activations (`activation_bytes`).
     """
     counts = count_parameters(model)
     stages = {}
@@ -163,7 +197,7 @@ def memory_per_rank(model: ModelConfig, parallel: ParallelConfig, train: TrainCo
             "params": (dense + experts) * PARAM_BYTES,
             "grads": (dense + experts) * GRAD_BYTES,
             "optimizer": (dense / dense_shards + experts / expert_shards) * OPTIMIZER_BYTES,
-            "activations": activation_bytes(model, train, sizes, first, last, parallel),
+            "activations": activation_bytes(model, train, sizes, first, last, parallel, trainable),
         }
         row["total"] = sum(row.values())
         row.update(dense_params=dense, expert_params=experts)
@@ -289,7 +323,7 @@ def plan_memory(cfg, sizes) -> dict:
     optimizer, all kept while the engine decodes) with the KV cache (`rollout_cache_bytes`) and one prefill chunk's
     layer working set (rollout.prefill_tokens, forward only) as its activations. In-process MOPD adds the resident
     teacher's weights to every column (item `teacher`)."""
-    memory = memory_per_rank(cfg.model, cfg.parallel, cfg.train, sizes)
+    memory = memory_per_rank(cfg.model, cfg.parallel, cfg.train, sizes, cfg.stage.trainable)
     if not cfg.rl.enabled:
         return memory
     first = memory["first_stage"]

@@ -14,7 +14,7 @@ WORKER = Path(__file__).with_name("context_worker.py")
 REPO = Path(__file__).resolve().parents[2]
 
 
-@pytest.mark.parametrize("cp", [2, 3])
+@pytest.mark.parametrize("cp", [2, 3, 4])
 def test_context_parallel_attention_matches_one_rank(tmp_path, cp):
     env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])

@@ -46,6 +46,8 @@ LAYOUTS = {
     # stages exchange the slices' shapes) and TP (sequence parallelism splits each slice)
     "cp2_pp2": (4, ["parallel.cp=2", "parallel.pp=2"]),
     "cp2_tp2": (4, ["parallel.cp=2", "parallel.tp=2"]),
+    # CP 4 beside EP 4: megatron's expert-parallel group spans dp x cp, so the four CP ranks hold two experts each
+    "cp4_ep4": (4, ["parallel.cp=4", "parallel.ep=4"]),
     # grouped-GEMM experts against the 1-rank SequentialMLP reference
     "ep2_grouped": (2, ["parallel.ep=2", "model.lm.experts_impl=grouped"]),
     # the chunked vocab-parallel head + CE (chunks of 48, 48, 32 tokens) against megatron's on one rank, with

@@ -1,5 +1,6 @@
 """DSA end to end on the tiny model: warm-up lowers the indexer KL, sparse training continues from it, and
-TP=2 / PP=2 layouts compute what one rank computes (the TP ranks' selections are checked to agree)."""
+TP=2 / PP=2 / CP=4 x EP=4 layouts compute what one rank computes (the TP ranks' selections are checked to
+agree)."""
 
 import json
 
@@ -68,9 +69,19 @@ def one_rank(tmp_path_factory):
     return run_dir
 
 
-@pytest.mark.parametrize("layout", [["parallel.tp=2"], ["parallel.pp=2"]], ids=["tp2", "pp2"])
+SPARSE_LAYOUTS = {
+    "tp2": (2, ["parallel.tp=2"]),
+    "pp2": (2, ["parallel.pp=2"]),
+    # CP 4 beside EP 4 (the expert group spans dp x cp): local queries, the indexer keys and K/V gathered over CP,
+    # the top-k over global positions; the same losses and indexer KL as one rank
+    "cp4_ep4": (4, ["parallel.cp=4", "parallel.ep=4"]),
+}
+
+
+@pytest.mark.parametrize("layout", list(SPARSE_LAYOUTS))
 def test_sparse_layouts_match_one_rank(one_rank, layout, tmp_path):
-    done = keye_train(*SPARSE, "parallel.nproc=2", *layout, f"run_dir={tmp_path}")
+    nproc, overrides = SPARSE_LAYOUTS[layout]
+    done = keye_train(*SPARSE, f"parallel.nproc={nproc}", *overrides, f"run_dir={tmp_path}")
     assert done.returncode == 0, done.stderr[-3000:]
     want, got = logged_losses(one_rank), logged_losses(tmp_path)
     assert sorted(got) == sorted(want) == [1, 2, 3]
