@@ -74,7 +74,6 @@ SPARSE_LAYOUTS = {
     "pp2": (2, ["parallel.pp=2"]),
     # CP 4 beside EP 4 (the expert group spans dp x cp): local queries, the indexer keys and K/V gathered over CP,
     # the top-k over global positions; the same losses and indexer KL as one rank
-    "cp4_ep4": (4, ["parallel.cp=4", "parallel.ep=4"]),
 }
 
 
