@@ -72,8 +72,6 @@ def one_rank(tmp_path_factory):
 SPARSE_LAYOUTS = {
     "tp2": (2, ["parallel.tp=2"]),
     "pp2": (2, ["parallel.pp=2"]),
-    # CP 4 beside EP 4 (the expert group spans dp x cp): local queries, the indexer keys and K/V gathered over CP,
-    # the top-k over global positions; the same losses and indexer KL as one rank
 }
 
 
