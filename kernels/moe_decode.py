@@ -159,8 +159,8 @@ if triton is not None:
 
 
 # (BLOCK_N, BLOCK_K, num_warps, num_stages) of each kernel, picked on the H200 by benchmarks/experts_decode_gpu.py
-FC1_CONFIG = (32, 128, 4, 4)
-FC2_CONFIG = (64, 128, 4, 4)
+FC1_CONFIG = (64, 128, 4, 3)
+FC2_CONFIG = (64, 128, 4, 3)
 
 
 def _check(x, weight, ends, rows):

@@ -8,6 +8,7 @@ import torch
 from kernels.moe_decode import rows_fc2, rows_fc2_reference, swiglu_fc1, swiglu_fc1_reference
 
 pytest.importorskip("triton")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: the interpreter
 
 
 def routed(seed, tokens, experts, topk, hidden, features, hot=None):
@@ -24,7 +25,7 @@ def routed(seed, tokens, experts, topk, hidden, features, hot=None):
     fc1 = torch.randn(experts, 2 * features, hidden, generator=g) / hidden**0.5
     fc2 = torch.randn(experts, hidden, features, generator=g) / features**0.5
     scale = torch.rand(tokens * topk, generator=g)
-    return x, fc1, fc2, ends, order, scale
+    return tuple(t.to(DEVICE) for t in (x, fc1, fc2, ends, order, scale))
 
 
 @pytest.mark.parametrize(
