@@ -149,9 +149,3 @@ def deal_packs(packs: Sequence, bins: int, cost: Callable[[object], float]) -> l
     """Level 2 on objects: `cost(pack)` seconds (or any unit); returns the packs per bin in their order."""
     assignment = deal_equal_counts([cost(p) for p in packs], bins)
     return [[packs[i] for i in ix] for ix in assignment]
-
-
-def order_microbatches(costs: Sequence[float]) -> list[int]:
-    """A replica's micro-batch order for 1F1B: the largest first, so the warm-up's forwards (which nothing
-    overlaps on the later stages) are not the tail. Stable for equal costs."""
-    return sorted(range(len(costs)), key=lambda i: (-costs[i], i))

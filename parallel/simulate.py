@@ -362,10 +362,10 @@ def simulate(
     micro = batch // dp
     pp = layout.pp
     packs = workload.step_packs(batch)
-    # level 2: packs over replicas by the placement's cost, each replica's largest first
+    # level 2: packs over replicas by the placement's cost, each replica's in the step's order, as the trainer
+    # runs them (the data pipeline's deal keeps it)
     cost = [pack_cost(rates, dims, layout, settings, p, plan.placement) for p in packs]
-    dealt = balance.deal_equal_counts(cost, dp)
-    replicas = [[packs[i] for i in sorted(ix, key=lambda i: (-cost[i], i))] for ix in dealt]
+    replicas = [[packs[i] for i in ix] for ix in balance.deal_equal_counts(cost, dp)]
 
     tasks: list[timeline.Task] = []
     orders: dict = {}

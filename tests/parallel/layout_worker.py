@@ -8,7 +8,9 @@ and compares locally, so no gathering is needed.
 Options before the overrides: `--save-checkpoint=RUN_DIR` writes the state after phase B's step as the trainer's
 step-1 checkpoint (checkpoint/store.py, with the data position after the first batch); `--next-steps` (the 1-rank
 reference) continues phase B's model: the loss of the first batch again, one trainer step on the second batch,
-the loss of the third (what a run resumed or started from that checkpoint must see).
+the loss of the third (what a run resumed or started from that checkpoint must see). `--skip-drill` (with
+train.inject_nonfinite_at_step=1) then runs the trainer's step 1 on the next batch as loop.py does: rank 0 (a ViT
+rank under split) poisons its gradients, the fault policy judges on every rank, and the update is skipped or not.
 """
 
 import json
@@ -115,6 +117,25 @@ def save_step_one(run_dir: str, cfg, model, data, updated: bool, sizes) -> None:
     checkpoint.save(Path(run_dir), 1, model.parts, model.optimizer, extra, sizes.record(), keep_last=1)
 
 
+def skip_drill(cfg, model, placement, data, parts) -> dict:
+    """loop.py's step: forward-backward, the drill, the policy's collective judgement, the update only if it
+    allows one. Returns this rank's verdict and whether its sampled weights stayed put."""
+    before = {info.name: p.detach().clone() for p, info in parameter_shards(parts) if sampled(info.name)}
+    policy = BadStepPolicy(cfg.train, torch.device("cpu"), log=print)
+    objective = NextTokenObjective(placement, torch.device("cpu"))
+    microbatches = data.next_step()
+    model.zero_grad()
+    objective.begin_step(microbatches)
+    outputs = schedule_for(cfg, model, placement).run(microbatches, objective)
+    policy.drill(1, model.ddp_chunks)
+    reason = policy.judge(1, objective.end_step(outputs), model.ddp_chunks)
+    if reason is None:
+        optimizer_step(model.optimizer, model.ddp_chunks)
+    after = {info.name: p.detach() for p, info in parameter_shards(parts) if sampled(info.name)}
+    unchanged = bool(before) and all(torch.equal(before[k], after[k]) for k in before)
+    return {"drill_skip_reason": reason, "drill_streak": policy.streak, "drill_weights_unchanged": unchanged}
+
+
 def main(out_dir: str, args: list[str]):
     options = [a for a in args if a.startswith("--")]
     save_to = next((a.split("=", 1)[1] for a in options if a.startswith("--save-checkpoint=")), None)
@@ -142,6 +163,8 @@ def main(out_dir: str, args: list[str]):
     if save_to is not None:
         save_step_one(save_to, cfg, model, data, updated, sizes)
     after = next_steps(cfg, model, placement, data, next_step()) if "--next-steps" in options else {}
+    if "--skip-drill" in options:
+        after.update(skip_drill(cfg, model, placement, data, parts))
     data.close()
 
     report = {

@@ -87,7 +87,3 @@ def test_level2_keeps_equal_counts_and_its_bounds_and_is_close_to_brute_force():
 def test_level2_refuses_packs_that_do_not_split():
     with pytest.raises(ValueError, match="do not split"):
         balance.deal_equal_counts([1.0, 2.0, 3.0], 2)
-
-
-def test_microbatch_order_puts_the_largest_first():
-    assert balance.order_microbatches([1.0, 5.0, 3.0, 5.0]) == [1, 3, 2, 0]

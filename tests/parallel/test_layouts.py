@@ -6,7 +6,8 @@ Each layout runs on gloo under torchrun with the tiny model, identical layout-in
 the same global batch of packs from the generated test shards (dealt to DP ranks by the planner).
 
 The split run also writes its state after the update as a step-1 checkpoint; runs of other placements resume it
-and start from its weights, and see the 1-rank reference's next losses.
+and start from its weights, and see the 1-rank reference's next losses. It then runs one more step in which a
+ViT-only rank's gradients are poisoned: every rank, ViT and LM, must skip that update together.
 """
 
 import json
@@ -120,7 +121,8 @@ def split_run(visual_reference):
     """The split_pp2 comparison, its state after the update written as a step-1 checkpoint: (reports, run dir)."""
     run_dir = visual_reference[0] / "split_run"
     nproc, overrides = PLACEMENTS["split_pp2"]
-    save = [f"--save-checkpoint={run_dir}", *VISUAL_STEP, *overrides]
+    save = [f"--save-checkpoint={run_dir}", "--skip-drill", "train.inject_nonfinite_at_step=1", *VISUAL_STEP]
+    save += overrides
     return compare_to_reference(*visual_reference, "split_pp2", nproc, save), run_dir
 
 
@@ -147,6 +149,14 @@ def test_vit_placement_matches_single_rank(visual_reference, placement, request)
         }
         for r in encoders:
             assert vit_linears <= set(r["tp_split"]), r["tp_split"]
+
+
+def test_split_skips_a_nonfinite_step_on_every_rank(split_run):
+    """One non-finite decision across both modules: a NaN in a ViT rank's gradients (rank 0, ViT only) skips the
+    update on the LM ranks too (fault policy, train.nonfinite_policy=skip); no sampled weight moves anywhere."""
+    reports, _ = split_run
+    verdicts = [(r["drill_skip_reason"], r["drill_streak"], r["drill_weights_unchanged"]) for r in reports]
+    assert verdicts == [("non-finite gradients or loss", 1, True)] * len(reports), verdicts
 
 
 @pytest.mark.parametrize("target", list(LOAD_TARGETS))
