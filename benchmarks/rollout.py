@@ -7,7 +7,12 @@ One process, one rank, random weights (layout-invariant init), text prompts of `
 random tokens, every batch row its own request (all slots admitted at once, so prefill comes first and the
 rest of the run is pure decode), sampling at temperature 1 (top-p 1, top-k 0: the RL setting). For each batch:
 - `decode_tokens_per_s`: decode tokens / wall time of the pure-decode steps (no prefill rows in the pack);
-  `prefill_tokens_per_s` likewise for the steps with prompt chunks.
+  `prefill_tokens_per_s` likewise for the steps with prompt chunks. The rows prefilled first also decode in
+  the prefill steps, so they finish first and the last pure-decode steps run fewer rows at the same cost (the
+  static step always runs every slot); `decode_tokens_per_s_full_batch` counts only the steps where all `batch`
+  rows decode: the rate at that batch size.
+- `--decode-ahead on off`: graphed rows with the steps queued ahead of the host's bookkeeping
+  (rollout/ahead.py) or step by step.
 - `breakdown_ms_per_decode_step`: a second run of `--profile-steps` new tokens with CUDA synchronisation
   between the parts, averaged over its pure-decode steps: the decoder forward split into core attention (with
   the cache writes), the MoE layers (router, dispatch, experts) and the rest (projections, norms, RoPE), the
@@ -58,6 +63,13 @@ def parse_args():
         default=["auto", "off"],
         choices=["auto", "static", "off"],
         help="engine modes to time side by side (auto: CUDA-graph decode where eligible)",
+    )
+    parser.add_argument(
+        "--decode-ahead",
+        nargs="+",
+        default=["on"],
+        choices=["on", "off"],
+        help="graphed rows: queue each decode step before the last one is booked (rollout/ahead.py), or not",
     )
     parser.add_argument("--out", default=None)
     return parser.parse_args()
@@ -120,7 +132,7 @@ def prompts_for(batch, length, vocab, seed):
     return [Prompt(torch.randint(0, min(vocab, 150000), (length,), generator=g)) for _ in range(batch)]
 
 
-def run_batch(args, model, parts, dtype, batch, mode):
+def run_batch(args, model, parts, dtype, batch, mode, ahead=True):
     from megatron.core.transformer.moe.moe_layer import MoELayer
 
     from keye_train.model.attention import VarlenCoreAttention
@@ -137,6 +149,7 @@ def run_batch(args, model, parts, dtype, batch, mode):
         prefill_tokens=args.prefill_tokens,
         keep_logits=False,
         decode_graph=mode,
+        decode_ahead=ahead,
     )
     params = SamplingParams(temperature=1.0, max_new_tokens=args.new_tokens, seed=1)
     prompts = prompts_for(batch, prompt_len, model.lm.vocab_size, seed=batch)
@@ -152,9 +165,11 @@ def run_batch(args, model, parts, dtype, batch, mode):
     prefill_steps = [(e["seconds"], e["prefill"]) for e in log if e["prefill"] > 0]
     decode_time = sum(t for t, _ in decode_steps)
     decode_tokens = sum(d for _, d in decode_steps)
+    full = [t for t, d in decode_steps if d == batch]
     row = {
         "batch": batch,
         "decode_graph": mode,
+        "decode_ahead": ahead if mode != "off" else None,
         "graph_off_reason": engine.graph_off_reason,
         "graph_steps": engine.times.graph_steps,
         "prompt_tokens": prompt_len,
@@ -163,6 +178,8 @@ def run_batch(args, model, parts, dtype, batch, mode):
         "steps": engine.times.steps,
         "decode_steps": len(decode_steps),
         "decode_tokens_per_s": decode_tokens / decode_time if decode_time else float("nan"),
+        "decode_full_batch_steps": len(full),
+        "decode_tokens_per_s_full_batch": batch * len(full) / sum(full) if full else float("nan"),
         "decode_step_ms_median": 1e3 * sorted(t for t, _ in decode_steps)[len(decode_steps) // 2]
         if decode_steps
         else float("nan"),
@@ -343,15 +360,18 @@ def main():
         "rows": [],
     }
     out = Path(args.out) if args.out else REPO / "benchmarks" / "results" / f"rollout_{device_name(on_gpu)}.json"
-    header = f"{'batch':>5} {'graph':>6} {'decode tok/s':>12} {'step ms':>8} {'attn':>7} {'moe':>7} {'other':>7} "
+    header = f"{'batch':>5} {'graph':>11} {'decode tok/s':>12} {'full b.':>9} {'step ms':>8} {'attn':>7} {'moe':>7} "
+    header += f"{'other':>7} "
     header += f"{'head':>7} {'sample':>7} {'host':>7} {'prefill tok/s':>13} {'|dlogp| mean':>12} {'p99':>8}"
     print(header)
-    for batch, mode in [(b, m) for b in args.batch for m in args.decode_graph]:
+    aheads = [a == "on" for a in args.decode_ahead]
+    combos = [(b, m, a) for b in args.batch for m in args.decode_graph for a in (aheads if m != "off" else [False])]
+    for batch, mode, ahead in combos:
         try:
-            row = run_batch(args, model, parts, dtype, batch, mode)
+            row = run_batch(args, model, parts, dtype, batch, mode, ahead)
         except Exception as err:  # record the failure and go on with the other rows
             traceback.print_exc()
-            result["rows"].append({"batch": batch, "decode_graph": mode, "error": repr(err)})
+            result["rows"].append({"batch": batch, "decode_graph": mode, "decode_ahead": ahead, "error": repr(err)})
             free_device_memory()
             write_result(out, result)
             continue
@@ -359,7 +379,8 @@ def main():
         parts_ms = {k: float("nan") if v is None else v for k, v in row["breakdown_ms_per_decode_step"].items()}
         gap = row.get("logprob_gap", {"mean": float("nan"), "p99": float("nan")})
         print(
-            f"{batch:>5} {mode:>6} {row['decode_tokens_per_s']:>12.1f} {row['decode_step_ms_median']:>8.2f} "
+            f"{batch:>5} {mode + ('+ahead' if ahead else ''):>11} {row['decode_tokens_per_s']:>12.1f} "
+            f"{row['decode_tokens_per_s_full_batch']:>9.1f} {row['decode_step_ms_median']:>8.2f} "
             + " ".join(
                 f"{parts_ms[k]:>7.2f}"
                 for k in ("core_attention", "moe_layers", "decoder_other", "output_layer", "sample", "host")
@@ -367,11 +388,19 @@ def main():
             + f" {row['prefill_tokens_per_s']:>13.1f} {gap['mean']:>12.2e} {gap['p99']:>8.2e}",
             flush=True,
         )
-        rates = {(r["batch"], r["decode_graph"]): r["decode_tokens_per_s"] for r in result["rows"] if "error" not in r}
+        rates = {
+            (r["batch"], r["decode_graph"], r["decode_ahead"]): r["decode_tokens_per_s"]
+            for r in result["rows"]
+            if "error" not in r
+        }
+        best = {b: rates.get((b, "auto", True), rates.get((b, "auto", False))) for b in args.batch}
         result["decode_speedup_graph_vs_eager"] = {
-            str(b): rates[b, "auto"] / rates[b, "off"]
+            str(b): best[b] / rates[b, "off", False] for b in args.batch if best[b] and (b, "off", False) in rates
+        }
+        result["decode_speedup_ahead_vs_stepwise"] = {
+            str(b): rates[b, "auto", True] / rates[b, "auto", False]
             for b in args.batch
-            if (b, "auto") in rates and (b, "off") in rates
+            if (b, "auto", True) in rates and (b, "auto", False) in rates
         }
         result["peak_rss_mib"] = peak_rss_mib()
         if on_gpu:

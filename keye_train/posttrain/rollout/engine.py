@@ -16,6 +16,8 @@ step), so a slot freed by a finished sequence is refilled by the next waiting pr
 - Lockstep: with several ranks, each step all-reduces (has work, pack length) over the world; a rank pads its
   pack to the longest (padding rows write nothing to the cache) and keeps stepping until no rank has work, so
   the EP / TP collectives inside the layers always meet.
+- Pure decode steps run as one static step (rollout/graphs.py, a CUDA graph on the GPU), each queued before
+  the host books the last one (rollout/ahead.py).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from data_pipeline.positions import mrope_position_ids
 from data_pipeline.tokenizer import TokenIds
 from keye_train.model.attention import KeyePackedSeqParams, VarlenCoreAttention
 from keye_train.model.keye_vl import merge_visual_embeddings, visual_token_mask
+from keye_train.posttrain.rollout.ahead import decode_ahead
 from keye_train.posttrain.rollout.cache import PAD_SLOT, KVCache
 from keye_train.posttrain.rollout.graphs import MODES, DecodeGraph, graph_unsupported
 from keye_train.posttrain.rollout.routing import ModelRoutes
@@ -63,7 +66,7 @@ class Sample:
     logits: list[torch.Tensor] | None = None
 
 
-@dataclass
+@dataclass(eq=False)  # identity: the loop's list lookups must not compare samples field by field
 class _Sequence:
     sample: Sample
     params: SamplingParams
@@ -73,7 +76,7 @@ class _Sequence:
     routes: list[torch.Tensor] = field(default_factory=list)
 
 
-@dataclass
+@dataclass(eq=False)
 class _Group:
     index: int
     prompt: Prompt
@@ -98,6 +101,17 @@ class _Segment:
     owner: object = None  # _Sequence (decode) or _Group (prefill)
 
 
+@dataclass(eq=False)
+class _Loop:
+    """The loop state a run of queued-ahead decode steps (rollout/ahead.py) reads and updates."""
+
+    waiting: deque
+    free: list[int]
+    clock: object
+    started: float
+    parts_before: dict
+
+
 @dataclass
 class StepTimes:
     """Seconds spent per part of the loop, summed over steps (host clock; synchronised on CUDA if `sync`)."""
@@ -111,6 +125,7 @@ class StepTimes:
     decode_tokens: int = 0
     prefill_tokens: int = 0
     graph_steps: int = 0  # steps run as the static (CUDA-graph) decode step
+    dropped_rows: int = 0  # rows queued ahead for a sequence that had sampled a stop id (rollout/ahead.py)
     step_log: list = field(default_factory=list)  # per step: a dict of its start, seconds, tokens and parts
 
     PARTS = ("embed", "forward", "logits", "sample", "host")
@@ -131,10 +146,12 @@ class RolloutEngine:
         record_routes: bool = False,
         keep_logits: bool = False,
         decode_graph: str = "auto",
+        decode_ahead: bool = True,
     ):
         """parts: this rank's ModelParts (model/builder.py); model: its ModelConfig. decode_graph: "auto" captures
         pure decode steps in a CUDA graph where graphs.graph_unsupported allows it, "static" runs that static
-        step without capturing it, "off" runs every step eagerly."""
+        step without capturing it, "off" runs every step eagerly. decode_ahead: static decode steps are queued one
+        step ahead of the host's bookkeeping (rollout/ahead.py)."""
         self.lm, self.vision = parts.lm, parts.vision
         if not (self.lm.pre_process and self.lm.post_process):
             raise ValueError("the rollout engine runs the whole LM on every rank: parallel.pp must be 1")
@@ -162,6 +179,7 @@ class RolloutEngine:
         self.times = StepTimes()
         self.sync_timing = False
         self.decode_graph = decode_graph
+        self.decode_ahead = decode_ahead
         self._graph: DecodeGraph | None = None
         self.graph_off_reason: str | None = None  # why decode runs eagerly, once known (None: graphed or off)
 
@@ -232,12 +250,17 @@ class RolloutEngine:
         free = list(range(self.slots))
         prefilling: list[_Group] = []
         running: list[_Sequence] = []
+
+        def book(seq, token, logprob, logits):
+            book_token(seq, token, logprob, logits, results, running, free)
+
         while True:
             clock = _Clock(self.device, self.sync_timing)
             started, parts_before = clock.now(), self.times.snapshot()
             while waiting and len(free) >= waiting[0].size:
                 group = waiting.popleft()
-                group.slots, free = free[: group.size], free[group.size :]
+                group.slots = free[: group.size]
+                del free[: group.size]
                 for slot in group.slots:
                     self.cache.reset(slot)
                 self._embed_prompt(group)
@@ -252,14 +275,18 @@ class RolloutEngine:
                 segments.append(_Segment(group.slots[0], count, group.prefilled + count == group.length, group))
             local = sum(s.count for s in segments)
             self.times.host += clock.lap()
-            more, target = self._agree(bool(segments), local)
+            more, target = self.agree(bool(segments), local)
             if not more:
                 break
             if target > local:
                 segments.append(_Segment(PAD_SLOT, target - local, False))
+            if self.decode_ahead and self._graphed(segments):
+                loop = _Loop(waiting, free, clock, started, parts_before)
+                decode_ahead(self, [s.owner for s in segments if isinstance(s.owner, _Sequence)], loop, book)
+                continue
             logits, routes = self._forward(segments, clock)
             clock.lap()
-            self._advance(segments, logits, routes, results, running, prefilling, free, clock)
+            self._advance(segments, logits, routes, prefilling, book, clock)
             self.times.steps += 1
             decoded = sum(1 for s in segments if isinstance(s.owner, _Sequence))
             prefilled = sum(s.count for s in segments if isinstance(s.owner, _Group))
@@ -268,8 +295,8 @@ class RolloutEngine:
             self.times.step_log.append(entry)
         return [results[g.index, m] for g in groups for m in range(g.size)]
 
-    def _agree(self, has_work: bool, tokens: int) -> tuple[bool, int]:
-        """(any rank has work, the pack length every rank uses this step)."""
+    def agree(self, has_work: bool, tokens: int) -> tuple[bool, int]:
+        """(any rank has work, the pack length every rank uses this step): one all-reduce per step on every rank."""
         target = tokens
         if dist.is_initialized() and dist.get_world_size() > 1:
             flags = torch.tensor([int(has_work), tokens], dtype=torch.long, device=self.device)
@@ -306,6 +333,12 @@ class RolloutEngine:
             self.graph_off_reason = graph_unsupported(self, capture=self.decode_graph == "auto") or ""
         return not self.graph_off_reason
 
+    def static_step(self) -> DecodeGraph:
+        """The decode graph over this cache's slots (built on first use)."""
+        if self._graph is None or not self._graph.uses(self.cache):
+            self._graph = DecodeGraph(self, capture=self.decode_graph == "auto")
+        return self._graph
+
     def _graph_forward(self, segments: list[_Segment], clock) -> torch.Tensor:
         decode = [s for s in segments if isinstance(s.owner, _Sequence)]
         tokens, positions, rows = ([0] * self.slots for _ in range(3))
@@ -314,10 +347,9 @@ class RolloutEngine:
             if row + 1 > self.capacity:
                 raise ValueError(f"slot {s.slot} would hold {row + 1} tokens, over rollout.capacity={self.capacity}")
             tokens[s.slot], positions[s.slot], rows[s.slot] = s.owner.sample.tokens[-1], s.owner.next_position, row
-        if self._graph is None or not self._graph.uses(self.cache):
-            self._graph = DecodeGraph(self, capture=self.decode_graph == "auto")
+        graph = self.static_step()
         self.times.embed += clock.lap()
-        logits = self._graph.run(tokens, positions, rows, [s.slot for s in decode])
+        logits = graph.run(tokens, positions, rows, [s.slot for s in decode])
         self.times.graph_steps += 1
         for s in decode:
             self.cache.lengths[s.slot] += 1
@@ -389,7 +421,7 @@ class RolloutEngine:
         self.times.logits += clock.lap()
         return logits, routes
 
-    def _advance(self, segments, logits, routes, results, running, prefilling, free, clock) -> None:
+    def _advance(self, segments, logits, routes, prefilling, book, clock) -> None:
         """Book the pack's rows, fork finished prefills into their groups, sample and retire finished sequences."""
         offsets = [0]
         for s in segments:
@@ -437,22 +469,7 @@ class RolloutEngine:
         tokens, logprobs = tokens.tolist(), logprobs.tolist()
         self.times.sample += clock.lap()
         for seq, token, logprob, r in zip(samplers, tokens, logprobs, row_of):
-            out = seq.sample
-            out.tokens.append(token)
-            out.logprobs.append(logprob)
-            if out.logits is not None:
-                out.logits.append(logits[r].cpu())
-            if token in seq.params.stop_ids or len(out.tokens) >= seq.params.max_new_tokens:
-                out.finish_reason = "stop" if token in seq.params.stop_ids else "length"
-                if seq.routes:
-                    out.routes = torch.cat(seq.routes)
-                results[out.prompt, out.member] = out
-                if seq in running:
-                    running.remove(seq)
-                free.append(seq.slot)
-                free.sort()
-            elif seq not in running:
-                running.append(seq)
+            book(seq, token, logprob, logits[r] if seq.sample.logits is not None else None)
         self.times.host += clock.lap()
 
     def _same_on_tp_ranks(self, tokens, logprobs):
@@ -463,6 +480,27 @@ class RolloutEngine:
         packed = torch.stack([tokens.double(), logprobs.double()])
         dist.broadcast(packed, src=source, group=group)
         return packed[0].long(), packed[1].float()
+
+
+def book_token(seq: _Sequence, token: int, logprob: float, logits, results, running: list, free: list) -> None:
+    """Append one sampled token to `seq`'s sample; a stop id or the length budget retires it into `results` and
+    frees its slot, otherwise it is (still) running."""
+    out = seq.sample
+    out.tokens.append(token)
+    out.logprobs.append(logprob)
+    if out.logits is not None:
+        out.logits.append(logits.cpu())
+    if token in seq.params.stop_ids or len(out.tokens) >= seq.params.max_new_tokens:
+        out.finish_reason = "stop" if token in seq.params.stop_ids else "length"
+        if seq.routes:
+            out.routes = torch.cat(seq.routes)
+        results[out.prompt, out.member] = out
+        if seq in running:
+            running.remove(seq)
+        free.append(seq.slot)
+        free.sort()
+    elif seq not in running:
+        running.append(seq)
 
 
 class _Clock:

@@ -115,9 +115,10 @@ class DecodeGraph:
     def __init__(self, engine, capture: bool):
         self.engine, self.capture = engine, capture
         slots, device = engine.slots, engine.device
-        # token, M-RoPE position, cache row; row 3: the slots whose logits the caller reads (not graph inputs)
-        self.inputs = torch.zeros(4, slots, dtype=torch.long, device=device)
-        self.host = torch.zeros(4, slots, dtype=torch.long, pin_memory=self.inputs.is_cuda)  # one staging buffer
+        # token, M-RoPE position, cache row; rows 3-4 (not graph inputs): the slots whose logits the caller reads,
+        # and for each the row of the device tensor whose token it is fed (`run`'s `fed`)
+        self.inputs = torch.zeros(5, slots, dtype=torch.long, device=device)
+        self.host = torch.zeros(5, slots, dtype=torch.long, pin_memory=self.inputs.is_cuda)  # one staging buffer
         self.copied: torch.cuda.Event | None = None
         self.step = StaticDecodeStep(engine.cache, self.inputs[2])
         self.params = KeyePackedSeqParams(
@@ -136,21 +137,36 @@ class DecodeGraph:
     def uses(self, cache) -> bool:
         return self.step.cache is cache
 
-    def run(self, tokens: list[int], positions: list[int], rows: list[int], read: list[int]) -> torch.Tensor:
+    def run(
+        self,
+        tokens: list[int],
+        positions: list[int],
+        rows: list[int],
+        read: list[int],
+        fed: torch.Tensor | None = None,
+        sources: list[int] | None = None,
+    ) -> torch.Tensor:
         """-> the logits of the slots in `read` [len(read), V]. The inputs go up through one pinned buffer and
-        one copy: no allocation and no pageable copy between the launch and the caller's first read."""
+        one copy: no allocation and no pageable copy between the launch and the caller's first read. `fed`: a
+        device tensor of tokens (the last step's samples, not read back yet); slot read[i] is fed fed[sources[i]]
+        in place of tokens[read[i]]."""
         if self.copied is not None:
             self.copied.synchronize()  # the buffer's last upload is done before it is overwritten
+        count = len(read)
         self.host[:3] = torch.tensor([tokens, positions, rows], dtype=torch.long)
-        self.host[3, : len(read)] = torch.tensor(read, dtype=torch.long)
+        self.host[3, :count] = torch.tensor(read, dtype=torch.long)
+        if fed is not None:
+            self.host[4, :count] = torch.tensor(sources, dtype=torch.long)
         self.inputs.copy_(self.host, non_blocking=True)
         if self.inputs.is_cuda:
             self.copied = torch.cuda.Event()
             self.copied.record()
+        if fed is not None:
+            self.inputs[0].index_copy_(0, self.inputs[3, :count], fed.index_select(0, self.inputs[4, :count]))
         logits = self.replay()
         if read == list(range(self.inputs.shape[1])):
             return logits
-        return logits.index_select(0, self.inputs[3, : len(read)])
+        return logits.index_select(0, self.inputs[3, :count])
 
     def forward(self) -> torch.Tensor:
         """The step eagerly, on the current inputs."""

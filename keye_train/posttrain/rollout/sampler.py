@@ -82,24 +82,37 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
     Batched inverse-CDF draws: each sampled row takes one uniform from its own generator and the token whose
     cumulative-probability interval holds it; only the uniforms (and top-k / top-p filters) loop over rows."""
     logits = logits.float()
-    temperature = torch.tensor([p.temperature if not p.greedy else 1.0 for p in params], device=logits.device)
-    scaled = logits / temperature[:, None]
+    temperatures = [p.temperature if not p.greedy else 1.0 for p in params]
+    if len(set(temperatures)) == 1:
+        scaled = logits / temperatures[0]
+    else:
+        scaled = logits / to_device(temperatures, torch.float32, logits.device)[:, None]
     lse = torch.logsumexp(scaled, dim=-1, keepdim=True)
     drawn = [row for row, p in enumerate(params) if not p.greedy]
-    if len(drawn) < len(params):
-        tokens = torch.argmax(logits, dim=-1)
-    else:
-        tokens = torch.empty(len(params), dtype=torch.long, device=logits.device)
+    every = len(drawn) == len(params)
+    tokens = None if every else torch.argmax(logits, dim=-1)
     if drawn:
-        rows = torch.tensor(drawn, device=logits.device)
-        probs = torch.exp(scaled - lse) if len(drawn) == len(params) else torch.exp(scaled[rows] - lse[rows])
+        rows = None if every else to_device(drawn, torch.long, logits.device)
+        probs = torch.exp(scaled - lse) if every else torch.exp(scaled[rows] - lse[rows])
         for i, row in enumerate(drawn):
             p = params[row]
             if p.top_k or p.top_p < 1:
                 probs[i] = filtered_probs(scaled[row], p.top_k, p.top_p)
         uniforms = torch.cat([torch.rand(1, generator=generators[row], device=logits.device) for row in drawn])
-        tokens[rows] = inverse_cdf(probs, uniforms)
+        if every:
+            tokens = inverse_cdf(probs, uniforms)
+        else:
+            tokens[rows] = inverse_cdf(probs, uniforms)
     return tokens, (scaled.gather(1, tokens[:, None]) - lse)[:, 0]
+
+
+def to_device(values: list, dtype: torch.dtype, device) -> torch.Tensor:
+    """A small host list on `device` without waiting for the device: a pageable upload would synchronise the
+    stream, and the rollout engine queues the next decode step before it reads this one's tokens."""
+    host = torch.tensor(values, dtype=dtype)
+    if device.type != "cuda":
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)
 
 
 CDF_BLOCK = 1024

@@ -58,14 +58,19 @@ def test_sync_free_experts_equal_the_dispatcher_path(grouped_parts, kernel):
 
 
 def test_static_decode_step_matches_the_full_forward(grouped_parts):
+    """With the steps queued ahead (rollout/ahead.py): a stop id sampled at step t drops the row queued for
+    t + 1, and the slots it frees admit the waiting prompts."""
     model, parts = grouped_parts
     prompts = [text_prompt(n, seed) for seed, n in enumerate([5, 19, 12, 1, 8])]
-    static = engine(model, parts, slots=3, prefill_tokens=7, decode_graph="static")
-    samples = static.generate(prompts, GREEDY)  # slot reuse, chunked prefill, decode-only steps in between
-    assert static.graph_off_reason == "" and static.times.graph_steps > 0
-    assert_matches_full_forward(parts, prompts, samples)
     eager = engine(model, parts, slots=3, prefill_tokens=7, decode_graph="off").generate(prompts, GREEDY)
-    assert [s.tokens for s in eager] == [s.tokens for s in samples]
+    stop = eager[4].tokens[2]  # prompt 4 runs in the decode-only steps at the end
+    static = engine(model, parts, slots=3, prefill_tokens=7, decode_graph="static")
+    samples = static.generate(prompts, dataclasses.replace(GREEDY, stop_ids=(stop,)))  # slot reuse, chunked prefill
+    assert static.graph_off_reason == "" and static.times.graph_steps > 0 and static.times.dropped_rows > 0
+    assert_matches_full_forward(parts, prompts, samples)
+    expected = [s.tokens[: s.tokens.index(stop) + 1] if stop in s.tokens else s.tokens for s in eager]
+    assert [s.tokens for s in samples] == expected
+    assert [s.finish_reason for s in samples] == ["stop" if stop in s.tokens else "length" for s in eager]
     params = SamplingParams(temperature=1.0, max_new_tokens=5, seed=5)
     forked = engine(model, parts, slots=4, decode_graph="static").generate(prompts[:2], params, group_size=2)
     assert_matches_full_forward(parts, prompts[:2], forked, group_size=2, greedy=False)
