@@ -60,6 +60,22 @@ def rows_fc2_reference(act, fc2, ends, target, out_rows: int) -> torch.Tensor:
 if triton is not None:
 
     @triton.jit
+    def _group_rows(ends_ptr, g):
+        """[start, end) of expert g's rows in the sorted order."""
+        end = tl.load(ends_ptr + g)
+        start = tl.load(ends_ptr + g - 1, mask=g > 0, other=0)
+        return start, end
+
+    @triton.jit
+    def _add_dot_t(acc, a, w, IEEE: tl.constexpr):
+        """acc + a @ w.T, fp32 (IEEE: full fp32 products, for fp32 inputs)."""
+        if IEEE:
+            out = acc + tl.dot(a, tl.trans(w), input_precision="ieee")
+        else:
+            out = acc + tl.dot(a, tl.trans(w))
+        return out
+
+    @triton.jit
     def _swiglu_fc1_kernel(
         x_ptr,
         w_ptr,
@@ -80,8 +96,7 @@ if triton is not None:
     ):
         g = tl.program_id(0)
         n = tl.program_id(1)
-        end = tl.load(ends_ptr + g)
-        start = tl.load(ends_ptr + g - 1, mask=g > 0, other=0)
+        start, end = _group_rows(ends_ptr, g)
         cols = n * BLOCK_N + tl.arange(0, BLOCK_N)
         col_ok = cols < F
         w_gate = w_ptr + g.to(tl.int64) * stride_we + cols[:, None] * stride_wn
@@ -100,12 +115,8 @@ if triton is not None:
                 )
                 wg = tl.load(w_gate + ks[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
                 wu = tl.load(w_up + ks[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
-                if IEEE:
-                    gate += tl.dot(a, tl.trans(wg), input_precision="ieee")
-                    up += tl.dot(a, tl.trans(wu), input_precision="ieee")
-                else:
-                    gate += tl.dot(a, tl.trans(wg))
-                    up += tl.dot(a, tl.trans(wu))
+                gate = _add_dot_t(gate, a, wg, IEEE)
+                up = _add_dot_t(up, a, wu, IEEE)
             scale = tl.load(scale_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
             act = gate * tl.sigmoid(gate) * up * scale[:, None]
             out = out_ptr + rows[:, None].to(tl.int64) * stride_out + cols[None, :]
@@ -131,8 +142,7 @@ if triton is not None:
     ):
         g = tl.program_id(0)
         n = tl.program_id(1)
-        end = tl.load(ends_ptr + g)
-        start = tl.load(ends_ptr + g - 1, mask=g > 0, other=0)
+        start, end = _group_rows(ends_ptr, g)
         cols = n * BLOCK_N + tl.arange(0, BLOCK_N)
         col_ok = cols < N
         w_tile = w_ptr + g.to(tl.int64) * stride_we + cols[:, None] * stride_wn
@@ -149,10 +159,7 @@ if triton is not None:
                     other=0.0,
                 )
                 w = tl.load(w_tile + ks[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
-                if IEEE:
-                    acc += tl.dot(a, tl.trans(w), input_precision="ieee")
-                else:
-                    acc += tl.dot(a, tl.trans(w))
+                acc = _add_dot_t(acc, a, w, IEEE)
             dst = tl.load(target_ptr + rows, mask=row_ok, other=0).to(tl.int64)
             out = out_ptr + dst[:, None] * stride_out + cols[None, :]
             tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
