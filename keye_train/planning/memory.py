@@ -22,7 +22,7 @@ def _stage_param_elements(model: ModelConfig, counts: dict, sizes, first: bool, 
     """
     lm = counts["lm_parts"]
     layers = model.lm.num_layers
-    final_norm = model.lm.hidden_size
+    final_norm = model.lm.hidden_size if lm["norms"] else 0  # `trained_counts` zeroes a frozen LM's norms
     per_layer_dense = (lm["attention"] / sizes.tp + lm["indexer"] + lm["router"] + (lm["norms"] - final_norm)) / layers
     per_layer_experts = lm["experts"] / (sizes.ep * sizes.etp) / layers
     stage_layers = layers // sizes.pp
@@ -90,6 +90,19 @@ def context_parallel_layer_bytes(lm, seq_length: int, sizes) -> float:
 def trains(trainable, *parts: str) -> bool:
     """Whether stage.trainable (None: everything) trains any of `parts` (lm, indexer, vit, projector)."""
     return trainable is None or bool(set(parts) & {str(t) for t in trainable})
+
+
+def trained_counts(counts: dict, trainable) -> dict:
+    """`count_parameters`' counts with the parts stage.trainable freezes set to 0: a frozen parameter has no
+    main grad in megatron's DDP buffers and no fp32 master or Adam moments in the (distributed) optimizer."""
+    out = dict(counts, lm_parts=dict(counts["lm_parts"]))
+    for part in ("vit", "projector"):
+        if not trains(trainable, part):
+            out[part] = 0
+    if not trains(trainable, "lm"):
+        indexer = counts["lm_parts"]["indexer"] if trains(trainable, "indexer") else 0
+        out["lm_parts"] = {name: indexer if name == "indexer" else 0 for name in counts["lm_parts"]}
+    return out
 
 
 def indexer_layer_bytes(lm, tp: int = 1, trainable=None) -> float:
@@ -185,18 +198,21 @@ def memory_per_rank(model: ModelConfig, parallel: ParallelConfig, train: TrainCo
     Returns {"first_stage": {...}, "last_stage": {...}}, each with params, grads, optimizer, activations,
     total (bytes) and dense_params, expert_params (elements). With the distributed optimizer, optimizer
     state of dense parameters is sharded over DP x CP (megatron's dense data-parallel group includes CP) and of
-    expert parameters over expert-DP. trainable: stage.trainable, for the activations (`activation_bytes`).
+    expert parameters over expert-DP. trainable: stage.trainable; grads and optimizer state count the trained
+    parameters only (`trained_counts`), and it shapes the activations (`activation_bytes`).
     """
     counts = count_parameters(model)
+    learned = trained_counts(counts, trainable)
     stages = {}
     for key, first, last in (("first_stage", True, sizes.pp == 1), ("last_stage", sizes.pp == 1, True)):
         dense, experts = _stage_param_elements(model, counts, sizes, first, last)
+        trained_dense, trained_experts = _stage_param_elements(model, learned, sizes, first, last)
         dense_shards = sizes.dp * getattr(sizes, "cp", 1) if parallel.distributed_optimizer else 1
         expert_shards = sizes.expert_dp if parallel.distributed_optimizer else 1
         row = {
             "params": (dense + experts) * PARAM_BYTES,
-            "grads": (dense + experts) * GRAD_BYTES,
-            "optimizer": (dense / dense_shards + experts / expert_shards) * OPTIMIZER_BYTES,
+            "grads": (trained_dense + trained_experts) * GRAD_BYTES,
+            "optimizer": (trained_dense / dense_shards + trained_experts / expert_shards) * OPTIMIZER_BYTES,
             "activations": activation_bytes(model, train, sizes, first, last, parallel, trainable),
         }
         row["total"] = sum(row.values())

@@ -210,3 +210,22 @@ def test_context_parallelism_divides_the_lm_activations_and_adds_the_gathered_kv
     m_one = memory_per_rank(model, par, train, one)["first_stage"]
     m_four = memory_per_rank(model, par, train, four)["first_stage"]
     assert m_four["optimizer"] == pytest.approx(m_one["optimizer"])  # dp x cp = 16 in both
+
+
+def test_frozen_parts_hold_weights_but_no_grads_or_optimizer_state():
+    """stage.trainable: only trained parameters get fp32 main grads and Adam state (megatron's DDP buffers and
+    distributed optimizer skip frozen ones); every part's bf16 weights stay."""
+    model, train = keye_vl2_30b_a3b(), TrainConfig(global_batch=64, seq_length=8192)
+    model.lm.dsa.mode = "warmup"
+    par, sizes = ParallelConfig(tp=4, pp=4, ep=8), LayoutSizes(world=128, tp=4, pp=4, ep=8, etp=4, dp=8, expert_dp=1)
+    everything = memory_per_rank(model, par, train, sizes)
+    indexers = memory_per_rank(model, par, train, sizes, trainable=["indexer"])
+    projector = memory_per_rank(model, par, train, sizes, trainable=["projector"])
+    counts = count_parameters(model)
+    stage_indexers = counts["lm_parts"]["indexer"] / 4  # 12 of 48 layers, replicated over TP
+    for stage in ("first_stage", "last_stage"):
+        assert indexers[stage]["params"] == everything[stage]["params"]
+        assert indexers[stage]["grads"] == pytest.approx(4 * stage_indexers)
+        assert indexers[stage]["optimizer"] == pytest.approx(12 * stage_indexers / 8)  # sharded over DP
+    assert projector["first_stage"]["grads"] == pytest.approx(4 * counts["projector"])
+    assert projector["last_stage"]["grads"] == 0
