@@ -54,6 +54,33 @@ def keye_train(*args: str, timeout: int = 600, **popen) -> subprocess.CompletedP
     return subprocess.run(cmd, env=cli_env(), capture_output=True, text=True, timeout=timeout, **popen)
 
 
+def start_keye_train(*args: str) -> subprocess.Popen:
+    """keye_train() started in the background, for runs that need not wait on each other (one core each); its
+    result from finished()."""
+    return start_process([sys.executable, "-m", "keye_train.cli", *args])
+
+
+def start_process(cmd: list[str], env: dict | None = None) -> subprocess.Popen:
+    """cmd under `env` (cli_env() by default), its output collected in temporary files (a pipe nobody reads would
+    stall it)."""
+    logs = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
+    process = subprocess.Popen(cmd, env=env or cli_env(), stdout=logs[0], stderr=logs[1], text=True)
+    process.logs = logs
+    return process
+
+
+def finished(process: subprocess.Popen, timeout: int = 600) -> subprocess.CompletedProcess:
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        raise
+    stdout, stderr = (log.seek(0) or log.read() for log in process.logs)
+    for log in process.logs:
+        log.close()
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+
+
 def logged_losses(run_dir) -> dict[int, float]:
     """step -> loss from a run's metrics.jsonl; a resumed run re-logs steps after its checkpoint, the last wins."""
     import json

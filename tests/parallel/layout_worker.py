@@ -11,6 +11,10 @@ reference) continues phase B's model: the loss of the first batch again, one tra
 the loss of the third (what a run resumed or started from that checkpoint must see). `--skip-drill` (with
 train.inject_nonfinite_at_step=1) then runs the trainer's step 1 on the next batch as loop.py does: rank 0 (a ViT
 rank under split) poisons its gradients, the fault policy judges on every rank, and the update is skipped or not.
+
+`--layouts=SPEC.json` (a {name: [overrides]} map) runs several layouts of this world size one after another in
+this one torchrun world, megatron's groups torn down and rebuilt between them, each from fresh weights and the
+same seeds; layout NAME writes report_NAME_RANK.json (a single run: report_WORLD_RANK.json).
 """
 
 import json
@@ -136,7 +140,7 @@ def skip_drill(cfg, model, placement, data, parts) -> dict:
     return {"drill_skip_reason": reason, "drill_streak": policy.streak, "drill_weights_unchanged": unchanged}
 
 
-def main(out_dir: str, args: list[str]):
+def main(out_dir: str, args: list[str], report_name: str | None = None):
     options = [a for a in args if a.startswith("--")]
     save_to = next((a.split("=", 1)[1] for a in options if a.startswith("--save-checkpoint=")), None)
     cfg = load_config([a for a in args if not a.startswith("--")])
@@ -193,10 +197,15 @@ def main(out_dir: str, args: list[str]):
                     expected = shards[name].cut(torch.from_numpy(ref[f"{kind}/{name}"]))
                     err = (local - expected).norm() / expected.norm().clamp_min(1e-30)
                     report[field][name] = float(err)
-    (out / f"report_{dist.get_world_size()}_{rank}.json").write_text(json.dumps(report))
+    (out / f"report_{report_name or dist.get_world_size()}_{rank}.json").write_text(json.dumps(report))
+    context.teardown()
     parallel_state.destroy_model_parallel()
-    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2:])
+    if sys.argv[2].startswith("--layouts="):
+        for name, layout_args in json.loads(Path(sys.argv[2].split("=", 1)[1]).read_text()).items():
+            main(sys.argv[1], layout_args, name)
+    else:
+        main(sys.argv[1], sys.argv[2:])
+    dist.destroy_process_group()

@@ -3,7 +3,8 @@ the grouped-GEMM experts and the chunked LM head + CE (the reference runs megatr
 logits + cross-entropy).
 
 Each layout runs on gloo under torchrun with the tiny model, identical layout-invariant initial weights and
-the same global batch of packs from the generated test shards (dealt to DP ranks by the planner).
+the same global batch of packs from the generated test shards (dealt to DP ranks by the planner); the layouts of
+one world size share one torchrun world, one after another.
 
 The split run also writes its state after the update as a step-1 checkpoint; runs of other placements resume it
 and start from its weights, and see the 1-rank reference's next losses. It then runs one more step in which a
@@ -20,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.helpers import DATA
+from tests.helpers import DATA, finished, start_process
 
 WORKER = Path(__file__).with_name("layout_worker.py")
 LOAD_WORKER = Path(__file__).with_name("placement_load_worker.py")
@@ -90,11 +91,19 @@ LOSS_TOL = 2e-6  # relative, fp32
 GRAD_TOL = 1e-4  # relative L2 error of a gradient or updated weight, fp32 with a different reduction order
 
 
-def torchrun(nproc: int, worker: Path, args: list[str]) -> None:
+def start_torchrun(nproc: int, worker: Path, args: list[str]) -> subprocess.Popen:
     env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", str(worker)]
-    done = subprocess.run([*cmd, *args], env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
+    return start_process([*cmd, *args], env)
+
+
+def torchrun_finished(*runs: subprocess.Popen) -> None:
+    for done in [finished(run) for run in runs]:
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
+
+
+def torchrun(nproc: int, worker: Path, args: list[str]) -> None:
+    torchrun_finished(start_torchrun(nproc, worker, args))
 
 
 def run_layout(nproc: int, overrides, out: Path) -> list[dict]:
@@ -103,17 +112,51 @@ def run_layout(nproc: int, overrides, out: Path) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    out = tmp_path_factory.mktemp("layouts")
-    (report,) = run_layout(1, [], out)
-    return out, report
+def references(tmp_path_factory):
+    """The 1-rank references, (out dir, report) each: the layouts' and, with --next-steps on the visual step, the
+    ViT placements'; the two run side by side."""
+    out, visual_out = tmp_path_factory.mktemp("layouts"), tmp_path_factory.mktemp("placements")
+    runs = {out: [], visual_out: ["--next-steps", *VISUAL_STEP]}
+    torchrun_finished(*[start_torchrun(1, WORKER, [str(where), *BASE, *extra]) for where, extra in runs.items()])
+    return [(where, json.loads((where / "report_1_0.json").read_text())) for where in runs]
 
 
 @pytest.fixture(scope="module")
-def visual_reference(tmp_path_factory):
-    out = tmp_path_factory.mktemp("placements")
-    (report,) = run_layout(1, ["--next-steps", *VISUAL_STEP], out)
-    return out, report
+def reference(references):
+    return references[0]
+
+
+@pytest.fixture(scope="module")
+def layout_reports(reference):
+    """layout -> its ranks' reports. The layouts of one world size run one after another in one torchrun world
+    (layout_worker.py --layouts): one start-up (interpreter, megatron import, gloo rendezvous) per world size
+    instead of one per layout. The worlds of all sizes run side by side, once, when the first report is asked
+    for (their ranks spend much of a step waiting on each other)."""
+    out, _ = reference
+    runs = {}
+
+    def reports(layout: str) -> list[dict]:
+        if not runs:
+            groups = {nproc: {} for nproc, _ in LAYOUTS.values()}
+            for name, (nproc, overrides) in LAYOUTS.items():
+                groups[nproc][name] = [*BASE, *overrides]
+            started = []
+            for nproc, group in groups.items():
+                spec = out / f"layouts_{nproc}.json"
+                spec.write_text(json.dumps(group))
+                started.append(start_torchrun(nproc, WORKER, [str(out), f"--layouts={spec}"]))
+            torchrun_finished(*started)
+            for nproc, group in groups.items():
+                for name in group:
+                    runs[name] = [json.loads((out / f"report_{name}_{r}.json").read_text()) for r in range(nproc)]
+        return runs[layout]
+
+    return reports
+
+
+@pytest.fixture(scope="module")
+def visual_reference(references):
+    return references[1]
 
 
 @pytest.fixture(scope="module")
@@ -126,19 +169,47 @@ def split_run(visual_reference):
     return compare_to_reference(*visual_reference, "split_pp2", nproc, save), run_dir
 
 
+@pytest.fixture(scope="module")
+def placement_reports(visual_reference):
+    """placement -> its ranks' reports, for the placements other than split_pp2 (split_run): their worlds run side
+    by side."""
+    out, _ = visual_reference
+    others = {name: PLACEMENTS[name] for name in PLACEMENTS if name != "split_pp2"}
+    assert len({nproc for nproc, _ in others.values()}) == len(others)  # report_NPROC_RANK.json apart
+    started = [start_torchrun(n, WORKER, [str(out), *BASE, *VISUAL_STEP, *over]) for n, over in others.values()]
+    torchrun_finished(*started)
+    return {
+        name: [json.loads((out / f"report_{n}_{r}.json").read_text()) for r in range(n)]
+        for name, (n, _) in others.items()
+    }
+
+
+@pytest.fixture(scope="module")
+def loaded(split_run, tmp_path_factory):
+    """target -> the load worker's report: the split run's checkpoint (a copy each) resumed and started from under
+    every target placement, the targets' worlds side by side."""
+    started, work_dirs = [], {}
+    for target, (nproc, overrides) in LOAD_TARGETS.items():
+        work = work_dirs[target] = tmp_path_factory.mktemp(f"load_{target}")
+        shutil.copytree(split_run[1], work / "resumed")
+        args = [str(work), str(work / "resumed"), *BASE, *VISUAL_STEP, *overrides]
+        started.append(start_torchrun(nproc, LOAD_WORKER, args))
+    torchrun_finished(*started)
+    return {target: json.loads((work / "load_report.json").read_text()) for target, work in work_dirs.items()}
+
+
 @pytest.mark.parametrize("layout", list(LAYOUTS))
-def test_layout_matches_single_rank(reference, layout):
-    nproc, overrides = LAYOUTS[layout]
-    compare_to_reference(*reference, layout, nproc, overrides)
+def test_layout_matches_single_rank(reference, layout_reports, layout):
+    check_against_reference(*reference, layout, LAYOUTS[layout][1], layout_reports(layout))
 
 
 @pytest.mark.parametrize("placement", list(PLACEMENTS))
 def test_vit_placement_matches_single_rank(visual_reference, placement, request):
-    nproc, overrides = PLACEMENTS[placement]
     if placement == "split_pp2":
         reports, _ = request.getfixturevalue("split_run")
     else:
-        reports = compare_to_reference(*visual_reference, placement, nproc, [*VISUAL_STEP, *overrides])
+        reports = request.getfixturevalue("placement_reports")[placement]
+        check_against_reference(*visual_reference, placement, [*VISUAL_STEP, *PLACEMENTS[placement][1]], reports)
     vit_tp = placement == "split_vit_tp2_dp2"
     encoders = reports[: 4 if vit_tp else 2] if placement.startswith("split") else reports  # spread: every rank
     # each ViT group (both its TP ranks) or rank encodes one of the two visual micro-batches
@@ -160,17 +231,13 @@ def test_split_skips_a_nonfinite_step_on_every_rank(split_run):
 
 
 @pytest.mark.parametrize("target", list(LOAD_TARGETS))
-def test_vit_placement_checkpoint_continues_in_another_placement(visual_reference, split_run, target, tmp_path):
+def test_vit_placement_checkpoint_continues_in_another_placement(visual_reference, loaded, target):
     """The split run's step-1 checkpoint (2 ViT ranks + LM PP 2, distributed optimizer) resumed by the trainer
     under another placement (checkpoint.resume: weights, Adam moments and the data position, re-cut by the shard
     indexes) gives the 1-rank reference's losses of steps 2 and 3 and its step-2 grad norm; started from with
     checkpoint.init_from, the first batch's loss after the reference's update."""
     _, ref = visual_reference
-    nproc, overrides = LOAD_TARGETS[target]
-    resume_dir = tmp_path / "resumed"
-    shutil.copytree(split_run[1], resume_dir)
-    torchrun(nproc, LOAD_WORKER, [str(tmp_path), str(resume_dir), *BASE, *VISUAL_STEP, *overrides])
-    got = json.loads((tmp_path / "load_report.json").read_text())
+    got = loaded[target]
     assert (got["resumed_at"], got["init_from_at"]) == (1, 0), got
     pairs = [
         ("step 2 (resumed)", got["resumed_losses"][0], ref["step2_loss"]),
@@ -186,7 +253,10 @@ def test_vit_placement_checkpoint_continues_in_another_placement(visual_referenc
 
 
 def compare_to_reference(out: Path, ref: dict, layout: str, nproc: int, overrides: list[str]) -> list[dict]:
-    reports = run_layout(nproc, overrides, out)
+    return check_against_reference(out, ref, layout, overrides, run_layout(nproc, overrides, out))
+
+
+def check_against_reference(out: Path, ref: dict, layout: str, overrides: list[str], reports: list[dict]) -> list[dict]:
     losses = [r["loss_a"] for r in reports if r["loss_a"] is not None]
     assert losses, "no rank reported a loss"
     cp = next((int(o.split("=")[1]) for o in overrides if o.startswith("parallel.cp=")), 1)

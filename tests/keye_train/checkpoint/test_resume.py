@@ -39,7 +39,7 @@ def start(run_dir) -> subprocess.Popen:
 
 def test_kill_and_resume_is_bit_identical(tmp_path):
     straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
-    assert start(straight).wait(timeout=600) == 0
+    reference = start(straight)  # beside the interrupted run: one process (one thread) each
     proc = start(interrupted)
     marker = interrupted / "checkpoints" / "step_00000002" / "meta.json"
     deadline = time.time() + 600
@@ -51,6 +51,7 @@ def test_kill_and_resume_is_bit_identical(tmp_path):
     assert proc.returncode == -signal.SIGKILL
     assert checkpoint.latest_checkpoint(interrupted).name == "step_00000002"
     assert start(interrupted).wait(timeout=600) == 0
+    assert reference.wait(timeout=600) == 0, reference.stderr.read()[-3000:]
     expected, got = logged_losses(straight), logged_losses(interrupted)
     assert sorted(expected) == sorted(got) == [1, 2, 3, 4]  # step 4's loss follows step 3's restored Adam update
     assert got == expected  # exact float equality

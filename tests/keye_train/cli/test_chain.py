@@ -8,7 +8,7 @@ import time
 
 import yaml
 
-from tests.helpers import DATA, cli_env, ensure_test_data, keye_train
+from tests.helpers import DATA, cli_env, ensure_test_data, finished, keye_train, start_keye_train
 
 COMMON = [
     "model=tiny",
@@ -50,15 +50,19 @@ def rows(run_dir) -> list[dict]:
 
 def test_every_stage_is_checked_before_the_first_runs_and_errors_name_stage_and_key(tmp_path):
     ensure_test_data()
-    chain = write_chain(tmp_path / "bad.yaml", tmp_path / "runs", 2, ["train.stepz=3"])
-    done = keye_train("chain", chain)
+    chains = [
+        write_chain(tmp_path / "bad.yaml", tmp_path / "runs", 2, ["train.stepz=3"]),
+        write_chain(tmp_path / "nodata.yaml", tmp_path / "runs", 2, [f"data.shards={tmp_path / 'missing'}"]),
+        "no_such_chain",
+    ]
+    bad, nodata, unknown = [start_keye_train("chain", chain) for chain in chains]  # side by side
+    done = finished(bad)
     assert done.returncode == 2
     assert "chain stage 'second' (recipe stage1_pretrain)" in done.stderr and "stepz" in done.stderr
-    assert not (tmp_path / "runs").exists()  # the valid first stage did not start
-    chain = write_chain(tmp_path / "nodata.yaml", tmp_path / "runs", 2, [f"data.shards={tmp_path / 'missing'}"])
-    done = keye_train("chain", chain)
+    done = finished(nodata)
     assert done.returncode == 2 and "chain stage 'second'" in done.stderr and "data.shards" in done.stderr
-    done = keye_train("chain", "no_such_chain")
+    assert not (tmp_path / "runs").exists()  # the valid first stages did not start
+    done = finished(unknown)
     assert done.returncode == 2 and "known chains: demo, dsa_locality_cpu, keye_vl2" in done.stderr
 
 

@@ -243,64 +243,77 @@ def test_a_siglip_tower_imports_with_the_same_features_and_gradients(single_rank
     check_vit_grads("1 rank:", hf, grads_in_keye_names(parts, model, "vision.encoder."))
 
 
-@pytest.mark.parametrize("layout", [["parallel.tp=2"], ["parallel.ep=2"]])
-def test_the_cli_imports_and_exports_sharded_layouts_exactly(layout, tmp_path):
-    """An HF checkpoint imported under TP=2 or EP=2 (each rank reading its own slices) and exported again (the
-    shards gathered) comes back tensor for tensor."""
+CLI_COMMON = ["~recipe", "model=tiny", "attention=sparse", "parallel.nproc=2"]
+
+
+def safetensors_dir(path) -> dict:
     from safetensors.torch import load_file
 
-    from tests.helpers import keye_train
+    return {k: v for f in sorted(path.glob("*.safetensors")) for k, v in load_file(f).items()}
 
-    source = tmp_path / "hf"
-    script = (
-        "import torch, dataclasses\n"
-        "from keye_train.config import tiny\n"
-        "from tests.keye_train.convert.test_convert import build, export_source\n"
-        f"export_source({str(source)!r})\n"
-    )
+
+@pytest.fixture(scope="module")
+def hf_source(tmp_path_factory):
+    """export_source's HF checkpoint, written once (in a fresh process) for the CLI tests of this module."""
+    source = tmp_path_factory.mktemp("convert_source") / "hf"
+    script = f"from tests.keye_train.convert.test_convert import export_source\nexport_source({str(source)!r})\n"
     made = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, timeout=300)
     assert made.returncode == 0, made.stderr[-3000:]
-    common = ["~recipe", "model=tiny", "attention=sparse", "parallel.nproc=2", *layout]
-    done = keye_train("convert", "import", "--src", str(source), "--dst", str(tmp_path / "run"), *common)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "combined sha256" in done.stdout and "checkpoint.init_from=" in done.stdout
-    assert (tmp_path / "run" / "checkpoints" / "step_00000000" / "meta.json").is_file()
+    return source
+
+
+@pytest.fixture(scope="module")
+def imported_under(hf_source, tmp_path_factory):
+    """layout override -> (the CLI's output, the run dir) of `convert import` of hf_source under that layout; each
+    layout imported once per module, the run dirs only read afterwards."""
+    from tests.helpers import keye_train
+
+    runs = {}
+
+    def imported(layout: str):
+        if layout not in runs:
+            run = tmp_path_factory.mktemp("imported") / "run"
+            done = keye_train("convert", "import", "--src", str(hf_source), "--dst", str(run), *CLI_COMMON, layout)
+            runs[layout] = done, run
+        return runs[layout]
+
+    return imported
+
+
+def export_under(run, back, layout: str) -> dict:
+    from tests.helpers import keye_train
+
     done = keye_train(
-        "convert", "export", "--src", str(tmp_path / "run"), "--dst", str(tmp_path / "back"), "--dtype", "fp32", *common
+        "convert", "export", "--src", str(run), "--dst", str(back), "--dtype", "fp32", *CLI_COMMON, layout
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    a = {k: v for f in sorted(source.glob("*.safetensors")) for k, v in load_file(f).items()}
-    b = {k: v for f in sorted((tmp_path / "back").glob("*.safetensors")) for k, v in load_file(f).items()}
+    return safetensors_dir(back)
+
+
+@pytest.mark.parametrize("layout", ["parallel.tp=2", "parallel.ep=2"])
+def test_the_cli_imports_and_exports_sharded_layouts_exactly(hf_source, imported_under, layout, tmp_path):
+    """An HF checkpoint imported under TP=2 or EP=2 (each rank reading its own slices) and exported again (the
+    shards gathered) comes back tensor for tensor."""
+    done, run = imported_under(layout)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "combined sha256" in done.stdout and "checkpoint.init_from=" in done.stdout
+    assert (run / "checkpoints" / "step_00000000" / "meta.json").is_file()
+    a, b = safetensors_dir(hf_source), export_under(run, tmp_path / "back", layout)
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_weights_written_under_one_layout_load_into_another_exactly(tmp_path):
-    """checkpoint.init_from across layouts: a TP=2 checkpoint (each rank holding half of every TP-split tensor)
-    exported under EP=2 and under PP=2 (each rank rebuilding its own shards from the TP slices through the shard
-    index) gives back the source HF checkpoint tensor for tensor."""
-    from safetensors.torch import load_file
-
-    from tests.helpers import keye_train
-
-    source = tmp_path / "hf"
-    script = f"from tests.keye_train.convert.test_convert import export_source\nexport_source({str(source)!r})\n"
-    made = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, timeout=300)
-    assert made.returncode == 0, made.stderr[-3000:]
-    common = ["~recipe", "model=tiny", "attention=sparse", "parallel.nproc=2"]
-    done = keye_train(
-        "convert", "import", "--src", str(source), "--dst", str(tmp_path / "run"), *common, "parallel.tp=2"
-    )
+def test_weights_written_under_one_layout_load_into_another_exactly(hf_source, imported_under, tmp_path):
+    """checkpoint.init_from across layouts: a TP=2 checkpoint (each rank holding half of every TP-split tensor;
+    the same import the TP=2 round trip above exports) exported under EP=2 and under PP=2 (each rank rebuilding
+    its own shards from the TP slices through the shard index) gives back the source HF checkpoint tensor for
+    tensor."""
+    done, run = imported_under("parallel.tp=2")
     assert done.returncode == 0, done.stderr[-3000:]
-    assert (tmp_path / "run" / "checkpoints" / "step_00000000" / "rank_00001.shards.json").is_file()
-    a = {k: v for f in sorted(source.glob("*.safetensors")) for k, v in load_file(f).items()}
+    assert (run / "checkpoints" / "step_00000000" / "rank_00001.shards.json").is_file()
+    a = safetensors_dir(hf_source)
     for layout in ("parallel.ep=2", "parallel.pp=2"):
-        back = tmp_path / layout.replace("=", "")
-        done = keye_train(
-            "convert", "export", "--src", str(tmp_path / "run"), "--dst", str(back), "--dtype", "fp32", *common, layout
-        )
-        assert done.returncode == 0, done.stderr[-3000:]
-        b = {k: v for f in sorted(back.glob("*.safetensors")) for k, v in load_file(f).items()}
+        b = export_under(run, tmp_path / layout.replace("=", ""), layout)
         assert a.keys() == b.keys(), layout
         assert all(torch.equal(a[k], b[k]) for k in a), layout
 

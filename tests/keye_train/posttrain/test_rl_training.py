@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from tests.helpers import QUIET, cli_env, ensure_test_data
+from tests.helpers import QUIET, cli_env, ensure_test_data, finished, start_process
 
 STEPS = 4
 
@@ -36,10 +36,15 @@ def overrides(run_dir, prompts):
     ]
 
 
-def run_worker(tmp_path, name, stop_at, run_dir, prompts) -> dict:
+def start_worker(tmp_path, name, stop_at, run_dir, prompts) -> tuple[subprocess.Popen, object]:
     out = tmp_path / f"{name}.json"
     cmd = [sys.executable, "-m", "tests.keye_train.posttrain.rl_train_worker", str(out), str(stop_at)]
-    done = subprocess.run(cmd + overrides(run_dir, prompts), env=cli_env(), capture_output=True, text=True, timeout=600)
+    return start_process(cmd + overrides(run_dir, prompts)), out
+
+
+def report(started) -> dict:
+    process, out = started
+    done = finished(process)
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(out.read_text())
 
@@ -51,10 +56,10 @@ def runs(tmp_path_factory):
     ensure_test_data()
     tmp = tmp_path_factory.mktemp("rl")
     prompts = write_counting_prompts(tmp / "prompts.jsonl", count=16)
-    straight = run_worker(tmp, "straight", STEPS, tmp / "straight", prompts)
-    first = run_worker(tmp, "first", 2, tmp / "resumed", prompts)
-    second = run_worker(tmp, "second", STEPS, tmp / "resumed", prompts)
-    return straight, first, second
+    straight = start_worker(tmp, "straight", STEPS, tmp / "straight", prompts)  # beside the interrupted pair
+    first = report(start_worker(tmp, "first", 2, tmp / "resumed", prompts))
+    second = report(start_worker(tmp, "second", STEPS, tmp / "resumed", prompts))
+    return report(straight), first, second
 
 
 def test_an_rl_run_trains_with_finite_loss_and_reward(runs):

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from tests.helpers import QUIET, cli_env, keye_train
+from tests.helpers import QUIET, cli_env, finished, keye_train, start_keye_train
 
 FAST = [*QUIET, "train.global_batch=2", "train.seq_length=128", "optim.warmup_steps=0"]
 
@@ -43,22 +43,28 @@ def test_sigterm_checkpoints_at_the_next_step_and_the_rerun_resumes(tmp_path):
 
 def test_a_nonfinite_gradient_skips_the_update_or_aborts_by_policy(tmp_path):
     args = [*FAST, "parallel.nproc=1", "train.steps=3", "train.inject_nonfinite_at_step=1"]
-    done = keye_train(*args, f"run_dir={tmp_path / 'skip'}")
+    skip = start_keye_train(*args, f"run_dir={tmp_path / 'skip'}")  # the two policies' runs side by side
+    abort = start_keye_train(*args, "train.nonfinite_policy=abort", f"run_dir={tmp_path / 'abort'}")
+    done = finished(skip)
     assert done.returncode == 0, done.stderr[-3000:]
     rows = logged_steps(tmp_path / "skip")
     assert [r["update_skipped"] for r in rows] == [0.0, 1.0, 0.0]
     assert "step 2: non-finite gradients or loss, update skipped" in done.stdout
     assert all(r["loss"] == r["loss"] for r in rows)  # the poisoned update never reached the weights
-    done = keye_train(*args, "train.nonfinite_policy=abort", f"run_dir={tmp_path / 'abort'}")
+    done = finished(abort)
     assert done.returncode != 0
     assert "non-finite gradients or loss at step 2" in done.stderr
 
 
 def test_a_slow_step_prints_the_stacks_and_bad_policies_are_named(tmp_path):
-    done = keye_train(*FAST, "parallel.nproc=1", "train.steps=1", "train.hang_timeout_s=0.01", f"run_dir={tmp_path}")
+    slow = start_keye_train(
+        *FAST, "parallel.nproc=1", "train.steps=1", "train.hang_timeout_s=0.01", f"run_dir={tmp_path}"
+    )
+    refused = start_keye_train(*FAST, "train.nonfinite_policy=ignore", f"run_dir={tmp_path / 'refused'}")
+    done = finished(slow)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "most recent call first" in done.stderr and "train_step" in done.stderr
-    done = keye_train(*FAST, "train.nonfinite_policy=ignore", f"run_dir={tmp_path}")
+    done = finished(refused)
     assert done.returncode == 2 and "train.nonfinite_policy='ignore'" in done.stderr
 
 
@@ -84,12 +90,13 @@ def test_a_loss_spike_skips_the_update_then_aborts_after_the_allowed_streak(tmp_
         "train.max_nonfinite_skips=1",
         f"run_dir={tmp_path}",
     ]
+    refused = start_keye_train(*FAST, "train.loss_spike_window=0", f"run_dir={tmp_path / 'refused'}")
     done = keye_train(*args)
     assert done.returncode != 0
     assert [r["update_skipped"] for r in logged_steps(tmp_path)] == [0.0, 0.0, 1.0]
     assert "step 3: loss spike (" in done.stdout and "update skipped (1 in a row)" in done.stdout
     assert "loss spike (" in done.stderr and "at step 4 (2 bad steps in a row" in done.stderr
-    done = keye_train(*FAST, "train.loss_spike_window=0", f"run_dir={tmp_path}")
+    done = finished(refused)
     assert done.returncode == 2 and "train.loss_spike_window=0" in done.stderr
 
 
@@ -153,6 +160,10 @@ def test_a_run_on_nothing_but_rejected_samples_never_updates_the_weights(tmp_pat
         f"run_dir={tmp_path / 'run'}",
         "checkpoint.interval=1",
     ]
+    # the default streak limit of 3, in a run of its own beside the two below
+    streak = start_keye_train(
+        *[a for a in args if "max_nonfinite" not in a], "train.steps=8", f"run_dir={tmp_path / 'abort'}"
+    )
     done = keye_train(*args, "train.steps=2")
     assert done.returncode == 0, done.stderr[-3000:]
     done = keye_train(*args, "train.steps=3")  # resumed: the count and the LR schedule carry on
@@ -168,7 +179,5 @@ def test_a_run_on_nothing_but_rejected_samples_never_updates_the_weights(tmp_pat
         np.load(ckpt / "step_00000003" / "rank_00000.npz") as b,
     ):
         assert all(np.array_equal(a[k], b[k]) for k in a.files if k.startswith("model."))
-    done = keye_train(
-        *[a for a in args if "max_nonfinite" not in a], "train.steps=8", f"run_dir={tmp_path / 'abort'}"
-    )  # the default streak limit of 3
+    done = finished(streak)
     assert done.returncode != 0 and "at step 4 (4 bad steps in a row" in done.stderr
