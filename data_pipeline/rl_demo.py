@@ -98,8 +98,11 @@ def write_toy_prompts(path: str | Path, count: int = 64, seed: int = 0, tasks=("
     return path
 
 
-def write_counting_prompts(path: str | Path, count: int = 64, seed: int = 0) -> Path:
-    return write_toy_prompts(path, count, seed, ("count",))
+def write_counting_prompts(path: str | Path, count: int = 64, seed: int = 0, max_count: int = 4) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in counting_prompts(count, seed, max_count)))
+    return path
 
 
 def clip_grounding_prompts(manifest: str | Path, media_dir: str = "media") -> list[dict]:
