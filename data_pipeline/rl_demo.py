@@ -4,6 +4,9 @@ reads (`answer_type` picks numeric match or temporal IoU):
 - grounding in a text timeline: `the red disk 0.5 - 2.0 seconds , the blue disk 2.0 - 4.5 seconds .` then the
   demo's grounding question `Give the start and end time in seconds of: the blue disk`, answer [2.0, 4.5].
 The grounding task pays partial credit (IoU), so a tiny model's groups rarely tie and the reward can climb.
+The demo's General-RL stage counts 1 or 2 marks (`rl_counting.jsonl`, `max_count=2`): the chain's weak SFT model
+writes mostly caption words (about 1% right counts at T = 1), and with two possible answers a sampled digit is
+right often enough for groups of 16 not to tie, so the outcome reward alone can climb within the stage.
 `toy_sft_records` are other instances of the same tasks as chat samples with their answers, for the demo corpus:
 the chain's SFT model then answers in the tasks' formats (a number, `a - b seconds`), not always rightly, and the
 RL stages' outcome reward has something to sharpen."""
