@@ -86,7 +86,10 @@ def main() -> int:
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "device": cpu_description(),
         **git_state(),
-        "task": "data_pipeline/rl_demo.py: counting (numeric match) and text-timeline grounding (temporal IoU)",
+        "task": (
+            "data_pipeline/rl_demo.py: rl_general counts 1-2 marks (rl_counting.jsonl, numeric match); rl_context "
+            "counting and text-timeline grounding (rl_prompts.jsonl); rl_video grounding on the demo clips (tIoU)"
+        ),
         "stages": {},
     }
     print(f"{'stage':<12} {'steps':>5} {'reward first':>13} {'reward last':>12} {'filtered':>9} {'s/step':>7}")

@@ -19,7 +19,12 @@ import numpy as np
 import torch
 
 from data_pipeline.build import build_shards
-from data_pipeline.rl_demo import toy_sft_records, write_clip_grounding_prompts, write_toy_prompts
+from data_pipeline.rl_demo import (
+    toy_sft_records,
+    write_clip_grounding_prompts,
+    write_counting_prompts,
+    write_toy_prompts,
+)
 from data_pipeline.shards import BuildReport
 from data_pipeline.tokenizer import SPECIAL_NAMES, KeyeTokenizer
 
@@ -235,6 +240,7 @@ def make_demo(
     manifest = out / "manifest.jsonl"
     manifest.write_text("".join(json.dumps(r) + "\n" for r in records))
     write_toy_prompts(out / "rl_prompts.jsonl", seed=seed)  # the RL stages' toy tasks (rl_demo.py)
+    write_counting_prompts(out / "rl_counting.jsonl", seed=seed, max_count=2)  # General RL's: counts of 1-2
     write_clip_grounding_prompts(out / "rl_clip_grounding.jsonl", manifest)  # and grounding on the demo clips
     texts = [t for r in records for t in _texts(r)] + ["0123456789 . - seconds", "system\nuser\nassistant\n"]
     train_tokenizer(texts, out / "tokenizer.json")

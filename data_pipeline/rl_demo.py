@@ -4,6 +4,9 @@ reads (`answer_type` picks numeric match or temporal IoU):
 - grounding in a text timeline: `the red disk 0.5 - 2.0 seconds , the blue disk 2.0 - 4.5 seconds .` then the
   demo's grounding question `Give the start and end time in seconds of: the blue disk`, answer [2.0, 4.5].
 The grounding task pays partial credit (IoU), so a tiny model's groups rarely tie and the reward can climb.
+The demo's General-RL stage counts 1 or 2 marks (`rl_counting.jsonl`, `max_count=2`): the chain's weak SFT model
+writes mostly caption words (about 1% right counts at T = 1), and with two possible answers a sampled digit is
+right often enough for groups of 16 not to tie, so the outcome reward alone can climb within the stage.
 `toy_sft_records` are other instances of the same tasks as chat samples with their answers, for the demo corpus:
 the chain's SFT model then answers in the tasks' formats (a number, `a - b seconds`), not always rightly, and the
 RL stages' outcome reward has something to sharpen."""
@@ -98,8 +101,11 @@ def write_toy_prompts(path: str | Path, count: int = 64, seed: int = 0, tasks=("
     return path
 
 
-def write_counting_prompts(path: str | Path, count: int = 64, seed: int = 0) -> Path:
-    return write_toy_prompts(path, count, seed, ("count",))
+def write_counting_prompts(path: str | Path, count: int = 64, seed: int = 0, max_count: int = 4) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in counting_prompts(count, seed, max_count)))
+    return path
 
 
 def clip_grounding_prompts(manifest: str | Path, media_dir: str = "media") -> list[dict]:
