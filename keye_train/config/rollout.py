@@ -40,6 +40,7 @@ class RolloutConfig:
     # auto: pure decode steps replay a CUDA graph where the layout allows (one rank's experts, no TP, dense or
     # warm-up attention; else eager, reason in RolloutEngine.graph_off_reason); off: always eager
     decode_graph: str = "auto"
+    decode_ahead: bool = True  # queue each static decode step before the host books the last (rollout/ahead.py)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
 
     def __post_init__(self):

@@ -63,6 +63,7 @@ class Rollout:
             prefill_tokens=rollout.prefill_tokens,
             record_routes=rollout.record_routes,
             decode_graph=rollout.decode_graph,
+            decode_ahead=rollout.decode_ahead,
         )
         made.default_params, made.default_group_size = SamplingParams.from_config(rollout.sampling), rollout.group_size
         return made
