@@ -164,7 +164,6 @@ def load_in_process_teacher(
 
     from keye_train.checkpoint.store import load_weights
     from keye_train.config.model import MODEL_PRESETS
-    from keye_train.convert.importer import import_hf
     from keye_train.model.builder import build_model
 
     if placement.pipeline_size() > 1:
@@ -179,6 +178,8 @@ def load_in_process_teacher(
         )
     parts = build_model(model, par, dtype, on_gpu, placement)
     if str(teacher.format) == "hf":
+        from keye_train.convert.importer import import_hf
+
         import_hf(parts, model, teacher.checkpoint)
     else:
         load_weights(teacher.checkpoint, parts, layout)
