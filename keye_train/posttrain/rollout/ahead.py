@@ -31,17 +31,24 @@ class QueuedStep:
     logits: torch.Tensor | None  # [n, V] fp32 rows kept for the samples (keep_logits)
 
 
-def queue_step(engine, sequences: list, previous: QueuedStep | None = None) -> QueuedStep:
-    """Queue one graphed decode step of `sequences` (fed their last booked token, or `previous`'s samples)."""
-    graph = engine.static_step()
+def static_inputs(engine, sequences: list, booked_tokens: bool = True) -> tuple[list[int], list[int], list[int]]:
+    """Per slot (free slots 0): the token fed (each sequence's last booked one, or 0 if not `booked_tokens`), its
+    M-RoPE position and the cache row it writes."""
     tokens, positions, rows = ([0] * engine.slots for _ in range(3))
     for seq in sequences:
         row = engine.cache.lengths[seq.slot]
         if row + 1 > engine.capacity:
             raise ValueError(f"slot {seq.slot} would hold {row + 1} tokens, over rollout.capacity={engine.capacity}")
         positions[seq.slot], rows[seq.slot] = seq.next_position, row
-        if previous is None:
+        if booked_tokens:
             tokens[seq.slot] = seq.sample.tokens[-1]
+    return tokens, positions, rows
+
+
+def queue_step(engine, sequences: list, previous: QueuedStep | None = None) -> QueuedStep:
+    """Queue one graphed decode step of `sequences` (fed their last booked token, or `previous`'s samples)."""
+    graph = engine.static_step()
+    tokens, positions, rows = static_inputs(engine, sequences, booked_tokens=previous is None)
     sources = None
     if previous is not None:
         row_of = {id(seq): i for i, seq in enumerate(previous.sequences)}

@@ -36,7 +36,7 @@ from data_pipeline.positions import mrope_position_ids
 from data_pipeline.tokenizer import TokenIds
 from keye_train.model.attention import KeyePackedSeqParams, VarlenCoreAttention
 from keye_train.model.keye_vl import merge_visual_embeddings, visual_token_mask
-from keye_train.posttrain.rollout.ahead import decode_ahead
+from keye_train.posttrain.rollout.ahead import decode_ahead, static_inputs
 from keye_train.posttrain.rollout.cache import PAD_SLOT, KVCache
 from keye_train.posttrain.rollout.graphs import MODES, DecodeGraph, graph_unsupported
 from keye_train.posttrain.rollout.routing import ModelRoutes
@@ -341,12 +341,7 @@ class RolloutEngine:
 
     def _graph_forward(self, segments: list[_Segment], clock) -> torch.Tensor:
         decode = [s for s in segments if isinstance(s.owner, _Sequence)]
-        tokens, positions, rows = ([0] * self.slots for _ in range(3))
-        for s in decode:
-            row = self.cache.lengths[s.slot]
-            if row + 1 > self.capacity:
-                raise ValueError(f"slot {s.slot} would hold {row + 1} tokens, over rollout.capacity={self.capacity}")
-            tokens[s.slot], positions[s.slot], rows[s.slot] = s.owner.sample.tokens[-1], s.owner.next_position, row
+        tokens, positions, rows = static_inputs(self, [s.owner for s in decode])
         graph = self.static_step()
         self.times.embed += clock.lap()
         logits = graph.run(tokens, positions, rows, [s.slot for s in decode])
