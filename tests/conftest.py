@@ -3,6 +3,7 @@ run in the interpreter (set before any kernel module is imported). Worker proces
 tree under test first, not whichever checkout the environment has installed."""
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -20,3 +21,16 @@ from tests.helpers import ensure_test_data  # noqa: E402
 @pytest.fixture(scope="session", autouse=True)
 def test_data():
     return ensure_test_data()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def remove_module_dirs(request, tmp_path_factory):
+    """Removes the dirs a module's fixtures made with tmp_path_factory once its tests pass: a full run writes
+    ~19 GB of tiny-model checkpoints, which would otherwise stay until the session ends (for good if it fails)."""
+    root = tmp_path_factory.getbasetemp()
+    before, failed = set(root.iterdir()), request.session.testsfailed
+    yield
+    if request.session.testsfailed == failed:
+        for path in set(root.iterdir()) - before:
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
