@@ -9,6 +9,8 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.distributed as dist
 
+_HOST_WORLD = None  # a gloo group over the world when the default backend is not gloo (init_process_groups)
+
 
 class LayoutError(ValueError):
     """A parallel layout that cannot work; the message names the config keys involved."""
@@ -209,6 +211,8 @@ def init_process_groups(par, sizes: LayoutSizes, backend: str) -> None:
         raise LayoutError(f"launched {dist.get_world_size()} processes but the layout was checked for {sizes.world}")
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    global _HOST_WORLD
+    _HOST_WORLD = None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
     with _lm_sub_world(sizes.vision_ranks):
         parallel_state.initialize_model_parallel(
             tensor_model_parallel_size=par.tp,
@@ -249,11 +253,23 @@ def _lm_sub_world(offset: int):
         dist.get_world_size, parallel_state.RankGenerator = world_size, rank_generator
 
 
+def host_world_group():
+    """A group over the whole world whose collectives take CPU tensors, so a small agreement between ranks never
+    waits on a device's queue: the default group when it is gloo, else the gloo group init_process_groups made."""
+    if dist.get_backend() == "gloo":
+        return dist.group.WORLD
+    if _HOST_WORLD is None:
+        raise RuntimeError("host_world_group: the process groups were not made by parallel.layout.init_process_groups")
+    return _HOST_WORLD
+
+
 def destroy_process_groups() -> None:
     from megatron.core import parallel_state
 
     from parallel import context
 
+    global _HOST_WORLD
+    _HOST_WORLD = None
     context.teardown()
     parallel_state.destroy_model_parallel()
     if dist.is_initialized():

@@ -40,7 +40,9 @@ class RolloutConfig:
     # auto: pure decode steps replay a CUDA graph where the layout allows (one rank's experts, no TP, dense or
     # warm-up attention; else eager, reason in RolloutEngine.graph_off_reason); off: always eager
     decode_graph: str = "auto"
-    decode_ahead: bool = True  # queue each static decode step before the host books the last (rollout/ahead.py)
+    # queue each static decode step before the host books the last (rollout/ahead.py); off until it has been timed
+    # and checked on a GPU (it is tested on the CPU only)
+    decode_ahead: bool = False
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
 
     def __post_init__(self):

@@ -41,6 +41,7 @@ from keye_train.posttrain.rollout.cache import PAD_SLOT, KVCache
 from keye_train.posttrain.rollout.graphs import MODES, DecodeGraph, graph_unsupported
 from keye_train.posttrain.rollout.routing import ModelRoutes
 from keye_train.posttrain.rollout.sampler import SamplingParams, sample
+from parallel.layout import host_world_group
 
 
 @dataclass
@@ -146,7 +147,7 @@ class RolloutEngine:
         record_routes: bool = False,
         keep_logits: bool = False,
         decode_graph: str = "auto",
-        decode_ahead: bool = True,
+        decode_ahead: bool = False,
     ):
         """parts: this rank's ModelParts (model/builder.py); model: its ModelConfig. decode_graph: "auto" captures
         pure decode steps in a CUDA graph where graphs.graph_unsupported allows it, "static" runs that static
@@ -296,11 +297,12 @@ class RolloutEngine:
         return [results[g.index, m] for g in groups for m in range(g.size)]
 
     def agree(self, has_work: bool, tokens: int) -> tuple[bool, int]:
-        """(any rank has work, the pack length every rank uses this step): one all-reduce per step on every rank."""
+        """(any rank has work, the pack length every rank uses this step): one all-reduce per step on every rank,
+        of a CPU tensor over a gloo group, so it never waits for the steps queued on the device (rollout/ahead.py)."""
         target = tokens
         if dist.is_initialized() and dist.get_world_size() > 1:
-            flags = torch.tensor([int(has_work), tokens], dtype=torch.long, device=self.device)
-            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+            flags = torch.tensor([int(has_work), tokens], dtype=torch.long)
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=host_world_group())
             has_work, target = bool(flags[0]), int(flags[1])
         if self.config.sequence_parallel:
             target = math.ceil(max(target, 1) / self.tp) * self.tp

@@ -197,8 +197,8 @@ def test_a_rollout_from_config_uses_its_sampling_and_group_size(dense):
     model, parts = dense
     cfg = RolloutConfig(slots=4, capacity=32, group_size=2, sampling=SamplingConfig(temperature=0, max_new_tokens=3))
     rollout = Rollout.from_config(parts, model, cfg, TOKENS)
-    assert rollout.engine.decode_ahead
-    assert not Rollout.from_config(parts, model, dataclasses.replace(cfg, decode_ahead=False)).engine.decode_ahead
+    assert not rollout.engine.decode_ahead
+    assert Rollout.from_config(parts, model, dataclasses.replace(cfg, decode_ahead=True)).engine.decode_ahead
     prompts = [text_prompt(5, 1)]
     batch = rollout.generate(prompts)
     assert len(batch.samples) == 2 and [len(t) for t in batch.tokens] == [3, 3]

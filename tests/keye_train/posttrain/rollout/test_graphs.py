@@ -57,22 +57,26 @@ def test_sync_free_experts_equal_the_dispatcher_path(grouped_parts, kernel):
         torch.testing.assert_close(ours.view_as(reference), reference, rtol=0, atol=1e-6)
 
 
-def test_static_decode_step_matches_the_full_forward(grouped_parts):
-    """With the steps queued ahead (rollout/ahead.py): a stop id sampled at step t drops the row queued for
-    t + 1, and the slots it frees admit the waiting prompts."""
+@pytest.mark.parametrize("ahead", [False, True], ids=["step_by_step", "queued_ahead"])
+def test_static_decode_step_matches_the_full_forward(grouped_parts, ahead):
+    """Step by step, and with the steps queued ahead (rollout/ahead.py): there a stop id sampled at step t drops
+    the row queued for t + 1. Either way the slots a stop frees admit the waiting prompts."""
     model, parts = grouped_parts
     prompts = [text_prompt(n, seed) for seed, n in enumerate([5, 19, 12, 1, 8])]
     eager = engine(model, parts, slots=3, prefill_tokens=7, decode_graph="off").generate(prompts, GREEDY)
     stop = eager[4].tokens[2]  # prompt 4 runs in the decode-only steps at the end
-    static = engine(model, parts, slots=3, prefill_tokens=7, decode_graph="static")
+    static = engine(model, parts, slots=3, prefill_tokens=7, decode_graph="static", decode_ahead=ahead)
     samples = static.generate(prompts, dataclasses.replace(GREEDY, stop_ids=(stop,)))  # slot reuse, chunked prefill
-    assert static.graph_off_reason == "" and static.times.graph_steps > 0 and static.times.dropped_rows > 0
+    assert static.graph_off_reason == "" and static.times.graph_steps > 0
+    assert (static.times.dropped_rows > 0) == ahead
     assert_matches_full_forward(parts, prompts, samples)
     expected = [s.tokens[: s.tokens.index(stop) + 1] if stop in s.tokens else s.tokens for s in eager]
     assert [s.tokens for s in samples] == expected
     assert [s.finish_reason for s in samples] == ["stop" if stop in s.tokens else "length" for s in eager]
     params = SamplingParams(temperature=1.0, max_new_tokens=5, seed=5)
-    forked = engine(model, parts, slots=4, decode_graph="static").generate(prompts[:2], params, group_size=2)
+    forked = engine(model, parts, slots=4, decode_graph="static", decode_ahead=ahead).generate(
+        prompts[:2], params, group_size=2
+    )
     assert_matches_full_forward(parts, prompts[:2], forked, group_size=2, greedy=False)
 
 
@@ -80,7 +84,7 @@ def test_static_decode_step_with_dsa_warmup_and_video(single_rank):
     model = with_dsa(grouped(single_rank), "warmup")
     parts = build_parts(model)
     prompts = [video_prompt(2, (4, 4), 1), text_prompt(6, 2)]
-    rollout = engine(model, parts, decode_graph="static")
+    rollout = engine(model, parts, decode_graph="static", decode_ahead=True)
     samples = rollout.generate(prompts, GREEDY)
     assert rollout.graph_off_reason == "" and rollout.times.graph_steps > 0
     assert_matches_full_forward(parts, prompts, samples)
@@ -109,13 +113,19 @@ def test_captured_graph_equals_the_static_step_on_cuda(single_rank):
     initialize_weights(parts, model, seed=11)
     prompts = [text_prompt(n, seed) for seed, n in enumerate([5, 19, 12, 1, 8])]
     runs = {}
-    for mode in ("auto", "static", "off"):
-        rollout = engine(model, parts, slots=3, prefill_tokens=7, decode_graph=mode)
-        runs[mode] = rollout.generate(prompts, SamplingParams(temperature=0, max_new_tokens=12))
+    for name, mode, ahead in (
+        ("auto", "auto", False),
+        ("ahead", "auto", True),
+        ("static", "static", False),
+        ("off", "off", False),
+    ):
+        rollout = engine(model, parts, slots=3, prefill_tokens=7, decode_graph=mode, decode_ahead=ahead)
+        runs[name] = rollout.generate(prompts, SamplingParams(temperature=0, max_new_tokens=12))
         if mode == "auto":
             assert rollout.graph_off_reason == "" and rollout.decode_step.graph is not None
-    for graphed, static in zip(runs["auto"], runs["static"]):
-        assert graphed.tokens == static.tokens
+    for graphed, ahead, static in zip(runs["auto"], runs["ahead"], runs["static"]):
+        assert graphed.tokens == static.tokens == ahead.tokens
         torch.testing.assert_close(torch.stack(graphed.logits), torch.stack(static.logits), rtol=0, atol=0)
+        torch.testing.assert_close(torch.stack(ahead.logits), torch.stack(static.logits), rtol=0, atol=0)
     for graphed, eager in zip(runs["auto"], runs["off"]):  # different kernels: the first logits agree in bf16
         torch.testing.assert_close(graphed.logits[0], eager.logits[0], rtol=0, atol=5e-2)
