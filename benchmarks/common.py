@@ -45,3 +45,26 @@ def write_result(path: Path, result: dict) -> None:
     """The benchmark's JSON record (rewritten whole, so a script may call it after every row)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2) + "\n")
+
+
+def demo_stage_model(stage: str):
+    """One rank (no EP) of a stage of the demo chain in this process, weights initialised but not loaded:
+    (config, rank context, tokenizer, model parts). Every stage of the chain has the same model."""
+    from data_pipeline.tokenizer import KeyeTokenizer
+    from keye_train.cli.chain import load_chain, stage_arguments
+    from keye_train.cli.spawn import single_process_env
+    from keye_train.config.compose import load_checked_config
+    from keye_train.model.builder import build_model, initialize_weights
+    from keye_train.training.setup import start_rank
+
+    chain = load_chain("demo")
+    index = [s.name for s in chain.stages].index(stage)
+    one_rank = ["parallel.nproc=1", "parallel.ep=1", "logging.wandb_mode=disabled"]
+    cfg, _ = load_checked_config(stage_arguments(chain, index, one_rank), 1, check_data=False)
+    single_process_env()
+    ctx = start_rank(cfg)
+    tokenizer = KeyeTokenizer(cfg.data.tokenizer)
+    cfg.model.tokens = tokenizer.ids
+    parts = build_model(cfg.model, cfg.parallel, ctx.dtype, ctx.device.type == "cuda", ctx.placement)
+    initialize_weights(parts, cfg.model, cfg.train.seed)
+    return cfg, ctx, tokenizer, parts

@@ -20,7 +20,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != REPO / "benchmarks"]
 sys.path.insert(0, str(REPO))
-from benchmarks.common import cpu_description, git_state, write_result  # noqa: E402
+from benchmarks.common import cpu_description, demo_stage_model, git_state, write_result  # noqa: E402
 
 OUT = REPO / "benchmarks" / "results" / "rl_demo_probe_cpu.json"
 HELD_OUT_SEED = 7
@@ -68,26 +68,11 @@ def main() -> int:
     parser.add_argument("--samples", type=int, default=8)
     args = parser.parse_args()
     from data_pipeline.rl_demo import counting_prompts
-    from data_pipeline.tokenizer import KeyeTokenizer
     from keye_train import checkpoint
-    from keye_train.cli.chain import load_chain, stage_arguments
-    from keye_train.cli.spawn import single_process_env
-    from keye_train.config.compose import load_checked_config
-    from keye_train.model.builder import build_model, initialize_weights
     from keye_train.posttrain.evaluation.jsonl import read_jsonl
     from keye_train.posttrain.rollout import Rollout
-    from keye_train.training.setup import start_rank
 
-    chain = load_chain("demo")
-    index = [s.name for s in chain.stages].index("rl_general")
-    one_rank = ["parallel.nproc=1", "parallel.ep=1", "logging.wandb_mode=disabled"]
-    cfg, _ = load_checked_config(stage_arguments(chain, index, one_rank), 1, check_data=False)
-    single_process_env()
-    ctx = start_rank(cfg)
-    tokenizer = KeyeTokenizer(cfg.data.tokenizer)
-    cfg.model.tokens = tokenizer.ids
-    parts = build_model(cfg.model, cfg.parallel, ctx.dtype, False, ctx.placement)
-    initialize_weights(parts, cfg.model, cfg.train.seed)
+    cfg, ctx, tokenizer, parts = demo_stage_model("rl_general")
     rollout = Rollout(parts, cfg.model, tokenizer.ids, slots=16 * args.samples, capacity=64, prefill_tokens=1024)
     sets = {
         "training": [record for _, record in read_jsonl(REPO / cfg.rl.prompts)],
