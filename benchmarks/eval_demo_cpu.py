@@ -62,6 +62,14 @@ def chance_lines(ground_items, mcq_items) -> dict:
     }
 
 
+def print_row(name: str, ground: dict, mcq_accuracy: float, unparsed: bool = True) -> None:
+    unparsed = f"{ground['unparsed']:>8.0f}" if unparsed else " " * 8
+    print(
+        f"{name:<22} {ground['R1@0.3']:>7.1f} {ground['R1@0.5']:>7.1f} {ground['R1@0.7']:>7.1f} "
+        f"{ground['mIoU']:>7.1f} {unparsed} {mcq_accuracy:>8.1f}"
+    )
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--root", type=Path, default=REPO / "runs" / "demo_chain")
@@ -87,20 +95,17 @@ def main() -> int:
         "chance": chance_lines(ground_items, mcq_items),
         "checkpoints": {},
     }
-    header = f"{'checkpoint':<22} {'R1@0.3':>7} {'R1@0.5':>7} {'R1@0.7':>7} {'mIoU':>7} {'unparsed':>8} {'MCQ acc':>8}"
-    print("metrics in percent\n" + header)
-    line = result["chance"]["grounding_mean_segment"]
-    best_letter = max(result["chance"]["mcq_always_letter"].values())
-    print(
-        f"{'chance (mean segment)':<22} {line['R1@0.3']:>7.1f} {line['R1@0.5']:>7.1f} {line['R1@0.7']:>7.1f} "
-        f"{line['mIoU']:>7.1f} {'':>8} {best_letter:>8.1f}"
+    columns = ("R1@0.3", "R1@0.5", "R1@0.7", "mIoU", "unparsed", "MCQ acc")
+    print("metrics in percent\n" + f"{'checkpoint':<22} " + " ".join(f"{c:>{max(len(c), 7)}}" for c in columns))
+    chance = result["chance"]
+    print_row(
+        "chance (mean segment)", chance["grounding_mean_segment"], max(chance["mcq_always_letter"].values()), False
     )
+    generate = rollout_generate(cfg, parts, tokenizer, MAX_NEW_TOKENS, args.data)  # both sets live in args.data
     for stage in STAGES:
         checkpoint.load_weights(str(args.root / stage), parts, ctx.layout)
-        ground = rollout_generate(cfg, parts, tokenizer, MAX_NEW_TOKENS, ground_path.parent)
-        ground_metrics, ground_records = grounding.evaluate_grounding(ground_items, ground, settings)
-        choose = rollout_generate(cfg, parts, tokenizer, MAX_NEW_TOKENS, mcq_path.parent)
-        mcq_metrics, mcq_records = mcq.evaluate_mcq(mcq_items, choose, settings=settings)
+        ground_metrics, ground_records = grounding.evaluate_grounding(ground_items, generate, settings)
+        mcq_metrics, mcq_records = mcq.evaluate_mcq(mcq_items, generate, settings=settings)
         chosen = collections.Counter(r["chosen"] for r in mcq_records)
         result["checkpoints"][stage] = {
             "grounding": {k: v for k, v in ground_metrics.items() if k not in ("settings", "prompt_template")},
@@ -108,11 +113,8 @@ def main() -> int:
             "mcq_chosen": dict(chosen.most_common()),
             "grounding_examples": [r["response"] for r in ground_records[:4]],
         }
-        g, m = result["checkpoints"][stage]["grounding"], result["checkpoints"][stage]["mcq"]
-        print(
-            f"{stage:<22} {g['R1@0.3']:>7.1f} {g['R1@0.5']:>7.1f} {g['R1@0.7']:>7.1f} {g['mIoU']:>7.1f} "
-            f"{g['unparsed']:>8.0f} {m['accuracy']:>8.1f}"
-        )
+        row = result["checkpoints"][stage]
+        print_row(stage, row["grounding"], row["mcq"]["accuracy"])
     write_result(OUT, result)
     print(f"wrote {OUT}")
     return 0
